@@ -1,0 +1,1 @@
+"""Prefect orchestration of the PALM stages: thin flows over palm_tasks.stages."""

@@ -1,0 +1,13 @@
+"""The whole PALM pipeline as one Prefect flow running the five stage flows in order."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.stages import STAGE_FLOWS
+
+
+@flow(name="palm-pipeline", log_prints=True)
+def pipeline(params: str = "params.yaml", root: str = ".") -> dict:
+    """rewards -> grid -> align -> coverage -> register; returns each stage's result."""
+    return {name: stage_flow(params, root) for name, stage_flow in STAGE_FLOWS.items()}
