@@ -6,7 +6,6 @@ so it is resolved against the project root here; artifacts go to `mlruns/artifac
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from palm_tasks.config import PalmConfig
@@ -14,7 +13,9 @@ from palm_tasks.config import PalmConfig
 
 def tracking_uri(cfg: PalmConfig, root: Path) -> str:
     """The tracking URI with a relative SQLite path made absolute under `root`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    # Not MLFLOW_TRACKING_URI: mlflow.set_tracking_uri sets it, so a second project in the
+    # same process would silently reuse the first one's store.
+    uri = cfg.mlflow.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         db = (Path(root) / uri[len(prefix):]).resolve()
