@@ -1,0 +1,137 @@
+"""The whole pipeline, integrated: real Prefect (test harness), real TRL + PEFT training on a
+tiny model, real MLflow (SQLite in a temporary project), real DVC."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_project
+
+pytestmark = pytest.mark.slow
+
+
+def _member_files(root: Path) -> dict[str, float]:
+    """Modification time of every finished member's adapter: changes only if retrained."""
+    return {p.parent.parent.name: p.stat().st_mtime_ns
+            for p in (root / "models" / "members").glob("*/adapter/adapter_model.safetensors")}
+
+
+def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
+    import mlflow
+
+    from flows.pipeline import pipeline
+    from palm_tasks.align import load_member
+    from palm_tasks.config import load_config
+    from palm_tasks.tracking import tracking_uri
+
+    root = make_project(tmp_path / "project", tiny_model)
+    params = str(root / "params.yaml")
+    result = pipeline(params, str(root))
+    assert set(result) == {"rewards", "grid", "align", "coverage", "register"}
+
+    # rewards: the prompt split, the humor classifier's accuracy, the trade-off matrix
+    rewards = json.loads((root / "metrics" / "rewards.json").read_text())
+    assert rewards["reward_models"]["humor"]["heldout_accuracy"] > 0.7
+    corr = np.array(rewards["correlation"]["matrix"])
+    assert corr.shape == (3, 3) and np.allclose(np.diag(corr), 1)
+
+    # grid: never larger than its proven bound
+    grid = json.loads((root / "data" / "grid.json").read_text())
+    assert 0 < grid["size"] <= grid["bound"]
+
+    # align: every pooled member is on disk with its adapter and a value vector in [0, 1]
+    align = json.loads((root / "metrics" / "align.json").read_text())
+    assert align["trained"] == len(align["pool"]) >= 3
+    members = {k: load_member(root / "models" / "members" / k) for k in align["pool"]}
+    for m in members.values():
+        assert (m.adapter / "adapter_model.safetensors").is_file()
+        assert not list(m.path.rglob("*.bin")), "no pickled files in a member"
+        assert np.all((m.values >= 0) & (m.values <= 1)) and np.all(m.std_errors >= 0)
+        assert np.isclose(m.weights.sum(), 1)
+    # the lazy search starts from the d single-trait optima
+    assert sorted(map(tuple, np.array(align["weights"][:3]).round(6))) == sorted(map(tuple, np.eye(3)))
+
+    # coverage: the portfolio is a subset of the pool and agrees with the members' files
+    portfolio = json.loads((root / "portfolio.json").read_text())
+    assert portfolio["pool"] == align["pool"]
+    assert 1 <= len(portfolio["members"]) <= len(align["pool"])
+    for entry in portfolio["members"]:
+        m = members[entry["key"]]
+        assert np.allclose(list(entry["values"].values()), m.values, atol=1e-6)
+        assert np.allclose(list(entry["weights"].values()), m.weights, atol=1e-6)
+    assert sum(e["share"] for e in portfolio["members"]) == pytest.approx(1)
+    cert = portfolio["certificate"]
+    assert {"certified", "worst_weight", "worst_slack", "max_eps", "max_delta", "relative_to"} <= set(cert)
+    coverage = json.loads((root / "metrics" / "coverage.json").read_text())
+    assert coverage["portfolio_size"] == len(portfolio["members"])
+
+    # register: one registered version per member, tagged with weights and values; production
+    cfg = load_config(params)
+    client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
+    member_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
+    versions = client.search_model_versions(f"name = '{member_model}'")
+    by_key = {v.tags["member_key"]: v for v in versions}
+    assert set(by_key) == {e["key"] for e in portfolio["members"]}
+    for entry in portfolio["members"]:
+        tags = by_key[entry["key"]].tags
+        for trait, w in entry["weights"].items():
+            assert float(tags[f"w.{trait}"]) == pytest.approx(w, abs=1e-4)  # tags show 4 decimals
+            assert float(tags[f"value.{trait}"]) == pytest.approx(entry["values"][trait], abs=1e-4)
+        assert tags["portfolio_id"] == portfolio["id"]
+    portfolio_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-portfolio"
+    if cert["certified"]:
+        prod = client.get_model_version_by_alias(portfolio_model, "production")
+        assert prod.tags["portfolio_id"] == portfolio["id"]
+
+    # a second run trains nothing and registers nothing new
+    before = _member_files(root)
+    n_versions = len(client.search_model_versions(f"name = '{member_model}'"))
+    again = pipeline(params, str(root))
+    assert _member_files(root) == before
+    assert again["align"]["trained"] == 0 and again["register"]["created"] == 0
+    assert len(client.search_model_versions(f"name = '{member_model}'")) == n_versions
+
+    # another search mode reuses every job it shares with the first (the job cache)
+    changed = yaml.safe_load((root / "params.yaml").read_text())
+    changed["search"]["mode"] = "coarse"
+    (root / "params.yaml").write_text(yaml.safe_dump(changed))
+    coarse = pipeline(params, str(root))["align"]
+    shared = set(coarse["pool"]) & set(before)
+    assert len(shared) >= 3 and coarse["reused"] == len(shared)
+    assert coarse["trained"] == len(coarse["pool"]) - len(shared)
+    assert all(_member_files(root)[k] == before[k] for k in shared)
+
+
+def test_dvc_repro_then_nothing_to_do(tmp_path, tiny_model):
+    root = make_project(tmp_path / "project", tiny_model)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(*cmd):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    out = run("dvc", "repro")
+    for stage in ("rewards", "grid", "align", "coverage", "register"):
+        assert f"Running stage '{stage}'" in out
+    assert (root / "dvc.lock").is_file() and (root / "portfolio.json").is_file()
+    assert "up to date" in run("dvc", "repro")  # a second repro is a no-op
+    assert "Data and pipelines are up to date" in run("dvc", "status")
+    metrics = run("dvc", "metrics", "show", "--json")
+    assert "portfolio_size" in metrics and "grid_size_bound" in metrics
+    # a changed tolerance re-runs coverage (and what depends on it), not the reward stage
+    run("dvc", "repro", "--dry")  # still valid
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["coverage"]["test_lattice"] = 12
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run("dvc", "repro")
+    assert "Running stage 'coverage'" in out and "Running stage 'rewards'" not in out
