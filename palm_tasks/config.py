@@ -30,6 +30,7 @@ class CoverageConfig(Section):
     eps: float = Field(0.05, gt=0, lt=1, description="multiplicative tolerance")
     delta: float = Field(0.02, ge=0, description="additive tolerance")
     z: float = Field(0.0, ge=0, description="standard errors of pessimism in the certificate")
+    z_conservative: float = Field(1.0, ge=0, description="z of the conservative certificate reported beside it")
     test_lattice: int = Field(20, ge=1, description="simplex lattice divisions for test weights")
     test_users: int = Field(1000, ge=1, description="Dirichlet(1) users for the population metrics")
 

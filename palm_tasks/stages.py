@@ -21,6 +21,7 @@ from palm_tasks.align import JobSpec, Member, find_member, load_member, train_me
 from palm_tasks.config import PalmConfig
 from palm_tasks.layout import Layout
 
+MAX_GRID_POINTS_STORED = 200_000
 STAGES = ("rewards", "grid", "align", "coverage", "register")
 RELATIVE_TO = (
     "the alignment oracle: each trained member's value vector is taken as optimal for its "
@@ -173,7 +174,8 @@ def grid_stage(cfg: PalmConfig, root: Path) -> dict:
     out = {
         "traits": cfg.traits, "eps": eps, "delta": delta,
         "size": int(len(points)), "bound": int(bound),
-        "points": points.round(9).tolist(),
+        # Millions of points at d >= 4: the file then records the size only.
+        "points": points.round(9).tolist() if len(points) <= MAX_GRID_POINTS_STORED else None,
         "uniform": gridlib.uniform_weights(d, k).round(9).tolist(),
         "random": gridlib.random_weights(d, k, cfg.seed).round(9).tolist(),
     }
@@ -281,7 +283,7 @@ def align_stage(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) ->
         result = lazy_search(oracle, d, cfg.coverage.eps, cfg.coverage.delta, s.max_trainings,
                              z=cfg.coverage.z)
         weights = np.asarray(result.train_weights, float)
-        history = result.to_dict().get("history")
+        history = {"stopped": result.stopped, "steps": result.to_dict().get("history")}
     else:
         weights = _mode_weights(cfg, root)
         if len(weights) > s.max_trainings:
@@ -343,6 +345,8 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
     members = np.asarray(cov.prune(W, R, c.eps, c.delta, std_errors=SE, z=c.z), int)
     cert = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z)
     pool_cert = cov.certify(W, R, c.eps, c.delta, std_errors=SE, z=c.z)
+    # The same members with noise taken into account: values - z se, oracle bounds + z se.
+    noisy = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z_conservative)
 
     lattice = gridlib.simplex_lattice(cfg.d, c.test_lattice)
     users = gridlib.dirichlet_users(cfg.d, c.test_users, cfg.seed)
@@ -387,6 +391,10 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         "pool_certificate": {"certified": bool(pool_cert.certified),
                              "max_eps": float(pool_cert.max_eps),
                              "max_delta": float(pool_cert.max_delta)},
+        "conservative_certificate": {"z": c.z_conservative, "certified": bool(noisy.certified),
+                                     "worst_slack": float(noisy.worst_slack),
+                                     "max_eps": float(noisy.max_eps),
+                                     "max_delta": float(noisy.max_delta)},
         "coverage": summary,
     }
     _write_json(lay.portfolio, portfolio)
@@ -394,6 +402,9 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         "portfolio_size": len(members), "pool_size": len(pool),
         "certified": bool(cert.certified), "worst_slack": float(cert.worst_slack),
         "max_eps": float(cert.max_eps), "max_delta": float(cert.max_delta),
+        "conservative_certified": bool(noisy.certified),
+        "conservative_max_eps": float(noisy.max_eps),
+        "conservative_max_delta": float(noisy.max_delta),
         **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
     }
     _write_json(lay.metrics / "coverage.json", metrics)
