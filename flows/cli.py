@@ -18,7 +18,8 @@ from pathlib import Path
 
 # Nothing may reach a model hub, and nothing should phone home.
 for _var, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-                     "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
+                     "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1",
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
     os.environ.setdefault(_var, _value)
 
 from palm_tasks.config import ConfigError, PalmConfig, load_config  # noqa: E402

@@ -37,7 +37,7 @@ class CoverageConfig(Section):
 
 class SearchConfig(Section):
     mode: Literal["lazy", "coarse", "grid", "uniform", "random"] = "lazy"
-    max_trainings: int = Field(8, ge=1, description="training budget of the align stage")
+    max_trainings: int = Field(6, ge=1, description="training budget of the align stage")
     coarse_divisions: int = Field(2, ge=1, description="coarse mode: lattice of step 1/divisions")
     k: int = Field(6, ge=1, description="uniform/random modes: number of weight vectors")
 
@@ -48,8 +48,8 @@ class DataConfig(Section):
 
 
 class TrainingConfig(Section):
-    steps: int = Field(12, ge=1)
-    learning_rate: float = Field(5e-4, gt=0, le=1)
+    steps: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

@@ -22,6 +22,21 @@ def _member_files(root: Path) -> dict[str, float]:
             for p in (root / "models" / "members").glob("*/adapter/adapter_model.safetensors")}
 
 
+def palm(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """The palm command, as a user runs it, on a project."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(root),
+                           "--params", str(root / "params.yaml")],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_stage_without_its_inputs_says_which_stage_to_run(tmp_path, tiny_model):
+    root = make_project(tmp_path / "project", tiny_model)
+    proc = palm(root, "stage", "coverage")
+    assert proc.returncode == 1
+    # Prefect logs the failed flow run; palm ends with one line that says what to do
+    assert "palm: error: " in proc.stderr and "run `palm stage align` first" in proc.stderr
+
+
 def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     import mlflow
 
@@ -88,6 +103,12 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     if cert["certified"]:
         prod = client.get_model_version_by_alias(portfolio_model, "production")
         assert prod.tags["portfolio_id"] == portfolio["id"]
+
+    # palm status shows the members and the portfolio
+    status = palm(root, "status")
+    assert status.returncode == 0
+    shown = status.stdout
+    assert portfolio["id"] in shown and all(k in shown for k in align["pool"])
 
     # a second run trains nothing and registers nothing new
     before = _member_files(root)
