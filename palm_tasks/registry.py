@@ -114,7 +114,7 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
         raise RegistryUnavailableError(
             f"cannot reach the MLflow store {uri} ({type(exc).__name__}: "
             f"{exc}). Training results are safe on disk ({layout.members}, {layout.portfolio}); "
-            "fix the tracking URI (params.yaml mlflow.tracking_uri or MLFLOW_TRACKING_URI) and "
+            "fix the tracking URI (params.yaml mlflow.tracking_uri) and "
             "re-run `palm stage register`."
         ) from exc
 

@@ -208,8 +208,8 @@ class JobFactory:
         self.cfg, self.lay = cfg, Layout(root)
         self.base_sha = base_info(self.lay.base)["weights_sha256"]
         self.data_sha = _data_sha256(self.lay)
-        rewards = build_rewards(cfg.traits, self.lay.reward_models, cfg.rewards.brevity_max_words)
-        self.reward_versions = tuple(r.version for r in rewards)
+        self.rewards = build_rewards(cfg.traits, self.lay.reward_models, cfg.rewards.brevity_max_words)
+        self.reward_versions = tuple(r.version for r in self.rewards)
 
     def spec(self, weights: Sequence[float]) -> JobSpec:
         w = gridlib.check_weights(np.asarray(weights, float), self.cfg.d)
@@ -228,7 +228,6 @@ def run_job(cfg: PalmConfig, root: Path, weights: Sequence[float]) -> Member:
     """One alignment job for `weights`, or the finished member if it exists already."""
     from palm_tasks.base_model import resolve_base_model
     from palm_tasks.prompts import read_prompts
-    from palm_tasks.rewards import build_rewards
     from palm_tasks.tracking import setup_mlflow
 
     jobs = JobFactory(cfg, root)
@@ -243,8 +242,7 @@ def run_job(cfg: PalmConfig, root: Path, weights: Sequence[float]) -> Member:
     experiment_id = setup_mlflow(cfg, root)
     lay = jobs.lay
     member = train_member(
-        spec, cfg, resolve_base_model(lay.base),
-        build_rewards(cfg.traits, lay.reward_models, cfg.rewards.brevity_max_words),
+        spec, cfg, resolve_base_model(lay.base), jobs.rewards,
         read_prompts(lay.prompts / "train.jsonl"), read_prompts(lay.prompts / "eval.jsonl"),
         lay.members, mlflow.MlflowClient(), experiment_id,
     )
@@ -269,31 +267,29 @@ def align_stage(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) ->
     if run_jobs is None:
         run_jobs = lambda ws: [run_job(cfg, root, w) for w in ws]  # noqa: E731
     lay = Layout(root)
-    jobs = JobFactory(cfg, root)
     s, d = cfg.search, cfg.d
     finished_before = {p.name for p in lay.members.glob("*")} if lay.members.is_dir() else set()
     history = None
     if s.mode == "lazy":
         from palm_tasks.coverage import lazy_search
 
+        members = []
+
         def oracle(w):
             (member,) = run_jobs([np.asarray(w, float).tolist()])
+            members.append(member)
             return member.values, member.std_errors
 
         result = lazy_search(oracle, d, cfg.coverage.eps, cfg.coverage.delta, s.max_trainings,
                              z=cfg.coverage.z)
-        weights = np.asarray(result.train_weights, float)
         history = {"stopped": result.stopped, "steps": result.to_dict().get("history")}
     else:
-        weights = _mode_weights(cfg, root)
+        weights = _mode_weights(cfg)
         if len(weights) > s.max_trainings:
             raise ValueError(
                 f"search.mode = {s.mode!r} asks for {len(weights)} trainings, more than "
                 f"search.max_trainings = {s.max_trainings}; raise the budget or use search.mode: lazy"
             )
-    if s.mode == "lazy":  # every weight was trained (or found) by the search itself
-        members = [load_member(lay.member(jobs.spec(w).key)) for w in weights]
-    else:
         members = run_jobs([list(w) for w in weights])
     out = {
         "mode": s.mode,
@@ -309,7 +305,7 @@ def align_stage(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) ->
     return out
 
 
-def _mode_weights(cfg: PalmConfig, root: Path) -> np.ndarray:
+def _mode_weights(cfg: PalmConfig) -> np.ndarray:
     s, d = cfg.search, cfg.d
     if s.mode == "coarse":
         w = np.vstack([gridlib.extreme_weights(d), gridlib.simplex_lattice(d, s.coarse_divisions)])
