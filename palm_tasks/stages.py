@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -268,6 +269,8 @@ def align_stage(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) ->
         run_jobs = lambda ws: [run_job(cfg, root, w) for w in ws]  # noqa: E731
     lay = Layout(root)
     s, d = cfg.search, cfg.d
+    for stale in lay.members.glob(".*.tmp-*"):  # half-written jobs of a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     finished_before = {p.name for p in lay.members.glob("*")} if lay.members.is_dir() else set()
     history = None
     if s.mode == "lazy":
