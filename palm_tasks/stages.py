@@ -325,7 +325,8 @@ def _mode_weights(cfg: PalmConfig) -> np.ndarray:
 # ----------------------------------------------------------------------------------- coverage
 
 
-def load_pool(cfg: PalmConfig, root: Path) -> list[Member]:
+def load_pool(root: Path) -> list[Member]:
+    """The members the align stage trained or reused, in its order."""
     lay = Layout(root)
     align = _read_json(lay.metrics / "align.json", "align")
     return [load_member(lay.member(k)) for k in align["pool"]]
@@ -336,7 +337,7 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
     from palm_tasks import coverage as cov
 
     lay = Layout(root)
-    pool = load_pool(cfg, root)
+    pool = load_pool(root)
     c = cfg.coverage
     W = np.array([m.weights for m in pool])
     R = np.array([m.values for m in pool])
@@ -363,11 +364,11 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         "test_weights_are": f"a simplex lattice of step 1/{c.test_lattice} ({len(lattice)}) plus "
                             f"{len(users)} Dirichlet(1) users; gaps relative to the best of the "
                             f"trained pool ({len(pool)} policies)",
-        "max_multiplicative_gap": float(gap_arr(gap, "multiplicative").max()),
-        "mean_multiplicative_gap": float(gap_arr(gap, "multiplicative").mean()),
-        "max_additive_gap": float(gap_arr(gap, "additive").max()),
-        "mean_additive_gap": float(gap_arr(gap, "additive").mean()),
-        "users_mean_multiplicative_gap": float(gap_arr(gap_users, "multiplicative").mean()),
+        "max_multiplicative_gap": gap.max_multiplicative,
+        "mean_multiplicative_gap": gap.mean_multiplicative,
+        "max_additive_gap": gap.max_additive,
+        "mean_additive_gap": gap.mean_additive,
+        "users_mean_multiplicative_gap": gap_users.mean_multiplicative,
         "usage_perplexity": perplexity,
     }
     key = json.dumps({"members": sorted(pool[j].key for j in members), "eps": c.eps,
@@ -410,17 +411,12 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
     _write_json(lay.plots / "gaps.json", [
         {"w": dict(zip(cfg.traits, w.round(4).tolist())), "multiplicative_gap": float(m),
          "additive_gap": float(a)}
-        for w, m, a in zip(lattice, gap_arr(gap, "multiplicative")[: len(lattice)],
-                           gap_arr(gap, "additive")[: len(lattice)])
+        for w, m, a in zip(lattice, gap.multiplicative, gap.additive)
     ])
     say(f"coverage: portfolio of {len(members)} of {len(pool)} trained, "
         f"{'CERTIFIED' if cert.certified else 'NOT certified'} at eps={c.eps}, delta={c.delta} "
         f"(max eps {cert.max_eps:.4f}, max delta {cert.max_delta:.4f}, relative to the oracle)")
     return metrics
-
-
-def gap_arr(gap, name: str) -> np.ndarray:
-    return np.asarray(gap[name] if isinstance(gap, dict) else getattr(gap, name))
 
 
 # ----------------------------------------------------------------------------------- register
