@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from palm_tasks.config import ConfigError, PalmConfig, load_config, parse_config
 
@@ -13,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_project_params_match_the_defaults_they_document():
+    # params.yaml, the config defaults and the README table describe one default run
     cfg = load_config(ROOT / "params.yaml")
+    assert cfg == PalmConfig()
     assert cfg.traits == ["safety", "humor", "brevity"]
     assert cfg.base_model == "smollm2" and cfg.search.mode == "lazy"
-    # every knob in params.yaml is a real key: re-dumping the model gives the same mapping
-    assert cfg.model_dump() == PalmConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())).model_dump()
 
 
 @pytest.mark.parametrize(
