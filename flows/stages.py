@@ -12,16 +12,29 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import job_resources, task_runner
 from palm_tasks import stages
 from palm_tasks.align import load_member
 from palm_tasks.config import load_config
 from palm_tasks.layout import Layout
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      task_run_name="align-job-{weights}")
+# Errors that the same inputs raise again (bad values, missing files, bugs): retrying them only
+# trains the job again to fail the same way. Anything else (a lost worker, a locked database,
+# CUDA out of memory next to another job, a full disk) is retried.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError,
+                        ImportError, NotImplementedError)
+
+
+def _transient(task, task_run, state) -> bool:
+    exc = state.data
+    while isinstance(exc, BaseException) and exc.__cause__ is not None:
+        exc = exc.__cause__  # judge the original error, not a wrapper that names the reward
+    return not isinstance(exc, DETERMINISTIC_ERRORS)
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient, task_run_name="align-job-{weights}")
 def align_job(params: str, root: str, weights: list[float]) -> str:
     """One alignment job (or its finished member); returns the member key."""
     return stages.run_job(load_config(params), Path(root), weights).key
@@ -37,16 +50,33 @@ def grid_flow(params: str = "params.yaml", root: str = ".") -> dict:
     return stages.grid_stage(load_config(params), Path(root))
 
 
-# One job at a time by default: two GRPO jobs on the same CPU cores or GPU only slow each other.
-@flow(name="align", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="align", log_prints=True)
 def align_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """Jobs run on the task runner params.yaml `runner` names (flows/runners.py), with retries.
+
+    A batch waits for all its jobs: one that fails leaves the others to finish (and be kept)
+    before its error is raised.
+    """
     cfg, lay = load_config(params), Layout(Path(root))
+    job = align_job.with_options(retries=cfg.runner.retries,
+                                 retry_delay_seconds=cfg.runner.retry_delay_seconds)
+    with task_runner(cfg) as runner:
 
-    def run_jobs(weights: list[list[float]]):
-        futures = [align_job.submit(params, root, w) for w in weights]
-        return [load_member(lay.member(f.result())) for f in futures]
+        def run_jobs(weights: list[list[float]]):
+            with job_resources(cfg):
+                futures = [runner.submit(job, {"params": params, "root": root,
+                                               "weights": [float(x) for x in w]})
+                           for w in weights]
+            for f in futures:
+                f.wait()
+            return [load_member(lay.member(f.result())) for f in futures]
 
-    return stages.align_stage(cfg, Path(root), run_jobs)
+        return stages.align_stage(cfg, Path(root), run_jobs)
+
+
+@flow(name="soups", log_prints=True)
+def soups_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    return stages.soups_stage(load_config(params), Path(root))
 
 
 @flow(name="coverage", log_prints=True)
@@ -63,6 +93,7 @@ STAGE_FLOWS = {
     "rewards": rewards_flow,
     "grid": grid_flow,
     "align": align_flow,
+    "soups": soups_flow,
     "coverage": coverage_flow,
     "register": register_flow,
 }

@@ -1,0 +1,77 @@
+"""Task runners: alignment jobs on a real local Dask cluster (prefect-dask), and how jobs ask
+for GPUs."""
+
+import json
+import os
+
+import pytest
+
+from conftest import copy_project
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_jobs_on_a_local_dask_cluster_of_two_workers(prepared_project, tmp_path, prefect_harness):
+    import mlflow
+
+    from flows.stages import align_flow
+    from palm_tasks.align import load_member
+    from palm_tasks.tracking import tracking_uri
+    from palm_tasks.config import load_config
+
+    root = copy_project(prepared_project, tmp_path / "project",
+                        search={"mode": "uniform", "k": 2, "max_trainings": 2},
+                        runner={"kind": "dask", "workers": 2})
+    result = align_flow(str(root / "params.yaml"), str(root))
+    assert result["jobs"] == result["trained"] == 2
+
+    members = [load_member(root / "models" / "members" / k) for k in result["pool"]]
+    workers = {(m.info["worker"]["host"], m.info["worker"]["pid"]) for m in members}
+    assert len(workers) == 2, f"both jobs ran in one process: {workers}"
+    assert os.getpid() not in {pid for _, pid in workers}, "jobs ran in the flow's process"
+    for m in members:
+        assert (m.adapter / "adapter_model.safetensors").is_file()
+
+    # both worker processes wrote to the one SQLite MLflow store, without losing a run
+    cfg = load_config(root / "params.yaml")
+    client = mlflow.MlflowClient(tracking_uri(cfg, root))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+                              "tags.`palm.stage` = 'align'")
+    assert sorted(r.info.run_id for r in runs) == sorted(m.info["mlflow_run_id"] for m in members)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert json.loads((root / "metrics" / "align.json").read_text())["pool"] == result["pool"]
+
+
+def test_a_local_gpu_cluster_pins_one_gpu_per_worker():
+    """No GPU is needed to check the pinning: each worker sees one device and holds GPU=1."""
+    from distributed import Client
+
+    from flows.runners import local_cluster
+
+    with local_cluster(n_workers=1, gpus=["2", "5"]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["2", "5"]
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+        assert resources == [{"GPU": 1}, {"GPU": 1}]
+        # a job asking for a GPU lands on a worker holding one; two such jobs never share it
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            futures = [client.submit(lambda i: os.environ["CUDA_VISIBLE_DEVICES"], i) for i in range(2)]
+        assert all(f.result() in {"2", "5"} for f in futures)
+
+
+def test_threads_run_one_job_at_a_time_on_cuda_and_ray_needs_its_extra():
+    import importlib.util
+
+    from flows.runners import task_runner
+    from palm_tasks.config import ConfigError, parse_config
+
+    assert task_runner(parse_config({"device": "cpu", "runner": {"workers": 3}}))._max_workers == 3
+    assert task_runner(parse_config({"device": "cuda", "runner": {"workers": 3}}))._max_workers == 1
+    with pytest.raises(ConfigError, match="runner.address = 'tcp://h:8786' is for kind dask or ray"):
+        parse_config({"runner": {"address": "tcp://h:8786"}})
+    if importlib.util.find_spec("prefect_ray") is None:
+        with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
+            parse_config({"runner": {"kind": "ray"}})
