@@ -175,30 +175,36 @@ def _lp_bound(w, A, V):
     return _dual_bound(w, G, np.concatenate([V, np.ones(d)]), lam)
 
 
-def upper_bounds(weights, A, V):
-    """U(w) for each row of weights: max w . v s.t. A v <= V, 0 <= v <= 1.
+class UpperBound:
+    """U(w) = max w . v s.t. A v <= V, 0 <= v <= 1, for many w against the same (A, V).
 
     Fast path: enumerate the vertices of that polytope once (Qhull), take the best vertex per w
     and prove it optimal with non-negative multipliers on its active constraints (NNLS); any w
     whose proof leaves a gap > TOL gets its own LP. Every returned value is a proven upper bound.
     """
-    weights = np.atleast_2d(weights)
-    d = weights.shape[1]
-    G = np.vstack([A, -np.eye(d), np.eye(d)])
-    h = np.concatenate([V, np.zeros(d), np.ones(d)])
-    verts = _polytope_vertices(G, h)
-    out = np.empty(len(weights))
-    for i, w in enumerate(weights):
-        if verts is not None:
-            v = verts[np.argmax(verts @ w)]
-            active = h - G @ v <= 1e-9
-            lam, _ = nnls(G[active].T, w)
-            bound = _dual_bound(w, G[active], h[active], lam)
+
+    def __init__(self, A, V):
+        self.A, self.V = np.asarray(A, float), np.asarray(V, float)
+        d = self.A.shape[1]
+        self.G = np.vstack([self.A, -np.eye(d), np.eye(d)])
+        self.h = np.concatenate([self.V, np.zeros(d), np.ones(d)])
+        self.vertices = _polytope_vertices(self.G, self.h)
+
+    def __call__(self, w) -> float:
+        if self.vertices is not None:
+            v = self.vertices[np.argmax(self.vertices @ w)]
+            active = self.h - self.G @ v <= 1e-9
+            lam, _ = nnls(self.G[active].T, w)
+            bound = _dual_bound(w, self.G[active], self.h[active], lam)
             if bound - w @ v <= TOL:
-                out[i] = bound
-                continue
-        out[i] = _lp_bound(w, A, V)
-    return out
+                return bound
+        return _lp_bound(w, self.A, self.V)  # degenerate polytope: one LP (milliseconds)
+
+
+def upper_bounds(weights, A, V):
+    """U(w) for each row of weights (see UpperBound)."""
+    bound = UpperBound(A, V)
+    return np.array([bound(w) for w in np.atleast_2d(weights)])
 
 
 def _polytope_vertices(G, h):

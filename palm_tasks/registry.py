@@ -5,9 +5,9 @@ What a person browsing MLflow finds (the naming scheme, documented in the README
 - `<prefix>-<task>-member`: one version per portfolio member. The version holds the LoRA
   adapter, logged with the transformers flavor and `base_model_path` (the local base model
   directory), so `mlflow.transformers.load_model(uri)` rebuilds base + adapter offline. Tags:
-  `member_key`, `w.<trait>`, `value.<trait>`, `se.<trait>`, `share`, `portfolio_id`,
-  `portfolios` (every portfolio it has been in), `certified`, `in_production`; the description
-  says the same in words.
+  `member_key`, `w.<trait>`, `value.<trait>`, `se.<trait>`, `share` (of sampled users),
+  `share_simplex`, `portfolio_id`, `portfolios` (every portfolio it has been in), `certified`,
+  `in_production`; the description says the same in words, with the certificate.
 - `<prefix>-<task>-portfolio`: one version per portfolio: a small pyfunc whose artifact is
   portfolio.json (with each member's registered model URI) and whose `predict` maps a
   DataFrame of trait weights to the best member by argmax of w . values. Tags: `portfolio_id`,
@@ -34,10 +34,11 @@ from pathlib import Path
 from palm_tasks.base_model import base_info, resolve_base_model
 from palm_tasks.config import PalmConfig
 from palm_tasks.layout import Layout
-from palm_tasks.tracking import setup_mlflow, tracking_uri
+from palm_tasks.tracking import lineage_tags, setup_mlflow, tracking_uri
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PRODUCTION, CANDIDATE = "production", "candidate"
+SHARE_LATTICE = 30  # step of the simplex lattice a member's share of the simplex is measured on
 
 # The portfolio's pyfunc model, logged as code so that loading it never unpickles anything.
 # It reads only its own artifact (portfolio.json) and needs numpy and pandas.
@@ -121,7 +122,7 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     counter = {"created": 0}
     member_versions = {
         m["key"]: _register_member(client, cfg, experiment_id, portfolio, m, members[m["key"]],
-                                   layout.member(m["key"]) / "adapter", base_path, counter)
+                                   _member_dir(layout, m["key"]) / "adapter", base_path, counter)
         for m in portfolio["members"]
     }
     portfolio_version = _register_portfolio_version(
@@ -158,9 +159,14 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
 # --- members ---------------------------------------------------------------------------------
 
 
+def _member_dir(layout: Layout, key: str) -> Path:
+    """A trained member's directory, or a Rewarded-Soups candidate's (palm_tasks.soups)."""
+    return layout.soups / key if (layout.soups / key).is_dir() else layout.member(key)
+
+
 def _read_member(layout: Layout, key: str) -> dict:
     """member.json of one member, after checking that its adapter files are there."""
-    member_dir = layout.member(key)
+    member_dir = _member_dir(layout, key)
     for path in [member_dir / "member.json"] + [member_dir / "adapter" / f for f in ADAPTER_FILES]:
         if not path.is_file():
             raise FileNotFoundError(
@@ -201,24 +207,44 @@ def _register_member(client, cfg, experiment_id, portfolio, entry, member, adapt
     for tag, value in tags.items():
         if version.tags.get(tag) != value:
             client.set_model_version_tag(name, version.version, tag, value)
-    description = _member_description(cfg, portfolio, entry, base_path, version.version)
+    description = _member_description(cfg, portfolio, entry, base_path, version.version,
+                                      simplex_shares(portfolio)[key])
     if version.description != description:
         client.update_model_version(name, version.version, description=description)
     return str(version.version)
 
 
+def simplex_shares(portfolio: dict, divisions: int = SHARE_LATTICE) -> dict[str, float]:
+    """Each member's share of a simplex lattice: the weights it serves, as the router routes."""
+    import numpy as np
+
+    from palm_tasks.grid import simplex_lattice
+
+    traits, z = portfolio["traits"], float(portfolio.get("z", 0.0))
+    values = np.array([[m["values"][t] - z * m["std_errors"][t] for t in traits]
+                       for m in portfolio["members"]])
+    served = np.argmax(simplex_lattice(len(traits), divisions) @ values.T, axis=1)
+    return {m["key"]: float(np.mean(served == i)) for i, m in enumerate(portfolio["members"])}
+
+
 def _member_tags(portfolio: dict, entry: dict, portfolios: list[str]) -> dict:
     tags = {"member_key": entry["key"], "portfolio_id": portfolio["id"],
             "portfolios": ",".join(portfolios), "share": f"{entry['share']:.4f}",
+            "share_simplex": f"{simplex_shares(portfolio)[entry['key']]:.4f}",
             "certified": str(bool(portfolio["certificate"]["certified"])).lower()}
     for trait in portfolio["traits"]:
         tags[f"w.{trait}"] = f"{entry['weights'][trait]:.4f}"
         tags[f"value.{trait}"] = f"{entry['values'][trait]:.4f}"
         tags[f"se.{trait}"] = f"{entry['std_errors'][trait]:.4f}"
+    tags["kind"] = entry.get("kind", "member")
+    if tags["kind"] == "soup":  # no training run: an interpolation of these members' adapters
+        tags["ingredients"] = ",".join(entry["ingredients"])
+        tags["lambdas"] = ",".join(f"{x:.4f}" for x in entry["lambdas"])
     return tags
 
 
-def _member_description(cfg, portfolio: dict, entry: dict, base_path: Path, version) -> str:
+def _member_description(cfg, portfolio: dict, entry: dict, base_path: Path, version,
+                        share_simplex: float) -> str:
     """Markdown for the MLflow UI: what the member was trained for and how well it does."""
     rows = "\n".join(
         f"| {t} | {entry['weights'][t]:.3f} | {entry['values'][t]:.3f} ± "
@@ -227,8 +253,9 @@ def _member_description(cfg, portfolio: dict, entry: dict, base_path: Path, vers
         f"### PALM member `{entry['key'][:10]}` ({cfg.task})\n\n"
         f"LoRA adapter of the base model at `{base_path}`, trained with reward weights w.\n\n"
         f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
-        f"**Serves {100 * entry['share']:.1f}% of users**: the share of the portfolio's test "
-        f"weights for which this member has the best w . values.\n\n"
+        f"**Serves {100 * entry['share']:.1f}% of users** (sampled Dirichlet(1) users routed to "
+        f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
+        f"1/{SHARE_LATTICE}): the weights for which this member has the best w . values.\n\n"
         f"{_certificate_text(portfolio)}\n\n"
         f"Load offline: `mlflow.transformers.load_model(\"models:/{member_model_name(cfg)}/"
         f"{version}\")` (reads the base model from the path above)."
@@ -264,7 +291,7 @@ def _log_member_model(client, experiment_id, entry, member, adapter_dir, base_pa
     is_new = run is None
     if is_new:
         run = client.create_run(experiment_id, run_name=f"member-{key[:10]}",
-                                tags={"member_key": key})
+                                tags={"member_key": key, **lineage_tags(adapter_dir)})
         counter["created"] += 1
     with mlflow.start_run(run_id=run.info.run_id):
         if is_new:
@@ -361,10 +388,10 @@ def _log_portfolio_model(client, cfg, experiment_id, layout, portfolio, member_v
     is_new = run is None
     if is_new:
         run = client.create_run(experiment_id, run_name=f"portfolio-{pid[:10]}",
-                                tags={"portfolio_id": pid})
+                                tags={"portfolio_id": pid, **lineage_tags(layout.root)})
         counter["created"] += 1
     member_name = member_model_name(cfg)
-    routed = dict(portfolio, members=[
+    routed = dict(portfolio, base_model_path=str(resolve_base_model(layout.base)), members=[
         dict(m, model_version=member_versions[m["key"]],
              model_uri=f"models:/{member_name}/{member_versions[m['key']]}")
         for m in portfolio["members"]])

@@ -67,6 +67,19 @@ def _write_portfolio(root: Path, keys: list[str], certified: bool, eps: float = 
     return portfolio
 
 
+def build_registered_project(root: Path, prefix: str):
+    """A project with a tiny base model, three members and a certified, registered portfolio
+    (used by the router, serving and UI tests too). Returns (root, keys, cfg, result)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    build_tiny_model(root / "tiny")
+    base = prepare_base_model(str(root / "tiny"), root / "models" / "base")
+    keys = [_write_member(root, base, w, seed) for seed, w in enumerate(MEMBER_WEIGHTS[:3])]
+    _write_portfolio(root, keys, certified=True)
+    cfg = parse_config({"mlflow": {"registered_model_prefix": prefix}})
+    (root / "params.yaml").write_text(json.dumps(cfg.model_dump()))  # YAML reads JSON
+    return root, keys, cfg, register_portfolio(cfg, root)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project root with a tiny base model, four trained members and a plot."""
@@ -123,6 +136,11 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert version.tags["se.safety"] == "0.0200"
     assert version.tags["certified"] == "true" and version.tags["in_production"] == "true"
     assert "Serves 33.3% of users" in version.description and "eps = 0.05" in version.description
+    # share of the simplex: each weight of a lattice goes to one member, so the shares add to 1
+    shares = [float(client.get_model_version(members, v).tags["share_simplex"])
+              for v in result["member_versions"].values()]
+    assert sum(shares) == pytest.approx(1, abs=1e-3) and min(shares) > 0
+    assert f"{100 * float(version.tags['share_simplex']):.1f}% of the simplex" in version.description
     production = client.get_model_version_by_alias(portfolios, "production")
     assert str(production.version) == result["portfolio_version"]
     assert production.tags["portfolio_id"] == first["id"]

@@ -1,0 +1,176 @@
+"""The router: weight validation, the per-weight guarantee against the certificate, the plots,
+and `palm route` on a registered portfolio (real MLflow, SQLite in tmp)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from palm_tasks import coverage as cov
+from palm_tasks import grid as gridlib
+from palm_tasks.router import Router, WeightsError, parse_weights
+
+TRAITS = ["safety", "humor", "brevity"]
+
+
+@pytest.mark.parametrize("weights, problem", [
+    ("safety=0.5,humor=0.5,fun=0", "unknown trait(s) 'fun'"),
+    ("safety=0.5,humor=0.5", "missing trait(s) brevity"),
+    ("safety=0.5,humor=-0.1,brevity=0.6", "humor = -0.1 is negative"),
+    ("safety=nan,humor=0.5,brevity=0.5", "safety = nan is not a finite number"),
+    ("safety=inf,humor=0.5,brevity=0.5", "not a finite number"),
+    ("safety=0,humor=0,brevity=0", "all weights are zero"),
+    ("safety=lots,humor=0,brevity=0", "'lots' is not a number"),
+    ("safety=0.5,safety=0.5,humor=0,brevity=0", "'safety' is given twice"),
+    ("safety:0.5,humor=0,brevity=0", "is not TRAIT=VALUE"),
+    ({"safety": 1, "humor": None, "brevity": 0}, "humor = None is not a number"),
+    ({"safety": True, "humor": 0, "brevity": 0}, "is not a number"),
+    ([0.5, 0.5, 0], "must be an object"),
+])
+def test_bad_weights_are_named(weights, problem):
+    with pytest.raises(WeightsError) as err:
+        parse_weights(weights, TRAITS)
+    assert problem in str(err.value)
+
+
+def test_weights_are_normalized_and_say_so():
+    w, normalized = parse_weights("safety=0.5, humor=0.3, brevity=0.2", TRAITS)
+    assert not normalized and np.allclose(w, [0.5, 0.3, 0.2])
+    w, normalized = parse_weights({"brevity": 2, "safety": 1, "humor": 1}, TRAITS)
+    assert normalized and np.allclose(w, [0.25, 0.25, 0.5])
+
+
+def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, z: float = 0.0):
+    """A portfolio.json as the coverage stage writes it, from the real prune + certify."""
+    rng = np.random.default_rng(seed)
+    W = np.vstack([np.eye(3), gridlib.random_weights(3, n - 3, seed)])
+    R = np.clip(0.2 + 0.6 * W + 0.05 * rng.standard_normal(W.shape), 0, 1)
+    SE = np.full_like(R, 0.01)
+    members = np.asarray(cov.prune(W, R, eps, delta, std_errors=SE, z=z), int)
+    cert = cov.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
+    entry = lambda j: {"key": f"m{j}", "weights": dict(zip(TRAITS, W[j])),  # noqa: E731
+                       "values": dict(zip(TRAITS, R[j])), "std_errors": dict(zip(TRAITS, SE[j])),
+                       "share": 1 / len(members)}
+    return {"id": f"p{seed}" * 8, "task": "assistant", "traits": TRAITS, "eps": eps,
+            "delta": delta, "z": z, "members": [entry(j) for j in members],
+            "certificate": cert.to_dict(), "pool": [f"m{j}" for j in range(n)],
+            "oracle": {"weights": W.tolist(), "values": R.tolist(), "std_errors": SE.tolist()}}, cert
+
+
+@pytest.mark.parametrize("seed, eps, z", [(0, 0.05, 0.0), (1, 0.3, 0.0), (2, 0.05, 1.0)])
+def test_route_bound_agrees_with_the_certificate(seed, eps, z):
+    portfolio, cert = _portfolio(seed, eps=eps, z=z)
+    router = Router(portfolio)
+    users = gridlib.dirichlet_users(3, 300, seed)
+    R = np.array([[m["values"][t] - z * m["std_errors"][t] for t in TRAITS]
+                  for m in portfolio["members"]])
+    W, RO, SE = (np.array(portfolio["oracle"][k]) for k in ("weights", "values", "std_errors"))
+    upper = cov.upper_bounds(users, W, (W @ (RO + z * SE).T).max(axis=1))
+    for u, U in zip(users, upper):
+        route = router.route(dict(zip(TRAITS, u)))
+        best = int(np.argmax(R @ u))
+        assert route.member_key == portfolio["members"][best]["key"]
+        assert route.value == pytest.approx(R[best] @ u)
+        assert route.opt_upper_bound == pytest.approx(U, abs=1e-9)
+        # the per-weight tolerance never exceeds what the certificate states for every weight
+        assert route.eps_at_w <= cert.max_eps + 1e-9
+        assert route.value >= (1 - route.eps_at_w) * U - route.delta - 1e-9
+        if cert.certified:
+            assert route.value >= (1 - eps) * U - route.delta - 1e-9
+    # at the certificate's worst corner the bound is tight
+    worst = router.route(dict(zip(TRAITS, cert.worst_weight)))
+    assert worst.eps_at_w == pytest.approx(cert.max_eps, abs=1e-6)
+
+
+def test_router_without_oracle_rows_still_bounds_from_its_members():
+    portfolio, cert = _portfolio(3)
+    loose = Router({k: v for k, v in portfolio.items() if k != "oracle"})
+    tight = Router(portfolio)
+    assert "members only" in loose.bound_from
+    for u in gridlib.dirichlet_users(3, 50, 3):
+        a, b = loose.route(dict(zip(TRAITS, u))), tight.route(dict(zip(TRAITS, u)))
+        assert a.member_key == b.member_key
+        assert a.opt_upper_bound >= b.opt_upper_bound - 1e-9  # fewer constraints: looser
+
+
+def test_plots_show_the_portfolio(tmp_path):
+    from palm_tasks.plots import write_plots
+
+    portfolio, cert = _portfolio(4, n=6)
+    test = np.vstack([gridlib.simplex_lattice(3, 10), gridlib.dirichlet_users(3, 200, 0)])
+    files = {p.name for p in write_plots(portfolio, test, 0, tmp_path)}
+    assert files == {f"{n}.{e}" for n in ("simplex_map", "gap_vs_size", "member_values")
+                     for e in ("json", "png")}
+    for name in files:
+        if name.endswith(".png"):
+            assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    curve = json.loads((tmp_path / "gap_vs_size.json").read_text())
+    assert [r["k"] for r in curve] == list(range(1, 7))
+    assert curve[-1]["palm"] == 0.0  # the whole pool is its own reference
+    assert all(a["palm"] >= b["palm"] - 1e-12 for a, b in zip(curve, curve[1:]))
+    # the greedy PALM curve is never worse than a baseline of the same (or larger) size at k = 1
+    assert curve[0]["palm"] <= min(curve[0]["uniform"], curve[0]["random"]) + 1e-12
+    cells = json.loads((tmp_path / "simplex_map.json").read_text())
+    assert len(cells) == len(gridlib.simplex_lattice(3, 40))
+    served = {c["member"] for c in cells}
+    assert served <= {m["key"][:10] for m in portfolio["members"]}
+    assert max(c["eps_at_w"] for c in cells) <= cert.max_eps + 1e-6
+    values = json.loads((tmp_path / "member_values.json").read_text())
+    assert len(values) == 3 * len(portfolio["members"])
+
+
+@pytest.fixture(scope="module")
+def project(registered):
+    return registered
+
+
+def test_router_from_registry_gives_the_registered_member(project):
+    from palm_tasks.registry import member_model_name, portfolio_model_name
+    from palm_tasks.tracking import tracking_uri
+
+    root, keys, cfg, result = project
+    router = Router.from_registry("production", tracking_uri(cfg, root),
+                                  portfolio_model_name(cfg), root=root)
+    assert router.registered_version == result["portfolio_version"]
+    route = router.route({"safety": 0, "humor": 1, "brevity": 0})
+    assert route.member_key == keys[1]
+    assert route.model_uri == f"models:/{member_model_name(cfg)}/{result['member_versions'][keys[1]]}"
+    assert route.adapter_path == str(root / "models" / "members" / keys[1] / "adapter")
+    assert router.base_model_path() == root / "tiny"
+    with pytest.raises(LookupError, match="no portfolio registered as .*@nonesuch"):
+        Router.from_registry("nonesuch", tracking_uri(cfg, root), portfolio_model_name(cfg))
+
+
+def _palm(capsys, root, *args):
+    """`palm ...` in this process (the real command line code, without a Python start-up)."""
+    from flows.cli import main
+
+    code = main([*args, "--root", str(root), "--params", str(root / "params.yaml")])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_palm_route_prints_member_and_guarantee(project, capsys):
+    root, keys, cfg, result = project
+    code, out, err = _palm(capsys, root, "route", "--weights", "safety=2,humor=1,brevity=1",
+                           "--json")
+    assert code == 0, err
+    route = json.loads(out)
+    assert route["member_key"] == keys[0] and route["normalized"] is True
+    assert route["weights"] == {"safety": 0.5, "humor": 0.25, "brevity": 0.25}
+    assert math.isfinite(route["opt_upper_bound"]) and route["value"] <= route["opt_upper_bound"]
+    code, out, err = _palm(capsys, root, "route", "--weights", "safety=0.2,humor=0.3,brevity=0.5")
+    assert code == 0, err
+    assert f"member: {keys[2]}" in out and "normalized" not in out
+    assert "guaranteed at these weights" in out and "certified" in out
+    code, out, err = _palm(capsys, root, "route", "--weights", "safety=1,humor=1,brevity=0")
+    assert out.startswith("note: the weights did not sum to 1 and were normalized")
+
+    code, out, err = _palm(capsys, root, "route", "--weights", "safety=0.5,humor=0.5,charm=0")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "palm: error: weights: unknown trait(s) 'charm'; the traits are safety, humor, brevity"]
+    code, out, err = _palm(capsys, root, "route", "--weights", "safety=1,humor=0,brevity=0",
+                           "--alias", "nonesuch")
+    assert code == 1 and "no portfolio registered as palmreg-assistant-portfolio@nonesuch" in err

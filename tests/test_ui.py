@@ -1,0 +1,92 @@
+"""The MLflow UI, as a person sees it: a real `mlflow server` on loopback over the test's SQLite
+store, opened in headless Chromium (Debian's, driven by Playwright). The screenshots are saved
+under tests/artifacts/ (git-ignored)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which("chromium"),
+                                reason="Debian's chromium is not installed (make install does it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(registered):
+    root, keys, cfg, result = registered
+    port = _free_port()
+    log = open(root / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root}/mlruns/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        start_new_session=True)  # its own process group: the uvicorn worker stops with it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"mlflow server exited: {(root / 'mlflow-server.log').read_text()}")
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow server did not answer: {(root / 'mlflow-server.log').read_text()}")
+        yield url, keys, cfg, result
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_registered_members_show_in_the_mlflow_ui(mlflow_ui):
+    from playwright.sync_api import sync_playwright
+
+    from palm_tasks.registry import member_model_name, portfolio_model_name
+
+    url, keys, cfg, result = mlflow_ui
+    members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page.goto(f"{url}/#/models", timeout=60_000)
+            page.get_by_text(members, exact=True).first.wait_for(timeout=45_000)
+            page.get_by_text(portfolios, exact=True).first.wait_for(timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow-registered-models.png"), full_page=True)
+
+            # One member's version page: its description says what it was trained for.
+            version = result["member_versions"][keys[2]]
+            page.goto(f"{url}/#/models/{members}/versions/{version}", timeout=60_000)
+            page.get_by_text(f"PALM member {keys[2][:10]}").first.wait_for(timeout=45_000)
+            text = page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "mlflow-member-version.png"), full_page=True)
+        finally:
+            browser.close()
+    assert "of the simplex" in text and "certified" in text
+    assert (ARTIFACTS / "mlflow-registered-models.png").stat().st_size > 10_000
+    print(f"screenshots: {ARTIFACTS}")
