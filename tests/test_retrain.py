@@ -1,0 +1,131 @@
+"""Scheduled retraining on the tiny project: real Prefect, TRL, MLflow. Rewards drift, kept
+members are re-evaluated (not retrained), the certificate is recomputed, and `production`
+moves only to a certified portfolio."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_project
+
+pytestmark = pytest.mark.slow
+
+
+def _adapters(root: Path) -> dict[str, int]:
+    return {p.parent.parent.name: p.stat().st_mtime_ns
+            for p in (root / "models" / "members").glob("*/adapter/adapter_model.safetensors")}
+
+
+def _edit(root: Path, **sections) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, tiny_model,
+                                                                      prefect_harness):
+    import mlflow
+
+    from flows.pipeline import pipeline
+    from flows.retrain import retrain_flow
+    from palm_tasks.config import load_config
+    from palm_tasks.registry import portfolio_model_name
+    from palm_tasks.tracking import tracking_uri
+
+    root = make_project(tmp_path / "project", tiny_model)
+    _edit(root, search={"max_trainings": 3})  # the 3 single-trait members: enough to drift
+    params = str(root / "params.yaml")
+    pipeline(params, str(root))
+    first = json.loads((root / "portfolio.json").read_text())
+    old_pool = json.loads((root / "metrics" / "align.json").read_text())["pool"]
+    before = _adapters(root)
+    old_values = {k: np.array(json.loads((root / "models" / "members" / k / "member.json")
+                                         .read_text())["values"]) for k in old_pool}
+
+    # The reward changes: brevity now counts 5 words as long. Every value vector drifts.
+    _edit(root, rewards={"brevity_max_words": 5})
+    summary = retrain_flow(params, str(root))
+    after = _adapters(root)
+    assert all(after[k] == before[k] for k in old_pool), "kept members were not retrained"
+    assert sorted(summary["reevaluated"]) == sorted(old_pool)
+    align = json.loads((root / "metrics" / "align.json").read_text())
+    assert align["mode"] == "retrain" and align["pool"][:len(old_pool)] == old_pool
+    assert align["trained"] == len(summary["trained"]) == len(set(after) - set(before))
+
+    # drift = mean change of the re-evaluated members' values, per trait, as stored on disk
+    new_values = {k: np.array(json.loads((root / "models" / "members" / k / "evaluations" /
+                                          f"{summary['eval_key']}.json").read_text())["values"])
+                  for k in old_pool}
+    expected = np.mean([new_values[k] - old_values[k] for k in old_pool], axis=0)
+    cfg = load_config(params)
+    assert [summary["reward_drift"][t] for t in cfg.traits] == pytest.approx(expected.tolist())
+    assert summary["reward_drift"]["brevity"] < 0  # a stricter brevity scores everyone lower
+
+    # the certificate was recomputed on the re-evaluated values
+    portfolio = json.loads((root / "portfolio.json").read_text())
+    for m in portfolio["members"]:
+        if m["key"] in new_values:
+            assert list(m["values"].values()) == pytest.approx(new_values[m["key"]].tolist(), abs=1e-6)
+    assert set(summary["kept"]) | set(summary["added"]) == {m["key"] for m in portfolio["members"]}
+    assert set(summary["kept"]) | set(summary["dropped"]) == {m["key"] for m in first["members"]}
+
+    # MLflow: a retrain run with the drift, the changes and the lineage tags
+    uri = tracking_uri(cfg, root)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["drift.brevity"] == pytest.approx(summary["reward_drift"]["brevity"])
+    assert run.data.metrics["n_kept"] == len(summary["kept"])
+    assert run.data.tags["palm.stage"] == "retrain" and "dvc_lock_sha256" in run.data.tags
+    name = portfolio_model_name(cfg)
+    production = client.get_model_version_by_alias(name, "production") \
+        if first["certificate"]["certified"] or summary["certified"] else None
+    if summary["certified"]:
+        assert production.tags["portfolio_id"] == portfolio["id"]
+
+    # 20 standard errors of pessimism: no portfolio is certified, so production stays put.
+    _edit(root, coverage={"z": 20.0}, search={"max_trainings": 1})
+    held = client.get_model_version_by_alias(name, "production") if production else None
+    strict = retrain_flow(params, str(root))
+    assert not strict["certified"] and strict["register"]["alias"] == "candidate"
+    assert strict["trained"] and len(strict["trained"]) <= 1
+    candidate = client.get_model_version_by_alias(name, "candidate")
+    assert candidate.tags["portfolio_id"] == strict["portfolio"]
+    if held is not None:
+        assert client.get_model_version_by_alias(name, "production").version == held.version
+    assert all(_adapters(root)[k] == after[k] for k in after), "nothing retrained twice"
+
+
+def test_schedule_builds_a_deployment_and_refuses_a_bad_cron(tmp_path):
+    from flows.retrain import DEPLOYMENT, deployment
+    from palm_tasks.config import ConfigError
+
+    dep = deployment("0 3 * * 0", "params.yaml", ".")
+    assert dep.name == DEPLOYMENT and dep.flow_name == "palm-retrain"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 0"]
+    assert dep.parameters == {"params": "params.yaml", "root": "."}
+    with pytest.raises(ConfigError, match="not a cron expression"):
+        deployment("every sunday")
+
+    # prefect.yaml defines the same deployment for a work pool
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    (dep_yaml,) = spec["deployments"]
+    assert dep_yaml["name"] == DEPLOYMENT and dep_yaml["entrypoint"] == "flows/retrain.py:retrain_flow"
+    assert dep_yaml["schedules"][0]["cron"] == "0 3 * * 0"
+    assert dep_yaml["work_pool"]["name"]
+
+
+def test_palm_schedule_with_a_bad_cron_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--cron", "61 * * * *",
+                           "--params", str(root / "params.yaml"), "--root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "not a cron expression" in proc.stderr and "Traceback" not in proc.stderr
