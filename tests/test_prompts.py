@@ -44,3 +44,27 @@ def test_too_many_prompts_and_unknown_task(tmp_path, pool):
         P.prepare_prompts("assistant", tmp_path, n_train=len(pool), n_eval=1, seed=0)
     with pytest.raises(ValueError, match="allowed tasks: assistant"):
         P.load_prompt_pool("poetry")
+
+
+def test_gsm_prompts_carry_their_answers(tmp_path):
+    from palm_tasks.correctness import gsm_problems
+
+    summary = P.prepare_prompts("gsm", tmp_path, n_train=20, n_eval=10, seed=0)
+    assert summary["pool_size"] == len(gsm_problems()) > 900
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    answers = {q: a for _, q, a in gsm_problems()}
+    assert len(rows) == 10 and all(r["answer"] == answers[r["prompt"]] for r in rows)
+    assert all(r["source"].startswith("gsm_symbolic/") for r in rows)
+    assert P.load_prompt_pool("gsm") == [q for _, q, _ in gsm_problems()]  # fixed pool, seed-free
+
+
+def test_safety_pool_is_half_harmful_with_all_of_harmbench():
+    pairs = P._task_sources("safety")
+    groups = [s.split("/")[0] for s, _ in pairs]
+    n = len(pairs)
+    assert groups.count("harmbench") == 200
+    harmful = groups.count("harmbench") + groups.count("donotanswer")
+    assert harmful / n == pytest.approx(P.SAFETY_HARMFUL_FRACTION, abs=0.01)
+    assert set(groups) == {"chatterbot", "harmbench", "donotanswer"}
+    assert len({p.lower() for _, p in pairs}) == n  # no duplicates across sources
+    assert pairs == P._task_sources("safety")

@@ -1,0 +1,175 @@
+"""The evaluate stage: metric functions, and the whole comparison through Prefect on a tiny model."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_project
+from palm_tasks import coverage as cov
+from palm_tasks import evaluate as E
+from palm_tasks import grid as gridlib
+
+
+def test_distinct_n_counts_repeated_ngrams_once():
+    assert E.distinct_n(["a b c", "a b c"], 2) == pytest.approx(2 / 4)
+    assert E.distinct_n(["A b", "a B"], 1) == pytest.approx(2 / 4)  # case-insensitive
+    assert E.distinct_n(["one", ""], 2) == 0.0  # no bigram at all
+    assert E.distinct_n(["a b c d"], 2) == 1.0
+
+
+def test_embedding_dispersion_is_mean_pairwise_cosine_distance():
+    e1, e2 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    same = np.stack([[e1, e2], [e1, e2]])  # 2 members, 2 prompts, identical answers
+    assert E.embedding_dispersion(same) == pytest.approx(0.0)
+    orthogonal = np.stack([[e1, e1], [e2, e2]])
+    assert E.embedding_dispersion(orthogonal) == pytest.approx(1.0)
+    three = np.stack([[e1], [e2], [-e1]])  # pairs: 1, 2, 1
+    assert E.embedding_dispersion(three) == pytest.approx(4 / 3)
+    assert E.embedding_dispersion(same[:1]) == 0.0
+    with pytest.raises(ValueError, match="members, prompts, dim"):
+        E.embedding_dispersion(np.zeros((2, 3)))
+
+
+def test_best_subset_and_gap_summary():
+    R = np.array([[1.0, 0.0], [0.0, 1.0], [0.55, 0.55], [0.5, 0.5]])
+    sel = gridlib.simplex_lattice(2, 10)
+    one = E.best_subset(R, 1, sel)
+    assert one == [2]  # the balanced policy is the best single model
+    assert E.best_subset(R, 3, sel) == [0, 1, 2]  # the dominated row is never needed
+    assert E.best_subset(R, 9, sel) == [0, 1, 2, 3]  # at most the pool
+    lattice, users = gridlib.simplex_lattice(2, 10), gridlib.dirichlet_users(2, 50, 0)
+    s = E.gap_summary(R, [2], lattice, users)
+    g = cov.gaps(R, [2], np.vstack([lattice, users]))
+    assert s["max_multiplicative_gap"] == pytest.approx(g.max_multiplicative) == pytest.approx(1 - 0.55)
+    gu = cov.gaps(R, [2], users)
+    assert s["mean_additive_gap"] == pytest.approx(gu.mean_additive)
+    assert s["mean_additive_gap_se"] == pytest.approx(gu.additive.std(ddof=1) / np.sqrt(50))
+    assert E.gap_summary(R, [0, 1, 2], lattice, users)["max_additive_gap"] == 0.0
+
+
+def test_spread_subset_starts_at_extremes_and_perplexity_se():
+    points = gridlib.simplex_lattice(3, 4)
+    chosen = E.spread_subset(points, 4)
+    assert len(chosen) == 4 and np.allclose(chosen[:3], np.eye(3))
+    assert len(E.spread_subset(points, 100)) == len(points)
+    R = np.array([[1.0, 0.0], [0.0, 1.0]])
+    users = gridlib.dirichlet_users(2, 400, 0)
+    p, se = E.perplexity_with_se(R, [0, 1], users, 50, 0)
+    assert p == pytest.approx(cov.usage_perplexity(R, [0, 1], users)) and 1.9 < p <= 2.0
+    assert 0 < se < 0.05
+    assert E.perplexity_with_se(R, [0], users, 50, 0) == (1.0, 0.0)
+
+
+def test_tables_reading_and_simplex_plot(tmp_path):
+    row = lambda gap, size: {"size": size, "trainings": size, "max_multiplicative_gap": gap,  # noqa: E731
+                             "mean_multiplicative_gap": gap / 2, "mean_multiplicative_gap_se": 0.01,
+                             "max_additive_gap": gap, "mean_additive_gap": gap / 3,
+                             "usage_perplexity": 1.5, "distinct_n": 0.5, "embedding_dispersion": 0.2}
+    out = {"task": "assistant", "traits": ["a", "b", "c"], "d": 3, "eps": 0.05, "delta": 0.02, "ks": [1, 2],
+           "methods": ["palm_lazy", "uniform", "oracle"], "omitted": {"soups": "not here"},
+           "notes": {"palm_lazy": "x"}, "random_seeds": [1],
+           "results": {"palm_lazy": {"1": row(0.3, 1), "2": row(0.1, 2)},
+                       "uniform": {"1": row(0.2, 1), "2": row(0.15, 2)},
+                       "oracle": {"all": row(0.0, 4)}},
+           "reference_pool": {"size": 4, "new_in_this_run": 4, "reused": 0},
+           "test_weights": {"relative_to": "the pool", "lattice_step": "1/10", "lattice": 66, "users": 10,
+                            "users_seed": 0}, "seconds": 3.0}
+    lines = E.reading(out)
+    assert "k = 1" in lines[0] and "uniform grid" in lines[0] and "beaten by uniform grid" in lines[0]
+    assert "k = 2" in lines[1] and "not beaten" in lines[1]
+    md = E.render_report(out, ["g.png"])
+    assert "| PALM (lazy + prune) | 1 | 1 | 0.3000 |" in md and "0.1500 ± 0.0100" in md
+    assert "0.01-0.02" in md and "Rewarded Soups: left out: not here" in md
+    assert E.plot_rows(out) == [{"k": 1, "palm_lazy": 0.3, "uniform": 0.2, "palm_lazy_mean": 0.15,
+                                 "uniform_mean": 0.1},
+                                {"k": 2, "palm_lazy": 0.1, "uniform": 0.15, "palm_lazy_mean": 0.05,
+                                 "uniform_mean": 0.075}]
+    R = np.eye(3)
+    m = [SimpleNamespace(key=f"m{i}") for i in range(3)]
+    path = E.simplex_plot({**out, "ks": [2]}, R, {"palm_lazy": {2: [(m[:2], 3)]}, "uniform": {2: [(m[1:], 2)]}},
+                          {x.key: i for i, x in enumerate(m)}, tmp_path / "s.png")
+    assert path.is_file() and path.stat().st_size > 1000
+    assert E.gap_plot(out, tmp_path / "g.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
+    import mlflow
+
+    from flows.evaluate import evaluate_flow
+    from flows.stages import STAGE_FLOWS
+    from palm_tasks.align import load_member
+    from palm_tasks.tracking import tracking_uri
+    from palm_tasks.config import load_config
+
+    root = make_project(tmp_path / "project", tiny_model)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    # d = 3 without the humor classifier to train; safety varies even on a tiny model's babble
+    params.update({"task": "gsm", "traits": ["correctness", "brevity", "safety"]})
+    params["search"]["max_trainings"] = 3
+    params["training"]["learning_rate"] = 0.05  # so that 2 steps move the tiny policies apart
+    params["compare"] = {"k_max": 2, "random_seeds": 2, "grid_budget": 2, "bootstrap": 20,
+                         "methods": ["palm_lazy", "palm_grid", "uniform", "random", "centroid", "soups"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = str(root / "params.yaml")
+    STAGE_FLOWS["rewards"](p, str(root))
+    out = evaluate_flow(p, str(root))
+
+    assert out["traits"] == ["correctness", "brevity", "safety"]
+    for method in ("palm_lazy", "palm_grid", "uniform", "random"):
+        assert set(out["results"][method]) == {"1", "2"}, method
+    assert set(out["results"]["centroid"]) == {"1"}
+    # Rewarded Soups: k = 1 is the evenly mixed soup (evaluated, not trained), k = 2 two specialists
+    soup_key = out["results"]["soups"]["1"]["members"][0]
+    assert (root / "models" / "evaluation" / "soups" / soup_key / "member.json").is_file()
+    assert soup_key in out["reference_pool"]["keys"]
+    assert out["results"]["soups"]["2"]["members"] == out["results"]["uniform"]["2"]["members"]
+    assert out["results"]["soups"]["1"]["trainings"] == 3
+    assert out["results"]["random"]["2"]["seeds"] == 2
+
+    # the reference pool is every trained policy, each trained once (the job cache)
+    keys = out["reference_pool"]["keys"]
+    # ... in the evaluate stage's own cache (no align stage ran here)
+    dirs = sorted(d.name for d in (root / "models" / "evaluation" / "members").iterdir())
+    assert sorted(k for k in keys if k != soup_key) == dirs and not (root / "models" / "members").exists()
+    members = {k: load_member(root / "models" / "evaluation" / ("soups" if k == soup_key else "members") / k)
+               for k in keys}
+    weights = {tuple(np.round(m.weights, 9)) for k, m in members.items() if k != soup_key}
+    assert len(weights) == len(dirs)  # no weight trained twice
+    # the uniform k = 2 portfolio (two specialists) comes from the lazy search's first jobs
+    assert set(out["results"]["uniform"]["2"]["members"]) <= set(keys[:3])
+    assert out["results"]["centroid"]["1"]["members"] == out["results"]["uniform"]["1"]["members"]
+
+    # gaps against the reference pool, on the lattice and the users
+    cfg = load_config(p)
+    R = np.array([members[k].values for k in keys])
+    test = np.vstack([gridlib.simplex_lattice(3, cfg.coverage.test_lattice),
+                      gridlib.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)])
+    assert max(out["results"][m]["1"]["max_multiplicative_gap"] for m in ("uniform", "random", "centroid")) > 0
+    for method, k in (("palm_lazy", "1"), ("palm_lazy", "2"), ("uniform", "2")):
+        row = out["results"][method][k]
+        idx = [keys.index(key) for key in row["members"]]
+        assert row["max_multiplicative_gap"] == pytest.approx(cov.gaps(R, idx, test).max_multiplicative)
+        assert 0 <= row["distinct_n"] <= 1 and row["embedding_dispersion"] >= 0
+    # the correctness reward scored every eval completion of a trained member (TRL trained on it too)
+    scored = [json.loads(line) for line in (members[keys[0]].path / "completions.jsonl").read_text().splitlines()]
+    assert scored and all(r["rewards"]["correctness"] in (0.0, 1.0) for r in scored)
+    assert out["results"]["oracle"]["all"]["max_multiplicative_gap"] == 0.0
+    assert out["results"]["oracle"]["all"]["max_additive_gap"] == 0.0
+
+    # files: DVC metrics and plots, the report with its pictures, an MLflow run
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert metrics["results"]["palm_lazy"]["1"] == out["results"]["palm_lazy"]["1"]
+    rows = json.loads((root / "plots" / "evaluate_gaps.json").read_text())
+    assert [r["k"] for r in rows] == [1, 2] and "palm_lazy" in rows[0]
+    report = (root / "reports" / "evaluation.md").read_text()
+    assert "| PALM (lazy + prune) |" in report and "evaluate_gap_vs_size.png" in report
+    assert (root / "reports" / "evaluate_gap_vs_size.png").stat().st_size > 1000
+    assert (root / "reports" / "evaluate_simplex.png").stat().st_size > 1000  # d = 3
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment],
+                              filter_string="tags.`palm.stage` = 'evaluate'")
+    assert len(runs) == 1 and runs.iloc[0]["metrics.oracle.kall.max_multiplicative_gap"] == 0.0
