@@ -1,4 +1,4 @@
-"""The whole PALM pipeline as one Prefect flow running the five stage flows in order."""
+"""The whole PALM pipeline as one Prefect flow running the stage flows in order."""
 
 from __future__ import annotations
 
@@ -9,5 +9,5 @@ from flows.stages import STAGE_FLOWS
 
 @flow(name="palm-pipeline", log_prints=True)
 def pipeline(params: str = "params.yaml", root: str = ".") -> dict:
-    """rewards -> grid -> align -> coverage -> register; returns each stage's result."""
+    """rewards -> grid -> align -> soups -> coverage -> register; returns each stage's result."""
     return {name: stage_flow(params, root) for name, stage_flow in STAGE_FLOWS.items()}

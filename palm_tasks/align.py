@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -115,7 +116,7 @@ def load_member(path: Path, verify: bool = True) -> Member:
     )
 
 
-def find_member(members_dir: Path, key: str) -> Member | None:
+def find_member(members_dir: Path, key: str, redo: str = "it will be trained again") -> Member | None:
     """The finished member with this key, or None. A damaged one is removed so it is redone."""
     path = Path(members_dir) / key
     if not path.is_dir():
@@ -123,7 +124,7 @@ def find_member(members_dir: Path, key: str) -> Member | None:
     try:
         return load_member(path)
     except CorruptMemberError as exc:
-        print(f"warning: {exc}; it will be trained again")
+        print(f"warning: {exc}; {redo}")
         shutil.rmtree(path)
         return None
 
@@ -264,9 +265,12 @@ def train_member(spec: JobSpec, cfg: PalmConfig, base_path: Path, rewards, train
     t = cfg.training
     run_id = None
     if mlflow_client is not None:
+        from palm_tasks.tracking import lineage_tags
+
+        _close_killed_runs(mlflow_client, experiment_id, key)
         run = mlflow_client.create_run(
             experiment_id, run_name=f"align-{key[:10]}",
-            tags={"palm.stage": "align", "palm.member_key": key},
+            tags={"palm.stage": "align", "palm.member_key": key, **lineage_tags(members_dir)},
         )
         run_id = run.info.run_id
         params = {f"w.{tr}": round(w, 6) for tr, w in zip(spec.traits, spec.weights)}
@@ -341,6 +345,7 @@ def train_member(spec: JobSpec, cfg: PalmConfig, base_path: Path, rewards, train
             "total_seconds": round(time.time() - started, 2),
             "final_reward": history[-1]["reward"] if history else None,
             "mlflow_run_id": run_id,
+            "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         }
         (tmp / MEMBER_FILE).write_text(json.dumps(info, indent=2))
         _write_checksums(tmp)
@@ -360,6 +365,15 @@ def train_member(spec: JobSpec, cfg: PalmConfig, base_path: Path, rewards, train
         mlflow_client.log_artifact(run_id, str(final / MEMBER_FILE))
         mlflow_client.set_terminated(run_id)
     return load_member(final)
+
+
+def _close_killed_runs(client, experiment_id: str, key: str) -> None:
+    """Mark this job's runs still RUNNING as KILLED: no finished member exists, so they belong
+    to a run of the pipeline that was killed mid-job (their process never closed them)."""
+    for run in client.search_runs(
+        [experiment_id], f"tags.`palm.member_key` = '{key}' and attributes.status = 'RUNNING'"
+    ):
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _param(key, value):

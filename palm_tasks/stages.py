@@ -23,7 +23,7 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.layout import Layout
 
 MAX_GRID_POINTS_STORED = 200_000
-STAGES = ("rewards", "grid", "align", "coverage", "register")
+STAGES = ("rewards", "grid", "align", "soups", "coverage", "register")
 RELATIVE_TO = (
     "the alignment oracle: each trained member's value vector is taken as optimal for its "
     "training weight; values are means over the eval prompts"
@@ -56,17 +56,20 @@ def rewards_stage(cfg: PalmConfig, root: Path) -> dict:
     """Base model, prompt split, reward models; score base-model samples to see the trade-off."""
     from palm_tasks.base_model import prepare_base_model, resolve_base_model
     from palm_tasks.prompts import prepare_prompts, read_prompts
+    from palm_tasks.align import resolve_device
     from palm_tasks.rewards import build_rewards, prepare_rewards
-    from palm_tasks.tracking import setup_mlflow
+    from palm_tasks.tracking import lineage_tags, setup_mlflow
 
     lay = Layout(root)
     say(f"rewards: preparing base model {cfg.base_model!r}")
     base = prepare_base_model(cfg.base_model, lay.base)
     say("rewards: splitting prompts")
-    prompts = prepare_prompts(cfg.task, lay.prompts, cfg.data.n_train, cfg.data.n_eval, cfg.seed)
+    split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    prompts = prepare_prompts(cfg.task, lay.prompts, cfg.data.n_train, cfg.data.n_eval, split_seed)
     say("rewards: preparing reward functions")
-    reward_metrics = prepare_rewards(cfg.traits, lay.reward_models, cfg.seed)
-    rewards = build_rewards(cfg.traits, lay.reward_models, cfg.rewards.brevity_max_words)
+    reward_metrics = prepare_rewards(cfg.traits, lay.reward_models, cfg.seed, cfg.rewards.models)
+    rewards = build_rewards(cfg.traits, lay.reward_models, cfg.rewards.brevity_max_words,
+                            cfg.rewards.models, resolve_device(cfg.device))
 
     say(f"rewards: scoring {cfg.rewards.base_samples} base-model samples")
     eval_prompts = read_prompts(lay.prompts / "eval.jsonl")
@@ -96,7 +99,7 @@ def rewards_stage(cfg: PalmConfig, root: Path) -> dict:
     import mlflow
 
     setup_mlflow(cfg, root)
-    with mlflow.start_run(run_name="rewards", tags={"palm.stage": "rewards"}):
+    with mlflow.start_run(run_name="rewards", tags={"palm.stage": "rewards", **lineage_tags(root)}):
         mlflow.log_params({"base_model": cfg.base_model, "task": cfg.task,
                            "traits": ",".join(cfg.traits), "seed": cfg.seed,
                            "n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval})
@@ -203,13 +206,15 @@ class JobFactory:
     """Turns weight vectors into job specs and runs them, reusing finished members."""
 
     def __init__(self, cfg: PalmConfig, root: Path):
+        from palm_tasks.align import resolve_device
         from palm_tasks.base_model import base_info
         from palm_tasks.rewards import build_rewards
 
         self.cfg, self.lay = cfg, Layout(root)
         self.base_sha = base_info(self.lay.base)["weights_sha256"]
         self.data_sha = _data_sha256(self.lay)
-        self.rewards = build_rewards(cfg.traits, self.lay.reward_models, cfg.rewards.brevity_max_words)
+        self.rewards = build_rewards(cfg.traits, self.lay.reward_models, cfg.rewards.brevity_max_words,
+                                     cfg.rewards.models, resolve_device(cfg.device))
         self.reward_versions = tuple(r.version for r in self.rewards)
 
     def spec(self, weights: Sequence[float]) -> JobSpec:
@@ -225,15 +230,18 @@ class JobFactory:
         return find_member(self.lay.members, spec.key)
 
 
-def run_job(cfg: PalmConfig, root: Path, weights: Sequence[float]) -> Member:
-    """One alignment job for `weights`, or the finished member if it exists already."""
+def run_job(cfg: PalmConfig, root: Path, weights: Sequence[float], members_dir: Path | None = None) -> Member:
+    """One alignment job for `weights`, or the finished member if it exists already.
+
+    `members_dir`: train into it instead of models/members, looking in both for a finished job
+    (the evaluate stage's own job cache, so that it never changes the align stage's output)."""
     from palm_tasks.base_model import resolve_base_model
     from palm_tasks.prompts import read_prompts
     from palm_tasks.tracking import setup_mlflow
 
     jobs = JobFactory(cfg, root)
     spec = jobs.spec(weights)
-    done = jobs.finished(spec)
+    done = jobs.finished(spec) or (find_member(Path(members_dir), spec.key) if members_dir else None)
     if done is not None:
         say(f"align: {spec.key} w={_fmt(spec.weights)} finished earlier, reused")
         return done
@@ -245,7 +253,7 @@ def run_job(cfg: PalmConfig, root: Path, weights: Sequence[float]) -> Member:
     member = train_member(
         spec, cfg, resolve_base_model(lay.base), jobs.rewards,
         read_prompts(lay.prompts / "train.jsonl"), read_prompts(lay.prompts / "eval.jsonl"),
-        lay.members, mlflow.MlflowClient(), experiment_id,
+        Path(members_dir) if members_dir else lay.members, mlflow.MlflowClient(), experiment_id,
     )
     say(f"align: {spec.key} done, value {_fmt(member.values)} ± {_fmt(member.std_errors)} "
         f"in {member.info['total_seconds']:.0f}s")
@@ -322,6 +330,39 @@ def _mode_weights(cfg: PalmConfig) -> np.ndarray:
     raise ValueError(f"search.mode = {s.mode!r}: unknown")
 
 
+# -------------------------------------------------------------------------------------- soups
+
+
+def soups_stage(cfg: PalmConfig, root: Path) -> dict:
+    """Rewarded-Soups candidates of the pool's specialists, evaluated like members
+    (palm_tasks.soups); their keys go to metrics/soups.json for the coverage stage."""
+    from palm_tasks.base_model import resolve_base_model
+    from palm_tasks.prompts import read_prompts
+    from palm_tasks.soups import make_soups
+
+    lay = Layout(root)
+    pool = load_pool(root)
+    rewards = JobFactory(cfg, root).rewards if cfg.soups.enabled else []
+    made = make_soups(cfg, resolve_base_model(lay.base) if cfg.soups.enabled else None, pool, rewards,
+                      read_prompts(lay.prompts / "eval.jsonl"), lay.soups, say)
+    out = {
+        "enabled": cfg.soups.enabled,
+        "ingredients": made["ingredients"],
+        "soups": [m.key for m in made["soups"]],
+        "lambdas": [m.info["lambdas"] for m in made["soups"]],
+        "values": [m.values.tolist() for m in made["soups"]],
+        "std_errors": [m.std_errors.tolist() for m in made["soups"]],
+        "built": made["built"],
+        "reused": made["reused"],
+        "skipped": made["skipped"],
+    }
+    lay.soups.mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
+    _write_json(lay.metrics / "soups.json", out)
+    say(f"soups: {len(out['soups'])} soups ({out['built']} evaluated, {out['reused']} reused)"
+        + (f"; none: {made['skipped']}" if made["skipped"] else ""))
+    return out
+
+
 # ----------------------------------------------------------------------------------- coverage
 
 
@@ -329,7 +370,31 @@ def load_pool(root: Path) -> list[Member]:
     """The members the align stage trained or reused, in its order."""
     lay = Layout(root)
     align = _read_json(lay.metrics / "align.json", "align")
-    return [load_member(lay.member(k)) for k in align["pool"]]
+    pool = [load_member(lay.member(k)) for k in align["pool"]]
+    # Members kept by a retraining run count with their values under the current rewards and
+    # eval data (palm_tasks.retrain), not the ones measured when they were trained.
+    for m in pool:
+        if m.key in align.get("evaluations", {}):
+            from palm_tasks.retrain import read_evaluation
+
+            m.values, m.std_errors = read_evaluation(m, align["evaluations"][m.key])
+    return pool
+
+
+def load_soups(root: Path) -> list[Member]:
+    """The soups the soups stage evaluated (metrics/soups.json), none if it has not run."""
+    lay = Layout(root)
+    if not (lay.metrics / "soups.json").is_file():
+        return []
+    return [load_member(lay.soups / k) for k in _read_json(lay.metrics / "soups.json", "soups")["soups"]]
+
+
+def _candidate_info(m: Member, lay: Layout) -> dict:
+    """Where a portfolio entry lives and, for a soup, what it mixes."""
+    if m.info.get("kind") == "soup":
+        return {"kind": "soup", "path": str((lay.soups / m.key).relative_to(lay.root)),
+                "ingredients": m.info["ingredients"], "lambdas": m.info["lambdas"]}
+    return {"kind": "member", "path": str(lay.member(m.key).relative_to(lay.root))}
 
 
 def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
@@ -337,16 +402,20 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
     from palm_tasks import coverage as cov
 
     lay = Layout(root)
-    pool = load_pool(root)
+    trained = load_pool(root)
+    soups = load_soups(root)  # free candidates (theory.md section 5): may serve users, never oracle rows
+    pool = trained + soups
+    oracle = np.array([True] * len(trained) + [False] * len(soups))
     c = cfg.coverage
     W = np.array([m.weights for m in pool])
     R = np.array([m.values for m in pool])
     SE = np.array([m.std_errors for m in pool])
-    members = np.asarray(cov.prune(W, R, c.eps, c.delta, std_errors=SE, z=c.z), int)
-    cert = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z)
-    pool_cert = cov.certify(W, R, c.eps, c.delta, std_errors=SE, z=c.z)
+    members = np.asarray(cov.prune(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle), int)
+    cert = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z, oracle=oracle)
+    pool_cert = cov.certify(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle)
     # The same members with noise taken into account: values - z se, oracle bounds + z se.
-    noisy = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z_conservative)
+    noisy = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z_conservative,
+                        oracle=oracle)
 
     lattice = gridlib.simplex_lattice(cfg.d, c.test_lattice)
     users = gridlib.dirichlet_users(cfg.d, c.test_users, cfg.seed)
@@ -363,7 +432,7 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         "test_weights": int(len(test)),
         "test_weights_are": f"a simplex lattice of step 1/{c.test_lattice} ({len(lattice)}) plus "
                             f"{len(users)} Dirichlet(1) users; gaps relative to the best of the "
-                            f"trained pool ({len(pool)} policies)",
+                            f"candidates ({len(trained)} trained, {len(soups)} soups)",
         "max_multiplicative_gap": gap.max_multiplicative,
         "mean_multiplicative_gap": gap.mean_multiplicative,
         "max_additive_gap": gap.max_additive,
@@ -383,10 +452,13 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
              "weights": dict(zip(cfg.traits, pool[j].weights.round(6).tolist())),
              "values": dict(zip(cfg.traits, pool[j].values.round(6).tolist())),
              "std_errors": dict(zip(cfg.traits, pool[j].std_errors.round(6).tolist())),
-             "share": round(share[int(j)], 6)}
+             "share": round(share[int(j)], 6), **_candidate_info(pool[j], lay)}
             for j in members
         ],
-        "pool": [m.key for m in pool],
+        "pool": [m.key for m in trained],
+        "soups": {"candidates": [m.key for m in soups],
+                  "in_portfolio": int((~oracle[members]).sum()),
+                  "candidate_share": len(soups) / len(pool)},
         "certificate": cert_dict,
         "pool_certificate": {"certified": bool(pool_cert.certified),
                              "max_eps": float(pool_cert.max_eps),
@@ -396,10 +468,15 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
                                      "max_eps": float(noisy.max_eps),
                                      "max_delta": float(noisy.max_delta)},
         "coverage": summary,
+        # The trained pool, all oracle rows: what the router needs for the per-weight bound.
+        "oracle": {"keys": [m.key for m in trained], "weights": W[oracle].tolist(),
+                   "values": R[oracle].tolist(), "std_errors": SE[oracle].tolist()},
     }
     _write_json(lay.portfolio, portfolio)
     metrics = {
-        "portfolio_size": len(members), "pool_size": len(pool),
+        "portfolio_size": len(members), "pool_size": len(trained),
+        "soup_candidates": len(soups), "soups_in_portfolio": int((~oracle[members]).sum()),
+        "soup_candidate_share": len(soups) / len(pool),
         "certified": bool(cert.certified), "worst_slack": float(cert.worst_slack),
         "max_eps": float(cert.max_eps), "max_delta": float(cert.max_delta),
         "conservative_certified": bool(noisy.certified),
@@ -413,7 +490,11 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
          "additive_gap": float(a)}
         for w, m, a in zip(lattice, gap.multiplicative, gap.additive)
     ])
-    say(f"coverage: portfolio of {len(members)} of {len(pool)} trained, "
+    from palm_tasks.plots import write_plots
+
+    write_plots(portfolio, test, cfg.seed, lay.plots)  # simplex map, gap vs size, value vectors
+    say(f"coverage: portfolio of {len(members)} of {len(trained)} trained + {len(soups)} soups "
+        f"({int((~oracle[members]).sum())} soups in it), "
         f"{'CERTIFIED' if cert.certified else 'NOT certified'} at eps={c.eps}, delta={c.delta} "
         f"(max eps {cert.max_eps:.4f}, max delta {cert.max_delta:.4f}, relative to the oracle)")
     return metrics
@@ -439,6 +520,7 @@ STAGE_FUNCTIONS = {
     "rewards": rewards_stage,
     "grid": grid_stage,
     "align": align_stage,
+    "soups": soups_stage,
     "coverage": coverage_stage,
     "register": register_stage,
 }

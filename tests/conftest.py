@@ -29,6 +29,8 @@ TINY_OVERRIDES = {
     "evaluation": {"n_prompts": 8, "max_new_tokens": 8},
     "rewards": {"base_samples": 8},
     "coverage": {"test_users": 200, "test_lattice": 10},
+    "soups": {"enabled": True},  # the tests exercise the soups stage; the default run leaves it off
+    "compare": {"k_max": 1, "random_seeds": 1, "grid_budget": 1, "bootstrap": 10},  # dvc repro: 2 new tiny jobs
 }
 
 
@@ -69,3 +71,35 @@ def make_project(dest: Path, tiny_model: Path) -> Path:
             shutil.copy2(src, target)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model), sort_keys=False))
     return dest
+
+
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory, tiny_model) -> Path:
+    """A tiny project whose rewards and grid stages have run; copy it (copy_project) to use it."""
+    from palm_tasks import stages
+    from palm_tasks.config import load_config
+
+    root = make_project(tmp_path_factory.mktemp("prepared") / "project", tiny_model)
+    cfg = load_config(root / "params.yaml")
+    stages.rewards_stage(cfg, root)
+    stages.grid_stage(cfg, root)
+    return root
+
+
+def copy_project(prepared: Path, dest: Path, **sections) -> Path:
+    """A copy of a prepared project with params.yaml sections updated (e.g. runner={...})."""
+    shutil.copytree(prepared, dest)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory):
+    """A tiny project with three members and a certified portfolio registered in MLflow
+    (router, serving and UI tests): (root, member keys, cfg, register_portfolio's result)."""
+    from test_registry import build_registered_project
+
+    return build_registered_project(tmp_path_factory.mktemp("registered"), "palmreg")

@@ -48,7 +48,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     root = make_project(tmp_path / "project", tiny_model)
     params = str(root / "params.yaml")
     result = pipeline(params, str(root))
-    assert set(result) == {"rewards", "grid", "align", "coverage", "register"}
+    assert set(result) == {"rewards", "grid", "align", "soups", "coverage", "register"}
 
     # rewards: the prompt split, the humor classifier's accuracy, the trade-off matrix
     rewards = json.loads((root / "metrics" / "rewards.json").read_text())
@@ -75,7 +75,10 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     # coverage: the portfolio is a subset of the pool and agrees with the members' files
     portfolio = json.loads((root / "portfolio.json").read_text())
     assert portfolio["pool"] == align["pool"]
-    assert 1 <= len(portfolio["members"]) <= len(align["pool"])
+    soups = portfolio["soups"]["candidates"]  # free candidates beside the trained pool
+    assert len(soups) == result["soups"]["built"] == 3  # d = 3 specialists, lattice step 1/2
+    members.update({k: load_member(root / "models" / "soups" / k) for k in soups})
+    assert 1 <= len(portfolio["members"]) <= len(align["pool"]) + len(soups)
     for entry in portfolio["members"]:
         m = members[entry["key"]]
         assert np.allclose(list(entry["values"].values()), m.values, atol=1e-6)
@@ -142,7 +145,7 @@ def test_dvc_repro_then_nothing_to_do(tmp_path, tiny_model):
     run("git", "add", "-A")
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
     out = run("dvc", "repro")
-    for stage in ("rewards", "grid", "align", "coverage", "register"):
+    for stage in ("rewards", "grid", "align", "soups", "coverage", "register"):
         assert f"Running stage '{stage}'" in out
     assert (root / "dvc.lock").is_file() and (root / "portfolio.json").is_file()
     assert "up to date" in run("dvc", "repro")  # a second repro is a no-op
