@@ -94,6 +94,20 @@ def _write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS).write_text(json.dumps(sums, indent=2))
 
 
+def store_member(tmp: Path, final: Path, info: dict, prompts, completions, scores) -> None:
+    """Finish a member (or soup) directory written under `tmp`: its completions, member.json and
+    checksums, then one rename into `final`, so a reader sees a whole member or none."""
+    with open(tmp / "completions.jsonl", "w") as fh:
+        for p, c, s in zip(prompts, completions, scores):
+            fh.write(json.dumps({"prompt": p, "completion": c,
+                                 "rewards": dict(zip(info["traits"], s.round(6).tolist()))}) + "\n")
+    (tmp / MEMBER_FILE).write_text(json.dumps(info, indent=2))
+    _write_checksums(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
 def load_member(path: Path, verify: bool = True) -> Member:
     """Read a finished member; `CorruptMemberError` names the member and the bad file."""
     path = Path(path)
@@ -137,6 +151,22 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for in params.yaml but torch sees no CUDA device")
     return device
+
+
+def load_policy(base_path: Path, adapter_dir: Path, device: str):
+    """(model, tokenizer): the base model with a LoRA adapter on `device` (a resolved one), in the
+    dtype its jobs train and evaluate in (bf16 on CUDA when supported, else fp32), so a member
+    evaluated again later (a soup, a retraining run) is scored like it was the first time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).to(device), tokenizer
 
 
 def _completion_text(completion) -> str:
@@ -328,10 +358,6 @@ def train_member(spec: JobSpec, cfg: PalmConfig, base_path: Path, rewards, train
         shutil.rmtree(tmp / "trainer", ignore_errors=True)  # TRL's pickled training_args: never kept
 
         values, se, prompts, completions, scores = evaluate(policy, tokenizer, rewards, eval_prompts, cfg)
-        with open(tmp / "completions.jsonl", "w") as fh:
-            for p, c, s in zip(prompts, completions, scores):
-                fh.write(json.dumps({"prompt": p, "completion": c,
-                                     "rewards": dict(zip(spec.traits, s.round(6).tolist()))}) + "\n")
         info = {
             "key": key,
             "traits": list(spec.traits),
@@ -347,11 +373,7 @@ def train_member(spec: JobSpec, cfg: PalmConfig, base_path: Path, rewards, train
             "mlflow_run_id": run_id,
             "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         }
-        (tmp / MEMBER_FILE).write_text(json.dumps(info, indent=2))
-        _write_checksums(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        store_member(tmp, final, info, prompts, completions, scores)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if mlflow_client is not None and run_id:

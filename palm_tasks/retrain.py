@@ -65,18 +65,12 @@ def reevaluate(member: Member, cfg: PalmConfig, jobs, eval_key: str) -> tuple[np
     path = member.path / EVALUATIONS / f"{eval_key}.json"
     if path.is_file():
         return read_evaluation(member, eval_key)
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from palm_tasks.align import evaluate, resolve_device
+    from palm_tasks.align import evaluate, load_policy, resolve_device
     from palm_tasks.base_model import resolve_base_model
     from palm_tasks.prompts import read_prompts
 
-    base_path = resolve_base_model(jobs.lay.base)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, member.adapter).to(resolve_device(cfg.device))
+    model, tokenizer = load_policy(resolve_base_model(jobs.lay.base), member.adapter,
+                                   resolve_device(cfg.device))
     values, se, *_ = evaluate(model, tokenizer, jobs.rewards,
                               read_prompts(jobs.lay.prompts / "eval.jsonl"), cfg)
     path.parent.mkdir(exist_ok=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks.align import (ADAPTER_DIR, MEMBER_FILE, Member, _write_checksums,
-                              evaluate, find_member, load_member, resolve_device)
+from palm_tasks.align import (ADAPTER_DIR, Member, evaluate,
+                              find_member, load_member, load_policy, resolve_device, store_member)
 from palm_tasks.config import PalmConfig
 from palm_tasks.grid import simplex_lattice
 
@@ -136,10 +136,6 @@ def find_soup(soups_dir: Path, key: str) -> Member | None:
 def build_soup(cfg: PalmConfig, base_path: Path, ingredients: list[Member], lambdas, rewards,
                eval_prompts: list[str], soups_dir: Path) -> Member:
     """Mix, evaluate and store one soup atomically; returns it as read back from disk."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     lambdas = [float(x) for x in lambdas]
     key = soup_key([m.key for m in ingredients], lambdas, cfg)
     final, tmp = Path(soups_dir) / key, Path(soups_dir) / f".{key}.tmp-{os.getpid()}"
@@ -149,15 +145,8 @@ def build_soup(cfg: PalmConfig, base_path: Path, ingredients: list[Member], lamb
     try:
         mix_adapters([m.adapter for m in ingredients], lambdas, tmp / ADAPTER_DIR)
         device = resolve_device(cfg.device)
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if bf16 else torch.float32)
-        policy = PeftModel.from_pretrained(base, tmp / ADAPTER_DIR).to(device)
+        policy, tokenizer = load_policy(base_path, tmp / ADAPTER_DIR, device)
         values, se, prompts, completions, scores = evaluate(policy, tokenizer, rewards, eval_prompts, cfg)
-        with open(tmp / "completions.jsonl", "w") as fh:
-            for p, c, s in zip(prompts, completions, scores):
-                fh.write(json.dumps({"prompt": p, "completion": c,
-                                     "rewards": dict(zip(cfg.traits, s.round(6).tolist()))}) + "\n")
         weights = np.sum([lam * m.weights for lam, m in zip(lambdas, ingredients)], axis=0)
         info = {
             "key": key,
@@ -177,11 +166,7 @@ def build_soup(cfg: PalmConfig, base_path: Path, ingredients: list[Member], lamb
             "total_seconds": round(time.time() - started, 2),
             "mlflow_run_id": None,  # no training run
         }
-        (tmp / MEMBER_FILE).write_text(json.dumps(info, indent=2))
-        _write_checksums(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        store_member(tmp, final, info, prompts, completions, scores)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
