@@ -18,7 +18,8 @@ from palm_tasks.config import load_config
 from palm_tasks.evaluate import evaluate_stage, members_dir
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="evaluate-job-{weights}")
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="evaluate-job-{weights}",
+      log_prints=False)  # as flows.stages.align_job: a job's lines go straight to the terminal
 def evaluate_job(params: str, root: str, weights: list[float]) -> str:
     """One alignment job (or its finished member); returns the member's directory."""
     return str(stages.run_job(load_config(params), Path(root), weights, members_dir(Path(root))).path)

@@ -34,7 +34,11 @@ def _transient(task, task_run, state) -> bool:
     return not isinstance(exc, DETERMINISTIC_ERRORS)
 
 
-@task(cache_policy=NO_CACHE, retry_condition_fn=_transient, task_run_name="align-job-{weights}")
+# log_prints=False on job tasks: a job's lines go straight to the terminal. Forwarded to Prefect's
+# logger they would carry bytecode listings: the datasets library hashes through dill, which
+# reads dis.dis output from a captured stdout, and Prefect's patched print logs it instead.
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient, task_run_name="align-job-{weights}",
+      log_prints=False)
 def align_job(params: str, root: str, weights: list[float]) -> str:
     """One alignment job (or its finished member); returns the member key."""
     return stages.run_job(load_config(params), Path(root), weights).key
