@@ -416,6 +416,9 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
     # The same members with noise taken into account: values - z se, oracle bounds + z se.
     noisy = cov.certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z_conservative,
                         oracle=oracle)
+    # The certificate trusts each trained policy to be optimal at its weight; say where the pool
+    # itself already contradicts that (another candidate is better there).
+    check = cov.oracle_check(W, R, SE, oracle)
 
     lattice = gridlib.simplex_lattice(cfg.d, c.test_lattice)
     users = gridlib.dirichlet_users(cfg.d, c.test_users, cfg.seed)
@@ -467,6 +470,7 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
                                      "worst_slack": float(noisy.worst_slack),
                                      "max_eps": float(noisy.max_eps),
                                      "max_delta": float(noisy.max_delta)},
+        "oracle_check": check.to_dict(),
         "coverage": summary,
         # The trained pool, all oracle rows: what the router needs for the per-weight bound.
         "oracle": {"keys": [m.key for m in trained], "weights": W[oracle].tolist(),
@@ -482,6 +486,8 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         "conservative_certified": bool(noisy.certified),
         "conservative_max_eps": float(noisy.max_eps),
         "conservative_max_delta": float(noisy.max_delta),
+        "oracle_rows_beaten": check.n_beaten,
+        "oracle_max_shortfall": float(check.shortfall.max()),
         **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
     }
     _write_json(lay.metrics / "coverage.json", metrics)
@@ -497,6 +503,10 @@ def coverage_stage(cfg: PalmConfig, root: Path) -> dict:
         f"({int((~oracle[members]).sum())} soups in it), "
         f"{'CERTIFIED' if cert.certified else 'NOT certified'} at eps={c.eps}, delta={c.delta} "
         f"(max eps {cert.max_eps:.4f}, max delta {cert.max_delta:.4f}, relative to the oracle)")
+    if check.n_beaten:
+        say(f"coverage: warning: {check.n_beaten} of {len(trained)} trained policies are beaten at their "
+            f"own weight by another candidate (worst by {check.shortfall.max():.4f}): the alignment "
+            f"oracle assumption behind the certificate does not hold there (portfolio.json oracle_check)")
     return metrics
 
 

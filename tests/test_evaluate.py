@@ -81,6 +81,15 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     assert "k = 1" in lines[0] and "uniform grid" in lines[0] and "beaten by uniform grid" in lines[0]
     assert "k = 2" in lines[1] and "not beaten" in lines[1]
     md = E.render_report(out, ["g.png"])
+    assert "Alignment-oracle check" not in md  # no check in out: nothing said
+    beaten = {"checked": 4, "beaten": 2, "beaten_beyond_2_se": 1, "max_shortfall": 0.2, "mean_shortfall": 0.06,
+              "worst": {"weights": [0.0, 0.5, 0.5], "shortfall": 0.2, "z": 3.0},
+              "worst_beaten_by_weights": [0.5, 0.0, 0.5]}
+    text = " ".join(E.oracle_reading({**out, "oracle_check": beaten}))
+    assert "2 of the 4 trained policies are beaten" in text and "(1 by more than two" in text
+    assert "(0.00, 0.50, 0.50) against the one at (0.50, 0.00, 0.50)" in text
+    text = " ".join(E.oracle_reading({**out, "oracle_check": {**beaten, "beaten": 0}}))
+    assert "none of the 4 trained policies is beaten" in text
     assert "| PALM (lazy + prune) | 1 | 1 | 0.3000 |" in md and "0.1500 ± 0.0100" in md
     assert "0.01-0.02" in md and "Rewarded Soups: left out: not here" in md
     assert E.plot_rows(out) == [{"k": 1, "palm_lazy": 0.3, "uniform": 0.2, "palm_lazy_mean": 0.15,
@@ -159,6 +168,12 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert scored and all(r["rewards"]["correctness"] in (0.0, 1.0) for r in scored)
     assert out["results"]["oracle"]["all"]["max_multiplicative_gap"] == 0.0
     assert out["results"]["oracle"]["all"]["max_additive_gap"] == 0.0
+    # the alignment-oracle check covers the trained policies (not the soup), against the whole pool
+    oc = out["oracle_check"]
+    assert oc["checked"] == len(dirs) and 0 <= oc["beaten"] <= oc["checked"]
+    at_own = [members[k].weights @ R.T for k in keys if k != soup_key]
+    own = [members[k].weights @ members[k].values for k in keys if k != soup_key]
+    assert oc["max_shortfall"] == pytest.approx(max(a.max() - o for a, o in zip(at_own, own)))
 
     # files: DVC metrics and plots, the report with its pictures, an MLflow run
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())

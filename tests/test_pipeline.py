@@ -88,6 +88,13 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert {"certified", "worst_weight", "worst_slack", "max_eps", "max_delta", "relative_to"} <= set(cert)
     coverage = json.loads((root / "metrics" / "coverage.json").read_text())
     assert coverage["portfolio_size"] == len(portfolio["members"])
+    # the alignment-oracle check: every trained member at its own weight against every candidate
+    trained = [members[k] for k in align["pool"]]
+    everyone = np.array([m.values for m in members.values()])
+    shortfall = max((m.weights @ everyone.T).max() - m.weights @ m.values for m in trained)
+    assert portfolio["oracle_check"]["checked"] == len(trained)
+    assert coverage["oracle_max_shortfall"] == pytest.approx(max(shortfall, 0.0))
+    assert coverage["oracle_rows_beaten"] == portfolio["oracle_check"]["beaten"]
 
     # register: one registered version per member, tagged with weights and values; production
     cfg = load_config(params)
