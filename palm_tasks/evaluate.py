@@ -444,7 +444,12 @@ def reading(out: dict) -> list[str]:
         winners = [LABELS[m] for m, v in at_k.items() if v <= best + 1e-12]
         line = f"- k = {k}: lowest worst-case multiplicative gap {best:.4f} by {', '.join(winners)}"
         if "palm_lazy" in at_k:
-            beaten = [LABELS[m] for m in rivals if m in at_k and at_k[m] < at_k["palm_lazy"] - 1e-12]
+            beaten = []
+            for m in rivals:
+                if m in at_k and at_k[m] < at_k["palm_lazy"] - 1e-12:
+                    se = res[m][str(k)].get("max_multiplicative_gap_seed_se")  # random: over seeds
+                    close = se and at_k["palm_lazy"] - at_k[m] < se
+                    beaten.append(LABELS[m] + (" (by less than its se over seeds)" if close else ""))
             size = res["palm_lazy"][str(k)]["size"]
             line += (f"; PALM lazy ({size} policies) {at_k['palm_lazy']:.4f}"
                      + (f", beaten by {', '.join(beaten)}" if beaten else ", not beaten by a baseline"))

@@ -80,6 +80,11 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     lines = E.reading(out)
     assert "k = 1" in lines[0] and "uniform grid" in lines[0] and "beaten by uniform grid" in lines[0]
     assert "k = 2" in lines[1] and "not beaten" in lines[1]
+    seeds = {"1": {**row(0.25, 1), "max_multiplicative_gap_seed_se": 0.1},
+             "2": {**row(0.05, 2), "max_multiplicative_gap_seed_se": 0.01}}
+    lines = E.reading({**out, "methods": ["palm_lazy", "random"], "results": {**out["results"], "random": seeds}})
+    assert "beaten by random (by less than its se over seeds)" in lines[0]
+    assert lines[1].endswith("beaten by random.")
     md = E.render_report(out, ["g.png"])
     assert "Alignment-oracle check" not in md  # no check in out: nothing said
     beaten = {"checked": 4, "beaten": 2, "beaten_beyond_2_se": 1, "max_shortfall": 0.2, "mean_shortfall": 0.06,
