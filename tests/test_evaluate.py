@@ -93,6 +93,9 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     text = " ".join(E.oracle_reading({**out, "oracle_check": beaten}))
     assert "2 of the 4 trained policies are beaten" in text and "(1 by more than two" in text
     assert "(0.00, 0.50, 0.50) against the one at (0.50, 0.00, 0.50)" in text
+    assert "contradicts the assumption" in text
+    text = " ".join(E.oracle_reading({**out, "oracle_check": {**beaten, "beaten_beyond_2_se": 0}}))
+    assert "within evaluation noise" in text
     text = " ".join(E.oracle_reading({**out, "oracle_check": {**beaten, "beaten": 0}}))
     assert "none of the 4 trained policies is beaten" in text
     assert "| PALM (lazy + prune) | 1 | 1 | 0.3000 |" in md and "0.1500 ± 0.0100" in md
