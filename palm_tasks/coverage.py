@@ -497,6 +497,9 @@ def lazy_search(oracle, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_
 
 # ----------------------------------------------------------------------------- oracle check
 
+Z_SIGNIFICANT = 2.0  # a shortfall beyond this many standard errors is not evaluation noise
+
+
 @dataclass(frozen=True)
 class OracleCheck:
     """How far the pool contradicts the alignment oracle assumption behind the certificate.
@@ -507,35 +510,37 @@ class OracleCheck:
     certificate promises more than the policies deliver; `z` says how many standard errors of the
     difference (rewards independent across traits and rows, an approximation) the shortfall is.
     """
-    weights: np.ndarray  # (n_oracle, d) training weights of the checked rows
+    rows: np.ndarray  # (n_oracle,) pool row index of each checked row
+    weights: np.ndarray  # (n_oracle, d) their training weights
     shortfall: np.ndarray  # (n_oracle,) best value at w_j in the pool minus row j's own
     z: np.ndarray  # (n_oracle,) shortfall / se of the difference (inf when the se is 0)
     beaten_by: np.ndarray  # (n_oracle,) pool row index of the best row at w_j (itself if unbeaten)
-    rows: np.ndarray  # (n_oracle,) pool row index of each checked row
+    beaten_by_weights: np.ndarray  # (n_oracle, d) that row's weights
 
     @property
     def n_beaten(self) -> int:
         return int((self.shortfall > TOL).sum())
 
-    def to_dict(self, z_significant: float = 2.0) -> dict:
-        worst = int(np.argmax(self.shortfall)) if len(self.shortfall) else None
+    def to_dict(self) -> dict:
+        beaten = self.shortfall > TOL
         out = {"checked": int(len(self.shortfall)), "beaten": self.n_beaten,
-               f"beaten_beyond_{z_significant:g}_se": int(((self.shortfall > TOL)
-                                                           & (self.z >= z_significant)).sum()),
-               "max_shortfall": float(self.shortfall.max()) if len(self.shortfall) else 0.0,
-               "mean_shortfall": float(self.shortfall.mean()) if len(self.shortfall) else 0.0,
+               "beaten_beyond_2_se": int((beaten & (self.z >= Z_SIGNIFICANT)).sum()),
+               "max_shortfall": float(self.shortfall.max(initial=0.0)),
+               "mean_shortfall": float(self.shortfall.mean()) if beaten.size else 0.0,
                "assumption": "each oracle row is optimal at its own training weight"}
-        if worst is not None and self.shortfall[worst] > TOL:
-            out["worst"] = {"row": int(self.rows[worst]), "weights": self.weights[worst].round(6).tolist(),
-                            "shortfall": float(self.shortfall[worst]),
-                            "z": float(min(self.z[worst], 1e9)),
-                            "beaten_by_row": int(self.beaten_by[worst])}
+        if beaten.any():
+            i = int(np.argmax(self.shortfall))
+            out["worst"] = {"row": int(self.rows[i]), "weights": self.weights[i].round(6).tolist(),
+                            "shortfall": float(self.shortfall[i]), "z": float(min(self.z[i], 1e9)),
+                            "beaten_by_row": int(self.beaten_by[i]),
+                            "beaten_by_weights": self.beaten_by_weights[i].round(6).tolist()}
         return out
 
 
 def oracle_check(train_weights, values, std_errors=None, oracle=None) -> OracleCheck:
     """Check each oracle row j against every row of the pool at its own weight w_j (any row,
     soups included, may beat it; only oracle rows are checked, as only they bound OPT)."""
+    # _problem validates weights, values, std_errors and the mask; the tolerances are not used here
     W, R, SE, _, mask, _, _, _ = _problem(train_weights, values, 0.5, 0.0, None, std_errors, 0.0, oracle)
     rows = np.flatnonzero(mask)
     at_own = W[rows] @ R.T  # (n_oracle, n): every row's value at each oracle row's weight
@@ -546,7 +551,8 @@ def oracle_check(train_weights, values, std_errors=None, oracle=None) -> OracleC
     se = np.sqrt(((W[rows] ** 2) * (SE[rows] ** 2 + SE[beaten_by] ** 2)).sum(axis=1))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(shortfall > TOL, np.where(se > 0, shortfall / se, np.inf), 0.0)
-    return OracleCheck(weights=W[rows], shortfall=shortfall, z=z, beaten_by=beaten_by, rows=rows)
+    return OracleCheck(rows=rows, weights=W[rows], shortfall=shortfall, z=z, beaten_by=beaten_by,
+                       beaten_by_weights=W[beaten_by])
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -306,9 +306,7 @@ def evaluate_stage(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None)
                          "relative_to": "the best of the reference pool (every policy of every method) "
                                         "per test weight; max over lattice and users, means over users"},
         "selection_weights": int(len(selection)),
-        "oracle_check": {**check.to_dict(), **({"worst_beaten_by_weights": [
-            round(float(x), 6) for x in ref[int(check.beaten_by[check.shortfall.argmax()])].weights]}
-            if check.n_beaten else {})},
+        "oracle_check": check.to_dict(),
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
@@ -467,12 +465,12 @@ def oracle_reading(out: dict) -> list[str]:
                 f"own training weight by another policy of the pool, as the certificate assumes."]
     worst = oc["worst"]
     fmt = lambda w: "(" + ", ".join(f"{x:.2f}" for x in w) + ")"  # noqa: E731
-    significant = next(v for k, v in oc.items() if k.startswith("beaten_beyond_"))
+    significant = oc["beaten_beyond_2_se"]
     return [f"Alignment-oracle check: {oc['beaten']} of the {oc['checked']} trained policies are beaten "
             f"at their own training weight by another policy of the pool ({significant} by more than two "
             f"standard errors); the largest shortfall is {worst['shortfall']:.4f} ({worst['z']:.1f} se), "
             f"the policy trained at {fmt(worst['weights'])} against the one at "
-            f"{fmt(out['oracle_check'].get('worst_beaten_by_weights', []))} (mean shortfall "
+            f"{fmt(worst['beaten_by_weights'])} (mean shortfall "
             f"{oc['mean_shortfall']:.4f}). "
             + ("Every shortfall beyond two standard errors contradicts the assumption PALM's certificate "
                "and lazy search rest on (each trained policy optimal at its weight): the certificate holds "

@@ -88,8 +88,8 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     md = E.render_report(out, ["g.png"])
     assert "Alignment-oracle check" not in md  # no check in out: nothing said
     beaten = {"checked": 4, "beaten": 2, "beaten_beyond_2_se": 1, "max_shortfall": 0.2, "mean_shortfall": 0.06,
-              "worst": {"weights": [0.0, 0.5, 0.5], "shortfall": 0.2, "z": 3.0},
-              "worst_beaten_by_weights": [0.5, 0.0, 0.5]}
+              "worst": {"weights": [0.0, 0.5, 0.5], "shortfall": 0.2, "z": 3.0,
+                        "beaten_by_weights": [0.5, 0.0, 0.5]}}
     text = " ".join(E.oracle_reading({**out, "oracle_check": beaten}))
     assert "2 of the 4 trained policies are beaten" in text and "(1 by more than two" in text
     assert "(0.00, 0.50, 0.50) against the one at (0.50, 0.00, 0.50)" in text
