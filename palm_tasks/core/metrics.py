@@ -1,0 +1,242 @@
+"""Metrics of a portfolio (docs/theory.md sections 7 and 9): gaps, usage, output diversity, oracle check.
+
+Gaps are relative to a reference pool (OPT_est(w) = best value of the pool at w) on a set of test
+weights; usage routes users with the one routing rule (routing.py); the oracle check tests the
+alignment-oracle assumption behind the certificate's upper bound (section 9).
+"""
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+from palm_tasks.core.certificate import TOL, check_problem
+from palm_tasks.core.routing import usage_shares
+from palm_tasks.core.simplex import check_weights, farthest_points
+
+
+# ----------------------------------------------------------------------------- gaps
+
+@dataclass(frozen=True)
+class Gaps:
+    """Per test weight: multiplicative 1 - P/OPT_est and additive OPT_est - P (docs/theory.md section 7).
+
+    Relative to the reference pool (OPT_est = best of all values) and the test weights.
+    """
+    multiplicative: np.ndarray
+    additive: np.ndarray
+
+    @property
+    def max_multiplicative(self):
+        return float(self.multiplicative.max())
+
+    @property
+    def mean_multiplicative(self):
+        return float(self.multiplicative.mean())
+
+    @property
+    def max_additive(self):
+        return float(self.additive.max())
+
+    @property
+    def mean_additive(self):
+        return float(self.additive.mean())
+
+    def to_dict(self):
+        return {"max_multiplicative": self.max_multiplicative,
+                "mean_multiplicative": self.mean_multiplicative,
+                "max_additive": self.max_additive, "mean_additive": self.mean_additive,
+                "n_test_weights": int(len(self.additive)),
+                "relative_to": "the reference pool (best of all values) on these test weights"}
+
+
+def _best(test_weights, values, chunk=262_144):
+    """max_j w . values_j for each test weight, in chunks to bound memory."""
+    out = np.empty(len(test_weights))
+    for s in range(0, len(test_weights), chunk):
+        out[s:s + chunk] = (test_weights[s:s + chunk] @ values.T).max(axis=1)
+    return out
+
+
+def gaps(values, members, test_weights):
+    """Gaps of the portfolio values[members] against the best of all values, per test weight."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or not np.isfinite(values).all():
+        raise ValueError(f"values must be a finite (n, d) array, got shape {values.shape}")
+    T = check_weights(np.atleast_2d(test_weights), values.shape[1])
+    members = np.unique(np.asarray(members, dtype=int))
+    if members.size == 0 or members.min() < 0 or members.max() >= len(values):
+        raise ValueError(f"members must be non-empty row indices of values, got {members.tolist()}")
+    P = _best(T, values[members])
+    others = np.setdiff1d(np.arange(len(values)), members)
+    opt = np.maximum(P, _best(T, values[others])) if others.size else P
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mult = np.where(opt > 0, 1.0 - P / opt, 0.0)
+    return Gaps(multiplicative=mult, additive=opt - P)
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error std(ddof=1) / sqrt(n) (0 for a single value)."""
+    xs = np.asarray(xs, float)
+    return float(xs.mean()), float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
+
+
+def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndarray,
+                users: np.ndarray) -> dict:
+    """Gaps of ref_values[members] against the best of ref_values: max over lattice and users,
+    mean over the users with its standard error (the users are a sample)."""
+    g_all = gaps(ref_values, members, np.vstack([lattice, users]))
+    g_users = gaps(ref_values, members, users)
+    mult_mean, mult_se = mean_se(g_users.multiplicative)
+    add_mean, add_se = mean_se(g_users.additive)
+    return {"max_multiplicative_gap": g_all.max_multiplicative,
+            "max_additive_gap": g_all.max_additive,
+            "mean_multiplicative_gap": mult_mean,
+            "mean_multiplicative_gap_se": mult_se,
+            "mean_additive_gap": add_mean,
+            "mean_additive_gap_se": add_se}
+
+
+def greedy_order(values: np.ndarray, k: int, selection_weights: np.ndarray) -> list[int]:
+    """The first k rows of `values` (fewer if there are fewer) in the order greedy forward
+    selection adds them: each step adds the row that most lowers the (worst, mean) multiplicative
+    gap on the selection weights against the best of all rows; ties go to the lower index. The
+    best portfolio of size j <= k is the first j of them (PALM's pruning with a size limit)."""
+    R = np.asarray(values, float)
+    chosen: list[int] = []
+    while len(chosen) < min(k, len(R)):
+        scored = []
+        for j in range(len(R)):
+            if j not in chosen:
+                g = gaps(R, chosen + [j], selection_weights)
+                scored.append((round(g.max_multiplicative, 12), round(g.mean_multiplicative, 12), j))
+        chosen.append(min(scored)[2])
+    return chosen
+
+
+def best_subset(values: np.ndarray, k: int, selection_weights: np.ndarray) -> list[int]:
+    """The greedy best k rows of `values` (greedy_order), sorted."""
+    return sorted(greedy_order(values, k, selection_weights))
+
+
+def spread_subset(points: np.ndarray, k: int) -> np.ndarray:
+    """k rows of points spread by farthest-point sampling, starting from the extremes present."""
+    points = np.asarray(points, float)
+    if len(points) <= k:
+        return points
+    d = points.shape[1]
+    chosen = [i for e in np.eye(d) for i in np.flatnonzero(np.all(np.isclose(points, e), axis=1))[:1]][:k]
+    return points[farthest_points(points, chosen or [0], k)]
+
+
+# ----------------------------------------------------------------------------- usage and diversity
+
+def usage_perplexity(values, members, users, std_errors=None, z=0.0):
+    """exp(entropy) of the members users are routed to (routing.route: the best w . (R - z se)
+    among values[members], ties to the first member)."""
+    values = np.asarray(values, dtype=float)
+    U = check_weights(np.atleast_2d(users), values.shape[1])
+    members = np.asarray(members, dtype=int)
+    se = None if std_errors is None else np.asarray(std_errors, dtype=float)[members]
+    p = usage_shares(U, values[members], se, z)
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def perplexity_with_se(values: np.ndarray, members: Sequence[int], users: np.ndarray,
+                       bootstrap: int, seed: int) -> tuple[float, float]:
+    """Usage perplexity over the users and its bootstrap standard error (0 if bootstrap < 2)."""
+    members = np.asarray(members, int)
+    p = usage_perplexity(values, members, users)
+    if bootstrap < 2:
+        return p, 0.0
+    rng = np.random.default_rng(seed)
+    draws = [usage_perplexity(values, members, users[rng.integers(0, len(users), len(users))])
+             for _ in range(bootstrap)]
+    return p, float(np.std(draws, ddof=1))
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over the texts (lowercased whitespace tokens); 0 if none."""
+    grams = [tuple(tokens[i:i + n]) for t in texts for tokens in [t.lower().split()]
+             for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def embedding_dispersion(embeddings: np.ndarray) -> float:
+    """Mean pairwise cosine distance between members' responses to the same prompt.
+
+    embeddings: (members, prompts, dim), unit norm. Averaged over member pairs and prompts;
+    one member -> 0.
+    """
+    E = np.asarray(embeddings, dtype=float)
+    if E.ndim != 3:
+        raise ValueError(f"embeddings must have shape (members, prompts, dim), got {E.shape}")
+    pairs = list(combinations(range(len(E)), 2))
+    if not pairs:
+        return 0.0
+    # clipped at 0: identical responses give 1 - cos = -1e-8 in floating point
+    return float(np.mean([np.clip(1.0 - np.sum(E[a] * E[b], axis=1), 0.0, 2.0) for a, b in pairs]))
+
+
+# ----------------------------------------------------------------------------- oracle check
+
+@dataclass(frozen=True)
+class OracleCheck:
+    """How far the pool contradicts the alignment oracle assumption behind the certificate.
+
+    The certificate's U(w) trusts every oracle row j to be optimal at its own weight w_j. Any row k
+    of the pool with w_j . R_k > w_j . R_j proves that row j was not, by shortfall_j = the
+    difference (0 where nothing beats it). A large shortfall means U can sit below OPT, so the
+    certificate promises more than the policies deliver; `z` says how many standard errors of the
+    difference (rewards independent across traits and rows, an approximation) the shortfall is.
+    A shortfall of at least z_significant standard errors (default 2) is not evaluation noise.
+    """
+    rows: np.ndarray  # (n_oracle,) pool row index of each checked row
+    weights: np.ndarray  # (n_oracle, d) their training weights
+    shortfall: np.ndarray  # (n_oracle,) best value at w_j in the pool minus row j's own
+    z: np.ndarray  # (n_oracle,) shortfall / se of the difference (inf when the se is 0)
+    beaten_by: np.ndarray  # (n_oracle,) pool row index of the best row at w_j (itself if unbeaten)
+    beaten_by_weights: np.ndarray  # (n_oracle, d) that row's weights
+    z_significant: float = 2.0  # standard errors beyond which a shortfall counts as significant
+
+    @property
+    def n_beaten(self) -> int:
+        return int((self.shortfall > TOL).sum())
+
+    def to_dict(self, z_significant=None) -> dict:
+        """The summary; "beaten_beyond_2_se" counts the rows beaten by at least z_significant
+        standard errors (default: the check's own, 2.0; the key keeps its name)."""
+        z_significant = self.z_significant if z_significant is None else float(z_significant)
+        beaten = self.shortfall > TOL
+        out = {"checked": int(len(self.shortfall)), "beaten": self.n_beaten,
+               "beaten_beyond_2_se": int((beaten & (self.z >= z_significant)).sum()),
+               "max_shortfall": float(self.shortfall.max(initial=0.0)),
+               "mean_shortfall": float(self.shortfall.mean()) if beaten.size else 0.0,
+               "assumption": "each oracle row is optimal at its own training weight"}
+        if beaten.any():
+            i = int(np.argmax(self.shortfall))
+            out["worst"] = {"row": int(self.rows[i]), "weights": self.weights[i].round(6).tolist(),
+                            "shortfall": float(self.shortfall[i]), "z": float(min(self.z[i], 1e9)),
+                            "beaten_by_row": int(self.beaten_by[i]),
+                            "beaten_by_weights": self.beaten_by_weights[i].round(6).tolist()}
+        return out
+
+
+def oracle_check(train_weights, values, std_errors=None, oracle=None, z_significant=2.0) -> OracleCheck:
+    """Check each oracle row j against every row of the pool at its own weight w_j (any row,
+    soups included, may beat it; only oracle rows are checked, as only they bound OPT).
+    z_significant (default 2.0) is stored in the check and used by its to_dict()."""
+    # check_problem validates weights, values, std_errors and the mask; the tolerances are not used
+    W, R, SE, _, mask, _, _, _ = check_problem(train_weights, values, 0.5, 0.0, None, std_errors, 0.0, oracle)
+    rows = np.flatnonzero(mask)
+    at_own = W[rows] @ R.T  # (n_oracle, n): every row's value at each oracle row's weight
+    best = at_own.argmax(axis=1)
+    own = at_own[np.arange(len(rows)), rows]
+    shortfall = np.maximum(at_own[np.arange(len(rows)), best] - own, 0.0)
+    beaten_by = np.where(shortfall > TOL, best, rows)
+    se = np.sqrt(((W[rows] ** 2) * (SE[rows] ** 2 + SE[beaten_by] ** 2)).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(shortfall > TOL, np.where(se > 0, shortfall / se, np.inf), 0.0)
+    return OracleCheck(rows=rows, weights=W[rows], shortfall=shortfall, z=z, beaten_by=beaten_by,
+                       beaten_by_weights=W[beaten_by], z_significant=float(z_significant))

@@ -1,0 +1,80 @@
+"""The one routing rule: which portfolio member serves a user (docs/theory.md sections 4, 6, 7).
+
+A user with weights w is served by the member with the largest pessimistic value
+w . (R - z se), ties to the first member. That member attains the certificate's lower bound
+L_S(w) at w (section 4, with the noise margin of section 6), so a user gets what the certificate
+counted. The router, the registered MLflow pyfunc, the `share` of users in portfolio.json, the
+server and the usage perplexity of section 7 all route with `route` / `usage_shares`.
+
+What is promised at w: value L(w) >= (1 - eps_w) OPT(w) - delta, with OPT(w) <= U(w)
+(`GuaranteeBound`, the certificate's upper bound) and eps_w = eps_at(L(w), U(w), delta), never
+above the certificate's max_eps. `pessimistic` and `eps_at` are the certificate's own formulas
+(certificate.py), so routing and certificate cannot drift apart.
+"""
+import numpy as np
+
+from palm_tasks.core.certificate import (UpperBound, check_values, check_z, eps_at, oracle_constraints,
+                                         pessimistic)
+
+__all__ = ["pessimistic", "normalize", "route", "usage_shares", "GuaranteeBound", "eps_at"]
+
+
+def normalize(weights):
+    """Weights (d,) or rows (n, d) divided by their sums: the point of the simplex a user means.
+    Every caller normalizes through here, so the same input reaches `route` as the same floats
+    (a tie between members is then broken the same way everywhere)."""
+    w = np.asarray(weights, dtype=float)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def route(weights, values, std_errors=None, z=0.0):
+    """The serving member's index (into the rows of values): an int for one weight vector (d,),
+    an int array for rows (n, d). The member with the largest w . (R - z se); ties to the first.
+
+    Only the direction of w matters (argmax is scale invariant); weights are not checked to lie
+    on the simplex here (the caller parses and validates what users send).
+    """
+    P = pessimistic(values, std_errors, z)
+    w = np.asarray(weights, dtype=float)
+    if P.ndim != 2 or len(P) == 0 or w.ndim not in (1, 2) or w.shape[-1] != P.shape[1]:
+        raise ValueError(f"route needs values (members, d) with members >= 1 and weights (d,) or "
+                         f"(n, d); got values {P.shape}, weights {w.shape}")
+    # Products and sums element by element, not a matrix product: BLAS picks other kernels (and
+    # another rounding) for one row than for many, which would break exact ties differently.
+    scores = (np.atleast_2d(w)[:, None, :] * P[None, :, :]).sum(axis=2)
+    best = np.argmax(scores, axis=1)
+    return int(best[0]) if w.ndim == 1 else best
+
+
+def usage_shares(users, values, std_errors=None, z=0.0):
+    """Fraction of the users (rows of weights) that `route` sends to each member, in member order."""
+    U = np.atleast_2d(np.asarray(users, dtype=float))
+    if len(U) == 0:
+        raise ValueError("usage_shares needs at least one user")
+    choice = route(U, values, std_errors, z)
+    return np.bincount(choice, minlength=len(values)) / len(U)
+
+
+class GuaranteeBound:
+    """U(w) >= OPT(w) at any weight w (docs/theory.md section 4): the certificate's upper bound
+    from oracle rows (policies trained for their weights W), with V_j = max_k w_j . (R_k + z se_k)
+    over the candidates k (section 6): the oracle rows themselves unless `candidate_values` (and
+    their standard errors) name all of them, soups included, as the certificate does. Vertices
+    are found once; a call is an argmax and a small NNLS.
+    """
+
+    def __init__(self, oracle_weights, oracle_values, oracle_std_errors=None, z=0.0,
+                 candidate_values=None, candidate_std_errors=None):
+        W = np.atleast_2d(np.asarray(oracle_weights, dtype=float))
+        R = check_values(np.atleast_2d(oracle_values), *W.shape, "oracle_values")
+        if oracle_std_errors is not None:
+            R = R + check_z(z) * check_values(np.atleast_2d(oracle_std_errors), *W.shape, "oracle_std_errors")
+        if candidate_values is not None:
+            C = np.atleast_2d(np.asarray(candidate_values, dtype=float))
+            if candidate_std_errors is not None:
+                C = C + check_z(z) * np.atleast_2d(np.asarray(candidate_std_errors, dtype=float))
+            R = np.vstack([R, C])
+        self.upper_bound = UpperBound(*oracle_constraints(W, R))
+
+    def __call__(self, w) -> float:
+        return self.upper_bound(np.asarray(w, dtype=float))
