@@ -4,7 +4,7 @@ benchmarks/results/align.json.
 Run from the repository root:  python benchmarks/align_bench.py [--models tiny smollm2] [--reps 3]
 
 Both sides train the same base model on the same prompts with the same rewards, weights, steps,
-GRPO and LoRA settings, and save the adapter. The pipeline side is `palm_tasks.stages.run_job`
+GRPO and LoRA settings, and save the adapter. The pipeline side is `palm_tasks.jobs.run_job`
 (job key, MLflow run with per-step curves, atomic write with checksums, and the value-vector
 evaluation a plain script does not do: timed apart). Each measurement is a fresh process (the
 peak resident memory, ru_maxrss, is per process), the two sides alternate, and the median of
@@ -42,9 +42,9 @@ def prepare(model: str, workdir: Path) -> Path:
     """A project for `model` whose rewards stage has run (done once, then reused)."""
     import yaml
 
-    from palm_tasks import stages
-    from palm_tasks.base_model import build_tiny_model
     from palm_tasks.config import load_config
+    from palm_tasks.llm.base_model import build_tiny_model
+    from palm_tasks.stages import STAGES
 
     root = workdir / model
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -53,7 +53,7 @@ def prepare(model: str, workdir: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (root / "metrics" / "rewards.json").is_file():
-        stages.rewards_stage(load_config(root / "params.yaml"), root)
+        STAGES["rewards"].run(load_config(root / "params.yaml"), root)
     return root
 
 
@@ -76,14 +76,15 @@ def first_job_config(cfg):
 
 
 def one_pipeline(root: Path) -> dict:
-    """Alignment jobs as the pipeline runs them (palm_tasks.stages.run_job)."""
+    """Alignment jobs as the pipeline runs them (palm_tasks.jobs.run_job)."""
     import mlflow
     import trl  # noqa: F401  (both sides import the libraries before the clock starts)
 
-    from palm_tasks import align, stages
     from palm_tasks.config import load_config
+    from palm_tasks.jobs import Job, JobContext, run_job
+    from palm_tasks.llm import value
 
-    evaluate, evals = align.evaluate, []
+    evaluate, evals = value.evaluate, []
 
     def timed_evaluate(*args, **kwargs):
         t, c = time.perf_counter(), time.process_time()
@@ -91,22 +92,22 @@ def one_pipeline(root: Path) -> dict:
         evals.append((time.perf_counter() - t, time.process_time() - c))
         return out
 
-    align.evaluate = timed_evaluate
+    value.evaluate = timed_evaluate
 
     def job(cfg) -> dict:
-        key = stages.JobFactory(cfg, root).spec(WEIGHTS).key
+        key = JobContext(cfg, root).spec(WEIGHTS).key
         shutil.rmtree(root / "models" / "members" / key, ignore_errors=True)  # so it trains again
         evals.clear()
         t, c = time.perf_counter(), time.process_time()
-        member = stages.run_job(cfg, root, WEIGHTS)
+        policy = run_job(cfg, root, Job.train(WEIGHTS))
         wall, cpu = time.perf_counter() - t, time.process_time() - c
-        history = mlflow.MlflowClient().get_metric_history(member.info["mlflow_run_id"],
+        history = mlflow.MlflowClient().get_metric_history(policy.training["mlflow_run_id"],
                                                            "completions.mean_length")
         tokens = completion_tokens([{"completions/mean_length": m.value} for m in history],
                                    cfg.training.batch_size)
-        return {"wall_s": wall, "cpu_s": cpu, "train_phase_s": member.info["train_seconds"],
+        return {"wall_s": wall, "cpu_s": cpu, "train_phase_s": policy.training["train_seconds"],
                 "eval_s": evals[0][0], "eval_cpu_s": evals[0][1], "completion_tokens": tokens,
-                "device": member.info["device"]}
+                "device": policy.training["device"]}
 
     cfg = load_config(root / "params.yaml")
     first = job(first_job_config(cfg))
@@ -121,10 +122,10 @@ def one_plain(root: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from palm_tasks.base_model import resolve_base_model
+    from palm_tasks.llm.base_model import resolve_base_model
     from palm_tasks.config import load_config
-    from palm_tasks.prompts import read_prompts
-    from palm_tasks.rewards import build_rewards
+    from palm_tasks.llm.prompts import read_prompts
+    from palm_tasks.llm.rewards import build_rewards
 
     cfg = load_config(root / "params.yaml")
     base = resolve_base_model(root / "models" / "base")  # the converted SmolLM2, or the tiny model's dir
@@ -236,7 +237,7 @@ def bench(model: str, reps: int, workdir: Path) -> dict:
 
 def write(results: dict, torch_version: str, trl_version: str) -> None:
     out = {
-        "what": "the pipeline's alignment job (palm_tasks.stages.run_job) vs a plain TRL GRPO script, "
+        "what": "the pipeline's alignment job (palm_tasks.jobs.run_job) vs a plain TRL GRPO script, "
                 "same model, prompts, rewards, weights, steps, GRPO and LoRA settings; medians of "
                 "fresh-process runs, the two sides alternating",
         "measures": {

@@ -3,7 +3,7 @@
 Run from the repository root: python benchmarks/serve_bench.py [--k 4] [--base DIR]
 
 - memory: resident set size (RSS) of a fresh process that loads (a) the base model alone,
-  (b) the base once with k members' adapters as named PEFT adapters (palm_tasks.serve), and
+  (b) the base once with k members' adapters as named PEFT adapters (palm_tasks.serve.server), and
   (c) k members as separate models (k copies of base + adapter in one process); each in its own
   subprocess, measured after loading and one forward pass. The target is (b) <= RSS(a) + k x
   adapter bytes + 10%.
@@ -53,7 +53,7 @@ def measure_memory(mode: str, base: str, adapters: list[str]) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palm_tasks.serve import MemberModels
+    from palm_tasks.serve.server import MemberModels
 
     torch.set_num_threads(1)
     before = rss_bytes()
@@ -117,28 +117,27 @@ def adapter_bytes(path: Path) -> int:
 
 
 def route_latency(k: int, n_calls: int = 20_000) -> dict:
-    from palm_tasks import coverage as cov
-    from palm_tasks import grid as gridlib
-    from palm_tasks.router import Router
+    from palm_tasks.config import parse_config
+    from palm_tasks.core import simplex
+    from palm_tasks.paths import Paths
+    from palm_tasks.schema import Policy, ValueVector
+    from palm_tasks.serve.router import Router
+    from palm_tasks.stages.coverage import build
 
     traits = ["safety", "humor", "brevity"]
     rng = np.random.default_rng(0)
-    W = np.vstack([np.eye(3), gridlib.random_weights(3, 3 * k, 0)])
+    W = np.vstack([np.eye(3), simplex.random_weights(3, 3 * k, 0)])
     R = np.clip(0.2 + 0.6 * W + 0.03 * rng.standard_normal(W.shape), 0, 1)
     SE = np.full_like(R, 0.01)
     scores = (W @ R.T).max(axis=0)
-    members = np.argsort(-scores)[:k]  # any k members: routing cost depends on k only
-    cert = cov.certify(W, R, 0.05, 0.02, members=members, std_errors=SE)
-    portfolio = {
-        "id": "bench", "traits": traits, "eps": 0.05, "delta": 0.02, "z": 0.0,
-        "members": [{"key": f"m{j}", "weights": dict(zip(traits, W[j])),
-                     "values": dict(zip(traits, R[j])), "std_errors": dict(zip(traits, SE[j])),
-                     "share": 0.0} for j in members],
-        "certificate": cert.to_dict(),
-        "oracle": {"weights": W.tolist(), "values": R.tolist(), "std_errors": SE.tolist()},
-    }
+    members = sorted(np.argsort(-scores)[:k])  # any k members: routing cost depends on k only
+    root = Path("/nonexistent/bench")
+    pool = [Policy(key=f"m{j}", kind="trained", traits=tuple(traits), weights=tuple(W[j]),
+                   value=ValueVector(tuple(R[j]), tuple(SE[j]), 8), path=root / "models" / "members" / f"m{j}")
+            for j in range(len(W))]
+    portfolio, *_ = build(parse_config({"coverage": {"test_users": 100}}), Paths(root), pool, [], members=members)
     router = Router(portfolio)
-    users = [dict(zip(traits, u)) for u in gridlib.dirichlet_users(3, n_calls, 1)]
+    users = [dict(zip(traits, u)) for u in simplex.dirichlet_users(3, n_calls, 1)]
     times, cpu = np.empty(n_calls), np.empty(n_calls)
     for i, u in enumerate(users):
         t, c = time.perf_counter(), time.thread_time()
@@ -155,7 +154,7 @@ def route_latency(k: int, n_calls: int = 20_000) -> dict:
 def generation_latency(base: Path, adapters: list[Path], new_tokens: int, reps: int) -> dict:
     import torch
 
-    from palm_tasks.serve import MemberModels
+    from palm_tasks.serve.server import MemberModels
 
     torch.set_num_threads(1)  # one thread: steadier on a shared 2-core machine
     served = MemberModels(base, {f"m{i}": a for i, a in enumerate(adapters)})
@@ -210,7 +209,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
 
-    from palm_tasks.base_model import prepare_base_model, resolve_base_model
+    from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
 
     tmp = Path(tempfile.mkdtemp(prefix="palm-serve-bench-"))
     base_dir = Path(args.base) if args.base else ROOT / "models" / "base"
@@ -248,7 +247,7 @@ def main() -> None:
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
-        "what": "serving a PALM portfolio: one base + k named LoRA adapters (palm_tasks.serve)",
+        "what": "serving a PALM portfolio: one base + k named LoRA adapters (palm_tasks.serve.server)",
         "base_model": "SmolLM2-135M-Instruct (float32, CPU)",
         "adapters": "PEFT LoRA of the training config's shape, not trained (B ~ N(0, 1e-3^2))",
         "memory": memory, "route_latency": route, "generation": gen,

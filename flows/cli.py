@@ -1,6 +1,6 @@
 """The `palm` command: run the pipeline, one stage, or see what exists.
 
-    palm run                 the whole pipeline (one Prefect flow, five stage flows under it)
+    palm run                 the whole pipeline (one Prefect flow, six stage flows under it)
     palm stage NAME          one stage; what each dvc.yaml stage calls
     palm evaluate            PALM against the baselines at equal sizes; reports/evaluation.md
     palm status              members, portfolio, registry, where to look
@@ -31,8 +31,9 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO
     os.environ.setdefault(_var, _value)
 
 from palm_tasks.config import ConfigError, PalmConfig, load_config  # noqa: E402
-from palm_tasks.layout import Layout  # noqa: E402
 from palm_tasks.lock import ProjectLockedError  # noqa: E402
+from palm_tasks.report.console import print_status, print_summary  # noqa: E402
+from palm_tasks.schema import ArtifactError  # noqa: E402
 from palm_tasks.stages import STAGES  # noqa: E402
 
 
@@ -60,23 +61,22 @@ def cmd_stage(args, cfg: PalmConfig) -> int:
     from flows.stages import STAGE_FLOWS
     from palm_tasks.lock import project_lock
 
-    if args.name == "evaluate":
-        return cmd_evaluate(args, cfg)
     with project_lock(Path(args.root), f"palm stage {args.name}", wait=args.wait):
-        STAGE_FLOWS[args.name](args.params, args.root)
+        out = STAGE_FLOWS[args.name](args.params, args.root)
+    if args.name == "evaluate":
+        _evaluated(args, out)
     return 0
 
 
 def cmd_evaluate(args, cfg: PalmConfig) -> int:
-    from flows.evaluate import evaluate_flow
-    from palm_tasks.lock import project_lock
+    args.name = "evaluate"
+    return cmd_stage(args, cfg)
 
-    with project_lock(Path(args.root), "palm evaluate", wait=args.wait):
-        out = evaluate_flow(args.params, args.root)
+
+def _evaluated(args, out: dict) -> None:
     print(f"evaluation of {len(out['methods'])} methods at k = 1..{max(out['ks'])} on a reference pool of "
           f"{out['reference_pool']['size']} policies ({out['seconds']:.0f} s): "
           f"{Path(args.root) / 'reports' / 'evaluation.md'}, metrics/evaluate.json")
-    return 0
 
 
 def cmd_retrain(args, cfg: PalmConfig) -> int:
@@ -105,7 +105,7 @@ def cmd_status(args, cfg: PalmConfig) -> int:
 def _router(args, cfg: PalmConfig):
     """The portfolio to route with: --portfolio PATH, else the registry's --alias version."""
     from palm_tasks.registry import portfolio_model_name
-    from palm_tasks.router import Router
+    from palm_tasks.serve.router import Router
     from palm_tasks.tracking import tracking_uri
 
     if args.portfolio:
@@ -115,7 +115,7 @@ def _router(args, cfg: PalmConfig):
 
 
 def cmd_route(args, cfg: PalmConfig) -> int:
-    from palm_tasks.router import WeightsError, parse_weights
+    from palm_tasks.serve.router import WeightsError, parse_weights
 
     try:
         parse_weights(args.weights, cfg.traits)  # before any loading: bad weights fail fast
@@ -129,8 +129,8 @@ def cmd_route(args, cfg: PalmConfig) -> int:
 
 
 def cmd_generate(args, cfg: PalmConfig) -> int:
-    from palm_tasks.router import WeightsError, parse_weights
-    from palm_tasks.serve import MAX_NEW_TOKENS, MemberModels
+    from palm_tasks.serve.router import WeightsError, parse_weights
+    from palm_tasks.serve.server import MAX_NEW_TOKENS, MemberModels
 
     try:
         parse_weights(args.weights, cfg.traits)
@@ -152,7 +152,7 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
 
 
 def cmd_serve(args, cfg: PalmConfig) -> int:
-    from palm_tasks.serve import load_models, make_server
+    from palm_tasks.serve.server import load_models, make_server
 
     try:
         router = _router(args, cfg)
@@ -164,7 +164,7 @@ def cmd_serve(args, cfg: PalmConfig) -> int:
     except OSError as exc:  # port taken, address not on this machine
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     host, port = server.server_address[:2]
-    print(f"palm serve: portfolio {router.portfolio['id']} ({len(router.members)} members) on "
+    print(f"palm serve: portfolio {router.portfolio.id} ({len(router.members)} members) on "
           f"http://{host}:{port} (GET /health, POST /route, POST /generate); Ctrl-C stops",
           file=sys.stderr, flush=True)
     try:
@@ -174,108 +174,6 @@ def cmd_serve(args, cfg: PalmConfig) -> int:
     finally:
         server.server_close()
     return 0
-
-
-def _table(title: str, columns: list[str]):
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c)
-    return table
-
-
-def _vec(values: dict, se: dict | None = None) -> str:
-    if se is None:
-        return ", ".join(f"{k}={v:.3f}" for k, v in values.items())
-    return ", ".join(f"{k}={v:.3f}±{se[k]:.3f}" for k, v in values.items())
-
-
-def print_summary(cfg: PalmConfig, root: Path) -> None:
-    """The end-of-run summary: members, coverage figures, and how to open the MLflow UI."""
-    from rich.console import Console
-
-    from palm_tasks.tracking import ui_command
-
-    console = Console()
-    lay = Layout(root)
-    portfolio = json.loads(lay.portfolio.read_text())
-    cert, cov = portfolio["certificate"], portfolio["coverage"]
-    table = _table(f"PALM portfolio {portfolio['id']} ({len(portfolio['members'])} members of "
-                   f"{len(portfolio['pool'])} trained)", ["member", "weights", "value ± se", "users served"])
-    for m in portfolio["members"]:
-        table.add_row(m["key"] + (" (soup)" if m.get("kind") == "soup" else ""), _vec(m["weights"]),
-                      _vec(m["values"], m["std_errors"]), f"{m['share']:.1%}")
-    console.print(table)
-    verdict = "[green]CERTIFIED[/]" if cert["certified"] else "[red]NOT certified[/]"
-    console.print(
-        f"Certificate over the whole simplex: {verdict} at eps={portfolio['eps']}, delta="
-        f"{portfolio['delta']} (z={portfolio['z']}); this portfolio is within max eps "
-        f"{cert['max_eps']:.4f} at delta={portfolio['delta']}, or max delta {cert['max_delta']:.4f} "
-        f"at eps={portfolio['eps']}, relative to {cert['relative_to']}."
-    )
-    console.print(
-        f"Gaps on {cov['test_weights']} test weights (relative to the best of the trained pool): "
-        f"multiplicative max {cov['max_multiplicative_gap']:.4f} mean {cov['mean_multiplicative_gap']:.4f}, "
-        f"additive max {cov['max_additive_gap']:.4f} mean {cov['mean_additive_gap']:.4f}; "
-        f"usage perplexity {cov['usage_perplexity']:.2f}."
-    )
-    reg = lay.metrics / "register.json"
-    if reg.is_file():
-        r = json.loads(reg.read_text())
-        console.print(f"Registered: portfolio version {r['portfolio_version']} (alias {r['alias']}).")
-    console.print(f"Open the MLflow UI: [bold]{ui_command(cfg, root)}[/] then http://127.0.0.1:5000")
-
-
-def print_status(cfg: PalmConfig, root: Path) -> None:
-    """What exists under the project: base model, data, members, portfolio, registry."""
-    from rich.console import Console
-
-    from palm_tasks.align import CorruptMemberError, load_member
-    from palm_tasks.tracking import ui_command
-
-    console = Console()
-    lay = Layout(root)
-    base = lay.base / "base.json"
-    console.print(f"base model: {json.loads(base.read_text())['name'] if base.is_file() else 'not prepared'} "
-                  f"({lay.base})")
-    train = lay.prompts / "train.jsonl"
-    console.print(f"prompts: {'prepared' if train.is_file() else 'not prepared'} ({lay.prompts})")
-    rewards_json = lay.metrics / "rewards.json"
-    if rewards_json.is_file():  # how each trait's reward is normalized to [0, 1]
-        for trait, how in json.loads(rewards_json.read_text()).get("normalization", {}).items():
-            console.print(f"reward {trait}: {how}")
-    dirs = sorted(p for p in lay.members.glob("*") if p.is_dir() and not p.name.startswith(".")) \
-        if lay.members.is_dir() else []
-    table = _table(f"members: {len(dirs)} finished alignment jobs in {lay.members}",
-                   ["key", "weights", "value ± se"])
-    for p in dirs:
-        try:
-            m = load_member(p, verify=False)
-            table.add_row(m.key, _vec(dict(zip(m.traits, m.weights))),
-                          _vec(dict(zip(m.traits, m.values)), dict(zip(m.traits, m.std_errors))))
-        except (CorruptMemberError, OSError, ValueError, KeyError) as exc:
-            table.add_row(p.name, "[red]damaged[/]", str(exc))
-    console.print(table)
-    soups = lay.metrics / "soups.json"
-    if soups.is_file():
-        s = json.loads(soups.read_text())
-        console.print(f"soups: {len(s['soups'])} evaluated Rewarded-Soups candidates in {lay.soups}"
-                      + (f" (none: {s['skipped']})" if s["skipped"] else ""))
-    if lay.portfolio.is_file():
-        pf = json.loads(lay.portfolio.read_text())
-        cert = pf["certificate"]
-        console.print(f"portfolio: {pf['id']} with {len(pf['members'])} members "
-                      f"({sum(m.get('kind') == 'soup' for m in pf['members'])} of them soups) "
-                      f"({', '.join(m['key'] for m in pf['members'])}); certified={cert['certified']} "
-                      f"at eps={pf['eps']}, delta={pf['delta']} ({lay.portfolio})")
-    else:
-        console.print("portfolio: none yet (palm stage coverage)")
-    reg = lay.metrics / "register.json"
-    if reg.is_file():
-        r = json.loads(reg.read_text())
-        console.print(f"registry: portfolio version {r['portfolio_version']}, alias {r['alias']}")
-    console.print(f"MLflow UI: {ui_command(cfg, root)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)",
                        description="Run one pipeline stage as its Prefect flow.")
-    p.add_argument("name", choices=STAGES + ("evaluate",), help="the stage: " + ", ".join(STAGES + ("evaluate",)))
+    p.add_argument("name", choices=list(STAGES), help="the stage: " + ", ".join(STAGES))
     _args_common(p)
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("evaluate", help="compare PALM with the baselines at equal sizes; write the report",
@@ -373,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     except ProjectLockedError as exc:
         return _fail(str(exc), 3)
+    except ArtifactError as exc:  # a stage's output is missing or damaged: says which stage to rerun
+        return _fail(str(exc), 1)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         if os.environ.get("PALM_DEBUG"):
             raise

@@ -11,30 +11,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import align_job
-from palm_tasks import retrain
-from palm_tasks.align import load_member
+from flows.jobs import job_runner
+from flows.stages import STAGE_FLOWS
+from palm_tasks import retrain, schema
 from palm_tasks.config import ConfigError, load_config
-from palm_tasks.layout import Layout
 from palm_tasks.lock import project_lock
+from palm_tasks.paths import Paths
+from palm_tasks.tracking import log_retrain_run
 
 DEPLOYMENT = "palm-retrain-weekly"
 DEFAULT_CRON = "0 3 * * 0"  # Sundays at 03:00
 
 
-@flow(name="palm-retrain", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="palm-retrain", log_prints=True)
 def retrain_flow(params: str = "params.yaml", root: str = ".") -> dict:
-    """Refresh data, re-evaluate members, train only where the certificate fails, register."""
-    cfg, lay = load_config(params), Layout(Path(root))
-
-    def run_jobs(weights: list[list[float]]):
-        futures = [align_job.submit(params, root, w) for w in weights]
-        return [load_member(lay.member(f.result())) for f in futures]
-
+    """Refresh data, re-evaluate the pool, train only where the certificate fails, register."""
+    cfg = load_config(params)
     with project_lock(Path(root), "palm retrain"):
-        return retrain.retrain(cfg, Path(root), run_jobs)
+        before = retrain.previous(Path(root))
+        for name in ("rewards", "grid"):
+            STAGE_FLOWS[name](params, root)
+        with job_runner(cfg, params, root) as run_jobs:
+            refresh = retrain.refresh_pool(cfg, Path(root), run_jobs, before)
+        for name in ("soups", "coverage"):
+            STAGE_FLOWS[name](params, root)
+        summary = retrain.summarize(cfg, Path(root), before, refresh)
+        summary["register"] = STAGE_FLOWS["register"](params, root)
+        summary["dvc_commit"] = retrain.dvc_commit(Path(root))
+        summary["mlflow_run_id"] = log_retrain_run(cfg, Path(root), summary)
+        schema.write(Paths(Path(root)).metrics / "retrain.json", summary)
+        return summary
 
 
 def check_cron(cron: str) -> str:

@@ -1,4 +1,4 @@
-"""The Prefect task runner that runs alignment jobs, chosen by params.yaml `runner`.
+"""The Prefect task runner that runs jobs (train, soup, evaluate), chosen by params.yaml `runner`.
 
     threads   Prefect's ThreadPoolTaskRunner in the flow's process (default)
     dask      prefect-dask's DaskTaskRunner: a local cluster of `workers` processes, or `address`
@@ -79,7 +79,7 @@ def local_cluster(n_workers: int, gpus: list[str] | None = None, prefect_api_url
 
 
 def task_runner(cfg: PalmConfig):
-    """A fresh, unstarted Prefect task runner for the align flow's jobs."""
+    """A fresh, unstarted Prefect task runner for a flow's jobs (flows/jobs.py)."""
     r, gpu = cfg.runner, jobs_use_gpu(cfg)
     if r.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner

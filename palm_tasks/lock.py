@@ -11,10 +11,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from palm_tasks.log import say
 
 LOCK_FILE = ".palm.lock"
 
@@ -49,7 +50,7 @@ def project_lock(root: Path, command: str, wait: bool = False, poll_seconds: flo
                         f"{path.name}; wait for it to finish, or pass --wait to queue behind it"
                     ) from None
                 if not announced:
-                    print(f"palm: waiting for {_holder(path)} to release {path}", file=sys.stderr)
+                    say(f"waiting for {_holder(path)} to release {path}")
                     announced = True
                 time.sleep(poll_seconds)
         fh.seek(0)

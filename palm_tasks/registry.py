@@ -1,6 +1,6 @@
-"""Stage 5, register: put the certified portfolio in the MLflow model registry.
+"""The MLflow model registry: what the register stage puts there, and how it is found again.
 
-What a person browsing MLflow finds (the naming scheme, documented in the README):
+What a person browsing MLflow finds (the naming scheme, documented in docs/tracking.md):
 
 - `<prefix>-<task>-member`: one version per portfolio member. The version holds the LoRA
   adapter, logged with the transformers flavor and `base_model_path` (the local base model
@@ -10,7 +10,7 @@ What a person browsing MLflow finds (the naming scheme, documented in the README
   `in_production`; the description says the same in words, with the certificate.
 - `<prefix>-<task>-portfolio`: one version per portfolio: a small pyfunc whose artifact is
   portfolio.json (with each member's registered model URI) and whose `predict` maps a
-  DataFrame of trait weights to the best member by argmax of w . values. Tags: `portfolio_id`,
+  DataFrame of trait weights to a member by the project's one routing rule (core.routing). Tags: `portfolio_id`,
   `certified`, `eps`, `delta`, `members`. Alias `production` = the current certified
   portfolio; an uncertified one gets alias `candidate` and never moves `production`.
 - Runs: `member-<key[:10]>` (only when the member's training run is not in the store; then the
@@ -27,50 +27,67 @@ member directory are read (TRL's `training_args.bin` is never shipped).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+from dataclasses import replace
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-from palm_tasks.base_model import base_info, resolve_base_model
 from palm_tasks.config import PalmConfig
-from palm_tasks.layout import Layout
+from palm_tasks.core import routing
+from palm_tasks.jobs import ADAPTER_DIR, CorruptPolicyError, load_policy
+from palm_tasks.llm.base_model import base_info, resolve_base_model
+from palm_tasks.paths import Paths
+from palm_tasks.schema import Member, Policy, Portfolio
 from palm_tasks.tracking import lineage_tags, setup_mlflow, tracking_uri
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PRODUCTION, CANDIDATE = "production", "candidate"
-SHARE_LATTICE = 30  # step of the simplex lattice a member's share of the simplex is measured on
 
-# The portfolio's pyfunc model, logged as code so that loading it never unpickles anything.
-# It reads only its own artifact (portfolio.json) and needs numpy and pandas.
+# The portfolio's pyfunc model, logged as code so that loading it never unpickles anything. It
+# reads only its own artifact (portfolio.json); its routing rule is palm_tasks.core.routing itself,
+# shipped with the model (code_paths: the pure numpy/scipy core), so it cannot drift from the router's.
 ROUTER_MODEL_SOURCE = '''\
-"""PALM portfolio router: trait weights -> the member with the best w . values."""
+"""PALM portfolio router: trait weights -> the member the project's routing rule chooses."""
 import json
 
 import mlflow
 import numpy as np
 import pandas as pd
 
+from palm_tasks.core.routing import normalize, pessimistic, route
 
 class PortfolioRouter(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         portfolio = json.loads(open(context.artifacts["portfolio"]).read())
         self.traits = portfolio["traits"]
         self.members = portfolio["members"]
+        self.z = float(portfolio.get("z", 0.0))
         self.values = np.array([[m["values"][t] for t in self.traits] for m in self.members])
+        self.std_errors = np.array([[m["std_errors"][t] for t in self.traits] for m in self.members])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        weights = pd.DataFrame(model_input)[self.traits].to_numpy(dtype=float)
-        scores = weights @ self.values.T
-        best = scores.argmax(axis=1)
+        weights = normalize(pd.DataFrame(model_input)[self.traits].to_numpy(dtype=float))
+        best = route(weights, self.values, self.std_errors, self.z)
+        P = pessimistic(self.values, self.std_errors, self.z)[best]
+        value = (weights * P).sum(axis=1)
         return pd.DataFrame({
             "member_key": [self.members[i]["key"] for i in best],
             "model_uri": [self.members[i]["model_uri"] for i in best],
-            "value": scores[np.arange(len(best)), best],
+            "value": value,
         })
 
 
 mlflow.models.set_model(PortfolioRouter())
 '''
+
+
+def _core_package(into: Path) -> Path:
+    """A copy of palm_tasks.core as a package of its own (what the pyfunc model ships)."""
+    package = into / "palm_tasks"
+    shutil.copytree(Path(routing.__file__).parent, package / "core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__init__.py").write_text('"""The portfolio core of PALM, shipped with a portfolio model."""\n')
+    return package
 
 
 class RegistryUnavailableError(RuntimeError):
@@ -93,15 +110,14 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     """
     from mlflow import MlflowClient
 
+    from palm_tasks.schema import load_portfolio
+
     root = Path(root)
-    layout = Layout(root)
-    if not layout.portfolio.is_file():
-        raise FileNotFoundError(f"{layout.portfolio} is missing: run the coverage stage first "
-                                "(palm stage coverage)")
-    portfolio = json.loads(layout.portfolio.read_text())
-    members = {m["key"]: _read_member(layout, m["key"]) for m in portfolio["members"]}
-    base_path = resolve_base_model(layout.base)
-    _check_same_base(members, base_info(layout.base))
+    paths = Paths(root)
+    portfolio = load_portfolio(root)
+    policies = {m.key: _read_policy(paths, m) for m in portfolio.members}
+    base_path = resolve_base_model(paths.base)
+    _check_same_base(portfolio, policies, base_info(paths.base))
 
     uri = cfg.mlflow.tracking_uri
     try:
@@ -114,40 +130,40 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     except Exception as exc:  # sqlite path unwritable, server down, ...
         raise RegistryUnavailableError(
             f"cannot reach the MLflow store {uri} ({type(exc).__name__}: "
-            f"{exc}). Training results are safe on disk ({layout.members}, {layout.portfolio}); "
+            f"{exc}). Training results are safe on disk ({paths.members}, {paths.portfolio}); "
             "fix the tracking URI (params.yaml mlflow.tracking_uri) and "
             "re-run `palm stage register`."
         ) from exc
 
     counter = {"created": 0}
+    shares = simplex_shares(portfolio, cfg.coverage.share_lattice)
     member_versions = {
-        m["key"]: _register_member(client, cfg, experiment_id, portfolio, m, members[m["key"]],
-                                   _member_dir(layout, m["key"]) / "adapter", base_path, counter)
-        for m in portfolio["members"]
+        m.key: _register_member(client, cfg, experiment_id, portfolio, m, policies[m.key], base_path,
+                                shares[m.key], counter)
+        for m in portfolio.members
     }
     portfolio_version = _register_portfolio_version(
-        client, cfg, experiment_id, layout, portfolio, member_versions, counter)
+        client, cfg, experiment_id, paths, portfolio, member_versions, counter)
 
-    certified = bool(portfolio["certificate"]["certified"])
     name = portfolio_model_name(cfg)
     warning = None
-    if certified:
+    if portfolio.certificate.certified:
         client.set_registered_model_alias(name, PRODUCTION, portfolio_version)
         _mark_production_members(client, cfg, member_versions)
         alias = PRODUCTION
     else:
         client.set_registered_model_alias(name, CANDIDATE, portfolio_version)
         alias = CANDIDATE
-        cert = portfolio["certificate"]
+        cert = portfolio.certificate
         warning = (
-            f"portfolio {portfolio['id'][:10]} is NOT certified for (eps={portfolio['eps']}, "
-            f"delta={portfolio['delta']}) (worst slack {cert.get('worst_slack')}, reaches "
-            f"eps={cert.get('max_eps')}, delta={cert.get('max_delta')}): registered as "
+            f"portfolio {portfolio.id[:10]} is NOT certified for (eps={portfolio.eps}, "
+            f"delta={portfolio.delta}) (worst slack {cert.worst_slack}, reaches "
+            f"eps={cert.max_eps}, delta={cert.max_delta}): registered as "
             f"{name} version {portfolio_version} with alias '{CANDIDATE}'; "
             f"'{PRODUCTION}' was not moved"
         )
     return {
-        "portfolio_id": portfolio["id"],
+        "portfolio_id": portfolio.id,
         "portfolio_version": portfolio_version,
         "member_versions": member_versions,
         "created": counter["created"],
@@ -159,33 +175,27 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
 # --- members ---------------------------------------------------------------------------------
 
 
-def _member_dir(layout: Layout, key: str) -> Path:
-    """A trained member's directory, or a Rewarded-Soups candidate's (palm_tasks.soups)."""
-    return layout.soups / key if (layout.soups / key).is_dir() else layout.member(key)
+def _read_policy(paths: Paths, member: Member) -> Policy:
+    """The member's policy directory, checked against its checksums (adapter files included)."""
+    try:
+        return load_policy(paths.root / member.path)
+    except CorruptPolicyError as exc:
+        raise FileNotFoundError(f"portfolio member {member.key}: {exc} (re-run `palm stage align`)") from None
 
 
-def _read_member(layout: Layout, key: str) -> dict:
-    """member.json of one member, after checking that its adapter files are there."""
-    member_dir = _member_dir(layout, key)
-    for path in [member_dir / "member.json"] + [member_dir / "adapter" / f for f in ADAPTER_FILES]:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"portfolio member {key}: {path} is missing (re-run `palm stage align`)")
-    return json.loads((member_dir / "member.json").read_text())
-
-
-def _check_same_base(members: dict, base: dict) -> None:
+def _check_same_base(portfolio: Portfolio, policies: dict[str, Policy], base: dict) -> None:
     """An adapter only means something on the base model it was trained on."""
-    for key, member in members.items():
-        trained_on = (member.get("base_model") or {}).get("weights_sha256")
-        if trained_on and trained_on != base.get("weights_sha256"):
+    now = base.get("weights_sha256")
+    for key, trained_on in [("the portfolio", portfolio.base_model_sha256),
+                            *((k, p.base_model_sha256) for k, p in policies.items())]:
+        if trained_on and trained_on != now:
             raise ValueError(
-                f"member {key} was trained on base model {trained_on[:12]}, but models/base "
-                f"holds {str(base.get('weights_sha256'))[:12]}: re-run the pipeline (palm run)")
+                f"{key if key == 'the portfolio' else 'member ' + key} was made on base model "
+                f"{trained_on[:12]}, but models/base holds {str(now)[:12]}: re-run the pipeline (palm run)")
 
 
-def _register_member(client, cfg, experiment_id, portfolio, entry, member, adapter_dir,
-                     base_path, counter) -> str:
+def _register_member(client, cfg, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,
+                     base_path, share_simplex: float, counter) -> str:
     """The member's model version: found by its `member_key` tag, else logged and registered.
 
     A member shared with an earlier portfolio keeps its version; only its portfolio tags and
@@ -193,90 +203,82 @@ def _register_member(client, cfg, experiment_id, portfolio, entry, member, adapt
     """
     import mlflow
 
-    name, key = member_model_name(cfg), entry["key"]
+    name, key = member_model_name(cfg), member.key
     version = _find_version(client, name, "member_key", key)
     if version is None:
         model_uri = _find_logged_model(client, "member_key", key) or _log_member_model(
-            client, experiment_id, entry, member, adapter_dir, base_path, counter)
+            client, experiment_id, portfolio, member, policy, base_path, counter)
         version = mlflow.register_model(model_uri, name, tags={"member_key": key})
         counter["created"] += 1
     earlier = [p for p in version.tags.get("portfolios", "").split(",") if p]
-    portfolios = [p for p in earlier if p != portfolio["id"]] + [portfolio["id"]]
-    tags = _member_tags(portfolio, entry, portfolios)
+    portfolios = [p for p in earlier if p != portfolio.id] + [portfolio.id]
+    tags = _member_tags(portfolio, member, portfolios, share_simplex)
     tags.setdefault("in_production", version.tags.get("in_production", "false"))
     for tag, value in tags.items():
         if version.tags.get(tag) != value:
             client.set_model_version_tag(name, version.version, tag, value)
-    description = _member_description(cfg, portfolio, entry, base_path, version.version,
-                                      simplex_shares(portfolio)[key])
+    description = _member_description(cfg, portfolio, member, base_path, version.version, share_simplex)
     if version.description != description:
         client.update_model_version(name, version.version, description=description)
     return str(version.version)
 
 
-def simplex_shares(portfolio: dict, divisions: int = SHARE_LATTICE) -> dict[str, float]:
-    """Each member's share of a simplex lattice: the weights it serves, as the router routes."""
-    import numpy as np
+def simplex_shares(portfolio: Portfolio, divisions: int) -> dict[str, float]:
+    """Each member's share of a simplex lattice: the weights it serves, by the routing rule."""
+    from palm_tasks.core.simplex import simplex_lattice
 
-    from palm_tasks.grid import simplex_lattice
-
-    traits, z = portfolio["traits"], float(portfolio.get("z", 0.0))
-    values = np.array([[m["values"][t] - z * m["std_errors"][t] for t in traits]
-                       for m in portfolio["members"]])
-    served = np.argmax(simplex_lattice(len(traits), divisions) @ values.T, axis=1)
-    return {m["key"]: float(np.mean(served == i)) for i, m in enumerate(portfolio["members"])}
+    _, R, SE = portfolio.member_arrays
+    shares = routing.usage_shares(simplex_lattice(len(portfolio.traits), divisions), R, SE, portfolio.z)
+    return {m.key: float(s) for m, s in zip(portfolio.members, shares)}
 
 
-def _member_tags(portfolio: dict, entry: dict, portfolios: list[str]) -> dict:
-    tags = {"member_key": entry["key"], "portfolio_id": portfolio["id"],
-            "portfolios": ",".join(portfolios), "share": f"{entry['share']:.4f}",
-            "share_simplex": f"{simplex_shares(portfolio)[entry['key']]:.4f}",
-            "certified": str(bool(portfolio["certificate"]["certified"])).lower()}
-    for trait in portfolio["traits"]:
-        tags[f"w.{trait}"] = f"{entry['weights'][trait]:.4f}"
-        tags[f"value.{trait}"] = f"{entry['values'][trait]:.4f}"
-        tags[f"se.{trait}"] = f"{entry['std_errors'][trait]:.4f}"
-    tags["kind"] = entry.get("kind", "member")
-    if tags["kind"] == "soup":  # no training run: an interpolation of these members' adapters
-        tags["ingredients"] = ",".join(entry["ingredients"])
-        tags["lambdas"] = ",".join(f"{x:.4f}" for x in entry["lambdas"])
+def _member_tags(portfolio: Portfolio, member: Member, portfolios: list[str], share_simplex: float) -> dict:
+    tags = {"member_key": member.key, "portfolio_id": portfolio.id,
+            "portfolios": ",".join(portfolios), "share": f"{member.share:.4f}",
+            "share_simplex": f"{share_simplex:.4f}",
+            "certified": str(portfolio.certificate.certified).lower()}
+    for t, w, v, se in zip(portfolio.traits, member.weights, member.value.mean, member.value.se):
+        tags[f"w.{t}"], tags[f"value.{t}"], tags[f"se.{t}"] = f"{w:.4f}", f"{v:.4f}", f"{se:.4f}"
+    tags["kind"] = member.kind
+    if member.kind == "soup":  # no training run: an interpolation of these members' adapters
+        tags["ingredients"] = ",".join(member.ingredients)
+        tags["lambdas"] = ",".join(f"{x:.4f}" for x in member.lambdas)
     return tags
 
 
-def _member_description(cfg, portfolio: dict, entry: dict, base_path: Path, version,
+def _member_description(cfg, portfolio: Portfolio, member: Member, base_path: Path, version,
                         share_simplex: float) -> str:
     """Markdown for the MLflow UI: what the member was trained for and how well it does."""
-    rows = "\n".join(
-        f"| {t} | {entry['weights'][t]:.3f} | {entry['values'][t]:.3f} ± "
-        f"{entry['std_errors'][t]:.3f} |" for t in portfolio["traits"])
+    rows = "\n".join(f"| {t} | {w:.3f} | {v:.3f} ± {se:.3f} |" for t, w, v, se in
+                     zip(portfolio.traits, member.weights, member.value.mean, member.value.se))
     return (
-        f"### PALM member `{entry['key'][:10]}` ({cfg.task})\n\n"
+        f"### PALM member `{member.key[:10]}` ({cfg.task})\n\n"
         f"LoRA adapter of the base model at `{base_path}`, trained with reward weights w.\n\n"
         f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
-        f"**Serves {100 * entry['share']:.1f}% of users** (sampled Dirichlet(1) users routed to "
+        f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
         f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
-        f"1/{SHARE_LATTICE}): the weights for which this member has the best w . values.\n\n"
+        f"1/{cfg.coverage.share_lattice}): the weights for which the routing rule chooses this member.\n\n"
         f"{_certificate_text(portfolio)}\n\n"
         f"Load offline: `mlflow.transformers.load_model(\"models:/{member_model_name(cfg)}/"
         f"{version}\")` (reads the base model from the path above)."
     )
 
 
-def _certificate_text(portfolio: dict) -> str:
-    cert = portfolio["certificate"]
-    status = "**certified**" if cert["certified"] else "**not certified**"
+def _certificate_text(portfolio: Portfolio) -> str:
+    cert = portfolio.certificate
+    status = "**certified**" if cert.certified else "**not certified**"
     return (
-        f"Portfolio `{portfolio['id'][:10]}` ({len(portfolio['members'])} members out of "
-        f"{len(portfolio.get('pool', []))} trained) is {status} for "
-        f"(eps = {portfolio['eps']}, delta = {portfolio['delta']}, z = {portfolio.get('z', 0)}): "
+        f"Portfolio `{portfolio.id[:10]}` ({len(portfolio.members)} members out of "
+        f"{len(portfolio.pool)} trained) is {status} for "
+        f"(eps = {portfolio.eps}, delta = {portfolio.delta}, z = {portfolio.z}): "
         f"for every weight vector w some member reaches (1 - eps) * OPT(w) - delta, OPT relative "
-        f"to {cert.get('relative_to', 'the trained pool')}. Worst slack {cert.get('worst_slack')}"
-        f"; reached eps = {cert.get('max_eps')}, delta = {cert.get('max_delta')}."
+        f"to {cert.relative_to or 'the trained pool'}. Worst slack {cert.worst_slack}"
+        f"; reached eps = {cert.max_eps}, delta = {cert.max_delta}."
     )
 
 
-def _log_member_model(client, experiment_id, entry, member, adapter_dir, base_path,
-                      counter) -> str:
+def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,
+                      base_path, counter) -> str:
     """Log base + LoRA adapter with the transformers flavor; only the adapter is stored.
 
     The model goes into the member's training run when the store has it, else into a new run
@@ -284,8 +286,8 @@ def _log_member_model(client, experiment_id, entry, member, adapter_dir, base_pa
     """
     import mlflow
 
-    key = entry["key"]
-    training_run = member.get("mlflow_run_id")
+    key, adapter_dir = member.key, policy.path / ADAPTER_DIR
+    training_run = policy.training.get("mlflow_run_id")
     run = (_run_if_exists(client, training_run) if training_run else None) or _find_run(
         client, experiment_id, "member_key", key)
     is_new = run is None
@@ -295,10 +297,10 @@ def _log_member_model(client, experiment_id, entry, member, adapter_dir, base_pa
         counter["created"] += 1
     with mlflow.start_run(run_id=run.info.run_id):
         if is_new:
-            mlflow.log_params({f"w.{t}": w for t, w in entry["weights"].items()})
-            mlflow.log_metrics({f"value.{t}": v for t, v in entry["values"].items()})
-            mlflow.log_metrics({f"se.{t}": v for t, v in entry["std_errors"].items()})
-        mlflow.log_dict(member, "member.json")
+            mlflow.log_params({f"w.{t}": w for t, w in zip(portfolio.traits, member.weights)})
+            mlflow.log_metrics({f"value.{t}": v for t, v in zip(portfolio.traits, member.value.mean)})
+            mlflow.log_metrics({f"se.{t}": v for t, v in zip(portfolio.traits, member.value.se)})
+        mlflow.log_dict(policy.to_json(), "member.json")
         info = mlflow.transformers.log_model(
             transformers_model=_load_peft_pipeline_parts(base_path, adapter_dir),
             name="member",
@@ -314,12 +316,10 @@ def _log_member_model(client, experiment_id, entry, member, adapter_dir, base_pa
 
 def _load_peft_pipeline_parts(base_path: Path, adapter_dir: Path) -> dict:
     """Base model (fresh, since PEFT injects layers in place) + adapter + tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from palm_tasks.llm.models import load_policy as load_model
 
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    model = PeftModel.from_pretrained(base, adapter_dir)  # reads adapter_model.safetensors
-    return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(base_path)}
+    model, tokenizer = load_model(base_path, adapter_dir, "cpu")  # reads adapter_model.safetensors
+    return {"model": model, "tokenizer": tokenizer}
 
 
 def _mark_production_members(client, cfg, member_versions: dict) -> None:
@@ -336,46 +336,52 @@ def _mark_production_members(client, cfg, member_versions: dict) -> None:
 # --- the portfolio -------------------------------------------------------------------------
 
 
-def _register_portfolio_version(client, cfg, experiment_id, layout, portfolio, member_versions,
-                                counter) -> str:
+def _register_portfolio_version(client, cfg, experiment_id, paths: Paths, portfolio: Portfolio,
+                                member_versions, counter) -> str:
     """The portfolio's model version: found by its `portfolio_id` tag, else logged."""
     import mlflow
 
-    name, pid = portfolio_model_name(cfg), portfolio["id"]
+    name, pid = portfolio_model_name(cfg), portfolio.id
     version = _find_version(client, name, "portfolio_id", pid)
     if version is None:
         model_uri = _find_logged_model(client, "portfolio_id", pid) or _log_portfolio_model(
-            client, cfg, experiment_id, layout, portfolio, member_versions, counter)
-        tags = {"portfolio_id": pid,
-                "certified": str(bool(portfolio["certificate"]["certified"])).lower(),
-                "eps": str(portfolio["eps"]), "delta": str(portfolio["delta"]),
-                "members": ",".join(m["key"] for m in portfolio["members"])}
+            client, cfg, experiment_id, paths, portfolio, member_versions, counter)
+        tags = {"portfolio_id": pid, "certified": str(portfolio.certificate.certified).lower(),
+                "eps": str(portfolio.eps), "delta": str(portfolio.delta),
+                "members": ",".join(m.key for m in portfolio.members)}
         version = mlflow.register_model(model_uri, name, tags=tags)
         client.update_model_version(name, version.version,
-                                    description=_portfolio_description(cfg, portfolio,
-                                                                       member_versions))
+                                    description=_portfolio_description(cfg, portfolio, member_versions))
         counter["created"] += 1
     return str(version.version)
 
 
-def _portfolio_description(cfg, portfolio: dict, member_versions: dict) -> str:
+def _portfolio_description(cfg, portfolio: Portfolio, member_versions: dict) -> str:
     rows = "\n".join(
-        f"| `{m['key'][:10]}` | {member_versions[m['key']]} | "
-        + " | ".join(f"{m['weights'][t]:.2f}" for t in portfolio["traits"])
-        + f" | {100 * m['share']:.1f}% |" for m in portfolio["members"])
-    header = " | ".join(f"w.{t}" for t in portfolio["traits"])
-    dashes = "|".join("---" for _ in portfolio["traits"])
+        f"| `{m.key[:10]}` | {member_versions[m.key]} | "
+        + " | ".join(f"{w:.2f}" for w in m.weights) + f" | {100 * m.share:.1f}% |"
+        for m in portfolio.members)
+    header = " | ".join(f"w.{t}" for t in portfolio.traits)
+    dashes = "|".join("---" for _ in portfolio.traits)
     return (
-        f"### PALM portfolio `{portfolio['id'][:10]}` ({cfg.task})\n\n"
+        f"### PALM portfolio `{portfolio.id[:10]}` ({cfg.task})\n\n"
         f"{_certificate_text(portfolio)}\n\n"
         f"| member | version of `{member_model_name(cfg)}` | {header} | users served |\n"
         f"|---|---|{dashes}|---|\n{rows}\n\n"
-        "`mlflow.pyfunc.load_model(uri).predict(DataFrame of trait weights)` returns the best "
-        "member's key and model URI for each row (argmax of w . values)."
+        "`mlflow.pyfunc.load_model(uri).predict(DataFrame of trait weights)` returns the member "
+        "the routing rule chooses for each row (best w . (values - z se)), its key and model URI."
     )
 
 
-def _log_portfolio_model(client, cfg, experiment_id, layout, portfolio, member_versions,
+def registered_copy(portfolio: Portfolio, paths: Paths, member_name: str, member_versions: dict) -> Portfolio:
+    """The portfolio as the registry stores it: each member's model URI, the base model's path."""
+    return replace(portfolio, base_model_path=str(resolve_base_model(paths.base)), members=tuple(
+        replace(m, model_version=member_versions[m.key],
+                model_uri=f"models:/{member_name}/{member_versions[m.key]}")
+        for m in portfolio.members))
+
+
+def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Portfolio, member_versions,
                          counter) -> str:
     """Run `portfolio-<id[:10]>` with params, metrics, artifacts and the router pyfunc."""
     import mlflow
@@ -383,70 +389,56 @@ def _log_portfolio_model(client, cfg, experiment_id, layout, portfolio, member_v
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    pid = portfolio["id"]
+    pid = portfolio.id
     run = _find_run(client, experiment_id, "portfolio_id", pid)
     is_new = run is None
     if is_new:
         run = client.create_run(experiment_id, run_name=f"portfolio-{pid[:10]}",
-                                tags={"portfolio_id": pid, **lineage_tags(layout.root)})
+                                tags={"portfolio_id": pid, **lineage_tags(paths.root)})
         counter["created"] += 1
-    member_name = member_model_name(cfg)
-    routed = dict(portfolio, base_model_path=str(resolve_base_model(layout.base)), members=[
-        dict(m, model_version=member_versions[m["key"]],
-             model_uri=f"models:/{member_name}/{member_versions[m['key']]}")
-        for m in portfolio["members"]])
+    routed = registered_copy(portfolio, paths, member_model_name(cfg), member_versions)
+    traits = list(portfolio.traits)
     with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
         if is_new:
             mlflow.log_params({
-                "eps": portfolio["eps"], "delta": portfolio["delta"], "z": portfolio.get("z", 0),
-                "traits": ",".join(portfolio["traits"]), "task": portfolio["task"],
-                "members": ",".join(m["key"] for m in portfolio["members"]),
+                "eps": portfolio.eps, "delta": portfolio.delta, "z": portfolio.z,
+                "traits": ",".join(traits), "task": portfolio.task,
+                "members": ",".join(m.key for m in portfolio.members),
             })
             mlflow.log_metrics(_portfolio_metrics(portfolio))
-            mlflow.log_artifact(str(layout.portfolio))
-            if layout.plots.is_dir():
-                mlflow.log_artifacts(str(layout.plots), "plots")
+            mlflow.log_artifact(str(paths.portfolio))
+            if paths.plots.is_dir():
+                mlflow.log_artifacts(str(paths.plots), "plots")
         code = Path(tmp) / "portfolio_router.py"
         code.write_text(ROUTER_MODEL_SOURCE)
         routed_path = Path(tmp) / "portfolio.json"
-        routed_path.write_text(json.dumps(routed, indent=2))
+        routed_path.write_text(json.dumps(routed.to_json(), indent=2))
         signature = ModelSignature(
-            inputs=Schema([ColSpec("double", t) for t in portfolio["traits"]]),
+            inputs=Schema([ColSpec("double", t) for t in traits]),
             outputs=Schema([ColSpec("string", "member_key"), ColSpec("string", "model_uri"),
                             ColSpec("double", "value")]))
         info = mlflow.pyfunc.log_model(
             name="portfolio",
             python_model=str(code),
             artifacts={"portfolio": str(routed_path)},
+            code_paths=[str(_core_package(Path(tmp)))],
             signature=signature,
-            input_example=pd.DataFrame([{t: 1 / len(portfolio["traits"]) for t in portfolio["traits"]}]),
-            pip_requirements=_pip_requirements("mlflow", "numpy", "pandas"),
+            input_example=pd.DataFrame([{t: 1 / len(traits) for t in traits}]),
+            pip_requirements=_pip_requirements("mlflow", "numpy", "pandas", "scipy"),
             tags={"portfolio_id": pid},
         )
         counter["created"] += 1
     return info.model_uri
 
 
-def _portfolio_metrics(portfolio: dict) -> dict:
-    """Certificate figures plus every number in the coverage summary (flattened names)."""
-    cert = portfolio["certificate"]
-    metrics = {"certified": float(bool(cert["certified"])),
-               "n_members": float(len(portfolio["members"])),
-               "n_trained": float(len(portfolio.get("pool", [])))}
-    for field in ("worst_slack", "max_eps", "max_delta"):
-        if isinstance(cert.get(field), (int, float)):
-            metrics[f"certificate.{field}"] = float(cert[field])
-
-    def flatten(prefix, value):
-        if isinstance(value, bool):
-            metrics[prefix] = float(value)
-        elif isinstance(value, (int, float)):
-            metrics[prefix] = float(value)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                flatten(f"{prefix}.{k}", v)
-
-    flatten("coverage", portfolio.get("coverage", {}))
+def _portfolio_metrics(portfolio: Portfolio) -> dict:
+    """Certificate figures plus every number in the coverage summary."""
+    cert = portfolio.certificate
+    metrics = {"certified": float(cert.certified), "n_members": float(len(portfolio.members)),
+               "n_trained": float(len(portfolio.pool)), "certificate.worst_slack": cert.worst_slack,
+               "certificate.max_eps": cert.max_eps, "certificate.max_delta": cert.max_delta}
+    metrics.update({f"coverage.{k}": float(v) for k, v in portfolio.coverage.items()
+                    if isinstance(v, (int, float))})
     return metrics
 
 

@@ -1,4 +1,5 @@
-"""MLflow set-up shared by every stage: one SQLite store and one artifact root per project.
+"""All of MLflow tracking: one SQLite store and one artifact root per project, lineage tags, and
+the run of each alignment job (registry.py holds the registered models).
 
 The tracking URI in params.yaml is relative to the project directory (`sqlite:///mlruns/...`),
 so it is resolved against the project root here; artifacts go to `mlruns/artifacts`.
@@ -91,3 +92,142 @@ def setup_mlflow(cfg: PalmConfig, root: Path) -> str:
 def ui_command(cfg: PalmConfig, root: Path) -> str:
     """The command that opens the MLflow UI on this project's store (loopback only)."""
     return f"mlflow ui --backend-store-uri {tracking_uri(cfg, root)} --host 127.0.0.1 --port 5000"
+
+
+class JobRun:
+    """The MLflow run of one alignment job: its parameters, its training curves, its value.
+
+    Created before training starts; a run of the same job still RUNNING belongs to a pipeline
+    that was killed mid-job (its process never closed it) and is closed as KILLED first.
+    """
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def open(cls, cfg: PalmConfig, root: Path, spec, device: str, store: Path) -> "JobRun":
+        import mlflow
+
+        from palm_tasks.llm.models import uses_bf16
+
+        experiment_id = setup_mlflow(cfg, root)
+        client = mlflow.MlflowClient()
+        key = spec.key
+        for run in client.search_runs(
+                [experiment_id], f"tags.`palm.member_key` = '{key}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status="KILLED")
+        run = client.create_run(experiment_id, run_name=f"align-{key[:10]}",
+                                tags={"palm.stage": "align", "palm.member_key": key, **lineage_tags(store)})
+        params = {f"w.{tr}": round(w, 6) for tr, w in zip(spec.traits, spec.weights)}
+        params.update({f"training.{k}": v for k, v in spec.training.items()})
+        params.update({f"evaluation.{k}": v for k, v in spec.evaluation.items()})
+        params.update({"key": key, "seed": spec.seed, "device": device, "bf16": uses_bf16(device),
+                       "base_model_sha256": spec.base_model_sha256[:16], "data_sha256": spec.data_sha256[:16]})
+        client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+        return cls(client, run.info.run_id)
+
+    def on_log(self, key: str):
+        """on_log(step, max_steps, logs) for the trainer: a line per step, the curves to MLflow."""
+        import math
+
+        from palm_tasks.log import say
+
+        def log(step: int, max_steps: int, logs: dict) -> None:
+            if "reward" in logs:
+                say(f"  {key} step {step}/{max_steps} reward {float(logs['reward']):.3f}")
+            metrics = [_metric(k.replace("/", "."), float(v), step) for k, v in logs.items()
+                       if isinstance(v, (int, float)) and math.isfinite(v)]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
+
+        return log
+
+    def finish(self, policy, steps: int) -> None:
+        metrics = {f"value.{t}": v for t, v in zip(policy.traits, policy.value.mean)}
+        metrics.update({f"se.{t}": s for t, s in zip(policy.traits, policy.value.se)})
+        metrics.update({k: policy.training[k] for k in ("train_seconds", "total_seconds")})
+        self.client.log_batch(self.run_id, metrics=[_metric(k, float(v), steps) for k, v in metrics.items()])
+        self.client.log_artifact(self.run_id, str(policy.path / "member.json"))
+        self.client.set_terminated(self.run_id)
+
+    def fail(self) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED")
+
+
+def _metric(key, value, step):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, value, int(time.time() * 1000), step)
+
+
+def _param(key, value):
+    from mlflow.entities import Param
+
+    return Param(key, str(value)[:6000])
+
+
+def log_rewards_run(cfg: PalmConfig, root: Path, metrics: dict, figure, samples: dict) -> None:
+    """The rewards stage's run: the base model's reward distribution, correlations and samples."""
+    import mlflow
+
+    setup_mlflow(cfg, root)
+    with mlflow.start_run(run_name="rewards", tags={"palm.stage": "rewards", **lineage_tags(root)}):
+        mlflow.log_params({"base_model": cfg.base_model, "task": cfg.task,
+                           "traits": ",".join(cfg.traits), "seed": cfg.seed,
+                           "n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval})
+        flat = {f"{t}.{k}": v for t, d in metrics["distribution"].items() for k, v in d.items()}
+        corr = metrics["correlation"]["matrix"]
+        for i, a in enumerate(cfg.traits):
+            for j, b in enumerate(cfg.traits):
+                if i < j:
+                    flat[f"corr.{a}.{b}"] = float(corr[i][j])
+        if "humor" in metrics["reward_models"]:
+            flat["humor.heldout_accuracy"] = metrics["reward_models"]["humor"]["heldout_accuracy"]
+        mlflow.log_metrics(flat)
+        mlflow.log_dict(metrics, "rewards.json")
+        mlflow.log_figure(figure, "reward_distributions.png")
+        mlflow.log_table(samples, "base_samples.json")
+
+
+def log_retrain_run(cfg: PalmConfig, root: Path, summary: dict) -> str:
+    """The retraining run: reward drift, what was kept, added and dropped; retrain.json."""
+    import mlflow
+
+    setup_mlflow(cfg, root)
+    tags = {"palm.stage": "retrain", "portfolio_id": summary["portfolio"], **lineage_tags(root)}
+    with mlflow.start_run(run_name=f"retrain-{summary['portfolio'][:10]}", tags=tags) as run:
+        mlflow.log_params({"previous_portfolio": summary["previous_portfolio"],
+                           "data_split_seed": summary["data_split_seed"],
+                           "eval_key": summary["eval_key"],
+                           "base_model_changed": summary["base_model_changed"],
+                           **{f"reward_version.{t}": v for t, v in summary["reward_versions"].items()}})
+        mlflow.log_metrics({**{f"drift.{t}": v for t, v in summary["reward_drift"].items()},
+                            "n_kept": len(summary["kept"]), "n_added": len(summary["added"]),
+                            "n_dropped": len(summary["dropped"]), "n_trained": len(summary["trained"]),
+                            "n_reevaluated": len(summary["reevaluated"]),
+                            "certified": float(summary["certified"]),
+                            "max_eps": float(summary["max_eps"])})
+        mlflow.log_dict({k: v for k, v in summary.items() if k != "register"}, "retrain.json")
+    return run.info.run_id
+
+
+def log_evaluation_run(cfg: PalmConfig, root: Path, out: dict, files: list[Path]) -> None:
+    """The evaluate stage's run: every figure of every method, the report and its plots."""
+    import math
+
+    import mlflow
+
+    setup_mlflow(cfg, root)
+    with mlflow.start_run(run_name=f"evaluate-{cfg.task}",
+                          tags={"palm.stage": "evaluate", **lineage_tags(root)}):
+        mlflow.log_params({"task": cfg.task, "traits": ",".join(cfg.traits),
+                           **{f"compare.{k}": v for k, v in cfg.compare.model_dump().items()}})
+        metrics = {f"{m}.k{k}.{n}": v for m, by_k in out["results"].items() for k, r in by_k.items()
+                   for n, v in r.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        mlflow.log_metrics({**metrics, "reference_pool_size": out["reference_pool"]["size"],
+                            "seconds": out["seconds"]})
+        mlflow.log_dict(out, "evaluate.json")
+        for f in files:
+            mlflow.log_artifact(str(f), "report")

@@ -45,7 +45,7 @@ def tiny_params(base_model: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from palm_tasks.base_model import build_tiny_model
+    from palm_tasks.llm.base_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -76,30 +76,77 @@ def make_project(dest: Path, tiny_model: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory, tiny_model) -> Path:
     """A tiny project whose rewards and grid stages have run; copy it (copy_project) to use it."""
-    from palm_tasks import stages
     from palm_tasks.config import load_config
+    from palm_tasks.stages import STAGES
 
     root = make_project(tmp_path_factory.mktemp("prepared") / "project", tiny_model)
     cfg = load_config(root / "params.yaml")
-    stages.rewards_stage(cfg, root)
-    stages.grid_stage(cfg, root)
+    STAGES["rewards"].run(cfg, root)
+    STAGES["grid"].run(cfg, root)
     return root
 
 
 def copy_project(prepared: Path, dest: Path, **sections) -> Path:
-    """A copy of a prepared project with params.yaml sections updated (e.g. runner={...})."""
+    """A copy of a prepared project with params.yaml sections updated (e.g. runner={...}) or
+    top-level keys set (e.g. traits=[...])."""
     shutil.copytree(prepared, dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(params.get(key), dict):
+            params[key].update(value)
+        else:
+            params[key] = value
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
 
-@pytest.fixture(scope="session")
-def registered(tmp_path_factory):
-    """A tiny project with three members and a certified portfolio registered in MLflow
-    (router, serving and UI tests): (root, member keys, cfg, register_portfolio's result)."""
-    from test_registry import build_registered_project
+def specialist_values(weights) -> tuple[float, ...]:
+    """Values a test gives a policy trained at `weights`: 0.9 on its traits, 0.1 elsewhere (so
+    the three specialists of d = 3 are each needed, and certified at delta = 0.6)."""
+    return tuple(round(0.1 + 0.8 * float(w), 6) for w in weights)
 
-    return build_registered_project(tmp_path_factory.mktemp("registered"), "palmreg")
+
+def trained_project(prepared: Path, dest: Path, k: int, **sections):
+    """A copy of a prepared project whose real align stage trained the k uniform weights (the
+    specialists first), with values then set by `specialist_values` so that coverage outcomes
+    are known in advance: (root, cfg, trained policies). The policies, their adapters and
+    member.json are the real stage's; only the values in data/pool.json are the test's."""
+    from dataclasses import replace
+
+    from palm_tasks import schema
+    from palm_tasks.config import load_config
+    from palm_tasks.paths import Paths
+    from palm_tasks.schema import ValueVector
+    from palm_tasks.stages import STAGES
+    from palm_tasks.schema import load_pool
+
+    root = copy_project(prepared, dest, search={"mode": "uniform", "k": k, "max_trainings": k}, **sections)
+    cfg = load_config(root / "params.yaml")
+    STAGES["align"].run(cfg, root)
+    pool = load_pool(root)
+    policies = tuple(p.with_value(ValueVector(specialist_values(p.weights), (0.02,) * cfg.d, p.value.n))
+                     for p in pool.policies)
+    schema.write(Paths(root).pool, replace(pool, policies=policies))
+    return root, cfg, list(policies)
+
+
+def build_registered_project(prepared: Path, dest: Path, prefix: str):
+    """A project with three trained specialists in a certified portfolio chosen by the real
+    coverage stage and registered by the real register stage: (root, keys, cfg, result)."""
+    from palm_tasks.config import load_config
+    from palm_tasks.stages import STAGES
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root, _, policies = trained_project(prepared, dest, 3, coverage={"eps": 0.05, "delta": 0.6},
+                                        mlflow={"registered_model_prefix": prefix})
+    cfg = load_config(root / "params.yaml")
+    STAGES["coverage"].run(cfg, root)  # no soups stage: the candidates are the three specialists
+    return root, [p.key for p in policies], cfg, STAGES["register"].run(cfg, root)
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory, prepared_project):
+    """A tiny project with three members and a certified portfolio registered in MLflow
+    (router, serving and UI tests): (root, member keys, cfg, register stage's result)."""
+    return build_registered_project(prepared_project, tmp_path_factory.mktemp("registered") / "project",
+                                    "palmreg")

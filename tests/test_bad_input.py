@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from palm_tasks.config import ConfigError, PalmConfig, load_config, parse_config
 from palm_tasks.grid import check_weights
-from palm_tasks.router import WeightsError, parse_weights
+from palm_tasks.serve.router import WeightsError, parse_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = yaml.safe_load((ROOT / "params.yaml").read_text())

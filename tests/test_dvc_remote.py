@@ -96,12 +96,12 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
     # `dvc repro` afterwards reproduces it: everything is up to date, nothing is trained.
     import yaml
 
-    from palm_tasks.retrain import retrain
+    from flows.retrain import retrain_flow
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["rewards"]["brevity_max_words"] = 5
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    summary = retrain(load_config(clone / "params.yaml"), clone)
+    summary = retrain_flow(str(clone / "params.yaml"), str(clone))
     assert summary["dvc_commit"] == "done" and summary["reward_drift"]["brevity"] < 0
     retrained = _files(clone, "models/members")
     out = _run(clone, "dvc", "repro")

@@ -1,7 +1,7 @@
-"""The evaluate stage: metric functions, and the whole comparison through Prefect on a tiny model."""
+"""The evaluate stage: metric functions, the report, and the whole comparison through Prefect on
+a tiny model."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,8 +9,9 @@ import yaml
 
 from conftest import make_project
 from palm_tasks import coverage as cov
-from palm_tasks import evaluate as E
 from palm_tasks import grid as gridlib
+from palm_tasks.core import metrics as E
+from palm_tasks.report import evaluation as report
 
 
 def test_distinct_n_counts_repeated_ngrams_once():
@@ -40,6 +41,8 @@ def test_best_subset_and_gap_summary():
     assert one == [2]  # the balanced policy is the best single model
     assert E.best_subset(R, 3, sel) == [0, 1, 2]  # the dominated row is never needed
     assert E.best_subset(R, 9, sel) == [0, 1, 2, 3]  # at most the pool
+    order = E.greedy_order(R, 9, sel)  # the best of each size is a prefix of one order
+    assert all(sorted(order[:k]) == E.best_subset(R, k, sel) for k in range(1, 5))
     lattice, users = gridlib.simplex_lattice(2, 10), gridlib.dirichlet_users(2, 50, 0)
     s = E.gap_summary(R, [2], lattice, users)
     g = cov.gaps(R, [2], np.vstack([lattice, users]))
@@ -77,50 +80,47 @@ def test_tables_reading_and_simplex_plot(tmp_path):
            "reference_pool": {"size": 4, "new_in_this_run": 4, "reused": 0},
            "test_weights": {"relative_to": "the pool", "lattice_step": "1/10", "lattice": 66, "users": 10,
                             "users_seed": 0}, "seconds": 3.0}
-    lines = E.reading(out)
+    lines = report.reading(out)
     assert "k = 1" in lines[0] and "uniform grid" in lines[0] and "beaten by uniform grid" in lines[0]
     assert "k = 2" in lines[1] and "not beaten" in lines[1]
     seeds = {"1": {**row(0.25, 1), "max_multiplicative_gap_seed_se": 0.1},
              "2": {**row(0.05, 2), "max_multiplicative_gap_seed_se": 0.01}}
-    lines = E.reading({**out, "methods": ["palm_lazy", "random"], "results": {**out["results"], "random": seeds}})
+    lines = report.reading({**out, "methods": ["palm_lazy", "random"], "results": {**out["results"], "random": seeds}})
     assert "beaten by random (by less than its se over seeds)" in lines[0]
     assert lines[1].endswith("beaten by random.")
-    md = E.render_report(out, ["g.png"])
+    md = report.render_report(out, ["g.png"])
     assert "Alignment-oracle check" not in md  # no check in out: nothing said
     beaten = {"checked": 4, "beaten": 2, "beaten_beyond_2_se": 1, "max_shortfall": 0.2, "mean_shortfall": 0.06,
               "worst": {"weights": [0.0, 0.5, 0.5], "shortfall": 0.2, "z": 3.0,
                         "beaten_by_weights": [0.5, 0.0, 0.5]}}
-    text = " ".join(E.oracle_reading({**out, "oracle_check": beaten}))
+    text = " ".join(report.oracle_reading({**out, "oracle_check": beaten}))
     assert "2 of the 4 trained policies are beaten" in text and "(1 by more than two" in text
     assert "(0.00, 0.50, 0.50) against the one at (0.50, 0.00, 0.50)" in text
     assert "contradicts the assumption" in text
-    text = " ".join(E.oracle_reading({**out, "oracle_check": {**beaten, "beaten_beyond_2_se": 0}}))
+    text = " ".join(report.oracle_reading({**out, "oracle_check": {**beaten, "beaten_beyond_2_se": 0}}))
     assert "within evaluation noise" in text
-    text = " ".join(E.oracle_reading({**out, "oracle_check": {**beaten, "beaten": 0}}))
+    text = " ".join(report.oracle_reading({**out, "oracle_check": {**beaten, "beaten": 0}}))
     assert "none of the 4 trained policies is beaten" in text
     assert "| PALM (lazy + prune) | 1 | 1 | 0.3000 |" in md and "0.1500 ± 0.0100" in md
     assert "0.01-0.02" in md and "Rewarded Soups: left out: not here" in md
-    assert E.plot_rows(out) == [{"k": 1, "palm_lazy": 0.3, "uniform": 0.2, "palm_lazy_mean": 0.15,
+    assert report.plot_rows(out) == [{"k": 1, "palm_lazy": 0.3, "uniform": 0.2, "palm_lazy_mean": 0.15,
                                  "uniform_mean": 0.1},
                                 {"k": 2, "palm_lazy": 0.1, "uniform": 0.15, "palm_lazy_mean": 0.05,
                                  "uniform_mean": 0.075}]
-    R = np.eye(3)
-    m = [SimpleNamespace(key=f"m{i}") for i in range(3)]
-    path = E.simplex_plot({**out, "ks": [2]}, R, {"palm_lazy": {2: [(m[:2], 3)]}, "uniform": {2: [(m[1:], 2)]}},
-                          {x.key: i for i, x in enumerate(m)}, tmp_path / "s.png")
+    path = report.simplex_plot({**out, "ks": [2]}, np.eye(3), {"palm_lazy": [0, 1], "uniform": [1, 2]},
+                               tmp_path / "s.png")
     assert path.is_file() and path.stat().st_size > 1000
-    assert E.gap_plot(out, tmp_path / "g.png").stat().st_size > 1000
+    assert report.gap_plot(out, tmp_path / "g.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
 def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     import mlflow
 
-    from flows.evaluate import evaluate_flow
     from flows.stages import STAGE_FLOWS
-    from palm_tasks.align import load_member
-    from palm_tasks.tracking import tracking_uri
     from palm_tasks.config import load_config
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.tracking import tracking_uri
 
     root = make_project(tmp_path / "project", tiny_model)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -133,7 +133,7 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = str(root / "params.yaml")
     STAGE_FLOWS["rewards"](p, str(root))
-    out = evaluate_flow(p, str(root))
+    out = STAGE_FLOWS["evaluate"](p, str(root))
 
     assert out["traits"] == ["correctness", "brevity", "safety"]
     for method in ("palm_lazy", "palm_grid", "uniform", "random"):
@@ -152,7 +152,7 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     # ... in the evaluate stage's own cache (no align stage ran here)
     dirs = sorted(d.name for d in (root / "models" / "evaluation" / "members").iterdir())
     assert sorted(k for k in keys if k != soup_key) == dirs and not (root / "models" / "members").exists()
-    members = {k: load_member(root / "models" / "evaluation" / ("soups" if k == soup_key else "members") / k)
+    members = {k: load_policy(root / "models" / "evaluation" / ("soups" if k == soup_key else "members") / k)
                for k in keys}
     weights = {tuple(np.round(m.weights, 9)) for k, m in members.items() if k != soup_key}
     assert len(weights) == len(dirs)  # no weight trained twice

@@ -35,7 +35,7 @@ def project(tmp_path_factory, tiny_model):
     """The tiny project through coverage (plain stage functions): 3 single-trait members."""
     import yaml
 
-    from palm_tasks import stages
+    from palm_tasks.stages import STAGES
 
     root = make_project(tmp_path_factory.mktemp("faults") / "project", tiny_model)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -43,12 +43,14 @@ def project(tmp_path_factory, tiny_model):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(root / "params.yaml")
     for name in ("rewards", "grid", "align", "coverage"):
-        stages.STAGE_FUNCTIONS[name](cfg, root)
+        STAGES[name].run(cfg, root)
     return root
 
 
 def test_a_damaged_and_a_deleted_member_are_named_and_only_they_are_redone(project, capsys):
-    from palm_tasks.stages import align_stage
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.stages import align
+    from palm_tasks.schema import load_pool
 
     cfg = load_config(project / "params.yaml")
     pool = sorted(_adapters(project))
@@ -60,30 +62,27 @@ def test_a_damaged_and_a_deleted_member_are_named_and_only_they_are_redone(proje
     before = _adapters(project)
     capsys.readouterr()
 
-    out = align_stage(cfg, project)
-    captured = capsys.readouterr()
-    said, log = captured.out, " ".join(captured.err.split())  # rich wraps long lines
-    assert f"member {truncated}: adapter/adapter_model.safetensors does not match its checksum" in said
-    assert f"member {deleted}: adapter/adapter_model.safetensors is missing" in said
-    assert intact not in said  # only the damaged ones are named as damaged
+    align.run(cfg, project)
+    log = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert f"policy {truncated}: adapter/adapter_model.safetensors does not match its checksum" in log
+    assert f"policy {deleted}: adapter/adapter_model.safetensors is missing" in log
+    assert f"policy {intact}" not in log  # only the damaged ones are named as damaged
     assert f"training {truncated}" in log and f"training {deleted}" in log
     assert f"training {intact}" not in log and f"{intact} w=" in log  # reused
-    assert sorted(out["pool"]) == pool
+    assert sorted(load_pool(project).keys) == pool
     after = _adapters(project)
     assert after[intact] == before[intact]
     assert after[truncated] != before[truncated]  # redone, the deleted one too (it had no file)
     assert sorted(after) == pool  # the same jobs again: same keys, whole files
-    from palm_tasks.align import load_member
-
     for key in pool:
-        load_member(project / "models" / "members" / key)  # checksums verify
+        load_policy(project / "models" / "members" / key)  # checksums verify
 
 
 def test_mlflow_down_at_registration_loses_nothing_and_registering_later_works(project):
     import socket
 
     from palm_tasks.registry import RegistryUnavailableError
-    from palm_tasks.stages import register_stage
+    from palm_tasks.stages import register
 
     cfg = load_config(project / "params.yaml")
     with socket.socket() as s:  # a port nothing listens on
@@ -94,7 +93,7 @@ def test_mlflow_down_at_registration_loses_nothing_and_registering_later_works(p
     kept = [project / "models", project / "portfolio.json"]
     before = _digest(*kept)
     with pytest.raises(RegistryUnavailableError) as err:
-        register_stage(down, project)
+        register.run(down, project)
     message = str(err.value)
     assert f"127.0.0.1:{port}" in message and "safe on disk" in message
     assert "palm stage register" in message  # what to do
@@ -102,7 +101,7 @@ def test_mlflow_down_at_registration_loses_nothing_and_registering_later_works(p
     assert not (project / "metrics" / "register.json").exists()
 
     adapters = _adapters(project)
-    result = register_stage(cfg, project)  # the store is back: register without retraining
+    result = register.run(cfg, project)  # the store is back: register without retraining
     assert result["created"] > 0 and result["portfolio_version"] == "1"
     assert _adapters(project) == adapters
 
@@ -163,25 +162,19 @@ def test_wait_queues_behind_the_holder(tmp_path):
 # --- rewards that fail --------------------------------------------------------------------------
 
 
-def _train_with(reward, tmp_path, tiny_model):
-    import dataclasses
+def _train_with(reward, prepared_project, tmp_path, monkeypatch):
+    """Run one real alignment job whose second reward is `reward`; the error it fails with."""
+    from conftest import copy_project
+    from palm_tasks.jobs import Job, run_job
+    from palm_tasks.llm import rewards as R
 
-    from palm_tasks.align import JobSpec, train_member
-    from palm_tasks.rewards import BrevityReward
-
-    cfg = parse_config({"traits": ["safety", "brevity"], "training": {"steps": 1, "max_completion_length": 8},
-                        "evaluation": {"n_prompts": 4, "max_new_tokens": 8}, "data": {"n_eval": 4}})
-    spec = JobSpec(traits=("brevity", reward.name), weights=(0.5, 0.5), base_model_sha256="b" * 64,
-                   reward_versions=("b1", "f1"), data_sha256="d" * 64,
-                   training=cfg.training.model_dump(), evaluation=cfg.evaluation.model_dump())
-    spec = dataclasses.replace(spec)
-    members = tmp_path / "members"
-    members.mkdir()
+    root = copy_project(prepared_project, tmp_path / "project", traits=["brevity", "safety"],
+                        training={"steps": 1})
+    real = R.build_rewards
+    monkeypatch.setattr(R, "build_rewards", lambda *args, **kwargs: [real(*args, **kwargs)[0], reward])
     with pytest.raises(Exception) as err:
-        train_member(spec, cfg, tiny_model, [BrevityReward(), reward],
-                     ["Hello?", "Tell me a joke.", "Why?", "What now?"] * 2,
-                     ["Hi!", "What is 2 + 2?", "Name a colour.", "Why?"], members)
-    assert not any(members.iterdir()), "a failed job leaves nothing behind"
+        run_job(load_config(root / "params.yaml"), root, Job.train([0.5, 0.5]))
+    assert not any((root / "models" / "members").iterdir()), "a failed job leaves nothing behind"
     return str(err.value)
 
 
@@ -205,13 +198,14 @@ class _Flaky:
         return out
 
 
-def test_a_reward_returning_nan_fails_the_job_naming_the_reward_and_the_input(tmp_path, tiny_model):
-    message = _train_with(_Flaky("nan"), tmp_path, tiny_model)
+def test_a_reward_returning_nan_fails_the_job_naming_the_reward_and_the_input(prepared_project, tmp_path,
+                                                                             monkeypatch):
+    message = _train_with(_Flaky("nan"), prepared_project, tmp_path, monkeypatch)
     assert "reward 'flaky' returned" in message and "nan" in message
     assert "for prompt " in message and "and completion " in message
 
 
-def test_a_reward_that_raises_fails_the_job_naming_the_reward(tmp_path, tiny_model):
-    message = _train_with(_Flaky("raise"), tmp_path, tiny_model)
+def test_a_reward_that_raises_fails_the_job_naming_the_reward(prepared_project, tmp_path, monkeypatch):
+    message = _train_with(_Flaky("raise"), prepared_project, tmp_path, monkeypatch)
     assert "scoring backend failed" in message
     assert "flaky" in message, f"the error does not name the reward: {message}"

@@ -41,8 +41,11 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     import mlflow
 
     from flows.pipeline import pipeline
-    from palm_tasks.align import load_member
     from palm_tasks.config import load_config
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.schema import load_pool
+    from palm_tasks.schema import load_portfolio
+    from palm_tasks.schema import load_soups
     from palm_tasks.tracking import tracking_uri
 
     root = make_project(tmp_path / "project", tiny_model)
@@ -60,65 +63,69 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     grid = json.loads((root / "data" / "grid.json").read_text())
     assert 0 < grid["size"] <= grid["bound"]
 
-    # align: every pooled member is on disk with its adapter and a value vector in [0, 1]
-    align = json.loads((root / "metrics" / "align.json").read_text())
-    assert align["trained"] == len(align["pool"]) >= 3
-    members = {k: load_member(root / "models" / "members" / k) for k in align["pool"]}
+    # align: every pooled policy is on disk with its adapter and a value vector in [0, 1]
+    pool = load_pool(root)
+    assert result["align"]["trained"] == pool.trained == len(pool.keys) >= 3
+    members = {p.key: p for p in pool.policies}
     for m in members.values():
+        assert load_policy(m.path) == m  # the pool holds what the job stored
         assert (m.adapter / "adapter_model.safetensors").is_file()
         assert not list(m.path.rglob("*.bin")), "no pickled files in a member"
         assert np.all((m.values >= 0) & (m.values <= 1)) and np.all(m.std_errors >= 0)
-        assert np.isclose(m.weights.sum(), 1)
+        assert np.isclose(m.w.sum(), 1)
     # the lazy search starts from the d single-trait optima
-    assert sorted(map(tuple, np.array(align["weights"][:3]).round(6))) == sorted(map(tuple, np.eye(3)))
+    assert sorted(tuple(np.round(p.weights, 6)) for p in pool.policies[:3]) == sorted(map(tuple, np.eye(3)))
 
     # coverage: the portfolio is a subset of the pool and agrees with the members' files
-    portfolio = json.loads((root / "portfolio.json").read_text())
-    assert portfolio["pool"] == align["pool"]
-    soups = portfolio["soups"]["candidates"]  # free candidates beside the trained pool
-    assert len(soups) == result["soups"]["built"] == 3  # d = 3 specialists, lattice step 1/2
-    members.update({k: load_member(root / "models" / "soups" / k) for k in soups})
-    assert 1 <= len(portfolio["members"]) <= len(align["pool"]) + len(soups)
-    for entry in portfolio["members"]:
-        m = members[entry["key"]]
-        assert np.allclose(list(entry["values"].values()), m.values, atol=1e-6)
-        assert np.allclose(list(entry["weights"].values()), m.weights, atol=1e-6)
-    assert sum(e["share"] for e in portfolio["members"]) == pytest.approx(1)
-    cert = portfolio["certificate"]
-    assert {"certified", "worst_weight", "worst_slack", "max_eps", "max_delta", "relative_to"} <= set(cert)
+    portfolio = load_portfolio(root)
+    assert list(portfolio.pool) == pool.keys
+    soups = load_soups(root)  # free candidates beside the trained pool
+    assert portfolio.soups["candidates"] == soups.keys
+    assert len(soups.keys) == result["soups"]["built"] == 3  # d = 3 specialists, lattice step 1/2
+    members.update({p.key: p for p in soups.policies})
+    assert 1 <= len(portfolio.members) <= len(pool.keys) + len(soups.keys)
+    for entry in portfolio.members:
+        m = members[entry.key]
+        assert np.allclose(entry.value.mean, m.values, atol=1e-6)
+        assert np.allclose(entry.weights, m.weights, atol=1e-6)
+        assert (root / entry.path).resolve() == m.path.resolve()
+    assert sum(e.share for e in portfolio.members) == pytest.approx(1)
+    assert portfolio.certificate.relative_to and len(portfolio.certificate.worst_weight) == 3
+    assert portfolio.base_model_sha256 == json.loads((root / "models" / "base" / "base.json").read_text())[
+        "weights_sha256"]
     coverage = json.loads((root / "metrics" / "coverage.json").read_text())
-    assert coverage["portfolio_size"] == len(portfolio["members"])
+    assert coverage["portfolio_size"] == len(portfolio.members)
     # the alignment-oracle check: every trained member at its own weight against every candidate
-    trained = [members[k] for k in align["pool"]]
     everyone = np.array([m.values for m in members.values()])
-    shortfall = max((m.weights @ everyone.T).max() - m.weights @ m.values for m in trained)
-    assert portfolio["oracle_check"]["checked"] == len(trained)
+    shortfall = max((m.w @ everyone.T).max() - m.w @ m.values for m in pool.policies)
+    assert portfolio.oracle_check["checked"] == len(pool.keys)
     assert coverage["oracle_max_shortfall"] == pytest.approx(max(shortfall, 0.0))
-    assert coverage["oracle_rows_beaten"] == portfolio["oracle_check"]["beaten"]
+    assert coverage["oracle_rows_beaten"] == portfolio.oracle_check["beaten"]
 
-    # register: one registered version per member, tagged with weights and values; production
+    # register: one registered version per member, tagged with weights and values; the alias
+    # is production for a certified portfolio, candidate otherwise
     cfg = load_config(params)
     client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
     member_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
     versions = client.search_model_versions(f"name = '{member_model}'")
     by_key = {v.tags["member_key"]: v for v in versions}
-    assert set(by_key) == {e["key"] for e in portfolio["members"]}
-    for entry in portfolio["members"]:
-        tags = by_key[entry["key"]].tags
-        for trait, w in entry["weights"].items():
+    assert set(by_key) == {e.key for e in portfolio.members}
+    for entry in portfolio.members:
+        tags = by_key[entry.key].tags
+        for trait, w, v in zip(portfolio.traits, entry.weights, entry.value.mean):
             assert float(tags[f"w.{trait}"]) == pytest.approx(w, abs=1e-4)  # tags show 4 decimals
-            assert float(tags[f"value.{trait}"]) == pytest.approx(entry["values"][trait], abs=1e-4)
-        assert tags["portfolio_id"] == portfolio["id"]
+            assert float(tags[f"value.{trait}"]) == pytest.approx(v, abs=1e-4)
+        assert tags["portfolio_id"] == portfolio.id
     portfolio_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-portfolio"
-    if cert["certified"]:
-        prod = client.get_model_version_by_alias(portfolio_model, "production")
-        assert prod.tags["portfolio_id"] == portfolio["id"]
+    alias = "production" if portfolio.certificate.certified else "candidate"
+    assert result["register"]["alias"] == alias
+    assert client.get_model_version_by_alias(portfolio_model, alias).tags["portfolio_id"] == portfolio.id
 
     # palm status shows the members and the portfolio
     status = palm(root, "status")
     assert status.returncode == 0
     shown = status.stdout
-    assert portfolio["id"] in shown and all(k in shown for k in align["pool"])
+    assert portfolio.id in shown and all(k in shown for k in pool.keys)
 
     # a second run trains nothing and registers nothing new
     before = _member_files(root)
@@ -133,9 +140,9 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     changed["search"]["mode"] = "coarse"
     (root / "params.yaml").write_text(yaml.safe_dump(changed))
     coarse = pipeline(params, str(root))["align"]
-    shared = set(coarse["pool"]) & set(before)
+    shared = set(load_pool(root).keys) & set(before)
     assert len(shared) >= 3 and coarse["reused"] == len(shared)
-    assert coarse["trained"] == len(coarse["pool"]) - len(shared)
+    assert coarse["trained"] == coarse["jobs"] - len(shared)
     assert all(_member_files(root)[k] == before[k] for k in shared)
 
 

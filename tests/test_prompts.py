@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from palm_tasks import prompts as P
+from palm_tasks.llm import prompts as P
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_too_many_prompts_and_unknown_task(tmp_path, pool):
 
 
 def test_gsm_prompts_carry_their_answers(tmp_path):
-    from palm_tasks.correctness import gsm_problems
+    from palm_tasks.llm.correctness import gsm_problems
 
     summary = P.prepare_prompts("gsm", tmp_path, n_train=20, n_eval=10, seed=0)
     assert summary["pool_size"] == len(gsm_problems()) > 900

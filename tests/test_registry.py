@@ -1,9 +1,8 @@
-"""Stage 5, register: real MLflow (SQLite store in tmp_path), a tiny Llama and real LoRA adapters."""
+"""The register stage: real MLflow (SQLite store in tmp_path), policies trained by the real align
+stage on a tiny Llama, portfolios built by the real coverage stage."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -12,90 +11,41 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from palm_tasks.base_model import build_tiny_model, prepare_base_model  # noqa: E402
+from palm_tasks import schema  # noqa: E402
 from palm_tasks.config import parse_config  # noqa: E402
+from palm_tasks.paths import Paths  # noqa: E402
 from palm_tasks.registry import (  # noqa: E402
     RegistryUnavailableError,
     member_model_name,
     portfolio_model_name,
     register_portfolio,
 )
-
-TRAITS = ["safety", "humor", "brevity"]
-MEMBER_WEIGHTS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]]
-
-
-def _write_member(root: Path, base: dict, weights: list[float], seed: int) -> str:
-    """A member directory as the align stage writes it, with a real (random) LoRA adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    key = hashlib.sha256(json.dumps([weights, seed]).encode()).hexdigest()[:16]
-    member_dir = root / "models" / "members" / key
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(root / "tiny")
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                      init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, lora).save_pretrained(member_dir / "adapter")
-    (member_dir / "adapter" / "training_args.bin").write_bytes(b"not to be shipped")
-    values = [0.3 + 0.6 * w for w in weights]
-    member = {"key": key, "traits": TRAITS, "weights": weights, "values": values,
-              "std_errors": [0.02] * 3, "n_eval": 8, "base_model": base,
-              "job": {"steps": 1, "seed": seed}, "mlflow_run_id": "0" * 32}
-    (member_dir / "member.json").write_text(json.dumps(member))
-    return key
-
-
-def _write_portfolio(root: Path, keys: list[str], certified: bool, eps: float = 0.05) -> dict:
-    members = [json.loads((root / "models" / "members" / k / "member.json").read_text())
-               for k in keys]
-    pid = hashlib.sha256(json.dumps([sorted(keys), eps, 0.02]).encode()).hexdigest()
-    portfolio = {
-        "id": pid, "task": "assistant", "traits": TRAITS, "eps": eps, "delta": 0.02, "z": 0.0,
-        "members": [{"key": m["key"], "weights": dict(zip(TRAITS, m["weights"])),
-                     "values": dict(zip(TRAITS, m["values"])),
-                     "std_errors": dict(zip(TRAITS, m["std_errors"])), "share": 1 / len(keys)}
-                    for m in members],
-        "pool": keys,
-        "certificate": {"certified": certified, "worst_weight": [1 / 3] * 3,
-                        "worst_slack": -0.01 if certified else 0.05, "max_eps": eps,
-                        "max_delta": 0.02, "relative_to": "the trained pool"},
-        "coverage": {"test_weights": {"mean_eps": 0.01, "max_eps": 0.03}, "n_test": 231},
-    }
-    (root / "portfolio.json").write_text(json.dumps(portfolio))
-    return portfolio
-
-
-def build_registered_project(root: Path, prefix: str):
-    """A project with a tiny base model, three members and a certified, registered portfolio
-    (used by the router, serving and UI tests too). Returns (root, keys, cfg, result)."""
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    build_tiny_model(root / "tiny")
-    base = prepare_base_model(str(root / "tiny"), root / "models" / "base")
-    keys = [_write_member(root, base, w, seed) for seed, w in enumerate(MEMBER_WEIGHTS[:3])]
-    _write_portfolio(root, keys, certified=True)
-    cfg = parse_config({"mlflow": {"registered_model_prefix": prefix}})
-    (root / "params.yaml").write_text(json.dumps(cfg.model_dump()))  # YAML reads JSON
-    return root, keys, cfg, register_portfolio(cfg, root)
+from palm_tasks.stages.coverage import build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project root with a tiny base model, four trained members and a plot."""
-    root = tmp_path_factory.mktemp("project")
-    build_tiny_model(root / "tiny")
-    base = prepare_base_model(str(root / "tiny"), root / "models" / "base")
-    keys = [_write_member(root, base, w, seed) for seed, w in enumerate(MEMBER_WEIGHTS)]
-    (root / "plots").mkdir()
-    (root / "plots" / "coverage.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    return root, keys
+def project(tmp_path_factory, prepared_project):
+    """A project whose real align stage trained four policies (the three specialists and one
+    more uniform weight), with values set by the test (conftest.specialist_values)."""
+    from conftest import trained_project
+
+    root, _, policies = trained_project(prepared_project, tmp_path_factory.mktemp("project") / "p", 4)
+    return root, policies
 
 
 @pytest.fixture(scope="module")
 def cfg():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return parse_config({"mlflow": {"registered_model_prefix": "palmtest"}})
+
+
+def _write_portfolio(root: Path, policies, members: list[int], cfg, delta: float):
+    """The portfolio the coverage stage builds with these members, at this delta (0.6 certifies
+    the three specialists, 1 certifies anything, 0 certifies none of these)."""
+    at = parse_config({**cfg.model_dump(), "coverage": {**cfg.coverage.model_dump(), "delta": delta}})
+    portfolio, *_ = build(at, Paths(root), policies, [], members=members)
+    schema.write(Paths(root).portfolio, portfolio)
+    return portfolio
 
 
 def _counts(cfg):
@@ -115,27 +65,30 @@ def _counts(cfg):
 def test_register_is_idempotent_and_moves_production_only_when_certified(project, cfg):
     from mlflow import MlflowClient
 
-    root, keys = project
-    first = _write_portfolio(root, keys[:3], certified=True)
+    root, policies = project
+    keys = [p.key for p in policies]
+    first = _write_portfolio(root, policies, [0, 1, 2], cfg, delta=0.6)
+    assert first.certificate.certified
     result = register_portfolio(cfg, root)
     assert result["alias"] == "production" and result["warning"] is None
-    assert result["portfolio_id"] == first["id"]
+    assert result["portfolio_id"] == first.id
     assert set(result["member_versions"]) == set(keys[:3])
-    # 3 member runs + 3 logged adapters + 3 versions; 1 portfolio run + model + version
-    assert result["created"] == 12
+    # 3 logged adapters (into the members' training runs) + 3 versions; 1 portfolio run + model + version
+    assert result["created"] == 9
 
     client = MlflowClient()
     members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)
     assert (members, portfolios) == ("palmtest-assistant-member", "palmtest-assistant-portfolio")
-    entry = first["members"][2]
-    version = client.get_model_version(members, result["member_versions"][entry["key"]])
-    assert version.tags["member_key"] == entry["key"]
-    assert version.tags["portfolio_id"] == first["id"]
-    assert version.tags["w.brevity"] == "0.5000"
-    assert float(version.tags["value.humor"]) == pytest.approx(entry["values"]["humor"], abs=1e-4)
+    entry = first.members[2]  # the brevity specialist
+    version = client.get_model_version(members, result["member_versions"][entry.key])
+    assert version.tags["member_key"] == entry.key
+    assert version.tags["portfolio_id"] == first.id
+    assert version.tags["w.brevity"] == "1.0000"
+    assert float(version.tags["value.humor"]) == pytest.approx(entry.value.mean[1], abs=1e-4)
     assert version.tags["se.safety"] == "0.0200"
     assert version.tags["certified"] == "true" and version.tags["in_production"] == "true"
-    assert "Serves 33.3% of users" in version.description and "eps = 0.05" in version.description
+    assert f"Serves {100 * entry.share:.1f}% of users" in version.description
+    assert "eps = 0.05" in version.description
     # share of the simplex: each weight of a lattice goes to one member, so the shares add to 1
     shares = [float(client.get_model_version(members, v).tags["share_simplex"])
               for v in result["member_versions"].values()]
@@ -143,13 +96,14 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert f"{100 * float(version.tags['share_simplex']):.1f}% of the simplex" in version.description
     production = client.get_model_version_by_alias(portfolios, "production")
     assert str(production.version) == result["portfolio_version"]
-    assert production.tags["portfolio_id"] == first["id"]
-    assert production.tags["members"] == ",".join(keys[:3])
+    assert production.tags["portfolio_id"] == first.id
+    assert production.tags["members"] == ",".join(m.key for m in first.members)
     run = client.get_run(client.get_model_version(members, version.version).run_id)
-    assert run.info.run_name == f"member-{entry['key'][:10]}"  # training run not in the store
+    assert run.info.run_name == f"align-{entry.key[:10]}"  # logged into the member's training run
     portfolio_run = client.get_run(production.run_id)
-    assert portfolio_run.info.run_name == f"portfolio-{first['id'][:10]}"
-    assert portfolio_run.data.metrics["coverage.test_weights.max_eps"] == 0.03
+    assert portfolio_run.info.run_name == f"portfolio-{first.id[:10]}"
+    assert portfolio_run.data.metrics["coverage.max_multiplicative_gap"] == pytest.approx(
+        first.coverage["max_multiplicative_gap"])
     artifacts = {a.path for a in client.list_artifacts(production.run_id)}
     assert {"portfolio.json", "plots"} <= artifacts
 
@@ -161,12 +115,9 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
 
     # A new, uncertified portfolio sharing a member: registered, but production stays. Its new
     # member's training run is in the store, so its adapter is logged there.
-    training_run = client.create_run(client.search_experiments()[0].experiment_id,
-                                      run_name="align-job")
-    member_json = root / "models" / "members" / keys[3] / "member.json"
-    member_json.write_text(json.dumps(dict(json.loads(member_json.read_text()),
-                                           mlflow_run_id=training_run.info.run_id)))
-    second = _write_portfolio(root, [keys[0], keys[3]], certified=False)
+    training_run = policies[3].training["mlflow_run_id"]
+    second = _write_portfolio(root, policies, [0, 3], cfg, delta=0.0)
+    assert not second.certificate.certified
     candidate = register_portfolio(cfg, root)
     assert candidate["alias"] == "candidate" and "NOT certified" in candidate["warning"]
     assert candidate["member_versions"][keys[0]] == result["member_versions"][keys[0]]
@@ -176,14 +127,14 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert str(client.get_model_version_by_alias(portfolios, "candidate").version) == \
         candidate["portfolio_version"]
     shared = client.get_model_version(members, result["member_versions"][keys[0]])
-    assert shared.tags["portfolio_id"] == second["id"]
-    assert shared.tags["portfolios"] == f"{first['id']},{second['id']}"
+    assert shared.tags["portfolio_id"] == second.id
+    assert shared.tags["portfolios"] == f"{first.id},{second.id}"
     assert shared.tags["in_production"] == "true"  # still in the production portfolio
     new = client.get_model_version(members, candidate["member_versions"][keys[3]])
     assert new.tags["in_production"] == "false"
-    assert new.run_id == training_run.info.run_id
+    assert new.run_id == training_run
 
-    # The router model of the production portfolio picks the best member by w . values.
+    # The router model of the production portfolio routes by the one rule (best w . values here).
     import mlflow
     import pandas as pd
 
@@ -194,7 +145,7 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert routed["model_uri"][0] == f"models:/{members}/{result['member_versions'][keys[0]]}"
 
     # A certified successor moves production; members that left it are marked so.
-    _write_portfolio(root, [keys[1], keys[3]], certified=True)
+    assert _write_portfolio(root, policies, [1, 3], cfg, delta=1.0).certificate.certified
     third = register_portfolio(cfg, root)
     assert third["alias"] == "production" and third["created"] == 3
     assert str(client.get_model_version_by_alias(portfolios, "production").version) == \
@@ -209,8 +160,9 @@ def test_registered_member_loads_offline_and_generates(project, cfg):
     import mlflow
     from mlflow import MlflowClient
 
-    root, keys = project
-    _write_portfolio(root, keys[:3], certified=True)
+    root, policies = project
+    keys = [p.key for p in policies]
+    _write_portfolio(root, policies, [0, 1, 2], cfg, delta=0.6)
     result = register_portfolio(cfg, root)
     uri = f"models:/{member_model_name(cfg)}/{result['member_versions'][keys[1]]}"
     local = Path(mlflow.artifacts.download_artifacts(uri))
@@ -229,8 +181,9 @@ def test_registered_member_loads_offline_and_generates(project, cfg):
 
 def test_missing_adapter_and_unreachable_store_explain_what_to_do(project, cfg, tmp_path,
                                                                   monkeypatch):
-    root, keys = project
-    _write_portfolio(root, keys[:3], certified=True)
+    root, policies = project
+    keys = [p.key for p in policies]
+    _write_portfolio(root, policies, [0, 1, 2], cfg, delta=0.6)
     adapter = root / "models" / "members" / keys[2] / "adapter" / "adapter_model.safetensors"
     hidden = adapter.with_suffix(".hidden")
     adapter.rename(hidden)
@@ -249,3 +202,36 @@ def test_missing_adapter_and_unreachable_store_explain_what_to_do(project, cfg, 
     down = parse_config({"mlflow": {"tracking_uri": "http://127.0.0.1:9"}})  # nothing listens
     with pytest.raises(RegistryUnavailableError, match="safe on disk"):
         register_portfolio(down, root)
+
+
+def test_pyfunc_router_and_shares_route_alike_when_z_is_positive(project):
+    """One routing rule: with z > 0 the registered pyfunc, the Router and the users' shares in
+    portfolio.json all serve w with the best w . (R - z se), which is not the best w . R here."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from palm_tasks.core import simplex
+    from palm_tasks.schema import ValueVector
+    from palm_tasks.serve.router import Router
+
+    root, policies = project
+    # the fourth policy is best in the middle of the simplex, but its values are noisy
+    noisy = policies[3].with_value(ValueVector((0.1, 0.6, 0.6), (0.02, 0.25, 0.25), 8))
+    cfg = parse_config({"mlflow": {"registered_model_prefix": "palmz"},
+                        "coverage": {"z": 1.0, "delta": 1.0}})
+    portfolio = _write_portfolio(root, [*policies[:3], noisy], [0, 1, 2, 3], cfg, delta=1.0)
+    register_portfolio(cfg, root)
+    lattice = simplex.simplex_lattice(3, 10)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{portfolio_model_name(cfg)}@production")
+    by_pyfunc = list(pyfunc.predict(pd.DataFrame(lattice, columns=list(portfolio.traits)))["member_key"])
+    router = Router.from_portfolio(Paths(root).portfolio)
+    by_router = [router.route(dict(zip(portfolio.traits, w))).member_key for w in lattice]
+    assert by_pyfunc == by_router
+    _, R, _ = portfolio.member_arrays
+    by_values = [portfolio.members[i].key for i in np.argmax(lattice @ R.T, axis=1)]
+    assert by_router != by_values  # z matters at these weights
+    users = simplex.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)
+    routed = [router.route(dict(zip(portfolio.traits, u))).member_key for u in users]
+    assert [m.share for m in portfolio.members] == pytest.approx(
+        [routed.count(m.key) / len(users) for m in portfolio.members], abs=1e-6)

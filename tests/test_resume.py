@@ -19,12 +19,12 @@ pytestmark = pytest.mark.slow
 
 def finished_members(root: Path) -> dict[str, tuple[int, str]]:
     """key -> (adapter mtime, MLflow run id) of every finished member: both change if retrained."""
-    from palm_tasks.align import load_member
+    from palm_tasks.jobs import load_policy
 
     out = {}
     for path in (root / "models" / "members").glob("[!.]*"):
-        m = load_member(path)
-        out[m.key] = ((m.adapter / "adapter_model.safetensors").stat().st_mtime_ns, m.info["mlflow_run_id"])
+        m = load_policy(path)
+        out[m.key] = ((m.adapter / "adapter_model.safetensors").stat().st_mtime_ns, m.training["mlflow_run_id"])
     return out
 
 
@@ -87,8 +87,9 @@ def test_a_run_killed_mid_align_resumes_without_retraining(prepared_project, tmp
 
 def test_a_failing_job_fails_alone_and_a_transient_failure_is_retried(
         prepared_project, tmp_path, prefect_harness, monkeypatch):
-    from flows.stages import align_flow
-    from palm_tasks import stages
+    from flows.stages import STAGE_FLOWS
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.llm import train
 
     root = copy_project(prepared_project, tmp_path / "project",
                         search={"mode": "uniform", "k": 3, "max_trainings": 3},
@@ -113,20 +114,20 @@ def test_a_failing_job_fails_alone_and_a_transient_failure_is_retried(
             return self.reward(prompts, completions)
 
     attempts = {}
-    real_train_member = stages.train_member
+    real_train_grpo = train.train_grpo
 
-    def train_member(spec, cfg, base, rewards, *args, **kwargs):
-        attempts[spec.weights] = attempts.get(spec.weights, 0) + 1
-        mode = {broken: "broken", flaky: "flaky"}.get(spec.weights)
+    def train_grpo(base_path, rewards, prompts, weights, *args, **kwargs):
+        attempts[tuple(weights)] = attempts.get(tuple(weights), 0) + 1
+        mode = {broken: "broken", flaky: "flaky"}.get(tuple(weights))
         if mode:
             rewards = [Faulty(rewards[-1], mode) if r is rewards[-1] else r for r in rewards]
-        return real_train_member(spec, cfg, base, rewards, *args, **kwargs)
+        return real_train_grpo(base_path, rewards, prompts, weights, *args, **kwargs)
 
-    monkeypatch.setattr(stages, "train_member", train_member)
+    monkeypatch.setattr(train, "train_grpo", train_grpo)
     with pytest.raises(ValueError, match=r"reward 'brevity' returned .*2\.0"):
-        align_flow(str(root / "params.yaml"), str(root))
+        STAGE_FLOWS["align"](str(root / "params.yaml"), str(root))
 
     assert attempts == {(1.0, 0.0, 0.0): 1, broken: 1, flaky: 2}, "retried the transient failure only"
-    kept = {tuple(m.weights) for m in map(stages.load_member, (root / "models" / "members").glob("[!.]*"))}
+    kept = {tuple(m.weights) for m in map(load_policy, (root / "models" / "members").glob("[!.]*"))}
     assert kept == {(1.0, 0.0, 0.0), flaky}
     assert not in_progress(root) and not flag.exists()

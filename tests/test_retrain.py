@@ -33,18 +33,22 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     from flows.pipeline import pipeline
     from flows.retrain import retrain_flow
     from palm_tasks.config import load_config
+    from palm_tasks.jobs import load_policy
     from palm_tasks.registry import portfolio_model_name
+    from palm_tasks.schema import load_pool
+    from palm_tasks.schema import load_portfolio
     from palm_tasks.tracking import tracking_uri
 
     root = make_project(tmp_path / "project", tiny_model)
-    _edit(root, search={"max_trainings": 3})  # the 3 single-trait members: enough to drift
+    # the 3 single-trait members: enough to drift; delta = 1 certifies any portfolio (production)
+    _edit(root, search={"max_trainings": 3}, coverage={"delta": 1.0})
     params = str(root / "params.yaml")
     pipeline(params, str(root))
-    first = json.loads((root / "portfolio.json").read_text())
-    old_pool = json.loads((root / "metrics" / "align.json").read_text())["pool"]
+    first = load_portfolio(root)
+    assert first.certificate.certified
+    old_pool = load_pool(root).keys
     before = _adapters(root)
-    old_values = {k: np.array(json.loads((root / "models" / "members" / k / "member.json")
-                                         .read_text())["values"]) for k in old_pool}
+    old_values = {k: load_policy(root / "models" / "members" / k).values for k in old_pool}
 
     # The reward changes: brevity now counts 5 words as long. Every value vector drifts.
     _edit(root, rewards={"brevity_max_words": 5})
@@ -52,9 +56,9 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     after = _adapters(root)
     assert all(after[k] == before[k] for k in old_pool), "kept members were not retrained"
     assert sorted(summary["reevaluated"]) == sorted(old_pool)
-    align = json.loads((root / "metrics" / "align.json").read_text())
-    assert align["mode"] == "retrain" and align["pool"][:len(old_pool)] == old_pool
-    assert align["trained"] == len(summary["trained"]) == len(set(after) - set(before))
+    pool = load_pool(root)
+    assert pool.mode == "retrain" and pool.keys[:len(old_pool)] == old_pool
+    assert pool.trained == len(summary["trained"]) == len(set(after) - set(before))
 
     # drift = mean change of the re-evaluated members' values, per trait, as stored on disk
     new_values = {k: np.array(json.loads((root / "models" / "members" / k / "evaluations" /
@@ -65,15 +69,16 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     assert [summary["reward_drift"][t] for t in cfg.traits] == pytest.approx(expected.tolist())
     assert summary["reward_drift"]["brevity"] < 0  # a stricter brevity scores everyone lower
 
-    # the certificate was recomputed on the re-evaluated values
-    portfolio = json.loads((root / "portfolio.json").read_text())
-    for m in portfolio["members"]:
-        if m["key"] in new_values:
-            assert list(m["values"].values()) == pytest.approx(new_values[m["key"]].tolist(), abs=1e-6)
-    assert set(summary["kept"]) | set(summary["added"]) == {m["key"] for m in portfolio["members"]}
-    assert set(summary["kept"]) | set(summary["dropped"]) == {m["key"] for m in first["members"]}
+    # the pool and the certificate count with the re-evaluated values
+    for p in pool.policies[:len(old_pool)]:
+        assert p.values.tolist() == pytest.approx(new_values[p.key].tolist(), abs=1e-9)
+    portfolio = load_portfolio(root)
+    for m in portfolio.members:
+        assert list(m.value.mean) == pytest.approx(pool.policies[pool.keys.index(m.key)].values.tolist(), abs=1e-6)
+    assert set(summary["kept"]) | set(summary["added"]) == {m.key for m in portfolio.members}
+    assert set(summary["kept"]) | set(summary["dropped"]) == {m.key for m in first.members}
 
-    # MLflow: a retrain run with the drift, the changes and the lineage tags
+    # MLflow: a retrain run with the drift, the changes and the lineage tags; production moved
     uri = tracking_uri(cfg, root)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     run = client.get_run(summary["mlflow_run_id"])
@@ -81,21 +86,18 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     assert run.data.metrics["n_kept"] == len(summary["kept"])
     assert run.data.tags["palm.stage"] == "retrain" and "dvc_lock_sha256" in run.data.tags
     name = portfolio_model_name(cfg)
-    production = client.get_model_version_by_alias(name, "production") \
-        if first["certificate"]["certified"] or summary["certified"] else None
-    if summary["certified"]:
-        assert production.tags["portfolio_id"] == portfolio["id"]
+    assert summary["certified"] and summary["register"]["alias"] == "production"
+    held = client.get_model_version_by_alias(name, "production")
+    assert held.tags["portfolio_id"] == portfolio.id
 
     # 20 standard errors of pessimism: no portfolio is certified, so production stays put.
-    _edit(root, coverage={"z": 20.0}, search={"max_trainings": 1})
-    held = client.get_model_version_by_alias(name, "production") if production else None
+    _edit(root, coverage={"z": 20.0, "delta": 0.02}, search={"max_trainings": 1})
     strict = retrain_flow(params, str(root))
     assert not strict["certified"] and strict["register"]["alias"] == "candidate"
     assert strict["trained"] and len(strict["trained"]) <= 1
     candidate = client.get_model_version_by_alias(name, "candidate")
     assert candidate.tags["portfolio_id"] == strict["portfolio"]
-    if held is not None:
-        assert client.get_model_version_by_alias(name, "production").version == held.version
+    assert client.get_model_version_by_alias(name, "production").version == held.version
     assert all(_adapters(root)[k] == after[k] for k in after), "nothing retrained twice"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pyjokes
 
-from palm_tasks import rewards as R
+from palm_tasks.llm import rewards as R
 
 # Held-out accuracy of the humor classifier. Measured over seeds 0-9 (156 held-out texts each):
 # mean 0.89, min 0.83 (seed 0 gives 0.83); the standard error of one split is ~0.025, so 0.8
@@ -30,7 +30,7 @@ COMPLETIONS = [
 def reward_dir(tmp_path_factory):
     """A reward directory with the humor classifier trained once for the whole module."""
     directory = tmp_path_factory.mktemp("rewards")
-    metrics = R.prepare_rewards(["safety", "humor", "brevity"], directory, seed=0)
+    metrics = R.prepare_rewards(["safety", "humor", "brevity"], directory, seed=0, humor_test_fraction=0.25)
     return directory, metrics
 
 
@@ -58,7 +58,7 @@ def test_humor_classifier_trains_and_ranks_jokes_above_facts(reward_dir):
 
 def test_prepare_rewards_reuses_a_current_classifier(reward_dir):
     directory, metrics = reward_dir
-    again = R.prepare_rewards(["humor"], directory, seed=0)
+    again = R.prepare_rewards(["humor"], directory, seed=0, humor_test_fraction=0.25)
     assert again["humor"]["reused"]
     assert again["humor"]["heldout_accuracy"] == metrics["humor"]["heldout_accuracy"]
 
@@ -214,21 +214,18 @@ def test_reward_model_declarations_are_checked_in_params(reward_models, tmp_path
         parse_config({"rewards": {"models": {"safety": {"path": str(reward_models["one"])}}}})
 
 
-def test_an_alignment_job_trains_with_a_reward_model(reward_models, tiny_model, tmp_path):
-    from palm_tasks.align import JobSpec, train_member
-    from palm_tasks.config import parse_config
+def test_an_alignment_job_trains_with_a_reward_model(reward_models, prepared_project, tmp_path):
+    from conftest import copy_project
+    from palm_tasks.config import load_config
+    from palm_tasks.jobs import Job, run_job
+    from palm_tasks.stages import STAGES
 
-    cfg = parse_config({"traits": ["brevity", "helpful"], "device": "cpu",
-                        "rewards": {"models": {"helpful": {"path": str(reward_models["one"])}}},
-                        "training": {"steps": 2, "max_completion_length": 8},
-                        "evaluation": {"n_prompts": 4, "max_new_tokens": 8}, "data": {"n_eval": 4}})
-    rewards = R.build_rewards(cfg.traits, tmp_path, models=cfg.rewards.models)
-    spec = JobSpec(traits=tuple(cfg.traits), weights=(0.5, 0.5), base_model_sha256="b" * 64,
-                   reward_versions=tuple(r.version for r in rewards), data_sha256="d" * 64,
-                   training=cfg.training.model_dump(), evaluation=cfg.evaluation.model_dump())
-    member = train_member(spec, cfg, tiny_model, rewards, ["Hello?", "Tell me a joke."] * 4,
-                          ["Hi!", "What is 2 + 2?", "Name a colour.", "Why?"], tmp_path / "members")
-    assert member.values.shape == (2,) and 0 <= member.values[1] <= 1
-    assert rewards[1].version in member.info["job"]["reward_versions"]
-    history = json.loads((member.path / "member.json").read_text())
-    assert history["final_reward"] is not None
+    root = copy_project(prepared_project, tmp_path / "project", traits=["brevity", "helpful"],
+                        rewards={"models": {"helpful": {"path": str(reward_models["one"])}}})
+    cfg = load_config(root / "params.yaml")
+    STAGES["rewards"].run(cfg, root)
+    policy = run_job(cfg, root, Job.train([0.5, 0.5]))
+    rewards = R.build_rewards(cfg.traits, root / "models" / "rewards", models=cfg.rewards.models)
+    assert policy.values.shape == (2,) and 0 <= policy.values[1] <= 1
+    assert rewards[1].version in policy.training["job"]["reward_versions"]
+    assert json.loads((policy.path / "member.json").read_text())["training"]["final_reward"] is not None

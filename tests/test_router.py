@@ -3,13 +3,14 @@ and `palm route` on a registered portfolio (real MLflow, SQLite in tmp)."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from palm_tasks import coverage as cov
 from palm_tasks import grid as gridlib
-from palm_tasks.router import Router, WeightsError, parse_weights
+from palm_tasks.serve.router import Router, WeightsError, parse_weights
 
 TRAITS = ["safety", "humor", "brevity"]
 
@@ -41,21 +42,30 @@ def test_weights_are_normalized_and_say_so():
     assert normalized and np.allclose(w, [0.25, 0.25, 0.5])
 
 
+def synthetic_pool(root: Path, W: np.ndarray, R: np.ndarray, SE: np.ndarray):
+    """Policies as the align stage holds them (directories under root), with these values."""
+    from palm_tasks.schema import Policy, ValueVector
+
+    return [Policy(key=f"m{j}", kind="trained", traits=tuple(TRAITS), weights=tuple(W[j]),
+                   value=ValueVector(tuple(R[j]), tuple(SE[j]), 8), path=root / "models" / "members" / f"m{j}")
+            for j in range(len(W))]
+
+
 def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, z: float = 0.0):
-    """A portfolio.json as the coverage stage writes it, from the real prune + certify."""
+    """The portfolio the coverage stage builds (real prune + certify) from a synthetic pool."""
+    from palm_tasks.config import parse_config
+    from palm_tasks.paths import Paths
+    from palm_tasks.stages.coverage import build
+
     rng = np.random.default_rng(seed)
     W = np.vstack([np.eye(3), gridlib.random_weights(3, n - 3, seed)])
     R = np.clip(0.2 + 0.6 * W + 0.05 * rng.standard_normal(W.shape), 0, 1)
     SE = np.full_like(R, 0.01)
-    members = np.asarray(cov.prune(W, R, eps, delta, std_errors=SE, z=z), int)
-    cert = cov.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
-    entry = lambda j: {"key": f"m{j}", "weights": dict(zip(TRAITS, W[j])),  # noqa: E731
-                       "values": dict(zip(TRAITS, R[j])), "std_errors": dict(zip(TRAITS, SE[j])),
-                       "share": 1 / len(members)}
-    return {"id": f"p{seed}" * 8, "task": "assistant", "traits": TRAITS, "eps": eps,
-            "delta": delta, "z": z, "members": [entry(j) for j in members],
-            "certificate": cert.to_dict(), "pool": [f"m{j}" for j in range(n)],
-            "oracle": {"weights": W.tolist(), "values": R.tolist(), "std_errors": SE.tolist()}}, cert
+    root = Path(f"/nonexistent/project{seed}")
+    cfg = parse_config({"coverage": {"eps": eps, "delta": delta, "z": z, "test_users": 100}})
+    portfolio, *_ = build(cfg, Paths(root), synthetic_pool(root, W, R, SE), [])
+    members = [int(k[1:]) for k in (m.key for m in portfolio.members)]
+    return portfolio, cov.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
 
 
 @pytest.mark.parametrize("seed, eps, z", [(0, 0.05, 0.0), (1, 0.3, 0.0), (2, 0.05, 1.0)])
@@ -63,14 +73,14 @@ def test_route_bound_agrees_with_the_certificate(seed, eps, z):
     portfolio, cert = _portfolio(seed, eps=eps, z=z)
     router = Router(portfolio)
     users = gridlib.dirichlet_users(3, 300, seed)
-    R = np.array([[m["values"][t] - z * m["std_errors"][t] for t in TRAITS]
-                  for m in portfolio["members"]])
-    W, RO, SE = (np.array(portfolio["oracle"][k]) for k in ("weights", "values", "std_errors"))
+    R = np.array([np.array(m.value.mean) - z * np.array(m.value.se) for m in portfolio.members])
+    o = portfolio.oracle
+    W, RO, SE = np.array(o.weights), np.array(o.values), np.array(o.std_errors)
     upper = cov.upper_bounds(users, W, (W @ (RO + z * SE).T).max(axis=1))
     for u, U in zip(users, upper):
         route = router.route(dict(zip(TRAITS, u)))
         best = int(np.argmax(R @ u))
-        assert route.member_key == portfolio["members"][best]["key"]
+        assert route.member_key == portfolio.members[best].key
         assert route.value == pytest.approx(R[best] @ u)
         assert route.opt_upper_bound == pytest.approx(U, abs=1e-9)
         # the per-weight tolerance never exceeds what the certificate states for every weight
@@ -83,11 +93,15 @@ def test_route_bound_agrees_with_the_certificate(seed, eps, z):
     assert worst.eps_at_w == pytest.approx(cert.max_eps, abs=1e-6)
 
 
-def test_router_without_oracle_rows_still_bounds_from_its_members():
+def test_a_portfolio_file_without_oracle_rows_bounds_from_its_members():
+    from palm_tasks.schema import Portfolio
+
     portfolio, cert = _portfolio(3)
-    loose = Router({k: v for k, v in portfolio.items() if k != "oracle"})
+    unversioned = {k: v for k, v in portfolio.to_json().items() if k not in ("oracle", "schema_version")}
+    loose = Router(Portfolio.from_json(unversioned))
     tight = Router(portfolio)
-    assert "members only" in loose.bound_from
+    assert loose.portfolio.oracle.keys == tuple(m.key for m in portfolio.members)
+    assert len(tight.portfolio.oracle.keys) == 7
     for u in gridlib.dirichlet_users(3, 50, 3):
         a, b = loose.route(dict(zip(TRAITS, u))), tight.route(dict(zip(TRAITS, u)))
         assert a.member_key == b.member_key
@@ -95,7 +109,7 @@ def test_router_without_oracle_rows_still_bounds_from_its_members():
 
 
 def test_plots_show_the_portfolio(tmp_path):
-    from palm_tasks.plots import write_plots
+    from palm_tasks.report.plots import write_plots
 
     portfolio, cert = _portfolio(4, n=6)
     test = np.vstack([gridlib.simplex_lattice(3, 10), gridlib.dirichlet_users(3, 200, 0)])
@@ -114,10 +128,10 @@ def test_plots_show_the_portfolio(tmp_path):
     cells = json.loads((tmp_path / "simplex_map.json").read_text())
     assert len(cells) == len(gridlib.simplex_lattice(3, 40))
     served = {c["member"] for c in cells}
-    assert served <= {m["key"][:10] for m in portfolio["members"]}
+    assert served <= {m.key[:10] for m in portfolio.members}
     assert max(c["eps_at_w"] for c in cells) <= cert.max_eps + 1e-6
     values = json.loads((tmp_path / "member_values.json").read_text())
-    assert len(values) == 3 * len(portfolio["members"])
+    assert len(values) == 3 * len(portfolio.members)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +151,7 @@ def test_router_from_registry_gives_the_registered_member(project):
     assert route.member_key == keys[1]
     assert route.model_uri == f"models:/{member_model_name(cfg)}/{result['member_versions'][keys[1]]}"
     assert route.adapter_path == str(root / "models" / "members" / keys[1] / "adapter")
-    assert router.base_model_path() == root / "tiny"
+    assert router.base_model_path() == Path(cfg.base_model)
     with pytest.raises(LookupError, match="no portfolio registered as .*@nonesuch"):
         Router.from_registry("nonesuch", tracking_uri(cfg, root), portfolio_model_name(cfg))
 

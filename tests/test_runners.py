@@ -1,6 +1,7 @@
 """Task runners: alignment jobs on a real local Dask cluster (prefect-dask), and how jobs ask
 for GPUs."""
 
+import importlib.util
 import json
 import os
 
@@ -14,19 +15,21 @@ pytestmark = pytest.mark.slow
 def test_two_jobs_on_a_local_dask_cluster_of_two_workers(prepared_project, tmp_path, prefect_harness):
     import mlflow
 
-    from flows.stages import align_flow
-    from palm_tasks.align import load_member
-    from palm_tasks.tracking import tracking_uri
+    from flows.stages import STAGE_FLOWS
     from palm_tasks.config import load_config
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.schema import load_pool
+    from palm_tasks.tracking import tracking_uri
 
     root = copy_project(prepared_project, tmp_path / "project",
                         search={"mode": "uniform", "k": 2, "max_trainings": 2},
                         runner={"kind": "dask", "workers": 2})
-    result = align_flow(str(root / "params.yaml"), str(root))
+    result = STAGE_FLOWS["align"](str(root / "params.yaml"), str(root))
     assert result["jobs"] == result["trained"] == 2
 
-    members = [load_member(root / "models" / "members" / k) for k in result["pool"]]
-    workers = {(m.info["worker"]["host"], m.info["worker"]["pid"]) for m in members}
+    pool = load_pool(root)
+    members = [load_policy(root / "models" / "members" / k) for k in pool.keys]
+    workers = {(m.training["worker"]["host"], m.training["worker"]["pid"]) for m in members}
     assert len(workers) == 2, f"both jobs ran in one process: {workers}"
     assert os.getpid() not in {pid for _, pid in workers}, "jobs ran in the flow's process"
     for m in members:
@@ -37,9 +40,9 @@ def test_two_jobs_on_a_local_dask_cluster_of_two_workers(prepared_project, tmp_p
     client = mlflow.MlflowClient(tracking_uri(cfg, root))
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
                               "tags.`palm.stage` = 'align'")
-    assert sorted(r.info.run_id for r in runs) == sorted(m.info["mlflow_run_id"] for m in members)
+    assert sorted(r.info.run_id for r in runs) == sorted(m.training["mlflow_run_id"] for m in members)
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert json.loads((root / "metrics" / "align.json").read_text())["pool"] == result["pool"]
+    assert json.loads((root / "metrics" / "align.json").read_text())["jobs"] == len(pool.keys) == 2
 
 
 def test_a_local_gpu_cluster_pins_one_gpu_per_worker():
@@ -62,9 +65,7 @@ def test_a_local_gpu_cluster_pins_one_gpu_per_worker():
         assert all(f.result() in {"2", "5"} for f in futures)
 
 
-def test_threads_run_one_job_at_a_time_on_cuda_and_ray_needs_its_extra():
-    import importlib.util
-
+def test_threads_run_one_job_at_a_time_on_cuda():
     from flows.runners import task_runner
     from palm_tasks.config import ConfigError, parse_config
 
@@ -72,6 +73,11 @@ def test_threads_run_one_job_at_a_time_on_cuda_and_ray_needs_its_extra():
     assert task_runner(parse_config({"device": "cuda", "runner": {"workers": 3}}))._max_workers == 1
     with pytest.raises(ConfigError, match="runner.address = 'tcp://h:8786' is for kind dask or ray"):
         parse_config({"runner": {"address": "tcp://h:8786"}})
-    if importlib.util.find_spec("prefect_ray") is None:
-        with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
-            parse_config({"runner": {"kind": "ray"}})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is not None, reason="the ray extra is installed")
+def test_ray_without_its_extra_says_how_to_install_it():
+    from palm_tasks.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
+        parse_config({"runner": {"kind": "ray"}})

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from palm_tasks.router import Router
-from palm_tasks.serve import MAX_BODY_BYTES, MAX_PROMPT_CHARS, load_models, make_server
+from palm_tasks.serve.router import Router
+from palm_tasks.serve.server import MAX_BODY_BYTES, MAX_PROMPT_CHARS, load_models, make_server
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_switching_members_keeps_the_base_and_matches_each_member_alone(served, 
     assert torch.equal(logits[keys[0]][0], logits[keys[0]][1])  # back to the first: same
     assert not torch.allclose(logits[keys[0]][0], logits[keys[1]][0])  # adapters differ
     for key in keys:  # each member as if loaded alone on a fresh base
-        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "tiny"),
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project[2].base_model),
                                           root / "models" / "members" / key / "adapter").eval()
         with torch.no_grad():
             assert torch.allclose(alone(input_ids=ids).logits, logits[key][0], atol=1e-5)

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from conftest import make_project
-from palm_tasks import soups as S
 from palm_tasks.config import load_config
+from palm_tasks.llm import soups as S
+from palm_tasks.schema import load_soups
 
 
 def test_lambdas_are_the_mixed_lattice_points_most_mixed_first():
@@ -73,7 +74,7 @@ def test_mixing_refuses_adapters_of_different_shapes(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model):
     """A tiny project with the 2 specialists trained (d = 2: brevity, readability)."""
-    from palm_tasks import stages
+    from palm_tasks.stages import STAGES
 
     root = make_project(tmp_path_factory.mktemp("soups") / "project", tiny_model)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -83,121 +84,118 @@ def project(tmp_path_factory, tiny_model):
     params["device"] = "cpu"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cfg = load_config(root / "params.yaml")
-    # the rewards stage's inputs for align, without its base-model scoring and MLflow run
-    from palm_tasks.base_model import prepare_base_model
-    from palm_tasks.prompts import prepare_prompts
-    from palm_tasks.layout import Layout
-
-    lay = Layout(root)
-    prepare_base_model(cfg.base_model, lay.base)
-    prepare_prompts(cfg.task, lay.prompts, cfg.data.n_train, cfg.data.n_eval, cfg.seed)
-    for stage in ("grid", "align"):
-        stages.STAGE_FUNCTIONS[stage](cfg, root)
+    for stage in ("rewards", "grid", "align"):
+        STAGES[stage].run(cfg, root)
     return root, cfg
 
 
 def test_soups_are_evaluated_stored_and_reused(project):
-    from palm_tasks import stages
-    from palm_tasks.align import load_member
+    from palm_tasks.jobs import load_policy
+    from palm_tasks.stages import soups
+    from palm_tasks.schema import load_pool
 
     root, cfg = project
-    first = stages.soups_stage(cfg, root)
-    assert first["built"] == 2 and first["reused"] == 0 and first["skipped"] is None
-    assert [list(x) for x in first["lambdas"]] == [[0.5, 0.5], [0.75, 0.25]]
-    align = json.loads((root / "metrics" / "align.json").read_text())
-    by_weights = dict(zip(map(tuple, np.array(align["weights"]).round(6)), align["pool"]))
-    assert first["ingredients"] == [by_weights[(1.0, 0.0)], by_weights[(0.0, 1.0)]]  # e_1, e_2
-    for key, lambdas in zip(first["soups"], first["lambdas"]):
-        soup = load_member(root / "models" / "soups" / key)  # checksums verified
-        assert soup.info["kind"] == "soup" and soup.info["ingredients"] == first["ingredients"]
-        assert np.allclose(soup.weights, lambdas)  # sum_i lambda_i e_i
+    first = soups.run(cfg, root)
+    made = load_soups(root)
+    assert first["built"] == 2 and first["reused"] == 0 and made.note is None
+    assert [list(p.lambdas) for p in made.policies] == [[0.5, 0.5], [0.75, 0.25]]
+    by_weights = {tuple(np.round(p.weights, 6)): p.key for p in load_pool(root).policies}
+    ingredients = [by_weights[(1.0, 0.0)], by_weights[(0.0, 1.0)]]  # e_1, e_2
+    assert made.history["ingredients"] == ingredients
+    for soup in made.policies:
+        stored = load_policy(root / "models" / "soups" / soup.key)  # checksums verified
+        assert stored == soup and soup.kind == "soup" and list(soup.ingredients) == ingredients
+        assert np.allclose(soup.weights, soup.lambdas)  # sum_i lambda_i e_i
         assert np.all((soup.values >= 0) & (soup.values <= 1)) and np.all(soup.std_errors >= 0)
-        assert soup.info["n_eval"] == cfg.evaluation.n_prompts
+        assert soup.value.n == cfg.evaluation.n_prompts
         assert not list(soup.path.rglob("*.bin"))
     mtimes = {p: p.stat().st_mtime_ns for p in (root / "models" / "soups").rglob("*.safetensors")}
-    again = stages.soups_stage(cfg, root)
-    assert again["built"] == 0 and again["reused"] == 2 and again["soups"] == first["soups"]
+    again = soups.run(cfg, root)
+    assert again["built"] == 0 and again["reused"] == 2
+    assert load_soups(root).keys == made.keys
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
 def test_evaluation_is_seeded_so_the_same_soup_gives_the_same_value_vector(project, tmp_path):
-    from palm_tasks import stages
-    from palm_tasks.align import load_member
-    from palm_tasks.base_model import resolve_base_model
-    from palm_tasks.prompts import read_prompts
+    from palm_tasks.jobs import Job, run_job
+    from palm_tasks.paths import Paths
+    from palm_tasks.schema import load_pool
 
     root, cfg = project
-    pool = stages.load_pool(root)
-    jobs = stages.JobFactory(cfg, root)
-    args = (cfg, resolve_base_model(root / "models" / "base"), pool[:2], [0.5, 0.5], jobs.rewards,
-            read_prompts(root / "data" / "prompts" / "eval.jsonl"))
-    one, two = S.build_soup(*args, tmp_path / "one"), S.build_soup(*args, tmp_path / "two")
-    assert one.key == two.key
+    dirs = [Paths(root).relative(p.path) for p in load_pool(root).policies[:2]]
+    one, two = (run_job(cfg, root, Job.soup(dirs, [0.3, 0.7], store=f"models/copy-{i}")) for i in (1, 2))
+    assert one.key == two.key and one.path != two.path  # made twice, in two stores
     np.testing.assert_array_equal(one.values, two.values)
     np.testing.assert_array_equal(one.std_errors, two.std_errors)
     lines = lambda m: (m.path / "completions.jsonl").read_text()  # noqa: E731
     assert lines(one) == lines(two)
-    stored = json.loads((root / "metrics" / "soups.json").read_text())
-    if one.key in stored["soups"]:  # the stage's copy, evaluated in another call, agrees too
-        np.testing.assert_array_equal(load_member(root / "models" / "soups" / one.key).values, one.values)
 
 
 def test_coverage_offers_soups_as_non_oracle_candidates(project):
-    from palm_tasks import stages
+    from palm_tasks.stages import coverage, soups
+    from palm_tasks.schema import load_portfolio
 
     root, cfg = project
-    stages.soups_stage(cfg, root)
-    metrics = stages.coverage_stage(cfg, root)
-    portfolio = json.loads((root / "portfolio.json").read_text())
-    soups = json.loads((root / "metrics" / "soups.json").read_text())["soups"]
-    assert portfolio["soups"]["candidates"] == soups and len(soups) == 2
-    assert portfolio["soups"]["candidate_share"] == pytest.approx(2 / 4)
+    soups.run(cfg, root)
+    metrics = coverage.run(cfg, root)
+    portfolio = load_portfolio(root)
+    candidates = load_soups(root).keys
+    assert portfolio.soups["candidates"] == candidates and len(candidates) == 2
+    assert portfolio.soups["candidate_share"] == pytest.approx(2 / 4)
     # soups are candidates, never oracle rows: the upper bound uses the trained members only
-    assert portfolio["certificate"]["n_oracle"] == 2 and portfolio["oracle"]["keys"] == portfolio["pool"]
-    kinds = [m["kind"] for m in portfolio["members"]]
-    assert metrics["soups_in_portfolio"] == kinds.count("soup") == portfolio["soups"]["in_portfolio"]
+    assert portfolio.certificate.n_oracle == 2 and portfolio.oracle.keys == portfolio.pool
+    assert portfolio.soup_rows.keys == tuple(candidates)
+    kinds = [m.kind for m in portfolio.members]
+    assert metrics["soups_in_portfolio"] == kinds.count("soup") == portfolio.soups["in_portfolio"]
     assert metrics["soup_candidates"] == 2 and metrics["pool_size"] == 2
-    for m in portfolio["members"]:
-        assert (root / m["path"] / "adapter" / "adapter_model.safetensors").is_file()
+    for m in portfolio.members:
+        assert (root / m.path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_soups_disabled_or_without_specialists(project):
-    from palm_tasks import stages
+def test_soups_disabled_or_without_specialists(project, tmp_path):
+    from dataclasses import replace
+
+    from palm_tasks import schema
     from palm_tasks.config import parse_config
+    from palm_tasks.paths import Paths
+    from palm_tasks.stages import coverage, soups
+    from palm_tasks.schema import load_pool
 
     root, cfg = project
     off = parse_config({**cfg.model_dump(), "soups": {"enabled": False}})
-    assert stages.soups_stage(off, root)["soups"] == []
-    assert stages.coverage_stage(off, root)["soup_candidates"] == 0
-    pool = stages.load_pool(root)
-    made = S.make_soups(cfg, None, pool[1:], [], [], root / "models" / "soups")
-    assert made["soups"] == [] and "specialist" in made["skipped"]
+    assert off.soups.enabled is False and soups.run(off, root)["soups"] == 0
+    assert "soups.enabled is false" in load_soups(root).note
+    assert coverage.run(off, root)["soup_candidates"] == 0
+    pool = load_pool(root)
+    schema.write(Paths(root).pool, replace(pool, policies=pool.policies[1:]))  # no e_1 specialist
+    try:
+        assert soups.run(cfg, root)["soups"] == 0
+        assert "specialist" in load_soups(root).note
+    finally:
+        schema.write(Paths(root).pool, pool)
 
 
 def test_a_soup_in_a_portfolio_registers_with_its_recipe(project):
-    """Registry on a portfolio.json whose only member is a soup (the coverage stage's entry
-    format; whether a soup wins on the tiny model is chance, so the portfolio is rewritten)."""
+    """The register stage on a portfolio whose only member is a soup (the coverage stage builds
+    it with that member chosen: whether a soup wins on the tiny model is chance)."""
     import mlflow
 
-    from palm_tasks import stages
-    from palm_tasks.layout import Layout
+    from palm_tasks import schema
+    from palm_tasks.paths import Paths
     from palm_tasks.registry import register_portfolio
+    from palm_tasks.stages import coverage, soups
+    from palm_tasks.schema import load_pool
     from palm_tasks.tracking import tracking_uri
 
     root, cfg = project
-    stages.soups_stage(cfg, root)
-    stages.coverage_stage(cfg, root)
-    portfolio = json.loads((root / "portfolio.json").read_text())
-    soup = stages.load_soups(root)[0]
-    entry = {"key": soup.key, "weights": dict(zip(cfg.traits, soup.weights.tolist())),
-             "values": dict(zip(cfg.traits, soup.values.tolist())),
-             "std_errors": dict(zip(cfg.traits, soup.std_errors.tolist())), "share": 1.0,
-             **stages._candidate_info(soup, Layout(root))}
-    portfolio["members"] = [entry]
-    (root / "portfolio.json").write_text(json.dumps(portfolio))
+    soups.run(cfg, root)
+    trained, made = load_pool(root).policies, load_soups(root).policies
+    portfolio, *_ = coverage.build(cfg, Paths(root), trained, made, members=[len(trained)])
+    schema.write(Paths(root).portfolio, portfolio)
+    soup = made[0]
     result = register_portfolio(cfg, root)
     client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
     version = client.get_model_version(f"palm-{cfg.task}-member", result["member_versions"][soup.key])
     assert version.tags["kind"] == "soup" and version.tags["member_key"] == soup.key
-    assert version.tags["ingredients"] == ",".join(soup.info["ingredients"])
-    assert [float(x) for x in version.tags["lambdas"].split(",")] == soup.info["lambdas"]
+    assert version.tags["ingredients"] == ",".join(soup.ingredients)
+    assert [float(x) for x in version.tags["lambdas"].split(",")] == list(soup.lambdas)

@@ -4,8 +4,8 @@ in tests/test_evaluate.py)."""
 import pytest
 
 from palm_tasks.config import TASK_TRAITS, ConfigError, parse_config
-from palm_tasks.correctness import gsm_problems
-from palm_tasks.rewards import CorrectnessReward, build_rewards
+from palm_tasks.llm.correctness import gsm_problems
+from palm_tasks.llm.rewards import CorrectnessReward, build_rewards
 
 
 def test_traits_default_to_the_tasks():
@@ -27,7 +27,7 @@ def test_correctness_scores_the_gsm_answer():
     scores = reward([question] * 4, [answer, f"The answer is {answer}.", wrong, "I do not know"])
     assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
     # TRL hands the reward chat-formatted prompts and completions
-    from palm_tasks.align import trl_reward_funcs
+    from palm_tasks.llm.train import trl_reward_funcs
 
     (fn,) = trl_reward_funcs([reward])
     chat = [{"role": "user", "content": question}]

@@ -25,7 +25,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from palm_tasks.router import Router, WeightsError
+from palm_tasks.llm.models import chat
+from palm_tasks.serve.router import Router, WeightsError
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PROMPT_CHARS = 4000
@@ -37,16 +38,14 @@ class MemberModels:
     """The base model once, with each member's adapter loaded as a named PEFT adapter."""
 
     def __init__(self, base_path: Path, adapters: dict[str, Path], device: str = "cpu"):
-        import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from palm_tasks.llm.models import load_base, load_tokenizer
 
         if not adapters:
             raise ValueError("no adapters to serve")
-        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device)
+        self.tokenizer = load_tokenizer(base_path)
+        self.base = load_base(base_path, device)
         keys = list(adapters)
         # Adapter names are module names inside the model: prefixed so they never start with a digit.
         self.model = PeftModel.from_pretrained(self.base, adapters[keys[0]],
@@ -82,9 +81,8 @@ class MemberModels:
 
         with self._lock:
             switched = self.use(key)
-            chat = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      tokenize=False, add_generation_prompt=True)
-            enc = self.tokenizer(chat, return_tensors="pt", add_special_tokens=False).to(
+            text = self.tokenizer.apply_chat_template(chat(prompt), tokenize=False, add_generation_prompt=True)
+            enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(
                 self.base.device)
             with torch.no_grad():
                 ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -161,8 +159,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             r = self.server.router
-            return self._send(200, {"status": "ok", "portfolio_id": r.portfolio["id"],
-                                    "traits": r.traits, "members": [m["key"] for m in r.members],
+            return self._send(200, {"status": "ok", "portfolio_id": r.portfolio.id,
+                                    "traits": r.traits, "members": [m.key for m in r.members],
                                     "generate": self.server.models is not None})
         if self.path in ("/route", "/generate"):
             return self._send(405, {"error": f"use POST for {self.path}"})
@@ -215,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def load_models(router: Router, device: str = "cpu") -> MemberModels:
     """The base model of the router's portfolio with every member's adapter on it."""
-    adapters = {m["key"]: router.adapter_dir(m["key"]) for m in router.members}
+    adapters = {m.key: router.adapter_dir(m.key) for m in router.members}
     return MemberModels(router.base_model_path(), adapters, device)
 
 

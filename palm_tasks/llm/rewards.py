@@ -189,7 +189,7 @@ class RelevanceReward(Reward):
 
 
 def _chatterbot_english() -> Path:
-    from palm_tasks.prompts import package_dir
+    from palm_tasks.llm.prompts import package_dir
 
     return package_dir("chatterbot_corpus") / "data" / "english"
 
@@ -259,7 +259,7 @@ def _fortunes(fortunes_dir: Path, limit: int) -> list[str]:
     return texts
 
 
-def train_humor_classifier(out_dir: Path, seed: int, test_fraction: float = 0.25,
+def train_humor_classifier(out_dir: Path, seed: int, test_fraction: float,
                            fortunes_dir: Path = FORTUNES_DIR) -> dict:
     """Train the joke classifier; write out_dir/classifier.safetensors + meta.json.
 
@@ -517,19 +517,19 @@ class HFRewardModel(Reward):
 
 class CorrectnessReward(Reward):
     """1 if the completion's first number is the answer of the prompt's gsm_symbolic problem
-    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/correctness.py."""
+    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/llm/correctness.py."""
 
     name = "correctness"
     normalization = ("1 if reasoning-gym's gsm_symbolic scorer accepts the completion's answer to the "
                      "prompt's problem, else 0 (a member's value is its accuracy)")
 
     def __init__(self):
-        from palm_tasks.correctness import correctness_version
+        from palm_tasks.llm.correctness import correctness_version
 
         self.version = correctness_version()
 
     def score(self, prompts, completions):
-        from palm_tasks.correctness import correctness_scores
+        from palm_tasks.llm.correctness import correctness_scores
 
         return correctness_scores(prompts, completions)
 
@@ -579,29 +579,30 @@ def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 
     return rewards
 
 
-def _humor_is_current(humor_dir: Path, seed: int) -> dict | None:
+def _humor_is_current(humor_dir: Path, seed: int, test_fraction: float) -> dict | None:
     try:
         meta = json.loads((humor_dir / HUMOR_META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if (meta.get("recipe_version") == HUMOR_RECIPE_VERSION and meta.get("seed") == seed
-            and (humor_dir / HUMOR_WEIGHTS_FILE).is_file()):
+            and meta.get("test_fraction") == test_fraction and (humor_dir / HUMOR_WEIGHTS_FILE).is_file()):
         return meta
     return None
 
 
-def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=()) -> dict:
+def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=(), *,
+                    humor_test_fraction: float) -> dict:
     """Train what ``traits`` need (the humor classifier) unless an up-to-date one exists
-    (same recipe version and seed); return metrics per trained reward. ``models`` names the
+    (same recipe version, seed and held-out fraction); return metrics per trained reward. ``models`` names the
     declared reward-model traits (nothing to train)."""
     _check_traits(traits, models)
     metrics: dict[str, dict] = {}
     if "humor" in traits:
         humor_dir = Path(reward_dir) / "humor"
-        meta = _humor_is_current(humor_dir, seed)
+        meta = _humor_is_current(humor_dir, seed, humor_test_fraction)
         reused = meta is not None
         if meta is None:
-            meta = train_humor_classifier(humor_dir, seed)
+            meta = train_humor_classifier(humor_dir, seed, humor_test_fraction)
         metrics["humor"] = {
             "heldout_accuracy": meta["heldout_accuracy"],
             "n_train": meta["n_train"],

@@ -13,7 +13,7 @@ whitespace ignored) are dropped, keeping the first occurrence. The pool order is
 deterministic: chatterbot files sorted by name, then DoNotAnswer files sorted by name.
 
 Task "gsm" (traits correctness, brevity): the distinct problems of reasoning-gym's
-gsm_symbolic pool (palm_tasks/correctness.py: fixed size and seed); the prompt files also carry
+gsm_symbolic pool (palm_tasks/llm/correctness.py: fixed size and seed); the prompt files also carry
 each problem's answer.
 
 Task "safety" (traits relevance, safety): the same chatterbot questions mixed with harmful
@@ -130,13 +130,13 @@ def safety_sources() -> list[tuple[str, str]]:
 def gsm_sources() -> list[tuple[str, str]]:
     """The "gsm" pool: every distinct gsm_symbolic problem of the fixed pool (no length limit:
     word problems are longer than chat questions)."""
-    from palm_tasks.correctness import gsm_problems
+    from palm_tasks.llm.correctness import gsm_problems
 
     return [(source, question) for source, question, _ in gsm_problems()]
 
 
 def _gsm_answers() -> dict[str, str]:
-    from palm_tasks.correctness import gsm_problems
+    from palm_tasks.llm.correctness import gsm_problems
 
     return {question: answer for _, question, answer in gsm_problems()}
 

@@ -1,0 +1,360 @@
+"""Jobs: training a policy, mixing a soup, re-evaluating a policy; their keys and their store.
+
+A `Job` is what a flow asks a worker to do (JSON-able, so Prefect passes it to any runner). A
+job's result is fully determined by its spec and stored under its key:
+
+    train     JobSpec (base model, traits and reward versions, w, training and evaluation
+              settings, prompt data, seed) -> <store>/<key>/  (GRPO, palm_tasks.llm.train)
+    soup      ingredient keys, lambdas, evaluation settings, seed -> <store>/<key>/
+    evaluate  a stored policy under the current rewards and eval prompts
+              -> <policy>/evaluations/<evaluation key>.json
+
+A policy directory holds adapter/ (adapter_model.safetensors + adapter_config.json),
+member.json (schema.Policy), completions.jsonl (the evaluation answers and their rewards) and
+checksums.json (sha256 of every other file, checked on load). It is written to a temporary
+directory and renamed into place when complete, so a directory with a valid checksum file is a
+finished job, and a finished job is never run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from palm_tasks.config import PalmConfig
+from palm_tasks.log import say, warn
+from palm_tasks.paths import Paths
+from palm_tasks.schema import Policy, ValueVector
+
+MEMBER_FILE = "member.json"
+CHECKSUMS = "checksums.json"
+ADAPTER_DIR = "adapter"
+EVALUATIONS = "evaluations"
+SOUP_RECIPE = "soup-lora-cat-v1"  # bump when the way adapters are mixed changes
+# What a job's result depends on (params.yaml): every stage that runs jobs lists these in dvc.yaml.
+JOB_PARAMS = ("task", "traits", "seed", "device", "data", "training", "evaluation", "rewards")
+
+
+class CorruptPolicyError(RuntimeError):
+    """A policy directory exists but its files do not match its checksums."""
+
+
+# ----------------------------------------------------------------------------- specs and keys
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that determines an alignment job's result; its hash is the job key."""
+
+    traits: tuple[str, ...]
+    weights: tuple[float, ...]
+    base_model_sha256: str
+    reward_versions: tuple[str, ...]
+    data_sha256: str
+    training: dict = field(hash=False)
+    evaluation: dict = field(hash=False)
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        payload = asdict(self)
+        payload["weights"] = [round(float(x), 9) for x in self.weights]
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def soup_key(ingredient_keys: Sequence[str], lambdas, cfg: PalmConfig) -> str:
+    payload = {"recipe": SOUP_RECIPE, "ingredients": list(ingredient_keys),
+               "lambdas": [round(float(x), 9) for x in lambdas],
+               "evaluation": cfg.evaluation.model_dump(), "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for a worker. Paths are relative to the project root."""
+
+    kind: Literal["train", "soup", "evaluate"]
+    store: str = "models/members"  # where a train or soup job writes its policy
+    weights: tuple[float, ...] = ()  # train
+    ingredients: tuple[str, ...] = ()  # soup: the specialists' directories, in trait order
+    lambdas: tuple[float, ...] = ()  # soup
+    policy: str | None = None  # evaluate: the policy's directory
+
+    @classmethod
+    def train(cls, weights, store: str = "models/members") -> "Job":
+        return cls("train", store, weights=tuple(float(x) for x in np.asarray(weights, float)))
+
+    @classmethod
+    def soup(cls, ingredient_dirs: Sequence[str], lambdas, store: str = "models/soups") -> "Job":
+        return cls("soup", store, ingredients=tuple(ingredient_dirs),
+                   lambdas=tuple(float(x) for x in lambdas))
+
+    @classmethod
+    def evaluate(cls, policy_dir: str) -> "Job":
+        return cls("evaluate", policy=policy_dir)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def describe(self) -> str:
+        if self.kind == "train":
+            return f"train w={_fmt(self.weights)}"
+        if self.kind == "soup":
+            return f"soup lambda={_fmt(self.lambdas)}"
+        return f"evaluate {Path(self.policy or '').name}"
+
+
+RunJobs = Callable[[list[Job]], list[Policy]]
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def store_policy(tmp: Path, final: Path, policy: Policy, prompts, completions, scores) -> Policy:
+    """Finish a policy directory written under `tmp` (its adapter is there): the answers,
+    member.json and checksums, then one rename into `final`, so a reader sees all or nothing."""
+    with open(tmp / "completions.jsonl", "w") as fh:
+        for p, c, s in zip(prompts, completions, scores):
+            fh.write(json.dumps({"prompt": p, "completion": c,
+                                 "rewards": dict(zip(policy.traits, np.round(s, 6).tolist()))}) + "\n")
+    (tmp / MEMBER_FILE).write_text(json.dumps(policy.to_json(), indent=2))
+    sums = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return load_policy(final)
+
+
+def load_policy(path: Path, verify: bool = True) -> Policy:
+    """Read a finished policy; `CorruptPolicyError` names it and the bad file."""
+    path = Path(path)
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        raise CorruptPolicyError(f"policy {path.name}: {CHECKSUMS} missing (unfinished or damaged job)")
+    if verify:
+        for rel, digest in json.loads(sums_path.read_text()).items():
+            f = path / rel
+            if not f.is_file():
+                raise CorruptPolicyError(f"policy {path.name}: {rel} is missing")
+            if file_sha256(f) != digest:
+                raise CorruptPolicyError(f"policy {path.name}: {rel} does not match its checksum")
+    try:
+        return Policy.from_json(json.loads((path / MEMBER_FILE).read_text()), path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptPolicyError(f"policy {path.name}: {MEMBER_FILE} is unreadable ({exc})") from None
+
+
+def find_finished(store: Path, key: str, redo: str = "it will be run again") -> Policy | None:
+    """The finished policy with this key, or None. A damaged one is removed so it is redone."""
+    path = Path(store) / key
+    if not path.is_dir():
+        return None
+    try:
+        return load_policy(path)
+    except CorruptPolicyError as exc:
+        warn(f"{exc}; {redo}")
+        shutil.rmtree(path)
+        return None
+
+
+def remove_half_written(store: Path) -> None:
+    """Temporary directories of jobs a killed run left behind."""
+    for stale in Path(store).glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _workdir(store: Path, key: str) -> Path:
+    tmp = Path(store) / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ----------------------------------------------------------------------------- running a job
+
+
+class JobContext:
+    """What every job of one project and configuration shares: hashes, prompts, rewards."""
+
+    def __init__(self, cfg: PalmConfig, root: Path):
+        from palm_tasks.llm.base_model import base_info, resolve_base_model
+        from palm_tasks.llm.models import resolve_device
+        from palm_tasks.llm.prompts import read_prompts
+        from palm_tasks.llm.rewards import build_rewards
+
+        self.cfg, self.paths = cfg, Paths(Path(root))
+        self.device = resolve_device(cfg.device)
+        self.base_path = resolve_base_model(self.paths.base)
+        self.base_sha = base_info(self.paths.base)["weights_sha256"]
+        h = hashlib.sha256()
+        for name in ("train.jsonl", "eval.jsonl"):
+            h.update((self.paths.prompts / name).read_bytes())
+        self.data_sha = h.hexdigest()
+        self.eval_sha = hashlib.sha256((self.paths.prompts / "eval.jsonl").read_bytes()).hexdigest()
+        self.train_prompts = read_prompts(self.paths.prompts / "train.jsonl")
+        self.eval_prompts = read_prompts(self.paths.prompts / "eval.jsonl")
+        self.rewards = build_rewards(cfg.traits, self.paths.reward_models, cfg.rewards.brevity_max_words,
+                                     cfg.rewards.models, self.device)
+        self.reward_versions = tuple(r.version for r in self.rewards)
+
+    def spec(self, weights: Sequence[float]) -> JobSpec:
+        from palm_tasks.core.simplex import check_weights
+
+        w = check_weights(np.asarray(weights, float), self.cfg.d)
+        return JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
+                       base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
+                       data_sha256=self.data_sha, training=self.cfg.training.model_dump(),
+                       evaluation=self.cfg.evaluation.model_dump(), seed=self.cfg.seed)
+
+    def evaluation_key(self) -> str:
+        """Hash of everything that determines an evaluation (not a training)."""
+        payload = {"traits": list(self.cfg.traits), "base_model_sha256": self.base_sha,
+                   "reward_versions": list(self.reward_versions), "eval_sha256": self.eval_sha,
+                   "evaluation": self.cfg.evaluation.model_dump(), "seed": self.cfg.seed}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def measure(self, model, tokenizer):
+        from palm_tasks.llm.value import evaluate
+
+        return evaluate(model, tokenizer, self.rewards, self.eval_prompts, self.cfg.evaluation, self.cfg.seed)
+
+
+def run_job(cfg: PalmConfig, root: Path, job: Job, ctx: JobContext | None = None) -> Policy:
+    """Run one job, or return its finished result."""
+    ctx = ctx or JobContext(cfg, root)
+    return {"train": _train, "soup": _soup, "evaluate": _evaluate}[job.kind](ctx, job)
+
+
+def run_here(cfg: PalmConfig, root: Path) -> RunJobs:
+    """A job runner without an orchestrator: one job after another in this process."""
+    ctx: list[JobContext] = []
+
+    def run(jobs: list[Job]) -> list[Policy]:
+        if not ctx:
+            ctx.append(JobContext(cfg, root))
+        return [run_job(cfg, root, j, ctx[0]) for j in jobs]
+
+    return run
+
+
+def _train(ctx: JobContext, job: Job) -> Policy:
+    from palm_tasks import tracking
+    from palm_tasks.llm.train import train_grpo
+
+    spec, paths = ctx.spec(job.weights), ctx.paths
+    store = paths.root / job.store
+    done = find_finished(paths.members, spec.key) or find_finished(store, spec.key)
+    if done is not None:
+        say(f"align: {spec.key} w={_fmt(spec.weights)} finished earlier, reused")
+        return done
+    say(f"align: training {spec.key} w={_fmt(spec.weights)} ({ctx.cfg.training.steps} GRPO steps)")
+    tmp = _workdir(store, spec.key)
+    run = tracking.JobRun.open(ctx.cfg, paths.root, spec, ctx.device, store)
+    started = time.time()
+    try:
+        model, tokenizer, history = train_grpo(
+            ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, ctx.cfg.training, ctx.device,
+            spec.seed, tmp / "trainer", on_log=run.on_log(spec.key))
+        model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
+        train_seconds = time.time() - started
+        value, prompts, completions, scores = ctx.measure(model, tokenizer)
+        policy = Policy(key=spec.key, kind="trained", traits=spec.traits, weights=spec.weights, value=value,
+                        training={"job": asdict(spec), "device": ctx.device,
+                                  "train_seconds": round(train_seconds, 2),
+                                  "total_seconds": round(time.time() - started, 2),
+                                  "final_reward": history[-1]["reward"] if history else None,
+                                  "mlflow_run_id": run.run_id,
+                                  "worker": {"host": socket.gethostname(), "pid": os.getpid()}})
+        policy = store_policy(tmp, store / spec.key, policy, prompts, completions, scores)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.fail()
+        raise
+    run.finish(policy, ctx.cfg.training.steps)
+    say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)} in "
+        f"{policy.training['total_seconds']:.0f}s")
+    return policy
+
+
+def _soup(ctx: JobContext, job: Job) -> Policy:
+    from palm_tasks.llm.models import load_policy as load_model
+    from palm_tasks.llm.soups import mix_adapters
+
+    ingredients = [load_policy(ctx.paths.root / p) for p in job.ingredients]
+    key = soup_key([m.key for m in ingredients], job.lambdas, ctx.cfg)
+    store = ctx.paths.root / job.store
+    redo = "the soup will be rebuilt"
+    done = find_finished(ctx.paths.soups, key, redo) or find_finished(store, key, redo)
+    if done is not None:
+        say(f"soups: {key} lambda={_fmt(job.lambdas)} finished earlier, reused")
+        return done
+    tmp = _workdir(store, key)
+    started = time.time()
+    try:
+        mix_adapters([m.adapter for m in ingredients], job.lambdas, tmp / ADAPTER_DIR)
+        model, tokenizer = load_model(ctx.base_path, tmp / ADAPTER_DIR, ctx.device)
+        value, prompts, completions, scores = ctx.measure(model, tokenizer)
+        # sum_i lambda_i w_i: where the soup is meant to sit, not a weight it was trained for
+        weights = np.sum([lam * m.w for lam, m in zip(job.lambdas, ingredients)], axis=0)
+        policy = Policy(key=key, kind="soup", traits=tuple(ctx.cfg.traits),
+                        weights=tuple(float(x) for x in weights), value=value,
+                        ingredients=tuple(m.key for m in ingredients), lambdas=job.lambdas,
+                        training={"recipe": SOUP_RECIPE, "evaluation": ctx.cfg.evaluation.model_dump(),
+                                  "seed": ctx.cfg.seed, "device": ctx.device,
+                                  "base_model_sha256": ingredients[0].base_model_sha256,
+                                  "total_seconds": round(time.time() - started, 2)})
+        policy = store_policy(tmp, store / key, policy, prompts, completions, scores)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"soups: {key} lambda={_fmt(job.lambdas)} value {_fmt(value.mean)} ± {_fmt(value.se)}")
+    return policy
+
+
+def _evaluate(ctx: JobContext, job: Job) -> Policy:
+    """The policy with its value under the current rewards and eval prompts (stored once)."""
+    from palm_tasks.llm.models import load_policy as load_model
+
+    policy = load_policy(ctx.paths.root / job.policy)
+    path = policy.path / EVALUATIONS / f"{ctx.evaluation_key()}.json"
+    if not path.is_file():
+        model, tokenizer = load_model(ctx.base_path, policy.adapter, ctx.device)
+        value, *_ = ctx.measure(model, tokenizer)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"eval_key": path.stem, "traits": list(ctx.cfg.traits),
+                                   "values": list(value.mean), "std_errors": list(value.se),
+                                   "n_eval": value.n}, indent=2))
+        tmp.replace(path)
+    data = json.loads(path.read_text())
+    return policy.with_value(ValueVector(tuple(data["values"]), tuple(data["std_errors"]),
+                                         int(data.get("n_eval", policy.value.n))))
+
+
+def _fmt(x) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in x) + ")"

@@ -1,0 +1,98 @@
+"""GRPO with `reward_weights = w` on a LoRA adapter: the alignment oracle of docs/theory.md 1.
+
+TRL's GRPOTrainer with one reward function per trait and `reward_weights = w` optimizes exactly
+the scalarized reward w . r (with group normalization only the direction of w matters).
+`train_grpo` returns the trained model; storing it, evaluating it and tracking it are the job's
+business (palm_tasks.jobs).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from palm_tasks.config import TrainingConfig
+from palm_tasks.llm.models import chat, load_base, load_tokenizer, uses_bf16
+from palm_tasks.llm.rewards import score_all
+
+
+def _text(message) -> str:
+    # TRL passes conversational prompts and completions as [{"role": ..., "content": ...}].
+    if isinstance(message, list):
+        return message[-1]["content"] if message else ""
+    return message
+
+
+def trl_reward_funcs(rewards) -> list:
+    """Our rewards in TRL's reward-function signature, one function per trait."""
+
+    def make(reward):
+        def fn(prompts, completions, **_):
+            return score_all([reward], [_text(p) for p in prompts],
+                             [_text(c) for c in completions])[:, 0].tolist()
+
+        fn.__name__ = reward.name  # TRL logs rewards/<name>/mean under this name
+        return fn
+
+    return [make(r) for r in rewards]
+
+
+def log_callback(on_log: Callable[[int, int, dict], None]):
+    """A TrainerCallback handing every log dict to on_log(step, max_steps, logs)."""
+    from transformers import TrainerCallback
+
+    class OnLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            on_log(state.global_step, state.max_steps, logs or {})
+
+    return OnLog()
+
+
+def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
+               t: TrainingConfig, device: str, seed: int, work_dir: Path,
+               on_log: Callable[[int, int, dict], None] | None = None):
+    """(policy, tokenizer, reward history) after `t.steps` GRPO steps at weights w."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = load_tokenizer(base_path)
+    model = load_base(base_path, device, place=False)  # the trainer places it
+    args = GRPOConfig(
+        output_dir=str(work_dir),
+        max_steps=t.steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        beta=t.beta,
+        reward_weights=[float(w) for w in weights],
+        use_cpu=device == "cpu",
+        bf16=uses_bf16(device),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,  # on_log reports each step instead
+        gradient_checkpointing=False,  # small models: memory is not the constraint, time is
+    )
+    lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=trl_reward_funcs(rewards), args=args,
+        train_dataset=Dataset.from_dict({"prompt": [chat(p) for p in train_prompts]}),
+        processing_class=tokenizer, peft_config=lora,
+        callbacks=[log_callback(on_log)] if on_log else [],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every raw log dict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours to fix
+        trainer.train()
+    shutil.rmtree(work_dir, ignore_errors=True)  # TRL's pickled training_args: never kept
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    return trainer.model, tokenizer, history

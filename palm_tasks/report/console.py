@@ -1,0 +1,111 @@
+"""What the `palm` command prints: the end-of-run summary and `palm status`, as rich tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from palm_tasks import schema
+from palm_tasks.config import PalmConfig
+from palm_tasks.paths import Paths
+from palm_tasks.schema import ArtifactError, Portfolio
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    return table
+
+
+def _vec(traits, values, se=None) -> str:
+    if se is None:
+        return ", ".join(f"{t}={v:.3f}" for t, v in zip(traits, values))
+    return ", ".join(f"{t}={v:.3f}±{s:.3f}" for t, v, s in zip(traits, values, se))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def print_summary(cfg: PalmConfig, root: Path) -> None:
+    """The end-of-run summary: members, coverage figures, and how to open the MLflow UI."""
+    from palm_tasks.tracking import ui_command
+
+    console, paths = _console(), Paths(root)
+    portfolio = schema.read(paths.portfolio, Portfolio, "coverage")
+    cert, cov, traits = portfolio.certificate, portfolio.coverage, portfolio.traits
+    table = _table(f"PALM portfolio {portfolio.id} ({len(portfolio.members)} members of "
+                   f"{len(portfolio.pool)} trained)", ["member", "weights", "value ± se", "users served"])
+    for m in portfolio.members:
+        table.add_row(m.key + (" (soup)" if m.kind == "soup" else ""), _vec(traits, m.weights),
+                      _vec(traits, m.value.mean, m.value.se), f"{m.share:.1%}")
+    console.print(table)
+    verdict = "[green]CERTIFIED[/]" if cert.certified else "[red]NOT certified[/]"
+    console.print(
+        f"Certificate over the whole simplex: {verdict} at eps={portfolio.eps}, delta="
+        f"{portfolio.delta} (z={portfolio.z}); this portfolio is within max eps "
+        f"{cert.max_eps:.4f} at delta={portfolio.delta}, or max delta {cert.max_delta:.4f} "
+        f"at eps={portfolio.eps}, relative to {cert.relative_to}.")
+    console.print(
+        f"Gaps on {cov['test_weights']} test weights (relative to the best of the trained pool): "
+        f"multiplicative max {cov['max_multiplicative_gap']:.4f} mean {cov['mean_multiplicative_gap']:.4f}, "
+        f"additive max {cov['max_additive_gap']:.4f} mean {cov['mean_additive_gap']:.4f}; "
+        f"usage perplexity {cov['usage_perplexity']:.2f}.")
+    reg = paths.metrics / "register.json"
+    if reg.is_file():
+        r = json.loads(reg.read_text())
+        console.print(f"Registered: portfolio version {r['portfolio_version']} (alias {r['alias']}).")
+    console.print(f"Open the MLflow UI: [bold]{ui_command(cfg, root)}[/] then http://127.0.0.1:5000")
+
+
+def print_status(cfg: PalmConfig, root: Path) -> None:
+    """What exists under the project: base model, data, members, portfolio, registry."""
+    from palm_tasks.jobs import CorruptPolicyError, load_policy
+    from palm_tasks.tracking import ui_command
+
+    console, paths = _console(), Paths(root)
+    base = paths.base / "base.json"
+    console.print(f"base model: {json.loads(base.read_text())['name'] if base.is_file() else 'not prepared'} "
+                  f"({paths.base})")
+    train = paths.prompts / "train.jsonl"
+    console.print(f"prompts: {'prepared' if train.is_file() else 'not prepared'} ({paths.prompts})")
+    rewards_json = paths.metrics / "rewards.json"
+    if rewards_json.is_file():  # how each trait's reward is normalized to [0, 1]
+        for trait, how in json.loads(rewards_json.read_text()).get("normalization", {}).items():
+            console.print(f"reward {trait}: {how}")
+    dirs = sorted(p for p in paths.members.glob("*") if p.is_dir() and not p.name.startswith(".")) \
+        if paths.members.is_dir() else []
+    table = _table(f"members: {len(dirs)} finished alignment jobs in {paths.members}",
+                   ["key", "weights", "value ± se"])
+    for p in dirs:
+        try:
+            m = load_policy(p, verify=False)
+            table.add_row(m.key, _vec(m.traits, m.weights), _vec(m.traits, m.value.mean, m.value.se))
+        except (CorruptPolicyError, OSError, ValueError, KeyError) as exc:
+            table.add_row(p.name, "[red]damaged[/]", str(exc))
+    console.print(table)
+    if paths.soup_pool.is_file():
+        soups = schema.read(paths.soup_pool, schema.Pool, "soups")
+        console.print(f"soups: {len(soups.policies)} evaluated Rewarded-Soups candidates in {paths.soups}"
+                      + (f" (none: {soups.note})" if soups.note else ""))
+    if paths.portfolio.is_file():
+        try:
+            pf = schema.read(paths.portfolio, Portfolio, "coverage")
+            console.print(f"portfolio: {pf.id} with {len(pf.members)} members "
+                          f"({sum(m.kind == 'soup' for m in pf.members)} of them soups) "
+                          f"({', '.join(m.key for m in pf.members)}); certified={pf.certificate.certified} "
+                          f"at eps={pf.eps}, delta={pf.delta} ({paths.portfolio})")
+        except ArtifactError as exc:
+            console.print(f"portfolio: [red]{exc}[/]")
+    else:
+        console.print("portfolio: none yet (palm stage coverage)")
+    reg = paths.metrics / "register.json"
+    if reg.is_file():
+        r = json.loads(reg.read_text())
+        console.print(f"registry: portfolio version {r['portfolio_version']}, alias {r['alias']}")
+    console.print(f"MLflow UI: {ui_command(cfg, root)}")

@@ -1,0 +1,245 @@
+"""Stage evaluate: PALM against the baselines at equal portfolio sizes (docs/theory.md section 7).
+
+Reads:  portfolio.json, data/prompts, models/base, models/rewards, models/members, models/soups;
+        the params in PARAMS
+Writes: models/evaluation/{members,soups}/ (its own job stores: what align did not make),
+        metrics/evaluate.json, plots/evaluate_gaps.json, reports/evaluation.md with PNG plots;
+        an MLflow run `evaluate-<task>`.
+
+For k = 1..compare.k_max each method proposes a portfolio of (at most) k policies:
+
+- palm_lazy: the lazy search (search.max_trainings), then the best k of its pool;
+- palm_grid: policies trained on the PALM grid, at most compare.grid_budget of them (a
+  farthest-point spread of the grid, extremes first, when the grid is larger: "capped"), then
+  the best k of them;
+- uniform: the k evenly spread weights of simplex.uniform_weights;
+- random: k Dirichlet(1) weights, for compare.random_seeds seeds (mean ± standard error);
+- centroid: one policy trained at (1/d, ..., 1/d), k = 1 only;
+- soups: Rewarded Soups, the d specialists (trained) interpolated in weight space with the k
+  mixing weights of simplex.uniform_weights: d trainings, k evaluations (a vertex is the
+  specialist itself);
+- oracle: the best policy of the reference pool for each test weight (an upper reference).
+
+"Best k of a pool" is PALM's pruning with a size limit (metrics.best_subset): greedy forward
+selection on the PALM grid points (or a simplex lattice of step 1/compare.selection_lattice when
+the grid is too large), gaps measured against the pool's own best, so it uses nothing the method
+did not train. Every policy is a job run through `run_jobs`: a weight vector shared by two
+methods is trained once, and finished jobs of the align stage are reused. The reference pool is
+every policy of every method; gaps are relative to its best, on a simplex lattice plus
+Dirichlet(1) users (coverage.test_lattice, coverage.test_users, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from palm_tasks import schema
+from palm_tasks.config import PalmConfig
+from palm_tasks.core import grid as gridlib
+from palm_tasks.core import metrics, simplex
+from palm_tasks.core.search import LazySearch
+from palm_tasks.jobs import Job, RunJobs, run_here
+from palm_tasks.log import say
+from palm_tasks.paths import Paths
+from palm_tasks.report import evaluation as report
+from palm_tasks.schema import Policy
+
+PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
+          "coverage", "compare")
+DEPS = ("portfolio.json", "data/prompts", "models/base", "models/rewards", "models/members", "models/soups")
+OUTS = ("models/evaluation", "reports")
+METRICS = ("metrics/evaluate.json",)
+PLOTS = ("plots/evaluate_gaps.json",)
+RUNS_JOBS = True
+MAX_SELECTION_WEIGHTS = 100_000  # larger PALM grids (d >= 4) select on a simplex lattice instead
+
+
+def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
+    """Train what every method needs (job cache), compare them, write metrics, plots, report."""
+    run_jobs = run_jobs or run_here(cfg, root)
+    paths, cmp_, c, d = Paths(Path(root)), cfg.compare, cfg.coverage, cfg.d
+    started = time.time()
+    stores = (paths.members, paths.soups, paths.evaluation_members, paths.evaluation_soups)
+    finished_before = {p.name for s in stores if s.is_dir() for p in s.iterdir()}
+    methods = list(dict.fromkeys(cmp_.methods))
+    trained: dict[tuple, Policy] = {}  # weight -> policy, every policy trained by any method
+    soups: dict[tuple, Policy] = {}  # mixing weights -> soup
+
+    def train(weights) -> list[Policy]:
+        weights = [tuple(np.round(np.asarray(w, float), 9)) for w in weights]
+        todo = list(dict.fromkeys(w for w in weights if w not in trained))
+        jobs = [Job.train(w, store=paths.relative(paths.evaluation_members)) for w in todo]
+        trained.update(zip(todo, run_jobs(jobs) if jobs else []))
+        return [trained[w] for w in weights]
+
+    pools: dict[str, list[Policy]] = {}  # method -> its trained policies (palm methods)
+    notes: dict[str, str] = {}
+    if "palm_lazy" in methods:
+        say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings})")
+        search = LazySearch(d, c.eps, c.delta, cfg.search.max_trainings, z=c.z)
+        pools["palm_lazy"] = []
+        while (w := search.ask()) is not None:
+            (policy,) = train([w])
+            search.tell(w, policy.values, policy.std_errors)
+            pools["palm_lazy"].append(policy)
+        result = search.result()
+        notes["palm_lazy"] = (f"lazy search stopped: {result.stopped} after {result.trainings} trainings; "
+                              f"its pruned portfolio has {len(result.members)} member(s) and is "
+                              f"{'' if result.certificate.certified else 'not '}certified at eps = {c.eps}, "
+                              f"delta = {c.delta}")
+    grid_info = None
+    if "palm_grid" in methods:
+        points = gridlib.palm_grid(d, c.eps, c.delta)
+        chosen = metrics.spread_subset(points, cmp_.grid_budget)
+        grid_info = {"grid_size": int(len(points)), "trained": int(len(chosen)),
+                     "capped": bool(len(points) > cmp_.grid_budget)}
+        say(f"evaluate: PALM grid, {len(chosen)} of {len(points)} grid points")
+        pools["palm_grid"] = train(chosen)
+        notes["palm_grid"] = (f"capped: {len(chosen)} of the {len(points)} PALM grid points trained "
+                              f"(compare.grid_budget), spread by farthest-point sampling"
+                              if grid_info["capped"] else f"the whole PALM grid ({len(points)} points)")
+
+    ks = list(range(1, cmp_.k_max + 1))
+    seeds = [cfg.seed + cmp_.random_seed_offset + s for s in range(cmp_.random_seeds)]
+    # method -> k -> [(portfolio, trainings spent)], one entry per seed
+    portfolios: dict[str, dict[int, list[tuple[list[Policy], int]]]] = {}
+    if "uniform" in methods:
+        say("evaluate: uniform-grid baseline")
+        portfolios["uniform"] = {k: [(train(simplex.uniform_weights(d, k)), k)] for k in ks}
+    if "random" in methods:
+        say(f"evaluate: random baseline, {len(seeds)} seeds")
+        portfolios["random"] = {k: [(train(simplex.random_weights(d, k, s)), k) for s in seeds] for k in ks}
+    if "centroid" in methods:
+        portfolios["centroid"] = {1: [(train([[1.0 / d] * d]), 1)]}
+    if "soups" in methods:
+        say("evaluate: Rewarded Soups of the specialists")
+        specialists = train(np.eye(d))
+        mixes = {k: simplex.uniform_weights(d, k) for k in ks}
+        todo = list(dict.fromkeys(tuple(np.round(lam, 9)) for lams in mixes.values() for lam in lams
+                                  if max(lam) < 1 - 1e-9))
+        dirs = [paths.relative(p.path) for p in specialists]
+        store = paths.relative(paths.evaluation_soups)
+        soups.update(zip(todo, run_jobs([Job.soup(dirs, lam, store) for lam in todo]) if todo else []))
+
+        def soup(lam) -> Policy:
+            lam = tuple(np.round(lam, 9))
+            return specialists[int(np.argmax(lam))] if max(lam) >= 1 - 1e-9 else soups[lam]
+
+        portfolios["soups"] = {k: [([soup(lam) for lam in mixes[k]], d)] for k in ks}
+        notes["soups"] = (f"{len(soups)} soups evaluated (no training): the {d} specialists mixed with the "
+                          f"uniform-grid weights as coefficients; trainings counts the specialists")
+
+    # every policy of every method, distinct, in order: trained ones, then soups
+    ref = list({p.key: p for p in [*trained.values(), *soups.values()]}.values())
+    ref_keys = [p.key for p in ref]
+    R = np.array([p.values for p in ref])
+    index = {p.key: i for i, p in enumerate(ref)}
+    oracle_rows = np.array([p.kind == "trained" for p in ref])  # soups are candidates, not oracle rows
+    check = metrics.oracle_check([p.weights for p in ref], R, [p.std_errors for p in ref], oracle_rows,
+                                 z_significant=c.z_significant)
+    selection = selection_weights(cfg)
+    for method in ("palm_lazy", "palm_grid"):
+        if method in pools:
+            pool = list({p.key: p for p in pools[method]}.values())
+            order = metrics.greedy_order(np.array([p.values for p in pool]), min(cmp_.k_max, len(pool)), selection)
+            portfolios[method] = {k: [([pool[j] for j in sorted(order[:k])], len(pool))] for k in ks}
+
+    lattice = simplex.simplex_lattice(d, c.test_lattice)
+    users = simplex.dirichlet_users(d, c.test_users, cfg.seed)
+    texts = {p.key: _completions(p.path) for p in ref}
+    embeddings = _embed(texts)
+
+    def measure(portfolio: list[Policy], trainings: int) -> dict:
+        idx = sorted({index[p.key] for p in portfolio})
+        row = {"size": len(idx), "trainings": trainings, "members": [ref_keys[i] for i in idx],
+               **metrics.gap_summary(R, idx, lattice, users)}
+        row["usage_perplexity"], row["usage_perplexity_se"] = metrics.perplexity_with_se(
+            R, idx, users, cmp_.bootstrap, cfg.seed)
+        row["distinct_n"] = metrics.distinct_n([t for i in idx for t in texts[ref_keys[i]]], cmp_.distinct_n)
+        row["embedding_dispersion"] = metrics.embedding_dispersion(_aligned(embeddings, [ref_keys[i] for i in idx]))
+        return row
+
+    results = {method: {str(k): _over_seeds([measure(p, t) for p, t in runs]) for k, runs in by_k.items()}
+               for method, by_k in portfolios.items()}
+    results["oracle"] = {"all": {"size": len(ref), "trainings": len(ref), "members": ref_keys,
+                                 **metrics.gap_summary(R, list(range(len(ref))), lattice, users)}}
+
+    made_now = sum(k not in finished_before for k in ref_keys)
+    out = {
+        "task": cfg.task, "traits": cfg.traits, "d": d, "eps": c.eps, "delta": c.delta,
+        "ks": ks, "methods": [m for m in report.LABELS if m in results], "omitted": {}, "notes": notes,
+        "palm_grid": grid_info, "random_seeds": seeds,
+        "reference_pool": {"size": len(ref), "keys": ref_keys, "new_in_this_run": made_now,
+                           "reused": len(ref) - made_now},
+        "test_weights": {"lattice": int(len(lattice)), "users": int(len(users)),
+                         "lattice_step": f"1/{c.test_lattice}", "users_seed": cfg.seed,
+                         "relative_to": "the best of the reference pool (every policy of every method) "
+                                        "per test weight; max over lattice and users, means over users"},
+        "selection_weights": int(len(selection)),
+        "oracle_check": check.to_dict(),
+        "results": results,
+        "seconds": round(time.time() - started, 1),
+    }
+    schema.write(paths.metrics / "evaluate.json", out)
+    schema.write(paths.plots / "evaluate_gaps.json", report.plot_rows(out))
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    pictures = [report.gap_plot(out, paths.reports / "evaluate_gap_vs_size.png")]
+    if d == 3 and "palm_lazy" in portfolios:
+        k = max(ks)
+        largest = {m: sorted({index[p.key] for p in portfolios[m][k][0][0]})  # random: its first seed
+                   for m in ("palm_lazy", "palm_grid", "uniform", "random") if k in portfolios.get(m, {})}
+        pictures.append(report.simplex_plot(out, R, largest, paths.reports / "evaluate_simplex.png"))
+    report_file = paths.reports / "evaluation.md"
+    report_file.write_text(report.render_report(out, [p.name for p in pictures]), encoding="utf-8")
+    from palm_tasks.tracking import log_evaluation_run
+
+    log_evaluation_run(cfg, root, out, [report_file, *pictures])
+    say(f"evaluate: {len(ref)} policies in the reference pool ({made_now} made now), "
+        f"report in {report_file} ({out['seconds']:.0f}s)")
+    return out
+
+
+def selection_weights(cfg: PalmConfig) -> np.ndarray:
+    """Where "best k of a pool" is judged: the PALM grid, or a lattice when the grid is too large."""
+    d, c = cfg.d, cfg.coverage
+    if gridlib.grid_size_bound(d, c.eps, c.delta) <= MAX_SELECTION_WEIGHTS:
+        return gridlib.palm_grid(d, c.eps, c.delta)
+    return simplex.simplex_lattice(d, cfg.compare.selection_lattice)
+
+
+def _over_seeds(rows: list[dict]) -> dict:
+    """One seed: its row. Several: mean ± se over seeds of every figure (members per seed)."""
+    if len(rows) == 1:
+        return rows[0]
+    row = {}
+    for name in rows[0]:
+        if name == "members":
+            row["members"] = [r["members"] for r in rows]
+        elif not name.endswith("_se"):
+            row[name], row[f"{name}_seed_se"] = metrics.mean_se([r[name] for r in rows])
+    row["seeds"] = len(rows)
+    return row
+
+
+def _completions(policy_dir: Path) -> list[str]:
+    path = Path(policy_dir) / "completions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["completion"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _embed(texts: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    from palm_tasks.llm.rewards import embed
+
+    return {k: np.array(embed(t)) for k, t in texts.items()}
+
+
+def _aligned(embeddings: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    n = min((len(embeddings[k]) for k in keys), default=0)
+    if n == 0:
+        return np.zeros((len(keys), 0, 1))
+    return np.stack([embeddings[k][:n] for k in keys])
