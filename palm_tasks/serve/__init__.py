@@ -1,0 +1,1 @@
+"""Routing users to portfolio members (the router) and serving them over HTTP."""
