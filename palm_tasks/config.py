@@ -78,35 +78,57 @@ class SearchConfig(Section):
     coarse_divisions: int = Field(2, ge=1, description="coarse: lattice of step 1/coarse_divisions (2: extremes "
                                                        "and midpoints)")
     k: int = Field(6, ge=1, description="uniform / random: number of weight vectors")
+    max_repairs: int = Field(1, ge=0, description="lazy: retrainings of a row beaten beyond "
+                             "coverage.z_significant se by the evidence (0: no repair); they count "
+                             "against max_trainings")
 
 
 class DataConfig(Section):
     """prompts: the split into training and held-out evaluation prompts"""
 
     n_train: int = Field(64, ge=1, description="training prompts")
-    n_eval: int = Field(32, ge=1, description="held-out evaluation prompts")
+    n_eval: int = Field(128, ge=1, description="held-out evaluation prompts")
     split_seed: int | None = Field(None, ge=0, description="seed of the prompt split (null: seed); a new "
                                                            "value = a new data version")
 
 
 class TrainingConfig(Section):
-    """one TRL GRPO job with a LoRA adapter per weight vector"""
+    """one alignment job per weight vector: a LoRA adapter trained for w . r (the oracle)"""
 
     # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
-    steps: int = Field(32, ge=1, description="optimizer steps of a job (TRL max_steps)")
-    learning_rate: float = Field(1e-3, gt=0, le=1, description="learning rate of the LoRA adapter, in (0, 1]")
+    method: Literal["rsft", "grpo"] = Field(
+        "rsft", description="rsft (iterated rejection-sampling fine-tuning: keep each prompt's best of "
+                            "samples_per_prompt answers under w, SFT on them, repeat; the CPU default, "
+                            "docs/oracle.md) | grpo (TRL GRPO with reward_weights = w; the GPU path)")
+    rounds: int = Field(3, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
+                                             "the base's sample pool)")
+    samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
+                                                         "round, the best under w kept")
+    epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")
+    steps: int = Field(32, ge=1, description="grpo: optimizer steps of a job (TRL max_steps)")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="learning rate of the LoRA adapter, "
+                                        "in (0, 1]; null: the method's (rsft 5e-4, grpo 1e-3)")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout of the LoRA layers, in [0, 1) (0: none)")
     max_completion_length: int = Field(24, ge=1, description="tokens per sampled completion")
-    num_generations: int = Field(4, ge=2, description="GRPO group size: completions per prompt")
-    batch_size: int = Field(4, ge=1, description="completions per step (a multiple of num_generations)")
+    num_generations: int = Field(4, ge=2, description="grpo: group size, completions per prompt")
+    batch_size: int = Field(4, ge=1, description="grpo: completions per step (a multiple of num_generations); "
+                                                 "rsft: SFT examples per step")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the training completions")
-    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")
+    beta: float = Field(0.0, ge=0, description="grpo: KL coefficient to the base (0: no reference model; "
+                                               "rsft stays near the base by training on its own samples)")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate used: the field, or the method's default."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return {"rsft": 5e-4, "grpo": 1e-3}[self.method]
 
     @model_validator(mode="after")
     def _batch_divisible(self):
-        if self.batch_size % self.num_generations:
+        if self.method == "grpo" and self.batch_size % self.num_generations:
             raise ValueError(
                 f"training.batch_size = {self.batch_size} must be a multiple of "
                 f"training.num_generations = {self.num_generations}"
@@ -118,11 +140,12 @@ class EvaluationConfig(Section):
     """value vector of a member: mean ± se of each reward"""
 
     # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
-    n_prompts: int = Field(32, ge=1, description="held-out prompts scored (at most data.n_eval)")
-    samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt")
+    n_prompts: int = Field(128, ge=1, description="held-out prompts scored (at most data.n_eval)")
+    samples_per_prompt: int = Field(8, ge=1, description="completions sampled per prompt (8 x 128 = 1024 "
+                                                         "answers: se <= 0.01 for a reward with std <= 0.32)")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
-    batch_size: int = Field(16, ge=1, description="prompts generated per forward pass")
+    batch_size: int = Field(64, ge=1, description="prompts generated per forward pass")
 
 
 class RewardModelConfig(Section):
@@ -149,7 +172,6 @@ class RewardsConfig(Section):
     """the reward functions: settings of the built-in traits, and extra reward models"""
 
     brevity_max_words: int = Field(30, ge=1, description="brevity = 1 - min(words / brevity_max_words, 1)")
-    base_samples: int = Field(32, ge=2, description="base-model samples scored by the rewards stage")
     humor_test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out fraction of the humor "
                                                                      "classifier's data, in (0, 1)")
     models: dict[str, RewardModelConfig] = Field(
@@ -168,6 +190,26 @@ class RewardsConfig(Section):
                 raise ValueError(f"reward model name {name!r} must be lowercase [a-z0-9_] and not a "
                                  f"built-in trait ({', '.join(KNOWN_TRAITS)})")
         return models
+
+
+class EvidenceConfig(Section):
+    """the sample pool of the base model and the best-of-N reference every certificate is checked against (docs/evidence.md)"""
+
+    best_of: int = Field(8, ge=2, le=64, description="N: base-model answers per evaluation prompt in the sample "
+                                                    "pool; best-of-N under w is the reference BoN_N(w)")
+    chunk_prompts: int = Field(16, ge=1, description="prompts per saved chunk of the sample pool (a killed run "
+                                                     "resumes at the first missing chunk)")
+
+
+class GateConfig(Section):
+    """the quality gate: which policies may be served (docs/quality-gate.md)"""
+
+    max_degenerate_share: float = Field(0.05, ge=0, le=1, description="most evaluation answers a member may "
+                                        "give that are degenerate (empty, role names or template tokens, "
+                                        "one or two words without a number)")
+    min_relevance_ratio: float = Field(0.8, ge=0, le=2, description="a member's mean answer relevance "
+                                       "(MiniLM cosine to the prompt) must reach this fraction of the base "
+                                       "model's")
 
 
 class SoupsConfig(Section):
@@ -265,6 +307,8 @@ class PalmConfig(Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     rewards: RewardsConfig = RewardsConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    gate: GateConfig = GateConfig()
     soups: SoupsConfig = SoupsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     runner: RunnerConfig = RunnerConfig()

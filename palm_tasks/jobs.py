@@ -4,7 +4,8 @@ A `Job` is what a flow asks a worker to do (JSON-able, so Prefect passes it to a
 job's result is fully determined by its spec and stored under its key:
 
     train     JobSpec (base model, traits and reward versions, w, training and evaluation
-              settings, prompt data, seed) -> <store>/<key>/  (GRPO, palm_tasks.llm.train)
+              settings, prompt data, seed, the policy it starts from, the attempt)
+              -> <store>/<key>/  (rsft or GRPO, palm_tasks.llm.train)
     soup      ingredient keys, lambdas, evaluation settings, seed -> <store>/<key>/
     evaluate  a stored policy under the current rewards and eval prompts
               -> <policy>/evaluations/<evaluation key>.json
@@ -25,7 +26,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,8 @@ class JobSpec:
     training: dict = field(hash=False)
     evaluation: dict = field(hash=False)
     seed: int = 0
+    init_from: str = ""  # key of the policy whose adapter the job starts from ("" : a fresh adapter)
+    attempt: int = 0  # 0 for a first training; a repair's attempt k trains with seed + k
 
     @property
     def key(self) -> str:
@@ -89,11 +92,14 @@ class Job:
     weights: tuple[float, ...] = ()  # train
     ingredients: tuple[str, ...] = ()  # soup: the specialists' directories, in trait order
     lambdas: tuple[float, ...] = ()  # soup
-    policy: str | None = None  # evaluate: the policy's directory
+    policy: str | None = None  # evaluate: the policy's directory; train: the policy to start from
+    attempt: int = 0  # train: 0, or the repair attempt (docs/theory.md section 9)
 
     @classmethod
-    def train(cls, weights, store: str = "models/members") -> "Job":
-        return cls("train", store, weights=tuple(float(x) for x in np.asarray(weights, float)))
+    def train(cls, weights, store: str = "models/members", init_from: str | None = None,
+              attempt: int = 0) -> "Job":
+        return cls("train", store, weights=tuple(float(x) for x in np.asarray(weights, float)),
+                   policy=init_from, attempt=int(attempt))
 
     @classmethod
     def soup(cls, ingredient_dirs: Sequence[str], lambdas, store: str = "models/soups") -> "Job":
@@ -113,7 +119,8 @@ class Job:
 
     def describe(self) -> str:
         if self.kind == "train":
-            return f"train w={_fmt(self.weights)}"
+            more = f" (repair {self.attempt}, from {Path(self.policy).name})" if self.policy else ""
+            return f"train w={_fmt(self.weights)}{more}"
         if self.kind == "soup":
             return f"soup lambda={_fmt(self.lambdas)}"
         return f"evaluate {Path(self.policy or '').name}"
@@ -222,14 +229,28 @@ class JobContext:
                                      cfg.rewards.models, self.device)
         self.reward_versions = tuple(r.version for r in self.rewards)
 
-    def spec(self, weights: Sequence[float]) -> JobSpec:
+    def spec(self, weights: Sequence[float], init_from: str = "", attempt: int = 0) -> JobSpec:
         from palm_tasks.core.simplex import check_weights
 
         w = check_weights(np.asarray(weights, float), self.cfg.d)
         return JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
                        base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
                        data_sha256=self.data_sha, training=self.cfg.training.model_dump(),
-                       evaluation=self.cfg.evaluation.model_dump(), seed=self.cfg.seed)
+                       evaluation=self.cfg.evaluation.model_dump(), seed=self.cfg.seed,
+                       init_from=init_from, attempt=int(attempt))
+
+    def first_round(self):
+        """rsft: the base's answers to the training prompts (data/samples/train.json), as
+        (completions, scores); None if the pool is missing or was made for other prompts."""
+        from palm_tasks.schema import ArtifactError, load_samples
+
+        try:
+            pool = load_samples(self.paths.root, "train")
+        except ArtifactError:
+            return None
+        if list(pool.prompts) != self.train_prompts or pool.reward_versions != self.reward_versions:
+            return None
+        return [list(c) for c in pool.completions], pool.scores
 
     def evaluation_key(self) -> str:
         """Hash of everything that determines an evaluation (not a training)."""
@@ -239,9 +260,13 @@ class JobContext:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def measure(self, model, tokenizer):
+        """(value, prompts, completions, scores, quality) of a policy on the eval prompts."""
+        from palm_tasks.llm.validity import answer_quality
         from palm_tasks.llm.value import evaluate
 
-        return evaluate(model, tokenizer, self.rewards, self.eval_prompts, self.cfg.evaluation, self.cfg.seed)
+        value, prompts, completions, scores = evaluate(model, tokenizer, self.rewards, self.eval_prompts,
+                                                       self.cfg.evaluation, self.cfg.seed)
+        return value, prompts, completions, scores, answer_quality(prompts, completions)
 
 
 def run_job(cfg: PalmConfig, root: Path, job: Job, ctx: JobContext | None = None) -> Policy:
@@ -264,30 +289,40 @@ def run_here(cfg: PalmConfig, root: Path) -> RunJobs:
 
 def _train(ctx: JobContext, job: Job) -> Policy:
     from palm_tasks import tracking
-    from palm_tasks.llm.train import train_grpo
+    from palm_tasks.llm.train import train
 
-    spec, paths = ctx.spec(job.weights), ctx.paths
+    start = load_policy(ctx.paths.root / job.policy) if job.policy else None
+    spec, paths = ctx.spec(job.weights, start.key if start else "", job.attempt), ctx.paths
     store = paths.root / job.store
     done = find_finished(paths.members, spec.key) or find_finished(store, spec.key)
     if done is not None:
         say(f"align: {spec.key} w={_fmt(spec.weights)} finished earlier, reused")
         return done
-    say(f"align: training {spec.key} w={_fmt(spec.weights)} ({ctx.cfg.training.steps} GRPO steps)")
+    t = ctx.cfg.training
+    how = f"{t.rounds} rsft rounds" if t.method == "rsft" else f"{t.steps} GRPO steps"
+    if start:
+        how += f", repair {job.attempt} starting from {start.key}"
+    say(f"align: training {spec.key} w={_fmt(spec.weights)} ({how})")
     tmp = _workdir(store, spec.key)
     run = tracking.JobRun.open(ctx.cfg, paths.root, spec, ctx.device, store)
     started = time.time()
     try:
-        model, tokenizer, history = train_grpo(
-            ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, ctx.cfg.training, ctx.device,
-            spec.seed, tmp / "trainer", on_log=run.on_log(spec.key))
+        model, tokenizer, history = train(
+            ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, t, ctx.device,
+            spec.seed + spec.attempt, tmp / "trainer", on_log=run.on_log(spec.key),
+            first_round=None if start else ctx.first_round(),
+            init_adapter=start.adapter if start else None)
         model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
         train_seconds = time.time() - started
-        value, prompts, completions, scores = ctx.measure(model, tokenizer)
+        value, prompts, completions, scores, quality = ctx.measure(model, tokenizer)
+        final = history[-1] if history else {}
         policy = Policy(key=spec.key, kind="trained", traits=spec.traits, weights=spec.weights, value=value,
-                        training={"job": asdict(spec), "device": ctx.device,
+                        quality=quality,
+                        training={"job": asdict(spec), "method": t.method, "device": ctx.device,
                                   "train_seconds": round(train_seconds, 2),
                                   "total_seconds": round(time.time() - started, 2),
-                                  "final_reward": history[-1]["reward"] if history else None,
+                                  "final_reward": final.get("reward", final.get("kept_reward")),
+                                  "history": history if t.method == "rsft" else [],
                                   "mlflow_run_id": run.run_id,
                                   "worker": {"host": socket.gethostname(), "pid": os.getpid()}})
         policy = store_policy(tmp, store / spec.key, policy, prompts, completions, scores)
@@ -295,9 +330,9 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         shutil.rmtree(tmp, ignore_errors=True)
         run.fail()
         raise
-    run.finish(policy, ctx.cfg.training.steps)
-    say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)} in "
-        f"{policy.training['total_seconds']:.0f}s")
+    run.finish(policy, t.rounds if t.method == "rsft" else t.steps)
+    say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)}, "
+        f"{quality['degenerate_share']:.1%} degenerate answers, in {policy.training['total_seconds']:.0f}s")
     return policy
 
 
@@ -318,11 +353,11 @@ def _soup(ctx: JobContext, job: Job) -> Policy:
     try:
         mix_adapters([m.adapter for m in ingredients], job.lambdas, tmp / ADAPTER_DIR)
         model, tokenizer = load_model(ctx.base_path, tmp / ADAPTER_DIR, ctx.device)
-        value, prompts, completions, scores = ctx.measure(model, tokenizer)
+        value, prompts, completions, scores, quality = ctx.measure(model, tokenizer)
         # sum_i lambda_i w_i: where the soup is meant to sit, not a weight it was trained for
         weights = np.sum([lam * m.w for lam, m in zip(job.lambdas, ingredients)], axis=0)
         policy = Policy(key=key, kind="soup", traits=tuple(ctx.cfg.traits),
-                        weights=tuple(float(x) for x in weights), value=value,
+                        weights=tuple(float(x) for x in weights), value=value, quality=quality,
                         ingredients=tuple(m.key for m in ingredients), lambdas=job.lambdas,
                         training={"recipe": SOUP_RECIPE, "evaluation": ctx.cfg.evaluation.model_dump(),
                                   "seed": ctx.cfg.seed, "device": ctx.device,
@@ -344,16 +379,17 @@ def _evaluate(ctx: JobContext, job: Job) -> Policy:
     path = policy.path / EVALUATIONS / f"{ctx.evaluation_key()}.json"
     if not path.is_file():
         model, tokenizer = load_model(ctx.base_path, policy.adapter, ctx.device)
-        value, *_ = ctx.measure(model, tokenizer)
+        value, *_, quality = ctx.measure(model, tokenizer)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"eval_key": path.stem, "traits": list(ctx.cfg.traits),
                                    "values": list(value.mean), "std_errors": list(value.se),
-                                   "n_eval": value.n}, indent=2))
+                                   "n_eval": value.n, "quality": quality}, indent=2))
         tmp.replace(path)
     data = json.loads(path.read_text())
-    return policy.with_value(ValueVector(tuple(data["values"]), tuple(data["std_errors"]),
-                                         int(data.get("n_eval", policy.value.n))))
+    policy = policy.with_value(ValueVector(tuple(data["values"]), tuple(data["std_errors"]),
+                                           int(data.get("n_eval", policy.value.n))))
+    return replace(policy, quality=data.get("quality") or policy.quality)
 
 
 def _fmt(x) -> str:

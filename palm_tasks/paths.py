@@ -28,6 +28,10 @@ class Paths:
     def grid(self) -> Path:
         return self.root / "data" / "grid.json"
 
+    @property
+    def samples(self) -> Path:  # the sample pool of the base: eval.json, train.json (schema.SamplePool)
+        return self.root / "data" / "samples"
+
     # --- align and soups stages: the job stores and the pools
     @property
     def members(self) -> Path:  # one directory per finished alignment job

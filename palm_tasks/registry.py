@@ -12,7 +12,8 @@ What a person browsing MLflow finds (the naming scheme, documented in docs/track
   portfolio.json (with each member's registered model URI) and whose `predict` maps a
   DataFrame of trait weights to a member by the project's one routing rule (core.routing). Tags: `portfolio_id`,
   `certified`, `eps`, `delta`, `members`. Alias `production` = the current certified
-  portfolio; an uncertified one gets alias `candidate` and never moves `production`.
+  portfolio whose members pass the quality gate and whose certificate the evidence does not
+  contradict (Portfolio.blockers); any other gets alias `candidate` and never moves `production`.
 - Runs: `member-<key[:10]>` (only when the member's training run is not in the store; then the
   model goes into the training run) and `portfolio-<id[:10]>` (params, certificate and coverage
   metrics, portfolio.json, plots/).
@@ -147,20 +148,17 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
 
     name = portfolio_model_name(cfg)
     warning = None
-    if portfolio.certificate.certified:
+    blockers = portfolio.blockers()
+    if not blockers:
         client.set_registered_model_alias(name, PRODUCTION, portfolio_version)
         _mark_production_members(client, cfg, member_versions)
         alias = PRODUCTION
     else:
         client.set_registered_model_alias(name, CANDIDATE, portfolio_version)
         alias = CANDIDATE
-        cert = portfolio.certificate
         warning = (
-            f"portfolio {portfolio.id[:10]} is NOT certified for (eps={portfolio.eps}, "
-            f"delta={portfolio.delta}) (worst slack {cert.worst_slack}, reaches "
-            f"eps={cert.max_eps}, delta={cert.max_delta}): registered as "
-            f"{name} version {portfolio_version} with alias '{CANDIDATE}'; "
-            f"'{PRODUCTION}' was not moved"
+            f"portfolio {portfolio.id[:10]} is not for production: {'; '.join(blockers)}. Registered as "
+            f"{name} version {portfolio_version} with alias '{CANDIDATE}'; '{PRODUCTION}' was not moved"
         )
     return {
         "portfolio_id": portfolio.id,
@@ -274,7 +272,25 @@ def _certificate_text(portfolio: Portfolio) -> str:
         f"for every weight vector w some member reaches (1 - eps) * OPT(w) - delta, OPT relative "
         f"to {cert.relative_to or 'the trained pool'}. Worst slack {cert.worst_slack}"
         f"; reached eps = {cert.max_eps}, delta = {cert.max_delta}."
+        + _evidence_text(portfolio)
     )
+
+
+def _evidence_text(portfolio: Portfolio) -> str:
+    ev, gate, lines = portfolio.evidence, portfolio.gate, []
+    if ev:
+        lines.append(f"Against the evidence (best-of-{ev['best_of_n']} sampling from the base and every "
+                     f"measured policy, on {ev['test_weights']} test weights): worst gap "
+                     f"{ev['worst_gap']:.4f} ± {ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} "
+                     f"against {ev['worst_against']}; mean {ev['mean_gap']:.4f}.")
+    if gate:
+        lines.append(f"Quality gate ({'passed' if gate.get('passed') else 'FAILED'}): " + "; ".join(
+            f"`{k[:10]}` {g.get('degenerate_share', float('nan')):.1%} degenerate answers, relevance "
+            f"{g.get('relevance', float('nan')):.3f}" for k, g in (gate.get("members") or {}).items()) + ".")
+    blockers = portfolio.blockers()
+    if blockers:
+        lines.append("Not for production: " + "; ".join(blockers) + ".")
+    return "".join("\n\n" + line for line in lines)
 
 
 def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,

@@ -36,7 +36,7 @@ from palm_tasks.jobs import Job, JobContext, RunJobs, find_finished
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import ArtifactError, Pool, Portfolio
-from palm_tasks.stages.align import search_loop
+from palm_tasks.stages.align import reference, search_loop
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,16 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
                    "initial_values": np.array([p.values for p in kept]),
                    "initial_std_errors": np.array([p.std_errors for p in kept])}
     search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                        z=cfg.coverage.z, **initial)
+                        z=cfg.coverage.z, reference=reference(schema.load_samples(root)),
+                        max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant,
+                        **initial)
     started = time.time()
-    new = search_loop(search, run_jobs)
+    rows = search_loop(search, run_jobs, paths, initial=kept)
+    new = [p for p in rows if p.key not in {k.key for k in kept}]
     # Trained by this run = written by it (a policy found finished on disk is older).
     out.trained = [p.key for p in new if (p.path / "member.json").stat().st_mtime >= started]
     out.stopped = search.stopped
-    schema.write(paths.pool, Pool(kind="trained", mode="retrain", policies=tuple(kept + new),
+    schema.write(paths.pool, Pool(kind="trained", mode="retrain", policies=tuple(rows),
                                   history={"stopped": search.stopped, "steps": search.history,
                                            "eval_key": out.eval_key},
                                   trained=len(out.trained), reused=len(new) - len(out.trained)))

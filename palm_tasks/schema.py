@@ -90,6 +90,9 @@ class Policy:
     ingredients: tuple[str, ...] = ()
     lambdas: tuple[float, ...] = ()
     path: Path | None = field(default=None, compare=False)  # where it was read from; not stored
+    # answers on the eval prompts: degenerate_share and relevance (palm_tasks.llm.validity);
+    # empty for a policy stored before the quality gate existed
+    quality: dict = field(default_factory=dict, compare=False)
 
     @property
     def w(self) -> np.ndarray:
@@ -123,6 +126,8 @@ class Policy:
                "n_eval": self.value.n}
         if self.kind == "soup":
             out.update(ingredients=list(self.ingredients), lambdas=list(self.lambdas))
+        if self.quality:
+            out["quality"] = self.quality
         return {**out, "training": self.training}
 
     @classmethod
@@ -139,7 +144,53 @@ class Policy:
                    weights=_vec(data["weights"]),
                    value=ValueVector(_vec(data["values"]), _vec(data["std_errors"]), int(data["n_eval"])),
                    training=data.get("training") or {}, ingredients=tuple(data.get("ingredients", ())),
-                   lambdas=_vec(data.get("lambdas", ())), path=path)
+                   lambdas=_vec(data.get("lambdas", ())), path=path, quality=data.get("quality") or {})
+
+
+@dataclass(frozen=True)
+class SamplePool:
+    """N answers of the base model to each of some prompts, with every trait's reward: the data
+    behind the best-of-N reference (docs/evidence.md) and the first round of rsft jobs.
+
+    `sampler` holds what decides the answers (N, tokens, temperature, seed); `scores` has shape
+    (prompts, N, d). Produced once by the rewards stage and read by every job and stage."""
+
+    split: str  # "eval" | "train"
+    traits: tuple[str, ...]
+    reward_versions: tuple[str, ...]
+    base_model_sha256: str
+    sampler: dict
+    prompts: tuple[str, ...]
+    completions: tuple[tuple[str, ...], ...]
+    scores: np.ndarray = field(compare=False)
+    quality: dict = field(default_factory=dict)  # the base's answer quality (llm.validity.answer_quality)
+
+    @property
+    def n(self) -> int:
+        return self.scores.shape[1]
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "split": self.split, "traits": list(self.traits),
+                "reward_versions": list(self.reward_versions), "base_model_sha256": self.base_model_sha256,
+                "sampler": self.sampler, "prompts": list(self.prompts),
+                "completions": [list(c) for c in self.completions], "quality": self.quality,
+                "scores": np.round(self.scores, 6).tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SamplePool":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(f"schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
+        scores = np.asarray(data["scores"], dtype=float)
+        prompts, completions = tuple(data["prompts"]), tuple(tuple(c) for c in data["completions"])
+        if scores.ndim != 3 or scores.shape[:2] != (len(prompts), len(completions[0]) if completions else 0) \
+                or scores.shape[2] != len(data["traits"]):
+            raise ArtifactError(f"scores of shape {scores.shape} do not match {len(prompts)} prompts, "
+                                f"{len(data['traits'])} traits")
+        return cls(split=data["split"], traits=tuple(data["traits"]),
+                   reward_versions=tuple(data["reward_versions"]),
+                   base_model_sha256=data["base_model_sha256"], sampler=dict(data["sampler"]),
+                   prompts=prompts, completions=completions, scores=scores,
+                   quality=data.get("quality") or {})
 
 
 @dataclass(frozen=True)
@@ -330,6 +381,8 @@ class Portfolio:
     conservative_certificate: dict = field(default_factory=dict)  # at z_conservative
     oracle_check: dict = field(default_factory=dict)  # core.metrics.OracleCheck.to_dict()
     coverage: dict = field(default_factory=dict)  # gaps on the test weights (numbers and what they are)
+    evidence: dict = field(default_factory=dict)  # the evidence audit: worst evidence gap, where, against what
+    gate: dict = field(default_factory=dict)  # the quality gate: passed, each member's figures, reasons
     base_model_sha256: str | None = None  # the base model every member's adapter belongs to
     base_model_path: str | None = None  # set in the registered copy
 
@@ -338,6 +391,24 @@ class Portfolio:
         """(weights, values, standard errors) of the members, one row each."""
         return (np.array([m.weights for m in self.members]), np.array([m.value.mean for m in self.members]),
                 np.array([m.value.se for m in self.members]))
+
+    def blockers(self) -> list[str]:
+        """Why this portfolio may not be promoted to production (empty: it may): it must be
+        certified, every member must pass the quality gate, and the evidence must not
+        contradict the certificate (docs/quality-gate.md, docs/evidence.md)."""
+        out = []
+        if not self.certificate.certified:
+            out.append(f"not certified at eps = {self.eps}, delta = {self.delta} "
+                       f"(reaches eps = {self.certificate.max_eps:.4f})")
+        failing = [k for k, g in (self.gate.get("members") or {}).items() if not g.get("passed")]
+        if failing:
+            out.append("quality gate failed by " + ", ".join(
+                f"{k[:10]} ({'; '.join(self.gate['members'][k].get('reasons', []))})" for k in failing))
+        if self.evidence.get("contradicted"):
+            ev = self.evidence
+            out.append(f"the evidence contradicts the certificate: evidence gap {ev['worst_gap']:.4f} > eps "
+                       f"at w = {ev['worst_weight']} against {ev['worst_against']}")
+        return out
 
     def member(self, key: str) -> Member:
         for m in self.members:
@@ -353,6 +424,7 @@ class Portfolio:
                "pool_certificate": self.pool_certificate,
                "conservative_certificate": self.conservative_certificate,
                "oracle_check": self.oracle_check, "coverage": self.coverage,
+               "evidence": self.evidence, "gate": self.gate,
                "oracle": self.oracle.to_json(), "soup_rows": self.soup_rows.to_json(),
                "base_model_sha256": self.base_model_sha256}
         if self.base_model_path:
@@ -381,6 +453,7 @@ class Portfolio:
                    soups=data.get("soups") or {}, pool_certificate=data.get("pool_certificate") or {},
                    conservative_certificate=data.get("conservative_certificate") or {},
                    oracle_check=data.get("oracle_check") or {}, coverage=data.get("coverage") or {},
+                   evidence=data.get("evidence") or {}, gate=data.get("gate") or {},
                    base_model_sha256=data.get("base_model_sha256"),
                    base_model_path=data.get("base_model_path"))
 
@@ -486,6 +559,11 @@ def load_soups(root: Path) -> Pool:
     if not path.is_file():
         return Pool(kind="soup", mode="soups", policies=(), note="the soups stage has not run")
     return read(path, Pool, "soups")
+
+
+def load_samples(root: Path, split: str = "eval") -> SamplePool:
+    """The base model's sample pool on the eval (or train) prompts, from the rewards stage."""
+    return read(Paths(root).samples / f"{split}.json", SamplePool, "rewards")
 
 
 def load_portfolio(root: Path) -> Portfolio:

@@ -121,7 +121,8 @@ class JobRun:
         params = {f"w.{tr}": round(w, 6) for tr, w in zip(spec.traits, spec.weights)}
         params.update({f"training.{k}": v for k, v in spec.training.items()})
         params.update({f"evaluation.{k}": v for k, v in spec.evaluation.items()})
-        params.update({"key": key, "seed": spec.seed, "device": device, "bf16": uses_bf16(device),
+        params.update({"key": key, "seed": spec.seed, "init_from": spec.init_from, "attempt": spec.attempt,
+                       "device": device, "bf16": uses_bf16(device),
                        "base_model_sha256": spec.base_model_sha256[:16], "data_sha256": spec.data_sha256[:16]})
         client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
         return cls(client, run.info.run_id)
@@ -133,7 +134,11 @@ class JobRun:
         from palm_tasks.log import say
 
         def log(step: int, max_steps: int, logs: dict) -> None:
-            if "reward" in logs:
+            if "round" in logs:  # rsft: one log per round
+                figures = ", ".join(f"{k} {v:.3f}" for k, v in logs.items()
+                                    if k != "round" and isinstance(v, float))
+                say(f"  {key} round {step}/{max_steps}: {figures}")
+            elif "reward" in logs:
                 say(f"  {key} step {step}/{max_steps} reward {float(logs['reward']):.3f}")
             metrics = [_metric(k.replace("/", "."), float(v), step) for k, v in logs.items()
                        if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -146,6 +151,7 @@ class JobRun:
         metrics = {f"value.{t}": v for t, v in zip(policy.traits, policy.value.mean)}
         metrics.update({f"se.{t}": s for t, s in zip(policy.traits, policy.value.se)})
         metrics.update({k: policy.training[k] for k in ("train_seconds", "total_seconds")})
+        metrics.update({f"quality.{k}": v for k, v in policy.quality.items() if isinstance(v, (int, float))})
         self.client.log_batch(self.run_id, metrics=[_metric(k, float(v), steps) for k, v in metrics.items()])
         self.client.log_artifact(self.run_id, str(policy.path / "member.json"))
         self.client.set_terminated(self.run_id)

@@ -5,6 +5,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -25,9 +26,11 @@ PROJECT_FILES = ["palm_tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config"
 TINY_OVERRIDES = {
     "search": {"mode": "lazy", "max_trainings": 6},
     "data": {"n_train": 16, "n_eval": 8},
-    "training": {"steps": 2, "max_completion_length": 8},
-    "evaluation": {"n_prompts": 8, "max_new_tokens": 8},
-    "rewards": {"base_samples": 8},
+    "training": {"steps": 2, "max_completion_length": 8, "rounds": 1, "samples_per_prompt": 2, "epochs": 1},
+    "evaluation": {"n_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 16},
+    "evidence": {"best_of": 2, "chunk_prompts": 4},
+    # a tiny model's answers are gibberish: the gate would refuse every member; its own tests set it
+    "gate": {"max_degenerate_share": 1.0, "min_relevance_ratio": 0.0},
     "coverage": {"test_users": 200, "test_lattice": 10},
     "soups": {"enabled": True},  # the tests exercise the soups stage; the default run leaves it off
     "compare": {"k_max": 1, "random_seeds": 1, "grid_budget": 1, "bootstrap": 10},  # dvc repro: 2 new tiny jobs
@@ -110,7 +113,9 @@ def trained_project(prepared: Path, dest: Path, k: int, **sections):
     """A copy of a prepared project whose real align stage trained the k uniform weights (the
     specialists first), with values then set by `specialist_values` so that coverage outcomes
     are known in advance: (root, cfg, trained policies). The policies, their adapters and
-    member.json are the real stage's; only the values in data/pool.json are the test's."""
+    member.json are the real stage's; only the values in data/pool.json are the test's, and the
+    base's sample pool scores 0.05 on every trait (so best-of-N is below every policy and the
+    evidence agrees with the values the test chose)."""
     from dataclasses import replace
 
     from palm_tasks import schema
@@ -127,6 +132,8 @@ def trained_project(prepared: Path, dest: Path, k: int, **sections):
     policies = tuple(p.with_value(ValueVector(specialist_values(p.weights), (0.02,) * cfg.d, p.value.n))
                      for p in pool.policies)
     schema.write(Paths(root).pool, replace(pool, policies=policies))
+    samples = schema.load_samples(root)
+    schema.write(Paths(root).samples / "eval.json", replace(samples, scores=np.full(samples.scores.shape, 0.05)))
     return root, cfg, list(policies)
 
 

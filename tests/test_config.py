@@ -78,10 +78,27 @@ def test_check_command_exit_status(tmp_path):
 def test_job_key_sections_keep_their_fields():
     # training and evaluation dumps are hashed into job keys: finished jobs must keep their keys
     assert TrainingConfig().model_dump() == {
-        "steps": 32, "learning_rate": 1e-3, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2,
+        "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": 4, "temperature": 1.0, "beta": 0.0}
     assert EvaluationConfig().model_dump() == {
-        "n_prompts": 32, "samples_per_prompt": 1, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 16}
+        "n_prompts": 128, "samples_per_prompt": 8, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 64}
+
+
+def test_training_learning_rate_defaults_by_method():
+    assert parse_config({}).training.lr == 5e-4
+    assert parse_config({"training": {"method": "grpo"}}).training.lr == 1e-3
+    assert parse_config({"training": {"method": "grpo", "learning_rate": 0.01}}).training.lr == 0.01
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("training", "method", "ppo"), ("evidence", "best_of", 1), ("evidence", "best_of", 100000),
+    ("gate", "max_degenerate_share", 1.5), ("gate", "min_relevance_ratio", -0.1),
+    ("search", "max_repairs", -1), ("training", "rounds", 0)])
+def test_nonsense_for_the_new_settings_is_refused_naming_the_key(section, key, value):
+    with pytest.raises(ConfigError) as err:
+        parse_config({section: {key: value}})
+    assert f"{section}.{key}" in str(err.value)
 
 
 def test_selection_lattice_must_differ_from_the_test_lattice():
@@ -111,7 +128,7 @@ def test_new_fields_defaults():
         ({"traits": ["safety", "wit"]}, "traits", "allowed"),
         ({"traits": ["safety"]}, "traits", "at least 2"),
         ({"device": "tpu"}, "device", "'cuda'"),
-        ({"training": {"batch_size": 6, "num_generations": 4}}, "training", "multiple"),
+        ({"training": {"method": "grpo", "batch_size": 6, "num_generations": 4}}, "training", "multiple"),
         ({"training": {"stpes": 3}}, "training.stpes", "unknown key"),
         ({"learning_rate": 0.1}, "learning_rate", "unknown key"),
         ({"evaluation": {"n_prompts": 100}, "data": {"n_eval": 10}}, "evaluation.n_prompts", "exceeds"),

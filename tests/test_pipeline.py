@@ -117,9 +117,27 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
             assert float(tags[f"value.{trait}"]) == pytest.approx(v, abs=1e-4)
         assert tags["portfolio_id"] == portfolio.id
     portfolio_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-portfolio"
-    alias = "production" if portfolio.certificate.certified else "candidate"
+    alias = "candidate" if portfolio.blockers() else "production"
     assert result["register"]["alias"] == alias
     assert client.get_model_version_by_alias(portfolio_model, alias).tags["portfolio_id"] == portfolio.id
+
+    # the evidence audit: best-of-N of the base's sample pool and every measured policy, at every
+    # test weight; recomputed here on the lattice (the audit also covers the test users)
+    from palm_tasks.core.evidence import best_of_n, evidence_gaps, scalar
+    from palm_tasks.core.simplex import simplex_lattice
+    from palm_tasks.schema import load_samples
+
+    samples = load_samples(root)
+    ev = portfolio.evidence
+    assert ev["best_of_n"] == samples.n == cfg.evidence.best_of
+    lattice = simplex_lattice(3, cfg.coverage.test_lattice)
+    bon = scalar(lattice, best_of_n(samples.scores, lattice)[0])
+    E = np.maximum((lattice @ everyone.T).max(axis=1), bon)
+    P = (lattice @ np.array([e.value.mean for e in portfolio.members]).T).max(axis=1)
+    assert ev["worst_gap"] >= evidence_gaps(P, E).max() - 1e-9
+    assert ev["worst_against"].startswith(("best-of-2", "policy "))
+    assert coverage["worst_evidence_gap"] == pytest.approx(ev["worst_gap"])
+    assert set(portfolio.gate["members"]) == {e.key for e in portfolio.members}
 
     # palm status shows the members and the portfolio
     status = palm(root, "status")

@@ -67,7 +67,9 @@ def test_brevity_formula_and_empty_answer():
     brevity = R.BrevityReward(max_words=10)
     texts = ["one two three four five", " ".join(["w"] * 10), " ".join(["w"] * 25), "", "   "]
     np.testing.assert_allclose(brevity(["p"] * 5, texts), [0.5, 0.0, 0.0, 0.0, 0.0])
-    assert R.BrevityReward()(["p"], ["one"])[0] == pytest.approx(1 - 1 / 30)
+    assert R.BrevityReward()(["p"], ["one two three"])[0] == pytest.approx(1 - 3 / 30)
+    assert R.BrevityReward()(["p"], ["42"])[0] == pytest.approx(1 - 1 / 30)  # a bare number answers
+    assert R.BrevityReward()(["p"], ["one"])[0] == 0.0  # one word is a non-answer (validity.py)
     assert "max10" in brevity.version and "10" in brevity.normalization
 
 

@@ -306,17 +306,24 @@ class Certificate:
         }
 
 
-def certify(train_weights, values, eps, delta, members=None, std_errors=None, z=0.0, oracle=None):
+def certify(train_weights, values, eps, delta, members=None, std_errors=None, z=0.0, oracle=None,
+            reference=None):
     """Certificate of docs/theory.md section 4 for the portfolio `members` (row indices; all if None).
 
     oracle: boolean mask of rows trained for their weight (default all); only these give the
     upper bound's constraints, any row may be a member. With std_errors and z > 0, members count
     with R - z se and the oracle constraints use R + z se (docs/theory.md section 6).
+    reference (n,): evidence that needs no training at each row's weight, w_j . R_BoN(w_j) (+ z
+    se): the constraint becomes V_j = max(best value known at w_j, reference_j) (section 8), so a
+    row that fell short of best-of-N raises U instead of silently lowering it.
     """
     W, R, SE, z, mask, members, eps, delta = check_problem(
         train_weights, values, eps, delta, members, std_errors, z, oracle)
     low = pessimistic(R, SE, z)  # members count with R - z se, the oracle constraints with R + z se
     A, V = oracle_constraints(W[mask], R + z * SE)
+    if reference is not None:
+        ref = check_values(np.reshape(reference, (-1, 1)), len(W), 1, "reference")[:, 0]
+        V = np.maximum(V, ref[mask])
     corners = corner_weights(low[members])
     lower = (corners @ low[members].T).max(axis=1)
     upper = upper_bounds(corners, A, V)

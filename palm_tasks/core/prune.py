@@ -47,8 +47,12 @@ def set_cover(covers, method="greedy", max_cells=500_000, time_limit=20.0):
 
 
 def prune(train_weights, values, eps, delta, method="greedy", std_errors=None, z=0.0, oracle=None,
-          max_rounds=100):
+          max_rounds=100, candidates=None, reference=None):
     """Smallest certified subset found (row indices), by set cover over corner weights.
+
+    candidates: boolean mask of the rows that may be members (default all; e.g. the rows that
+    pass the quality gate, docs/theory.md section 10); every oracle row still bounds OPT.
+    reference: as in certify (the best-of-N evidence at each row's weight, section 8).
 
     Elements start as the corner weights of the full set; after each cover the chosen subset is
     re-certified and its failing corners become elements too, until it certifies. If the full
@@ -58,19 +62,24 @@ def prune(train_weights, values, eps, delta, method="greedy", std_errors=None, z
     W, R, SE, z, mask, _, eps, delta = check_problem(
         train_weights, values, eps, delta, None, std_errors, z, oracle)
     low = pessimistic(R, SE, z)
-    full = certify(W, R, eps, delta, std_errors=SE, z=z, oracle=mask)
+    allowed = np.ones(len(W), bool) if candidates is None else np.asarray(candidates, bool)
+    if allowed.shape != (len(W),) or not allowed.any():
+        raise ValueError(f"candidates must be a boolean mask of shape ({len(W)},) with a True")
+    rows = np.flatnonzero(allowed)
+    full = certify(W, R, eps, delta, members=rows, std_errors=SE, z=z, oracle=mask, reference=reference)
     elements, upper = full.corner_weights, full.upper
     for _ in range(max_rounds):
         covers = (low @ elements.T) >= (1 - eps) * upper - delta - TOL
+        covers[~allowed] = False
         chosen = set_cover(covers, method)
         if len(chosen) == 0:  # nothing covers anything: keep the single best row at the centroid
-            chosen = np.array([int(np.argmax(low.sum(axis=1)))])
-        cert = certify(W, R, eps, delta, members=chosen, std_errors=SE, z=z, oracle=mask)
+            chosen = np.array([int(rows[np.argmax(low[rows].sum(axis=1))])])
+        cert = certify(W, R, eps, delta, members=chosen, std_errors=SE, z=z, oracle=mask, reference=reference)
         failing = cert.slacks > TOL
         new_el, new_up = cert.corner_weights[failing], cert.upper[failing]
-        coverable = ((low @ new_el.T) >= (1 - eps) * new_up - delta - TOL).any(axis=0)
+        coverable = ((low[rows] @ new_el.T) >= (1 - eps) * new_up - delta - TOL).any(axis=0)
         if not coverable.any():
             return chosen
         elements = np.vstack([elements, new_el[coverable]])
         upper = np.concatenate([upper, new_up[coverable]])
-    return np.arange(len(W))
+    return rows

@@ -16,12 +16,23 @@ budget of max_trainings is spent, or no untrained corner has positive slack ("st
 noise z * se alone breaks the bound, section 6). result() prunes (section 3) with the corner
 weights as elements and re-certifies the pruned portfolio (step 4). One weight per ask(): the
 batched proposals for parallel workers of section 12 are not implemented here.
+
+Evidence and repair (sections 8 and 9). With `reference(W) -> (values (m,), se (m,))`, the
+best-of-N value w . R_BoN(w) at each weight, the certificate's oracle constraints use
+max(best value known at w_j, reference(w_j) + z se). After every tell, a row that the evidence
+at its own weight (best-of-N or another told row) beats by more than z_significant se is
+**beaten**; while it has repairs left (max_repairs per row) and the budget allows, ask()
+proposes its weight again before anything else (source "repair"; `pending` says which row and
+which row beat it, so the caller can warm-start from that policy). tell() then keeps the better
+of the old and the new value at w_j in that row. A row is repaired at most max_repairs times,
+so the search never loops; rows still beaten at the end are in result().beaten.
 """
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from palm_tasks.core.certificate import TOL, Certificate, certify, check_values, check_z
+from palm_tasks.core.evidence import beaten_rows, evidence
 from palm_tasks.core.grid import snap_to_grid
 from palm_tasks.core.prune import prune
 from palm_tasks.core.simplex import check_d, check_tolerances, check_weights
@@ -46,6 +57,7 @@ class SearchResult:
     trainings: int
     history: list = field(default_factory=list)
     stopped: str = ""
+    beaten: list = field(default_factory=list)
 
     def to_dict(self):
         return {
@@ -59,6 +71,7 @@ class SearchResult:
             "portfolio_size": int(len(self.members)),
             "history": self.history,
             "stopped": self.stopped,
+            "beaten": self.beaten,
         }
 
 
@@ -76,12 +89,14 @@ class LazySearch:
 
     Attributes: done (ask() returned None), stopped ("certified" | "budget" | "stuck", "" while
     running), trainings (values told), history (one dict per training: step, weight, source
-    "extreme" | "grid" | "corner", worst_slack_before), certificate (of every row, as of the
-    last ask()), W, R, SE (the rows so far as lists, initial rows first).
+    "extreme" | "grid" | "corner" | "repair", worst_slack_before; a repair adds row, by and
+    kept "new" | "old"), certificate (of every row, as of the last ask()), W, R, SE (the rows so
+    far as lists, initial rows first), repairs (per row), pending (what ask() proposed).
     """
 
     def __init__(self, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
-                 initial_weights=None, initial_values=None, initial_std_errors=None):
+                 initial_weights=None, initial_values=None, initial_std_errors=None,
+                 reference=None, max_repairs=0, z_significant=2.0):
         self.d = check_d(d)
         self.eps, self.delta = check_tolerances(eps, delta)
         self.z = check_z(z)
@@ -104,7 +119,12 @@ class LazySearch:
         self.with_se = (initial_std_errors is not None) if self.W else None  # None: the first tell decides
         self.trainings, self.history, self.stopped = 0, [], ""
         self.certificate = None
-        self._asked = None  # (weight, source, worst slack before) proposed by ask() and not yet told
+        self.reference, self.z_significant = reference, check_z(z_significant)
+        if int(max_repairs) < 0:
+            raise ValueError(f"max_repairs must be >= 0, got {max_repairs}")
+        self.max_repairs = int(max_repairs)
+        self.repairs = [0] * len(self.W)
+        self._asked = None  # (weight, source, worst slack before, row, by) proposed by ask() and not yet told
         self._result = None
 
     @property
@@ -114,13 +134,39 @@ class LazySearch:
     def _arrays(self):
         return np.array(self.W), np.array(self.R), (np.array(self.SE) if self.with_se else None)
 
+    def _reference(self, W):
+        """(values, se) of the best-of-N reference at W, or None without one."""
+        if self.reference is None:
+            return None
+        values, se = self.reference(np.atleast_2d(W))
+        return np.asarray(values, float).reshape(len(W)), np.asarray(se, float).reshape(len(W))
+
+    def beaten(self):
+        """core.evidence.Beaten of every row (None without a reference or rows)."""
+        if self.reference is None or not self.W:
+            return None
+        tw, tv, tse = self._arrays()
+        tse = np.zeros_like(tv) if tse is None else tse
+        ref, ref_se = self._reference(tw)
+        ev = evidence(tw, tv, tse, ref, ref_se)
+        return beaten_rows(tw, tv, tse, ev, self.z_significant)
+
     def _next(self):
-        """(weight, source, worst slack before) to train next, or None after setting `stopped`."""
+        """(weight, source, worst slack before, row, by) to train next, or None after setting
+        `stopped`."""
         for e in np.eye(self.d):
             if self.trainings < self.max_trainings and not _already(e, self.W):
-                return e, "extreme", None
+                return e, "extreme", None, None, None
+        b = self.beaten()
+        if b is not None and self.trainings < self.max_trainings:
+            for j in np.flatnonzero(b.beaten):
+                if self.repairs[j] < self.max_repairs:
+                    return np.array(self.W[j]), "repair", None, int(j), int(b.by[j])
         tw, tv, tse = self._arrays()
-        cert = self.certificate = certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z)
+        ref = self._reference(tw)
+        reference = None if ref is None else ref[0] + self.z * ref[1]
+        cert = self.certificate = certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z,
+                                          reference=reference)
         if cert.certified:
             self.stopped = "certified"
             return None
@@ -136,9 +182,18 @@ class LazySearch:
                 options.insert(0, (snap_to_grid(corner, self.d, self.eps, self.delta), "grid"))
             for w, source in options:
                 if not _already(w, self.W):
-                    return w.copy(), source, float(cert.slacks[c])
+                    return w.copy(), source, float(cert.slacks[c]), None, None
         self.stopped = "stuck"
         return None
+
+    @property
+    def pending(self) -> dict | None:
+        """What ask() proposed and tell() has not received: weight, source, and for a repair the
+        row to repair and `by`, the row whose policy beat it (-1: best-of-N)."""
+        if self._asked is None:
+            return None
+        w, source, _, row, by = self._asked
+        return {"weight": w.copy(), "source": source, "row": row, "by": by}
 
     def ask(self) -> np.ndarray | None:
         """The next weight to train (the same one until it is told), or None when done.
@@ -155,24 +210,34 @@ class LazySearch:
         ask() returned; returns the history step (step, weight, source, worst_slack_before)."""
         if self._asked is None:
             raise ValueError("tell() without a pending ask(): call ask() and tell its weight")
-        w, source, slack = self._asked
+        w, source, slack, row, by = self._asked
         given = np.asarray(weights, dtype=float)
         if given.shape != w.shape or not (np.abs(given - w) <= SAME_WEIGHT).all():
             raise ValueError(f"tell() got weights {given.tolist()}, but ask() returned {w.tolist()}")
         has_se = std_errors is not None
         if self.with_se is not None and has_se != self.with_se:
             raise ValueError("oracle must return std errors always or never (and match initial_std_errors)")
-        row = check_values(np.atleast_2d(values), 1, self.d, "oracle values")[0]
+        values_row = check_values(np.atleast_2d(values), 1, self.d, "oracle values")[0]
         se = check_values(np.atleast_2d(std_errors), 1, self.d, "oracle std_errors")[0] if has_se else None
         self.with_se = has_se
-        self.W.append(w)
-        self.R.append(row)
-        if has_se:
-            self.SE.append(se)
         self.trainings += 1
         self._asked = None
         step = {"step": self.trainings, "weight": w.tolist(), "source": source,
                 "worst_slack_before": slack}
+        if source == "repair":  # keep the better of the two at w_j (section 9)
+            self.repairs[row] += 1
+            better = float(w @ values_row) > float(w @ self.R[row])
+            if better:
+                self.R[row] = values_row
+                if has_se:
+                    self.SE[row] = se
+            step.update(row=row, by=by, kept="new" if better else "old")
+        else:
+            self.W.append(w)
+            self.R.append(values_row)
+            if has_se:
+                self.SE.append(se)
+            self.repairs.append(0)
         self.history.append(step)
         return step
 
@@ -183,22 +248,34 @@ class LazySearch:
             raise ValueError("the search is not done: call ask() (and tell()) until ask() returns None")
         if self._result is None:
             tw, tv, tse = self._arrays()
-            members = prune(tw, tv, self.eps, self.delta, method=self.prune_method, std_errors=tse, z=self.z)
-            final = certify(tw, tv, self.eps, self.delta, members=members, std_errors=tse, z=self.z)
+            ref = self._reference(tw)
+            reference = None if ref is None else ref[0] + self.z * ref[1]
+            members = prune(tw, tv, self.eps, self.delta, method=self.prune_method, std_errors=tse, z=self.z,
+                            reference=reference)
+            final = certify(tw, tv, self.eps, self.delta, members=members, std_errors=tse, z=self.z,
+                            reference=reference)
+            b = self.beaten()
+            beaten = [] if b is None else [
+                {"row": int(j), "weight": tw[j].tolist(), "shortfall": float(b.shortfall[j]),
+                 "se": float(b.se[j]), "by": int(b.by[j]), "repairs": self.repairs[j]}
+                for j in np.flatnonzero(b.beaten)]
             self._result = SearchResult(
                 train_weights=tw, values=tv, std_errors=tse, members=members, certificate=final,
                 full_certificate=self.certificate, trainings=self.trainings,
-                history=list(self.history), stopped=self.stopped)
+                history=list(self.history), stopped=self.stopped, beaten=beaten)
         return self._result
 
 
 def lazy_search(oracle, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
-                initial_weights=None, initial_values=None, initial_std_errors=None, on_step=None):
+                initial_weights=None, initial_values=None, initial_std_errors=None, on_step=None,
+                reference=None, max_repairs=0, z_significant=2.0):
     """Run LazySearch to the end with oracle(w) -> values (d,) or (values, std_errors) as the
-    training; on_step(step) after each training. Returns result()."""
+    training (a repair calls it again at the same w); on_step(step) after each training.
+    Returns result()."""
     search = LazySearch(d, eps, delta, max_trainings, z=z, snap=snap, prune_method=prune_method,
                         initial_weights=initial_weights, initial_values=initial_values,
-                        initial_std_errors=initial_std_errors)
+                        initial_std_errors=initial_std_errors, reference=reference,
+                        max_repairs=max_repairs, z_significant=z_significant)
     while (w := search.ask()) is not None:
         out = oracle(w.copy())
         values, se = out if isinstance(out, tuple) else (out, None)

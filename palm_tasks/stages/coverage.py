@@ -1,12 +1,16 @@
-"""Stage coverage: certificate over the simplex, set-cover pruning, gaps -> the portfolio.
+"""Stage coverage: quality gate, certificate over the simplex with the evidence, set-cover
+pruning, the evidence audit, gaps -> the portfolio.
 
-Reads:  data/pool.json, data/soups.json; the params in PARAMS
+Reads:  data/pool.json, data/soups.json, data/samples/eval.json; the params in PARAMS
 Writes: portfolio.json (schema.Portfolio), metrics/coverage.json, plots/ (gaps, the simplex map,
         gap vs portfolio size, member values)
 
-Certificate and pruning follow docs/theory.md sections 3, 4 and 6; `oracle_check` tests the
-alignment-oracle assumption the certificate rests on (section 9). Users are routed by the one
-routing rule (core.routing).
+Certificate and pruning follow docs/theory.md sections 3, 4 and 6, with the best-of-N
+reference of the base's sample pool in the upper bound (section 8); `oracle_check` tests the
+alignment-oracle assumption the certificate rests on (section 9). Only policies that pass the
+quality gate (section 10) may be members. The evidence audit measures the chosen portfolio's
+gap to the evidence (best-of-N and every measured policy) on the test weights. Users are routed
+by the one routing rule (core.routing).
 """
 
 from __future__ import annotations
@@ -26,22 +30,24 @@ from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import Certificate, Member, PolicyTable, Portfolio, load_pool, load_soups
 
-PARAMS = ("coverage", "seed", "task", "traits")
-DEPS = ("data/pool.json", "data/soups.json")
+PARAMS = ("coverage", "seed", "task", "traits", "gate")
+DEPS = ("data/pool.json", "data/soups.json", "data/samples")
 OUTS = ("portfolio.json",)
 METRICS = ("metrics/coverage.json",)
 PLOTS = ("plots/gaps.json", "plots/simplex_map.json", "plots/gap_vs_size.json", "plots/member_values.json",
          "plots/simplex_map.png", "plots/gap_vs_size.png", "plots/member_values.png")
 RUNS_JOBS = False
-RELATIVE_TO = ("the alignment oracle: each trained member's value vector is taken as optimal for its "
-               "training weight; values are means over the eval prompts")
+RELATIVE_TO = ("the alignment oracle checked against the evidence: at each training weight OPT is "
+               "bounded by the best of the trained policy, every other candidate and best-of-N "
+               "sampling from the base; values are means over the eval prompts")
 
 
 def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     from palm_tasks.report.plots import write_plots
 
     paths = Paths(root)
-    portfolio, figures, gap_rows, test = build(cfg, paths, load_pool(root).policies, load_soups(root).policies)
+    portfolio, figures, gap_rows, test = build(cfg, paths, load_pool(root).policies, load_soups(root).policies,
+                                               samples=schema.load_samples(root))
     schema.write(paths.portfolio, portfolio)
     schema.write(paths.metrics / "coverage.json", figures)
     schema.write(paths.plots / "gaps.json", gap_rows)
@@ -50,7 +56,14 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     say(f"coverage: portfolio of {figures['portfolio_size']} of {figures['pool_size']} trained + "
         f"{figures['soup_candidates']} soups ({figures['soups_in_portfolio']} soups in it), "
         f"{'CERTIFIED' if figures['certified'] else 'NOT certified'} at eps={c.eps}, delta={c.delta} "
-        f"(max eps {figures['max_eps']:.4f}, max delta {figures['max_delta']:.4f}, relative to the oracle)")
+        f"(max eps {figures['max_eps']:.4f}, max delta {figures['max_delta']:.4f}, relative to the oracle "
+        f"and best-of-{figures['best_of_n']})")
+    ev = portfolio.evidence
+    say(f"coverage: worst evidence gap {ev['worst_gap']:.4f} at w = {ev['worst_weight']} against "
+        f"{ev['worst_against']} (mean {ev['mean_gap']:.4f}, {ev['test_weights']} test weights); "
+        f"largest se of a value {figures['max_value_se']:.4f}")
+    for reason in portfolio.blockers():
+        warn(f"coverage: not for production: {reason}")
     if figures["oracle_rows_beaten"]:
         warn(f"{figures['oracle_rows_beaten']} of {figures['pool_size']} trained policies are beaten at their "
              f"own weight by another candidate (worst by {figures['oracle_max_shortfall']:.4f}): the "
@@ -58,23 +71,43 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     return figures
 
 
-def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None):
+def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=None):
     """(portfolio, coverage figures, gap rows of the lattice, test weights) for a pool of trained
-    policies and soups; `members` (row indices into trained + soups) skips the pruning."""
+    policies and soups; `members` (row indices into trained + soups) skips the pruning; `samples`
+    (the base's sample pool on the eval prompts) brings the evidence in."""
+    from palm_tasks.core.evidence import best_of_n, scalar
+
     c = cfg.coverage
     pool = list(trained) + list(soups)
     oracle = np.array([True] * len(trained) + [False] * len(soups))
     W = np.array([p.weights for p in pool])
     R = np.array([p.value.mean for p in pool])
     SE = np.array([p.value.se for p in pool])
+    ref = ref_se = None
+    if samples is not None:
+        bon_mean, _, ref_se = best_of_n(samples.scores, W)
+        ref = scalar(W, bon_mean)
+
+    def reference(z):
+        return None if ref is None else ref + z * ref_se
+
+    gate = quality_gate(cfg, pool, samples)
+    candidates = np.array([gate["members"][p.key]["passed"] for p in pool])
+    if not candidates.any():  # nothing may be served: choose among all, never for production
+        candidates = np.ones(len(pool), bool)
     if members is None:
-        members = prune(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle)
+        members = prune(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle, candidates=candidates,
+                        reference=reference(c.z))
     members = np.asarray(members, int)
-    cert = certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z, oracle=oracle)
-    pool_cert = certify(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle)
+    gate = {**gate, "members": {pool[j].key: gate["members"][pool[j].key] for j in members},
+            "excluded": [p.key for p, ok in zip(pool, candidates) if not ok]}
+    gate["passed"] = all(g["passed"] for g in gate["members"].values())
+    cert = certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z, oracle=oracle,
+                   reference=reference(c.z))
+    pool_cert = certify(W, R, c.eps, c.delta, std_errors=SE, z=c.z, oracle=oracle, reference=reference(c.z))
     # The same members with noise taken into account: values - z se, oracle bounds + z se.
     noisy = certify(W, R, c.eps, c.delta, members=members, std_errors=SE, z=c.z_conservative,
-                                oracle=oracle)
+                    oracle=oracle, reference=reference(c.z_conservative))
     check = metrics.oracle_check(W, R, SE, oracle, z_significant=c.z_significant)
 
     lattice = simplex.simplex_lattice(cfg.d, c.test_lattice)
@@ -94,6 +127,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None):
         "users_mean_multiplicative_gap": gap_users.mean_multiplicative,
         "usage_perplexity": float(metrics.usage_perplexity(R, members, users, std_errors=SE, z=c.z)),
     }
+    audit = evidence_audit(cfg, test, R, SE, members, samples, [p.key for p in pool])
     portfolio = Portfolio(
         id=portfolio_id([pool[j].key for j in members], c.eps, c.delta, c.z),
         task=cfg.task, traits=tuple(cfg.traits), eps=c.eps, delta=c.delta, z=c.z,
@@ -112,7 +146,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None):
         conservative_certificate={"z": c.z_conservative, "certified": bool(noisy.certified),
                                   "worst_slack": float(noisy.worst_slack), "max_eps": float(noisy.max_eps),
                                   "max_delta": float(noisy.max_delta)},
-        oracle_check=check.to_dict(), coverage=summary,
+        oracle_check=check.to_dict(), coverage=summary, evidence=audit, gate=gate,
         base_model_sha256=next((p.base_model_sha256 for p in trained if p.base_model_sha256), None),
     )
     figures = {
@@ -124,11 +158,74 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None):
         "conservative_certified": bool(noisy.certified), "conservative_max_eps": float(noisy.max_eps),
         "conservative_max_delta": float(noisy.max_delta),
         "oracle_rows_beaten": check.n_beaten, "oracle_max_shortfall": float(check.shortfall.max(initial=0.0)),
+        "best_of_n": audit.get("best_of_n", 0), "worst_evidence_gap": audit.get("worst_gap", 0.0),
+        "mean_evidence_gap": audit.get("mean_gap", 0.0),
+        "evidence_contradicts": bool(audit.get("contradicted", False)),
+        "gate_passed": bool(gate["passed"]), "gate_excluded": len(gate["excluded"]),
+        "max_value_se": float(SE.max(initial=0.0)),
+        "production": not portfolio.blockers(),
         **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
     }
     gap_rows = [{"w": dict(zip(cfg.traits, w.round(4).tolist())), "multiplicative_gap": float(m),
                  "additive_gap": float(a)} for w, m, a in zip(lattice, gap.multiplicative, gap.additive)]
     return portfolio, figures, gap_rows, test
+
+
+def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
+    """Who may be served (docs/theory.md section 10): a policy passes when at most
+    gate.max_degenerate_share of its eval answers are degenerate and its mean relevance reaches
+    gate.min_relevance_ratio of the base model's (measured on the same prompts, in the sample pool)."""
+    g = cfg.gate
+    base = dict(samples.quality) if samples is not None else {}
+    floor = g.min_relevance_ratio * base["relevance"] if "relevance" in base else None
+    out = {}
+    for p in pool:
+        q, reasons = p.quality, []
+        if "degenerate_share" not in q:
+            reasons.append("answer quality not measured (a policy stored before the gate)")
+        else:
+            if q["degenerate_share"] > g.max_degenerate_share:
+                reasons.append(f"{q['degenerate_share']:.1%} degenerate answers > {g.max_degenerate_share:.1%}")
+            if floor is not None and q["relevance"] < floor:
+                reasons.append(f"relevance {q['relevance']:.3f} < {g.min_relevance_ratio} x base "
+                               f"{base['relevance']:.3f}")
+        out[p.key] = {**{k: v for k, v in q.items() if isinstance(v, (int, float))},
+                      "passed": not reasons, "reasons": reasons}
+    return {"rule": {"max_degenerate_share": g.max_degenerate_share,
+                     "min_relevance_ratio": g.min_relevance_ratio},
+            "base": base, "members": out}
+
+
+def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict:
+    """The portfolio against the evidence at every test weight (docs/theory.md section 8):
+    E(w) = max(every measured policy, best-of-N of the base), gap 1 - P(w) / E(w)."""
+    from palm_tasks.core.evidence import best_of_n, evidence, evidence_gaps, scalar
+
+    if samples is None:
+        return {}
+    bon_mean, _, bon_se = best_of_n(samples.scores, test)
+    ev = evidence(test, R, SE, scalar(test, bon_mean), bon_se)
+    portfolio_values = (test @ R[members].T).max(axis=1)
+    gaps = evidence_gaps(portfolio_values, ev.value)
+    # se of the gap: the evidence's and the member's se, relative to E
+    best_member = members[(test @ R[members].T).argmax(axis=1)]
+    p_se = np.einsum("md,md->m", test, SE[best_member])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap_se = np.where(ev.value > 0, np.sqrt(ev.se ** 2 + p_se ** 2) / ev.value, 0.0)
+    i = int(np.argmax(gaps))
+    against = f"best-of-{samples.n} of the base" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
+    eps = cfg.coverage.eps
+    return {"best_of_n": samples.n, "test_weights": int(len(test)),
+            "worst_gap": float(gaps[i]), "worst_gap_se": float(gap_se[i]),
+            "worst_weight": dict(zip(cfg.traits, np.round(test[i], 4).tolist())),
+            "worst_against": against, "worst_evidence": float(ev.value[i]),
+            "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
+            "share_beyond_eps": float((gaps > eps).mean()),
+            "share_bon_is_evidence": float((ev.source < 0).mean()),
+            "contradicted": bool((gaps - eps > gap_se).any()),
+            "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
+                  f"measured policy and best-of-{samples.n} sampling from the base (same eval prompts, "
+                  "same sampler); contradicted = the gap exceeds eps by more than its se somewhere"}
 
 
 def portfolio_id(member_keys, eps: float, delta: float, z: float) -> str:

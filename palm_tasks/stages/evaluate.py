@@ -50,7 +50,8 @@ from palm_tasks.schema import Policy
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
           "coverage", "compare")
-DEPS = ("portfolio.json", "data/prompts", "models/base", "models/rewards", "models/members", "models/soups")
+DEPS = ("portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
+        "models/soups")
 OUTS = ("models/evaluation", "reports")
 METRICS = ("metrics/evaluate.json",)
 PLOTS = ("plots/evaluate_gaps.json",)
@@ -233,7 +234,7 @@ def _completions(policy_dir: Path) -> list[str]:
 
 
 def _embed(texts: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    from palm_tasks.llm.rewards import embed
+    from palm_tasks.llm.embeddings import embed
 
     return {k: np.array(embed(t)) for k, t in texts.items()}
 

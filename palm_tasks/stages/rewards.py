@@ -1,14 +1,19 @@
-"""Stage rewards: the base model, the prompt split, the reward functions, and the base's samples.
+"""Stage rewards: the base model, the prompt split, the reward functions, and the sample pool.
 
 Reads:  the params in PARAMS
 Writes: models/base (the converted base model), models/rewards (rewards the pipeline trains:
-        the humor classifier), data/prompts/{train,eval}.jsonl, metrics/rewards.json
-        (how each reward is normalized, the base's reward distribution, trait correlations),
+        the humor classifier), data/prompts/{train,eval}.jsonl, data/samples/eval.json (the
+        base's evidence.best_of answers to each evaluation prompt, scored: the best-of-N
+        reference and the gate's baseline) and, for rsft, data/samples/train.json (the base's
+        training.samples_per_prompt answers to each training prompt: every job's first round),
+        metrics/rewards.json (how each reward is normalized, the base's reward distribution,
+        trait correlations, the base's answer quality, best-of-N at each trait),
         plots/base_rewards.json; an MLflow run `rewards`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +23,11 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
 
-PARAMS = ("task", "traits", "base_model", "seed", "device", "data", "rewards", "evaluation")
+PARAMS = ("task", "traits", "base_model", "seed", "device", "data", "rewards", "evaluation", "evidence",
+          "training.method", "training.samples_per_prompt", "training.max_completion_length",
+          "training.temperature")
 DEPS = ()
-OUTS = ("models/base", "models/rewards", "data/prompts")
+OUTS = ("models/base", "models/rewards", "data/prompts", "data/samples")
 METRICS = ("metrics/rewards.json",)
 PLOTS = ("plots/base_rewards.json",)
 RUNS_JOBS = False
@@ -45,11 +52,19 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     rewards = build_rewards(cfg.traits, paths.reward_models, cfg.rewards.brevity_max_words,
                             cfg.rewards.models, device)
 
-    say(f"rewards: scoring {cfg.rewards.base_samples} base-model samples")
-    eval_prompts = read_prompts(paths.prompts / "eval.jsonl")
+    eval_prompts = read_prompts(paths.prompts / "eval.jsonl")[: cfg.evaluation.n_prompts]
     base_path = resolve_base_model(paths.base)
-    scores, completions = _score_base_model(cfg, load_base(base_path, device), load_tokenizer(base_path),
-                                            rewards, eval_prompts)
+    model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+    pools = {"eval": write_sample_pool(cfg, paths, "eval", eval_prompts, rewards, model, tokenizer)}
+    if cfg.training.method == "rsft":
+        train_prompts = read_prompts(paths.prompts / "train.jsonl")
+        pools["train"] = write_sample_pool(cfg, paths, "train", train_prompts, rewards, model, tokenizer)
+    elif (paths.samples / "train.json").exists():
+        (paths.samples / "train.json").unlink()  # a stale pool of another method: not an output now
+    pool = pools["eval"]
+    scores = pool.scores.reshape(-1, cfg.d)
+    completions = [c for answers in pool.completions for c in answers]
+    answer_prompts = [p for p in pool.prompts for _ in range(pool.n)]
     corr = correlation(scores)
     distribution = {
         t: {"mean": float(s.mean()), "std": float(s.std()), "min": float(s.min()),
@@ -64,6 +79,9 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
         "normalization": {r.name: r.normalization for r in rewards},
         "reward_versions": {r.name: r.version for r in rewards},
         "base_samples": len(completions),
+        "sample_pool": {split: {"prompts": len(p.prompts), "answers_per_prompt": p.n} for split, p in pools.items()},
+        "base_quality": pool.quality,
+        "best_of_n": best_of_n_at_traits(cfg, pool),
         "distribution": distribution,
         "correlation": {"traits": cfg.traits, "matrix": corr.round(4).tolist()},
     }
@@ -73,21 +91,58 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     from palm_tasks.report.plots import distribution_figure
     from palm_tasks.tracking import log_rewards_run
 
-    samples = {"prompt": eval_prompts[: len(completions)], "completion": completions,
+    samples = {"prompt": answer_prompts, "completion": completions,
                **{t: scores[:, i].tolist() for i, t in enumerate(cfg.traits)}}
     log_rewards_run(cfg, root, metrics, distribution_figure(cfg.traits, scores, corr), samples)
     return metrics
 
 
-def _score_base_model(cfg: PalmConfig, model, tokenizer, rewards, eval_prompts):
-    from palm_tasks.llm.models import generate
-    from palm_tasks.llm.rewards import score_all
+def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[str], rewards, model,
+                      tokenizer) -> schema.SamplePool:
+    """The base's answers to `prompts` (resumable, see llm.samples), scored, as data/samples/<split>.json.
 
-    prompts = [eval_prompts[i % len(eval_prompts)] for i in range(cfg.rewards.base_samples)]
-    ev = cfg.evaluation
-    completions = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.temperature,
-                           ev.batch_size, cfg.seed)
-    return score_all(rewards, prompts, completions), completions
+    eval answers use the evaluation sampler (the best-of-N reference must be measured like the
+    policies it judges); train answers use the training sampler (they stand in for an rsft
+    job's first round of sampling)."""
+    from palm_tasks.llm.base_model import base_info
+    from palm_tasks.llm.samples import clear_chunks, sample_pool
+
+    ev, t = cfg.evaluation, cfg.training
+    if split == "eval":
+        sampler = {"n": cfg.evidence.best_of, "max_new_tokens": ev.max_new_tokens,
+                   "temperature": ev.temperature, "batch_size": ev.batch_size, "seed": cfg.seed}
+    else:
+        sampler = {"n": t.samples_per_prompt, "max_new_tokens": t.max_completion_length,
+                   "temperature": t.temperature, "batch_size": ev.batch_size, "seed": cfg.seed}
+    sha = base_info(paths.base)["weights_sha256"]
+    versions = tuple(r.version for r in rewards)
+    decided_by = {**sampler, "split": split, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+                  "base_model_sha256": sha, "reward_versions": list(versions)}
+    say(f"rewards: sample pool of the base, {split}: {len(prompts)} prompts x {sampler['n']} answers")
+    work = paths.samples / f".{split}-work"
+    completions, scores = sample_pool(model, tokenizer, rewards, prompts, decided_by, cfg.evidence.chunk_prompts,
+                                      work)
+    from palm_tasks.llm.validity import answer_quality
+
+    quality = answer_quality([p for p in prompts for _ in range(sampler["n"])], [c for cs in completions for c in cs])
+    pool = schema.SamplePool(split=split, traits=tuple(cfg.traits), reward_versions=versions,
+                             base_model_sha256=sha, sampler=sampler, prompts=tuple(prompts),
+                             completions=tuple(tuple(c) for c in completions), scores=scores, quality=quality)
+    schema.write(paths.samples / f"{split}.json", pool)
+    clear_chunks(work)
+    return pool
+
+
+def best_of_n_at_traits(cfg: PalmConfig, pool: schema.SamplePool) -> dict:
+    """BoN_N at each trait's extreme weight and at the centroid: what any policy must reach."""
+    from palm_tasks.core.evidence import best_of_n
+
+    W = np.vstack([np.eye(cfg.d), np.full((1, cfg.d), 1.0 / cfg.d)])
+    mean, se, scalar_se = best_of_n(pool.scores, W)
+    names = list(cfg.traits) + ["centroid"]
+    return {"n": pool.n, **{name: {"weights": w.round(4).tolist(), "value": float(w @ m), "se": float(s),
+                                   "values": dict(zip(cfg.traits, m.round(4).tolist()))}
+                            for name, w, m, s in zip(names, W, mean, scalar_se)}}
 
 
 def correlation(scores: np.ndarray) -> np.ndarray:

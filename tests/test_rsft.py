@@ -1,0 +1,130 @@
+"""RSFT (palm_tasks.llm.rsft) on the tiny model: rounds, the base's pool as round 1, warm start."""
+
+import numpy as np
+import pytest
+
+from palm_tasks.config import TrainingConfig
+from palm_tasks.llm import rsft
+from palm_tasks.llm.rewards import BrevityReward
+
+PROMPTS = ["Tell me a joke.", "What is the capital of France?", "Why is the sky blue?"]
+W = (0.2, 0.8)
+REWARDS = [BrevityReward(10), BrevityReward(30)]  # two cheap traits, so that w matters
+T = TrainingConfig(rounds=2, samples_per_prompt=2, epochs=1, batch_size=2, max_completion_length=4)
+
+# The base's pool: prompt 0's best under W is answer 1 (0.64 > 0.5 > 0.18); prompt 1 scores 0
+# everywhere (skipped); prompt 2 ties, so answer 0 is kept.
+POOL = ([["a b c", "d e f g", "h i j k l"], ["m n o", "p q r", "s t u"], ["v w x", "y z a", "b c d e"]],
+        np.array([[[0.9, 0.0], [0.0, 0.8], [0.5, 0.5]],
+                  [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+                  [[0.3, 0.3], [0.3, 0.3], [0.0, 0.0]]]))
+
+
+def lora_weights(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def test_best_by_weight_ties_and_direction():
+    assert rsft.best_by_weight(POOL[1], W).tolist() == [1, 0, 0]
+    assert rsft.best_by_weight(POOL[1], (1.0, 0.0)).tolist() == [0, 0, 0]
+    assert rsft.best_by_weight(POOL[1], (0.0, 1.0)).tolist() == [1, 0, 0]
+
+
+def test_rounds_use_the_pool_first_then_sample(tiny_model, tmp_path, monkeypatch):
+    pairs_seen, sampled, logged = [], [], []
+    real_sft, real_sample = rsft.sft, rsft.sample
+
+    def sft(model, tokenizer, pairs, *args):
+        pairs_seen.append(pairs)
+        return real_sft(model, tokenizer, pairs, *args)
+
+    def sample(*args):
+        sampled.append(args[-1])  # the seed
+        return real_sample(*args)
+
+    monkeypatch.setattr(rsft, "sft", sft)
+    monkeypatch.setattr(rsft, "sample", sample)
+    work = tmp_path / "trainer"
+    model, _, history = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, T, "cpu", 0, work,
+                                        first_round=POOL, on_log=lambda *a: logged.append(a))
+
+    assert [h["round"] for h in history] == [1, 2] and [a[:2] for a in logged] == [(1, 2), (2, 2)]
+    # round 1 imitates the pool's best-by-w answers, the all-zero prompt skipped
+    assert pairs_seen[0] == [(PROMPTS[0], "d e f g"), (PROMPTS[2], "v w x")]
+    assert history[0]["kept"] == 2 and history[0]["kept_reward"] == pytest.approx((0.64 + 0 + 0.3) / 3)
+    assert history[0]["reward"] == pytest.approx(float((POOL[1] @ np.array(W)).mean()))
+    assert history[0]["loss"] > 0
+    assert sampled == [2]  # only round 2 sampled, with a seed of its own
+    assert history[1]["kept_reward"] >= history[1]["reward"]
+    assert not work.exists()  # no TRL output (pickled args) left behind
+    # the adapter trained: LoRA's B matrices start at zero
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(model).items() if "lora_B" in k)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved
+    assert not [n for n in saved if n.endswith((".bin", ".pt", ".pkl"))]  # no pickles
+
+
+def test_warm_start_begins_at_the_given_adapter(tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import torch
+
+    t = T.model_copy(update={"rounds": 1})
+    model, _, _ = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 0, tmp_path / "w1", first_round=POOL)
+    model.save_pretrained(tmp_path / "adapter")
+    given = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in given.items() if "lora_B" in k)  # not a fresh adapter
+
+    at_start, sampled = [], []
+    real_sft, real_sample = rsft.sft, rsft.sample
+
+    def sft(model, *args):
+        at_start.append(lora_weights(model))
+        return real_sft(model, *args)
+
+    def sample(*args):
+        sampled.append(1)
+        completions, scores = real_sample(*args)
+        return completions, scores + 0.5  # the noise model's answers may all score 0: SFT must run
+
+    monkeypatch.setattr(rsft, "sft", sft)
+    monkeypatch.setattr(rsft, "sample", sample)
+    warm, _, history = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 1, tmp_path / "w2",
+                                       first_round=POOL, init_adapter=tmp_path / "adapter")
+    assert sampled == [1]  # the base's pool is not the warm policy's: round 1 samples
+    assert at_start[0].keys() == given.keys()
+    assert all(torch.equal(at_start[0][k], given[k]) for k in given)
+    # and it kept training that adapter
+    assert any(not torch.equal(v, given[k]) for k, v in lora_weights(warm).items())
+    assert history[0]["kept"] == len(PROMPTS)
+
+
+def test_train_dispatches_by_method(monkeypatch):
+    from palm_tasks.llm import train
+
+    calls = []
+    monkeypatch.setattr(rsft, "train_rsft", lambda *a, **k: calls.append(("rsft", k["first_round"])))
+    monkeypatch.setattr(train, "train_grpo", lambda *a, **k: calls.append(("grpo", k["init_adapter"])))
+    args = ("base", REWARDS, PROMPTS, W)
+    train.train(*args, TrainingConfig(), "cpu", 0, "work", first_round=POOL)
+    train.train(*args, TrainingConfig(method="grpo"), "cpu", 0, "work", init_adapter="a")
+    assert calls == [("rsft", POOL), ("grpo", "a")]
+    assert TrainingConfig().lr == 5e-4 and TrainingConfig(method="grpo").lr == 1e-3
+
+
+def test_grpo_warm_start(tiny_model, tmp_path):
+    from palm_tasks.llm.train import train_grpo
+
+    t = T.model_copy(update={"rounds": 1})
+    model, _, _ = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 0, tmp_path / "w1", first_round=POOL)
+    model.save_pretrained(tmp_path / "adapter")
+    given = lora_weights(model)
+    g = TrainingConfig(method="grpo", steps=1, batch_size=2, num_generations=2, max_completion_length=4,
+                       beta=0.1)  # beta > 0: TRL adds a "ref" copy of the adapter, which must not stay
+    warm, _, _ = train_grpo(tiny_model, REWARDS, PROMPTS, W, g, "cpu", 0, tmp_path / "g",
+                            init_adapter=tmp_path / "adapter")
+    assert list(warm.peft_config) == ["default"] and lora_weights(warm).keys() == given.keys()
+    assert not (tmp_path / "g").exists()

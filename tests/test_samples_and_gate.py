@@ -1,0 +1,99 @@
+"""The base model's sample pool (resumable, reused by jobs) and the quality gate, with the real
+stages on the tiny model (docs/evidence.md, docs/quality-gate.md)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import copy_project
+
+
+def test_sample_pool_is_the_rewards_stage_output(prepared_project):
+    from palm_tasks.config import load_config
+    from palm_tasks.core.evidence import best_of_n
+    from palm_tasks.schema import load_samples
+
+    cfg = load_config(prepared_project / "params.yaml")
+    pool = load_samples(prepared_project)
+    assert pool.scores.shape == (cfg.evaluation.n_prompts, cfg.evidence.best_of, cfg.d)
+    assert len(pool.completions) == len(pool.prompts) == cfg.evaluation.n_prompts
+    assert all(len(c) == cfg.evidence.best_of for c in pool.completions)
+    assert ((pool.scores >= 0) & (pool.scores <= 1)).all()
+    assert set(pool.quality) >= {"degenerate_share", "relevance"}
+    train = load_samples(prepared_project, "train")  # rsft (the default method): every job's round 1
+    assert train.scores.shape == (cfg.data.n_train, cfg.training.samples_per_prompt, cfg.d)
+    # best-of-N in metrics/rewards.json is the pool's
+    metrics = json.loads((prepared_project / "metrics" / "rewards.json").read_text())
+    mean, _, _ = best_of_n(pool.scores, np.eye(cfg.d))
+    for i, trait in enumerate(cfg.traits):
+        assert metrics["best_of_n"][trait]["value"] == pytest.approx(mean[i, i])
+    assert not list((prepared_project / "data" / "samples").rglob("chunks-*")), "chunks are removed"
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, like KeyboardInterrupt or SystemExit."""
+
+
+def test_a_sample_pool_killed_midway_resumes_at_the_first_missing_chunk(tiny_model, tmp_path, monkeypatch):
+    from palm_tasks.llm import models
+    from palm_tasks.llm.models import load_base, load_tokenizer
+    from palm_tasks.llm.rewards import BrevityReward
+    from palm_tasks.llm.samples import sample_pool
+
+    model, tok = load_base(tiny_model, "cpu"), load_tokenizer(tiny_model)
+    prompts = [f"question number {i}?" for i in range(10)]
+    sampler = {"n": 2, "max_new_tokens": 4, "temperature": 1.0, "batch_size": 8, "seed": 3}
+    rewards = [BrevityReward(30)]
+    whole = sample_pool(model, tok, rewards, prompts, sampler, 4, tmp_path / "whole")
+
+    real, calls, alive = models.generate, [], [True]
+
+    def dies_on_the_second_chunk(*args, **kwargs):
+        calls.append(len(args[2]))
+        if alive[0] and len(calls) == 2:
+            alive[0] = False
+            raise Killed("killed mid-pool")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "generate", dies_on_the_second_chunk)
+    with pytest.raises(Killed):
+        sample_pool(model, tok, rewards, prompts, sampler, 4, tmp_path / "resumed")
+    calls.clear()
+    resumed = sample_pool(model, tok, rewards, prompts, sampler, 4, tmp_path / "resumed")
+    assert calls == [8, 4]  # chunks 2 (4 prompts x 2) and 3 (2 prompts x 2) only: chunk 1 was kept
+    assert resumed[0] == whole[0]  # the same answers as an uninterrupted run
+    assert np.array_equal(resumed[1], whole[1])
+
+
+@pytest.mark.slow
+def test_the_gate_keeps_a_degenerate_member_out_of_production(prepared_project, tmp_path):
+    """Members evaluated with one-token answers are degenerate by definition: the gate fails
+    them, the portfolio says why, and the register stage does not move `production`."""
+    import mlflow
+
+    from palm_tasks.config import load_config
+    from palm_tasks.schema import load_portfolio
+    from palm_tasks.stages import STAGES
+    from palm_tasks.tracking import tracking_uri
+
+    root = copy_project(prepared_project, tmp_path / "project",
+                        search={"mode": "uniform", "k": 3, "max_trainings": 3},
+                        evaluation={"max_new_tokens": 1},
+                        gate={"max_degenerate_share": 0.05, "min_relevance_ratio": 0.0},
+                        mlflow={"registered_model_prefix": "palmgate"})
+    cfg = load_config(root / "params.yaml")
+    STAGES["align"].run(cfg, root)
+    STAGES["soups"].run(cfg, root)
+    STAGES["coverage"].run(cfg, root)
+    portfolio = load_portfolio(root)
+    assert portfolio.gate["passed"] is False
+    for key, g in portfolio.gate["members"].items():
+        assert g["degenerate_share"] > 0.05 and not g["passed"]
+        assert any("degenerate answers" in r for r in g["reasons"])
+    assert any("quality gate failed" in b for b in portfolio.blockers())
+    result = STAGES["register"].run(cfg, root)
+    assert result["alias"] == "candidate" and "quality gate failed" in result["warning"]
+    client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(f"palmgate-{cfg.task}-portfolio", "production")
