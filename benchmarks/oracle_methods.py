@@ -213,6 +213,25 @@ def main() -> None:
     del base
 
     rows, work = [], args.workdir / "runs"
+
+    def result_of(rows):
+        return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+                "settings": {"base": "tiny (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
+                             "device": device, "n_train": len(train_prompts), "n_prompts": n,
+                             "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
+                             "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of, "seed": args.seed,
+                             "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr}
+                                                            for m, c in configs.items()}},
+                "pool_wall_minutes": pool_clock.wall / 60, "pool_cpu_minutes": pool_clock.cpu / 60,
+                "rows": rows}
+
+    def write(rows):  # after every measured row: a stopped run keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = result_of(rows)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
     for w in weights:
         pool_p = per_prompt(pool_scores, w, n)
         ref_p, base_value = pool_p.max(axis=1), float(pool_p.mean())
@@ -225,6 +244,7 @@ def main() -> None:
                             degenerate_share(prompts, completions), extra))
             print(f"{method:8s} w={w} value {rows[-1]['value']:.3f} shortfall {rows[-1]['shortfall']:.3f} "
                   f"({clock.wall / 60:.1f} wall min)", flush=True)
+            write(rows)
 
         for method, t in configs.items():
             clock = Clock()
@@ -250,22 +270,8 @@ def main() -> None:
                 del model
             shutil.rmtree(work, ignore_errors=True)
 
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-              "settings": {"base": "tiny (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
-                           "device": device, "n_train": len(train_prompts), "n_prompts": n,
-                           "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
-                           "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of, "seed": args.seed,
-                           "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr}
-                                                          for m, c in configs.items()}},
-              "pool_wall_minutes": pool_clock.wall / 60, "pool_cpu_minutes": pool_clock.cpu / 60,
-              "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write(rows)
+    print(markdown(result_of(rows)))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 

@@ -74,7 +74,7 @@ class SearchConfig(Section):
         "lazy", description="lazy (PALM's lazy search) | coarse (extremes + lattice of step 1/coarse_divisions) "
                             "| grid (whole PALM grid) | uniform (k spread weights) | random (k Dirichlet(1) "
                             "weights)")
-    max_trainings: int = Field(6, ge=1, description="training budget of the align stage")
+    max_trainings: int = Field(5, ge=1, description="training budget of the align stage (repairs included)")
     coarse_divisions: int = Field(2, ge=1, description="coarse: lattice of step 1/coarse_divisions (2: extremes "
                                                        "and midpoints)")
     k: int = Field(6, ge=1, description="uniform / random: number of weight vectors")
@@ -100,8 +100,8 @@ class TrainingConfig(Section):
         "rsft", description="rsft (iterated rejection-sampling fine-tuning: keep each prompt's best of "
                             "samples_per_prompt answers under w, SFT on them, repeat; the CPU default, "
                             "docs/oracle.md) | grpo (TRL GRPO with reward_weights = w; the GPU path)")
-    rounds: int = Field(3, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
-                                             "the base's sample pool)")
+    rounds: int = Field(2, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
+                                             "the base's sample pool; benchmarks/oracle_methods.py)")
     samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
                                                          "round, the best under w kept")
     epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")
@@ -141,11 +141,11 @@ class EvaluationConfig(Section):
 
     # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
     n_prompts: int = Field(128, ge=1, description="held-out prompts scored (at most data.n_eval)")
-    samples_per_prompt: int = Field(8, ge=1, description="completions sampled per prompt (8 x 128 = 1024 "
-                                                         "answers: se <= 0.01 for a reward with std <= 0.32)")
+    samples_per_prompt: int = Field(4, ge=1, description="completions sampled per prompt (4 x 128 = 512 "
+                                                         "answers: se <= 0.01 for a reward with std <= 0.22)")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
-    batch_size: int = Field(64, ge=1, description="prompts generated per forward pass")
+    batch_size: int = Field(64, ge=1, description="answers generated per forward pass")
 
 
 class RewardModelConfig(Section):

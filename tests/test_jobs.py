@@ -40,7 +40,7 @@ def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
     s = JobSpec(traits=("safety", "humor", "brevity"), weights=(1.0, 0.0, 0.0), base_model_sha256="b" * 64,
                 reward_versions=("s1", "h1", "b1"), data_sha256="d" * 64,
                 training=default.training.model_dump(), evaluation=default.evaluation.model_dump())
-    assert s.key == "fe39c2374e6bf804"
+    assert s.key == "7b04bf633b33a563"
 
 
 @pytest.fixture(scope="module")

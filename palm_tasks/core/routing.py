@@ -59,12 +59,13 @@ class GuaranteeBound:
     """U(w) >= OPT(w) at any weight w (docs/theory.md section 4): the certificate's upper bound
     from oracle rows (policies trained for their weights W), with V_j = max_k w_j . (R_k + z se_k)
     over the candidates k (section 6): the oracle rows themselves unless `candidate_values` (and
-    their standard errors) name all of them, soups included, as the certificate does. Vertices
-    are found once; a call is an argmax and a small NNLS.
+    their standard errors) name all of them, soups included, as the certificate does; and at
+    least `reference` (per oracle row: the best-of-N value w_j . R_BoN(w_j) + z se, section 8),
+    as the certificate does. Vertices are found once; a call is an argmax and a small NNLS.
     """
 
     def __init__(self, oracle_weights, oracle_values, oracle_std_errors=None, z=0.0,
-                 candidate_values=None, candidate_std_errors=None):
+                 candidate_values=None, candidate_std_errors=None, reference=None):
         W = np.atleast_2d(np.asarray(oracle_weights, dtype=float))
         R = check_values(np.atleast_2d(oracle_values), *W.shape, "oracle_values")
         if oracle_std_errors is not None:
@@ -74,7 +75,10 @@ class GuaranteeBound:
             if candidate_std_errors is not None:
                 C = C + check_z(z) * np.atleast_2d(np.asarray(candidate_std_errors, dtype=float))
             R = np.vstack([R, C])
-        self.upper_bound = UpperBound(*oracle_constraints(W, R))
+        A, V = oracle_constraints(W, R)
+        if reference is not None:
+            V = np.maximum(V, check_values(np.reshape(reference, (-1, 1)), len(W), 1, "reference")[:, 0])
+        self.upper_bound = UpperBound(A, V)
 
     def __call__(self, w) -> float:
         return self.upper_bound(np.asarray(w, dtype=float))

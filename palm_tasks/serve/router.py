@@ -97,10 +97,12 @@ class Router:
         self.members = portfolio.members
         _, self.values, self.std_errors = portfolio.member_arrays
         o, soups = portfolio.oracle, portfolio.soup_rows
+        ref = portfolio.evidence.get("reference_at_oracle")  # best-of-N at each oracle row's weight
         self._upper_bound = routing.GuaranteeBound(
             np.array(o.weights), np.array(o.values), np.array(o.std_errors), portfolio.z,
             candidate_values=np.array(soups.values) if soups.keys else None,
-            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None)
+            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None,
+            reference=None if not ref else np.array(ref["values"]) + portfolio.z * np.array(ref["std_errors"]))
         self.certified = portfolio.certificate.certified
         self.eps, self.delta = portfolio.eps, portfolio.delta
         self.max_eps = portfolio.certificate.max_eps

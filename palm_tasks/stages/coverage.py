@@ -128,6 +128,9 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         "usage_perplexity": float(metrics.usage_perplexity(R, members, users, std_errors=SE, z=c.z)),
     }
     audit = evidence_audit(cfg, test, R, SE, members, samples, [p.key for p in pool])
+    if ref is not None:  # the router's bound uses it as the certificate does
+        audit["reference_at_oracle"] = {"values": ref[oracle].round(6).tolist(),
+                                        "std_errors": ref_se[oracle].round(6).tolist()}
     portfolio = Portfolio(
         id=portfolio_id([pool[j].key for j in members], c.eps, c.delta, c.z),
         task=cfg.task, traits=tuple(cfg.traits), eps=c.eps, delta=c.delta, z=c.z,
