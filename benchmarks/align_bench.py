@@ -50,6 +50,7 @@ def prepare(model: str, workdir: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["base_model"] = str(build_tiny_model(workdir / "tiny-model")) if model == "tiny" else "smollm2"
     params["training"]["steps"] = STEPS[model]
+    params["training"]["method"] = "grpo"  # the plain side is a GRPO script: compare like with like
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (root / "metrics" / "rewards.json").is_file():
@@ -149,7 +150,7 @@ def one_plain(root: Path) -> dict:
             tokenizer.pad_token = tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
         args = GRPOConfig(
-            output_dir=str(out), max_steps=t.steps, learning_rate=t.learning_rate,
+            output_dir=str(out), max_steps=t.steps, learning_rate=t.lr,
             per_device_train_batch_size=t.batch_size, num_generations=t.num_generations,
             max_completion_length=t.max_completion_length, temperature=t.temperature, beta=t.beta,
             reward_weights=WEIGHTS, use_cpu=not cuda, bf16=bf16, logging_steps=1, save_strategy="no",

