@@ -405,9 +405,11 @@ class Portfolio:
             out.append("quality gate failed by " + ", ".join(
                 f"{k[:10]} ({'; '.join(self.gate['members'][k].get('reasons', []))})" for k in failing))
         if self.evidence.get("contradicted"):
-            ev = self.evidence
-            out.append(f"the evidence contradicts the certificate: evidence gap {ev['worst_gap']:.4f} > eps "
-                       f"at w = {ev['worst_weight']} against {ev['worst_against']}")
+            c = self.evidence.get("contradiction") or {}
+            out.append(f"the evidence contradicts the certificate: at w = {c.get('weight')} the portfolio "
+                       f"gives {c.get('portfolio_value', float('nan')):.4f}, below (1 - eps) x "
+                       f"{c.get('evidence', float('nan')):.4f} - delta ({c.get('against')}) by "
+                       f"{c.get('shortfall', float('nan')):.4f} ± {c.get('se', float('nan')):.4f}")
         return out
 
     def member(self, key: str) -> Member:

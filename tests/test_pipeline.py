@@ -134,7 +134,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     bon = scalar(lattice, best_of_n(samples.scores, lattice)[0])
     E = np.maximum((lattice @ everyone.T).max(axis=1), bon)
     P = (lattice @ np.array([e.value.mean for e in portfolio.members]).T).max(axis=1)
-    assert ev["worst_gap"] >= evidence_gaps(P, E).max() - 1e-9
+    assert ev["worst_gap"] >= evidence_gaps(P, E).max() - 1e-5  # files hold 6 decimals
     assert ev["worst_against"].startswith(("best-of-2", "policy "))
     assert coverage["worst_evidence_gap"] == pytest.approx(ev["worst_gap"])
     assert set(portfolio.gate["members"]) == {e.key for e in portfolio.members}

@@ -93,6 +93,7 @@ def test_a_failing_job_fails_alone_and_a_transient_failure_is_retried(
 
     root = copy_project(prepared_project, tmp_path / "project",
                         search={"mode": "uniform", "k": 3, "max_trainings": 3},
+                        training={"method": "grpo"},  # the faulty reward runs inside TRL's GRPO loop
                         runner={"retry_delay_seconds": 0})
     broken, flaky = (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
     flag = tmp_path / "fail-once"

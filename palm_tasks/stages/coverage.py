@@ -215,20 +215,36 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
     p_se = np.einsum("md,md->m", test, SE[best_member])
     with np.errstate(divide="ignore", invalid="ignore"):
         gap_se = np.where(ev.value > 0, np.sqrt(ev.se ** 2 + p_se ** 2) / ev.value, 0.0)
+    def against(i):
+        return f"best-of-{samples.n} of the base" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
+
+    def where(i):
+        return dict(zip(cfg.traits, np.round(test[i], 4).tolist()))
+
     i = int(np.argmax(gaps))
-    against = f"best-of-{samples.n} of the base" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
-    eps = cfg.coverage.eps
-    return {"best_of_n": samples.n, "test_weights": int(len(test)),
-            "worst_gap": float(gaps[i]), "worst_gap_se": float(gap_se[i]),
-            "worst_weight": dict(zip(cfg.traits, np.round(test[i], 4).tolist())),
-            "worst_against": against, "worst_evidence": float(ev.value[i]),
-            "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
-            "share_beyond_eps": float((gaps > eps).mean()),
-            "share_bon_is_evidence": float((ev.source < 0).mean()),
-            "contradicted": bool((gaps - eps > gap_se).any()),
-            "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
-                  f"measured policy and best-of-{samples.n} sampling from the base (same eval prompts, "
-                  "same sampler); contradicted = the gap exceeds eps by more than its se somewhere"}
+    c = cfg.coverage
+    # The certificate promises P >= (1 - eps) OPT - delta; E <= OPT, so P below (1 - eps) E - delta
+    # by more than the se of the difference contradicts it.
+    shortfall = (1 - c.eps) * ev.value - c.delta - portfolio_values
+    shortfall_se = np.sqrt(((1 - c.eps) * ev.se) ** 2 + p_se ** 2)
+    j = int(np.argmax(shortfall - shortfall_se))
+    contradicted = bool(shortfall[j] > shortfall_se[j])
+    out = {"best_of_n": samples.n, "test_weights": int(len(test)),
+           "worst_gap": float(gaps[i]), "worst_gap_se": float(gap_se[i]), "worst_weight": where(i),
+           "worst_against": against(i), "worst_evidence": float(ev.value[i]),
+           "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
+           "share_beyond_eps": float((gaps > c.eps).mean()),
+           "share_bon_is_evidence": float((ev.source < 0).mean()),
+           "contradicted": contradicted,
+           "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
+                 f"measured policy and best-of-{samples.n} sampling from the base (same eval prompts, "
+                 "same sampler); contradicted = somewhere P(w) < (1 - eps) E(w) - delta by more than "
+                 "the se of the difference"}
+    if contradicted:
+        out["contradiction"] = {"weight": where(j), "portfolio_value": float(portfolio_values[j]),
+                                "evidence": float(ev.value[j]), "against": against(j),
+                                "shortfall": float(shortfall[j]), "se": float(shortfall_se[j])}
+    return out
 
 
 def portfolio_id(member_keys, eps: float, delta: float, z: float) -> str:
