@@ -30,6 +30,14 @@ def uses_bf16(device: str) -> bool:
     return device == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def common_args(device: str, seed: int) -> dict:
+    """TRL config settings every method shares: device and dtype, seeds, logging, no checkpoints."""
+    return dict(use_cpu=device == "cpu", bf16=uses_bf16(device), logging_steps=1, save_strategy="no",
+                report_to="none", seed=seed, data_seed=seed,
+                disable_tqdm=True,  # the job's on_log reports progress instead
+                gradient_checkpointing=False)  # small models: memory is not the constraint, time is
+
+
 def load_tokenizer(base_path: Path):
     from transformers import AutoTokenizer
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks.config import TrainingConfig
-from palm_tasks.llm.models import chat, generate, load_base, load_tokenizer, uses_bf16
+from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer
 from palm_tasks.llm.rewards import score_all
 
 SAMPLE_BATCH = 64  # sequences generated per forward pass (as evaluation.batch_size)
@@ -83,15 +83,7 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, devic
             num_train_epochs=t.epochs,
             learning_rate=t.lr,
             per_device_train_batch_size=t.batch_size,
-            use_cpu=device == "cpu",
-            bf16=uses_bf16(device),
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            data_seed=seed,
-            disable_tqdm=True,
-            gradient_checkpointing=False,  # small models: memory is not the constraint, time is
+            **common_args(device, seed),
         )
         # model is already a PeftModel, so no peft_config: the same adapter keeps training
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from palm_tasks.config import TrainingConfig
-from palm_tasks.llm.models import chat, load_base, load_tokenizer, uses_bf16
+from palm_tasks.llm.models import chat, common_args, load_base, load_tokenizer
 from palm_tasks.llm.rewards import score_all
 
 
@@ -92,15 +92,7 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
         temperature=t.temperature,
         beta=t.beta,
         reward_weights=[float(w) for w in weights],
-        use_cpu=device == "cpu",
-        bf16=uses_bf16(device),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=True,  # on_log reports each step instead
-        gradient_checkpointing=False,  # small models: memory is not the constraint, time is
+        **common_args(device, seed),
     )
     lora = None
     if init_adapter is not None:
