@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--best-of", type=int, default=8, help="N of the base's best-of-N reference")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per evaluation answer")
     p.add_argument("--final-only", action="store_true", help="rsft: evaluate the last round only")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="training settings over TrainingConfig's defaults, e.g. --set learning_rate=2e-3 epochs=3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
@@ -193,7 +195,8 @@ def main() -> None:
     device = resolve_device(args.device)
     base_path, rewards, train_prompts, eval_prompts = prepare(args, args.workdir)
     weights = parse_weights(args.weights, len(TRAITS))
-    configs = {m: TrainingConfig(method=m, **(TINY["training"] if args.tiny else {})) for m in args.methods}
+    overrides = dict(kv.split("=", 1) for kv in args.set)  # pydantic parses the strings
+    configs = {m: TrainingConfig(method=m, **(TINY["training"] if args.tiny else {}), **overrides) for m in args.methods}
     ev = EvaluationConfig(n_prompts=args.n_prompts, samples_per_prompt=args.eval_samples,
                           max_new_tokens=args.max_new_tokens)
     n = min(args.n_prompts, len(eval_prompts))
@@ -222,7 +225,7 @@ def main() -> None:
                              "device": device, "n_train": len(train_prompts), "n_prompts": n,
                              "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
                              "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of, "seed": args.seed,
-                             "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr}
+                             "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr, "batch": c.batch}
                                                             for m, c in configs.items()}},
                 "pool_wall_minutes": pool_clock.wall / 60, "pool_cpu_minutes": pool_clock.cpu / 60,
                 "rows": rows}

@@ -100,21 +100,21 @@ class TrainingConfig(Section):
         "rsft", description="rsft (iterated rejection-sampling fine-tuning: keep each prompt's best of "
                             "samples_per_prompt answers under w, SFT on them, repeat; the CPU default, "
                             "docs/oracle.md) | grpo (TRL GRPO with reward_weights = w; the GPU path)")
-    rounds: int = Field(2, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
+    rounds: int = Field(3, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
                                              "the base's sample pool; benchmarks/oracle_methods.py)")
     samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
                                                          "round, the best under w kept")
     epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")
     steps: int = Field(32, ge=1, description="grpo: optimizer steps of a job (TRL max_steps)")
     learning_rate: float | None = Field(None, gt=0, le=1, description="learning rate of the LoRA adapter, "
-                                        "in (0, 1]; null: the method's (rsft 5e-4, grpo 1e-3)")
+                                        "in (0, 1]; null: the method's (rsft 2e-3, grpo 1e-3)")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout of the LoRA layers, in [0, 1) (0: none)")
     max_completion_length: int = Field(24, ge=1, description="tokens per sampled completion")
     num_generations: int = Field(4, ge=2, description="grpo: group size, completions per prompt")
-    batch_size: int = Field(4, ge=1, description="grpo: completions per step (a multiple of num_generations); "
-                                                 "rsft: SFT examples per step")
+    batch_size: int | None = Field(None, ge=1, description="grpo: completions per step (a multiple of "
+                                   "num_generations); rsft: SFT examples per step; null: the method's (rsft 8, grpo 4)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the training completions")
     beta: float = Field(0.0, ge=0, description="grpo: KL coefficient to the base (0: no reference model; "
                                                "rsft stays near the base by training on its own samples)")
@@ -124,13 +124,20 @@ class TrainingConfig(Section):
         """The learning rate used: the field, or the method's default."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return {"rsft": 5e-4, "grpo": 1e-3}[self.method]
+        return {"rsft": 2e-3, "grpo": 1e-3}[self.method]
+
+    @property
+    def batch(self) -> int:
+        """The batch size used: the field, or the method's default."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return {"rsft": 8, "grpo": 4}[self.method]
 
     @model_validator(mode="after")
     def _batch_divisible(self):
-        if self.method == "grpo" and self.batch_size % self.num_generations:
+        if self.method == "grpo" and self.batch % self.num_generations:
             raise ValueError(
-                f"training.batch_size = {self.batch_size} must be a multiple of "
+                f"training.batch_size = {self.batch} must be a multiple of "
                 f"training.num_generations = {self.num_generations}"
             )
         return self
@@ -145,7 +152,7 @@ class EvaluationConfig(Section):
                                                          "answers: se <= 0.01 for a reward with std <= 0.22)")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
-    batch_size: int = Field(64, ge=1, description="answers generated per forward pass")
+    batch_size: int = Field(128, ge=1, description="answers generated per forward pass")
 
 
 class RewardModelConfig(Section):

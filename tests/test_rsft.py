@@ -112,7 +112,8 @@ def test_train_dispatches_by_method(monkeypatch):
     train.train(*args, TrainingConfig(), "cpu", 0, "work", first_round=POOL)
     train.train(*args, TrainingConfig(method="grpo"), "cpu", 0, "work", init_adapter="a")
     assert calls == [("rsft", POOL), ("grpo", "a")]
-    assert TrainingConfig().lr == 5e-4 and TrainingConfig(method="grpo").lr == 1e-3
+    assert TrainingConfig().lr == 2e-3 and TrainingConfig(method="grpo").lr == 1e-3
+    assert TrainingConfig().batch == 8 and TrainingConfig(method="grpo").batch == 4
 
 
 def test_grpo_warm_start(tiny_model, tmp_path):

@@ -8,8 +8,9 @@ samples from the fine-tuned policy, so the adapter climbs w . r round after roun
 iteration / ReST / RAFT); it stays near the base because it only ever imitates its own samples.
 
 Why it is the CPU default: on SmolLM2-135M (2 cores, w = humor, 64 training prompts, 8 samples
-at temperature 1, 2 epochs of LoRA r = 8 SFT at lr 5e-4 per round), humor went 0.308 (base) ->
-0.328 -> 0.406 -> 0.550 in 3 rounds at ~2.5 min a round (sampling 85 s, SFT 40 s): the
+at temperature 1, 2 epochs of LoRA r = 8 SFT at lr 2e-3 in batches of 8 per round), humor on 32
+held-out prompts went 0.295 (base) -> 0.328 -> 0.373 -> 0.441 in 3 rounds, level with best-of-8
+of the base (0.443), in 8.3 training minutes (SFT 105 s, sampling and scoring 90 s a round): the
 sampling is batched generation without gradients and the SFT sees 64 short sequences, where a
 GRPO step pays both for every group. benchmarks/oracle_methods.py measures both methods.
 
@@ -30,7 +31,7 @@ from palm_tasks.config import TrainingConfig
 from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer
 from palm_tasks.llm.rewards import score_all
 
-SAMPLE_BATCH = 64  # sequences generated per forward pass (as evaluation.batch_size)
+SAMPLE_BATCH = 128  # answers generated per forward pass (as evaluation.batch_size)
 
 
 def best_by_weight(scores, weights) -> np.ndarray:
@@ -82,7 +83,7 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, devic
             output_dir=str(work_dir),
             num_train_epochs=t.epochs,
             learning_rate=t.lr,
-            per_device_train_batch_size=t.batch_size,
+            per_device_train_batch_size=t.batch,
             **common_args(device, seed),
         )
         # model is already a PeftModel, so no peft_config: the same adapter keeps training

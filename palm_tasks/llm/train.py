@@ -86,7 +86,7 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
         output_dir=str(work_dir),
         max_steps=t.steps,
         learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=t.batch,
         num_generations=t.num_generations,
         max_completion_length=t.max_completion_length,
         temperature=t.temperature,
