@@ -121,12 +121,17 @@ def row(method: str, w, value_p: np.ndarray, ref_p: np.ndarray, base_value: floa
             "shortfall_per_minute": short / wall if wall else None, **extra}
 
 
-def degenerate_share(prompts, completions) -> float | None:
-    try:  # palm_tasks.llm.validity is new: the column is left out where it does not exist
-        from palm_tasks.llm.validity import degenerate
-    except ImportError:
-        return None
+def degenerate_share(prompts, completions) -> float:
+    from palm_tasks.llm.validity import degenerate
+
     return float(np.mean(degenerate(prompts, completions)))
+
+
+def relevance(prompts, completions) -> float:
+    """Mean relevance as the quality gate measures it (docs/quality-gate.md)."""
+    from palm_tasks.llm.validity import answer_quality
+
+    return answer_quality(prompts, completions)["relevance"]
 
 
 def markdown(result: dict) -> str:
@@ -141,14 +146,15 @@ def markdown(result: dict) -> str:
              "Minutes: training only, wall clock and process CPU time (all threads) on this machine; "
              "gain/min = (value - base) / wall min; shortfall/min = shortfall / wall min.",
              "se's over prompts; the shortfall's paired by prompt.", "",
-             "| w | method | value ± se | BoN ref | shortfall ± se | degenerate | wall min | CPU min "
+             "| w | method | value ± se | BoN ref | shortfall ± se | degenerate | relevance | wall min | CPU min "
              "| gain/min | shortfall/min |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = (lambda x, f="{:.3f}": "-" if x is None else f.format(x))
     for r in result["rows"]:
         lines.append(f"| {','.join(f'{x:.2f}' for x in r['weights'])} | {r['method']} "
                      f"| {r['value']:.3f} ± {r['value_se']:.3f} | {r['reference']:.3f} "
                      f"| {r['shortfall']:.3f} ± {r['shortfall_se']:.3f} | {fmt(r['degenerate_share'], '{:.2f}')} "
+                     f"| {fmt(r.get('relevance'))} "
                      f"| {r['wall_minutes']:.2f} | {r['cpu_minutes']:.2f} | {fmt(r['gain_per_minute'])} "
                      f"| {fmt(r['shortfall_per_minute'])} |")
     lines += ["", "TrainingConfig per method: " + json.dumps(s["training"])]
@@ -239,13 +245,16 @@ def main() -> None:
         pool_p = per_prompt(pool_scores, w, n)
         ref_p, base_value = pool_p.max(axis=1), float(pool_p.mean())
         rows.append(row("base", w, pool_p.mean(axis=1), ref_p, base_value, None,
-                        degenerate_share(pool_prompts, pool_answers), {}))
+                        degenerate_share(pool_prompts, pool_answers),
+                        {"relevance": relevance(pool_prompts, pool_answers)}))
 
         def measure(method, model, tok, clock, extra):
             _, prompts, completions, scores = evaluate(model, tok, rewards, eval_prompts, ev, args.seed + 1)
             rows.append(row(method, w, per_prompt(scores, w, n).mean(axis=1), ref_p, base_value, clock,
-                            degenerate_share(prompts, completions), extra))
+                            degenerate_share(prompts, completions),
+                            {**extra, "relevance": relevance(prompts, completions)}))
             print(f"{method:8s} w={w} value {rows[-1]['value']:.3f} shortfall {rows[-1]['shortfall']:.3f} "
+                  f"relevance {rows[-1]['relevance']:.3f} "
                   f"({clock.wall / 60:.1f} wall min)", flush=True)
             write(rows)
 

@@ -105,6 +105,9 @@ class TrainingConfig(Section):
     samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
                                                          "round, the best under w kept")
     epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")
+    min_relevance: float = Field(0.0, ge=0, lt=1, description="rsft: imitate only answers whose relevance "
+                                 "(MiniLM cosine to the prompt) reaches this; 0: any valid answer "
+                                 "(docs/oracle.md)")
     steps: int = Field(32, ge=1, description="grpo: optimizer steps of a job (TRL max_steps)")
     learning_rate: float | None = Field(None, gt=0, le=1, description="learning rate of the LoRA adapter, "
                                         "in (0, 1]; null: the method's (rsft 2e-3, grpo 1e-3)")

@@ -78,7 +78,7 @@ def test_check_command_exit_status(tmp_path):
 def test_job_key_sections_keep_their_fields():
     # training and evaluation dumps are hashed into job keys: finished jobs must keep their keys
     assert TrainingConfig().model_dump() == {
-        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2,
+        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.0,
         "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": None, "temperature": 1.0, "beta": 0.0}
     assert EvaluationConfig().model_dump() == {

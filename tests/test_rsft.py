@@ -129,3 +129,13 @@ def test_grpo_warm_start(tiny_model, tmp_path):
                             init_adapter=tmp_path / "adapter")
     assert list(warm.peft_config) == ["default"] and lora_weights(warm).keys() == given.keys()
     assert not (tmp_path / "g").exists()
+
+
+def test_min_relevance_keeps_only_on_topic_answers():
+    allowed = np.array([[True, False, True], [False, False, False], [True, True, True]])
+    # prompt 0's best under W (answer 1) is not allowed: the best allowed one (answer 2) is chosen
+    assert rsft.best_by_weight(POOL[1], W, allowed).tolist() == [2, 0, 0]
+    assert rsft.on_topic(PROMPTS, [["x"]] * 3, 0.0) is None  # 0: every answer may be kept
+    answers = [["Paris is the capital of France.", "I like turtles and bananas very much."]]
+    on = rsft.on_topic(["What is the capital of France?"], answers, 0.4)
+    assert on.tolist() == [[True, False]]

@@ -34,9 +34,25 @@ from palm_tasks.llm.rewards import score_all
 SAMPLE_BATCH = 128  # answers generated per forward pass (as evaluation.batch_size)
 
 
-def best_by_weight(scores, weights) -> np.ndarray:
-    """Index of each prompt's best answer under w . r, shape (P,): scores (P, N, d); ties: the first."""
-    return np.argmax(np.asarray(scores, float) @ np.asarray(weights, float), axis=1)
+def best_by_weight(scores, weights, allowed=None) -> np.ndarray:
+    """Index of each prompt's best answer under w . r, shape (P,): scores (P, N, d); ties: the first.
+    allowed: (P, N) booleans, the answers that may be chosen; a prompt with none keeps index 0."""
+    value = np.asarray(scores, float) @ np.asarray(weights, float)
+    if allowed is not None:
+        value = np.where(allowed, value, -np.inf)
+    return np.argmax(value, axis=1)
+
+
+def on_topic(prompts: list[str], completions: list[list[str]], min_relevance: float) -> np.ndarray | None:
+    """(P, N) booleans: answers whose relevance (MiniLM cosine to their prompt, as the quality gate
+    measures it) reaches min_relevance; None when min_relevance is 0 (every answer allowed)."""
+    if min_relevance <= 0:
+        return None
+    from palm_tasks.llm.validity import cosine
+
+    n = len(completions[0]) if completions else 0
+    flat = [a for answers in completions for a in answers]
+    return (cosine([p for p in prompts for _ in range(n)], flat) >= min_relevance).reshape(len(prompts), n)
 
 
 def lora_model(base_path: Path, t: TrainingConfig, device: str, seed: int, init_adapter: Path | None = None):
@@ -102,8 +118,9 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
 
     first_round: (completions, scores) of the base on train_prompts (P lists of N answers,
     scores (P, N, d)), used as round 1's samples unless warm-starting from `init_adapter`.
+    t.min_relevance > 0: only answers at least that relevant to their prompt may be kept.
     history: one dict per round, also handed to on_log(round, t.rounds, dict): round, reward (mean
-    w . r of the sampled answers), kept_reward (mean w . r of each prompt's best: best-of-N), kept
+    w . r of the sampled answers), kept_reward (mean w . r of each prompt's kept answer), kept
     (pairs trained on), sample_seconds, sft_seconds, loss (last SFT step's; None if nothing kept).
     """
     w = np.asarray(weights, float)
@@ -122,11 +139,14 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
             else:
                 completions, scores = sample(model, tokenizer, rewards, train_prompts, t, seed + r)
             sampled = time.time()
-            best = best_by_weight(scores, w)
+            allowed = on_topic(train_prompts, completions, t.min_relevance)
+            best = best_by_weight(scores, w, allowed)
             value = scores @ w  # (P, N)
             kept = value[np.arange(len(best)), best]
-            # a best answer worth 0 under w teaches nothing but the answer itself: skip it
-            pairs = [(p, completions[i][best[i]]) for i, p in enumerate(train_prompts) if kept[i] > 0]
+            usable = kept > 0  # a best answer worth 0 under w teaches nothing but the answer itself
+            if allowed is not None:  # the gate measures relevance: do not imitate answers off the topic
+                usable &= allowed[np.arange(len(best)), best]
+            pairs = [(p, completions[i][best[i]]) for i, p in enumerate(train_prompts) if usable[i]]
             loss = sft(model, tokenizer, pairs, t, device, seed + r, work_dir) if pairs else None
             log = {"round": r, "reward": float(value.mean()), "kept_reward": float(kept.mean()),
                    "kept": len(pairs), "sample_seconds": round(sampled - started, 2),
