@@ -127,6 +127,12 @@ def degenerate_share(prompts, completions) -> float:
     return float(np.mean(degenerate(prompts, completions)))
 
 
+def answer_relevance(prompts, completions) -> np.ndarray:
+    from palm_tasks.llm.validity import relevance as per_answer
+
+    return per_answer(prompts, completions)
+
+
 def relevance(prompts, completions) -> float:
     """Mean relevance as the quality gate measures it (docs/quality-gate.md)."""
     from palm_tasks.llm.validity import answer_quality
@@ -140,7 +146,9 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}. Base: {s['base']}. Device: {s['device']}.",
              f"Eval: {s['n_prompts']} held-out assistant prompts x {s['eval_samples']} answers "
              f"(temperature {s['eval_temperature']}, {s['max_new_tokens']} tokens); reference: best of "
-             f"{s['best_of']} base answers per prompt under w. Training prompts: {s['n_train']}.",
+             f"{s['best_of']} base answers per prompt under w"
+             + (f", among those with relevance >= {s['reference_min_relevance']:g} (training.min_relevance)"
+                if s.get("reference_min_relevance") else "") + f". Training prompts: {s['n_train']}.",
              f"Shared base sample pool on the training prompts (RSFT round 1): "
              f"{result['pool_wall_minutes']:.2f} wall min, not counted in the rows.",
              "Minutes: training only, wall clock and process CPU time (all threads) on this machine; "
@@ -214,6 +222,10 @@ def main() -> None:
     pool_answers = generate(base, tokenizer, pool_prompts, ev.max_new_tokens, ev.temperature, ev.batch_size,
                             args.seed)
     pool_scores = score_all(rewards, pool_prompts, pool_answers)
+    # The reference picks among on-topic answers, as the pipeline's does (training.min_relevance)
+    min_relevance = max(c.min_relevance for c in configs.values())
+    pool_on_topic = answer_relevance(pool_prompts, pool_answers).reshape(n, args.best_of) >= min_relevance
+    pool_on_topic |= ~pool_on_topic.any(axis=1, keepdims=True)  # none on topic: pick among all
     pool_clock = Clock()
     first_round = None
     if "rsft" in configs:
@@ -230,7 +242,8 @@ def main() -> None:
                 "settings": {"base": "tiny (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
                              "device": device, "n_train": len(train_prompts), "n_prompts": n,
                              "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
-                             "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of, "seed": args.seed,
+                             "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of,
+                             "reference_min_relevance": min_relevance, "seed": args.seed,
                              "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr, "batch": c.batch}
                                                             for m, c in configs.items()}},
                 "pool_wall_minutes": pool_clock.wall / 60, "pool_cpu_minutes": pool_clock.cpu / 60,
@@ -243,7 +256,7 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(result))
     for w in weights:
         pool_p = per_prompt(pool_scores, w, n)
-        ref_p, base_value = pool_p.max(axis=1), float(pool_p.mean())
+        ref_p, base_value = np.where(pool_on_topic, pool_p, -np.inf).max(axis=1), float(pool_p.mean())
         rows.append(row("base", w, pool_p.mean(axis=1), ref_p, base_value, None,
                         degenerate_share(pool_prompts, pool_answers),
                         {"relevance": relevance(pool_prompts, pool_answers)}))

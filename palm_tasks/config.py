@@ -87,7 +87,7 @@ class DataConfig(Section):
     """prompts: the split into training and held-out evaluation prompts"""
 
     n_train: int = Field(64, ge=1, description="training prompts")
-    n_eval: int = Field(128, ge=1, description="held-out evaluation prompts")
+    n_eval: int = Field(256, ge=1, description="held-out evaluation prompts")
     split_seed: int | None = Field(None, ge=0, description="seed of the prompt split (null: seed); a new "
                                                            "value = a new data version")
 
@@ -105,9 +105,9 @@ class TrainingConfig(Section):
     samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
                                                          "round, the best under w kept")
     epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")
-    min_relevance: float = Field(0.0, ge=0, lt=1, description="rsft: imitate only answers whose relevance "
-                                 "(MiniLM cosine to the prompt) reaches this; 0: any valid answer "
-                                 "(docs/oracle.md)")
+    min_relevance: float = Field(0.3, ge=0, lt=1, description="an answer is on topic when its relevance "
+                                 "(MiniLM cosine to the prompt) reaches this: rsft imitates only on-topic "
+                                 "answers and best-of-N picks among them; 0: any valid answer (docs/oracle.md)")
     steps: int = Field(32, ge=1, description="grpo: optimizer steps of a job (TRL max_steps)")
     learning_rate: float | None = Field(None, gt=0, le=1, description="learning rate of the LoRA adapter, "
                                         "in (0, 1]; null: the method's (rsft 2e-3, grpo 1e-3)")
@@ -150,9 +150,9 @@ class EvaluationConfig(Section):
     """value vector of a member: mean ± se of each reward"""
 
     # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
-    n_prompts: int = Field(128, ge=1, description="held-out prompts scored (at most data.n_eval)")
-    samples_per_prompt: int = Field(4, ge=1, description="completions sampled per prompt (4 x 128 = 512 "
-                                                         "answers: se <= 0.01 for a reward with std <= 0.22)")
+    n_prompts: int = Field(256, ge=1, description="held-out prompts scored (at most data.n_eval); se's are "
+                                                  "over prompts, so prompts buy precision and answers per prompt less")
+    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt (2 x 256 = 512 answers)")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
     batch_size: int = Field(128, ge=1, description="answers generated per forward pass")

@@ -64,11 +64,18 @@ class ValueVector:
         return np.array(self.se)
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray) -> "ValueVector":
-        """From per-answer scores (n, d): mean and standard error of the mean per trait."""
+    def from_scores(cls, scores: np.ndarray, answers_per_prompt: int = 1) -> "ValueVector":
+        """From per-answer scores (n, d), ordered prompt by prompt with `answers_per_prompt` answers
+        each: the mean per trait and its standard error over prompts. Answers to one prompt are
+        correlated (a hard prompt is hard for all of them), so the prompt is the unit of sampling:
+        the se is the std of the per-prompt means / sqrt(prompts), as best-of-N's is."""
         scores = np.asarray(scores, dtype=float)
-        n = len(scores)
-        se = scores.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(scores.shape[1])
+        n, k = len(scores), int(answers_per_prompt)
+        if k < 1 or n % k:
+            raise ValueError(f"{n} answers are not whole groups of {k} per prompt")
+        per_prompt = scores.reshape(n // k, k, -1).mean(axis=1) if n else scores
+        p = len(per_prompt)
+        se = per_prompt.std(axis=0, ddof=1) / np.sqrt(p) if p > 1 else np.zeros(scores.shape[1])
         return cls(_vec(scores.mean(axis=0)), _vec(se), n)
 
 
@@ -163,18 +170,31 @@ class SamplePool:
     prompts: tuple[str, ...]
     completions: tuple[tuple[str, ...], ...]
     scores: np.ndarray = field(compare=False)
+    relevance: np.ndarray = field(compare=False)  # (prompts, N): each answer's llm.validity.relevance
     quality: dict = field(default_factory=dict)  # the base's answer quality (llm.validity.answer_quality)
 
     @property
     def n(self) -> int:
         return self.scores.shape[1]
 
+    def on_topic(self, min_relevance: float) -> np.ndarray | None:
+        """(prompts, N) booleans: the answers whose relevance reaches min_relevance (the ones rsft
+        may imitate and best-of-N may pick); None when min_relevance is 0 (every answer)."""
+        return None if min_relevance <= 0 else self.relevance >= min_relevance
+
+    def best_of_n(self, weights, min_relevance: float = 0.0):
+        """BoN_N at each weight among the on-topic answers: core.evidence.best_of_n's
+        (mean (m, d), se (m, d), scalar se (m,))."""
+        from palm_tasks.core.evidence import best_of_n
+
+        return best_of_n(self.scores, weights, self.on_topic(min_relevance))
+
     def to_json(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "split": self.split, "traits": list(self.traits),
                 "reward_versions": list(self.reward_versions), "base_model_sha256": self.base_model_sha256,
                 "sampler": self.sampler, "prompts": list(self.prompts),
                 "completions": [list(c) for c in self.completions], "quality": self.quality,
-                "scores": np.round(self.scores, 6).tolist()}
+                "scores": np.round(self.scores, 6).tolist(), "relevance": np.round(self.relevance, 6).tolist()}
 
     @classmethod
     def from_json(cls, data: dict) -> "SamplePool":
@@ -186,10 +206,16 @@ class SamplePool:
                 or scores.shape[2] != len(data["traits"]):
             raise ArtifactError(f"scores of shape {scores.shape} do not match {len(prompts)} prompts, "
                                 f"{len(data['traits'])} traits")
+        if "relevance" not in data:
+            raise ArtifactError("no per-answer relevance (a pool written before it was kept): run the rewards "
+                                "stage again")
+        relevance = np.asarray(data["relevance"], dtype=float)
+        if relevance.shape != scores.shape[:2]:
+            raise ArtifactError(f"relevance of shape {relevance.shape} does not match scores {scores.shape}")
         return cls(split=data["split"], traits=tuple(data["traits"]),
                    reward_versions=tuple(data["reward_versions"]),
                    base_model_sha256=data["base_model_sha256"], sampler=dict(data["sampler"]),
-                   prompts=prompts, completions=completions, scores=scores,
+                   prompts=prompts, completions=completions, scores=scores, relevance=relevance,
                    quality=data.get("quality") or {})
 
 

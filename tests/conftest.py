@@ -26,7 +26,9 @@ PROJECT_FILES = ["palm_tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config"
 TINY_OVERRIDES = {
     "search": {"mode": "lazy", "max_trainings": 6},
     "data": {"n_train": 16, "n_eval": 8},
-    "training": {"steps": 2, "max_completion_length": 16, "rounds": 1, "samples_per_prompt": 2, "epochs": 1},
+    # min_relevance 0: the tiny model's gibberish is on topic for no prompt, so rsft would keep nothing
+    "training": {"steps": 2, "max_completion_length": 16, "rounds": 1, "samples_per_prompt": 2, "epochs": 1,
+                 "min_relevance": 0.0},
     "evaluation": {"n_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 16, "batch_size": 16},
     "evidence": {"best_of": 2, "chunk_prompts": 4},
     # a tiny model's answers are gibberish (16 tokens: about 1 in 4 has fewer than 3 words, a

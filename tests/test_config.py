@@ -78,11 +78,11 @@ def test_check_command_exit_status(tmp_path):
 def test_job_key_sections_keep_their_fields():
     # training and evaluation dumps are hashed into job keys: finished jobs must keep their keys
     assert TrainingConfig().model_dump() == {
-        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.0,
+        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.3,
         "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": None, "temperature": 1.0, "beta": 0.0}
     assert EvaluationConfig().model_dump() == {
-        "n_prompts": 128, "samples_per_prompt": 4, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
+        "n_prompts": 256, "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
 
 
 def test_training_learning_rate_defaults_by_method():

@@ -23,6 +23,20 @@ def test_best_of_n_picks_each_prompts_best_answer_under_w():
     assert scalar_se[0] == pytest.approx(np.std([1.0, 0.6], ddof=1) / np.sqrt(2))
 
 
+def test_best_of_n_among_allowed_answers_falls_back_to_all_where_none_is_allowed():
+    S = np.array([[[1.0, 0.0], [0.0, 1.0], [0.4, 0.4]],
+                  [[0.2, 0.2], [0.6, 0.0], [0.0, 0.9]]])
+    W = np.array([[1.0, 0.0], [0.0, 1.0]])
+    allowed = np.array([[False, True, True],  # prompt 0: its best answer at w = e1 is off topic
+                        [False, False, False]])  # prompt 1: nothing on topic -> all three
+    mean, _, _ = best_of_n(S, W, allowed)
+    assert mean[0].tolist() == pytest.approx([(0.4 + 0.6) / 2, (0.4 + 0.0) / 2])  # answers 2 and 1 (all)
+    assert mean[1].tolist() == pytest.approx([(0.0 + 0.0) / 2, (1.0 + 0.9) / 2])  # answers 1 and 2 (all)
+    assert np.array_equal(best_of_n(S, W, np.ones((2, 3), bool))[0], best_of_n(S, W)[0])
+    with pytest.raises(ValueError, match="allowed must have shape"):
+        best_of_n(S, W, np.ones((2, 2), bool))
+
+
 def test_best_of_n_refuses_bad_shapes():
     with pytest.raises(ValueError, match="prompts, N, d"):
         best_of_n(np.zeros((3, 2)), np.eye(2))
@@ -145,3 +159,17 @@ def test_pending_names_the_row_and_who_beat_it():
 
 def test_scalar_is_row_by_row():
     assert scalar([[1, 0], [0.5, 0.5]], [[0.2, 0.9], [0.4, 0.6]]).tolist() == pytest.approx([0.2, 0.5])
+
+
+def test_a_value_vectors_se_is_over_prompts_not_over_correlated_answers():
+    from palm_tasks.schema import ValueVector
+
+    # 3 prompts x 2 answers, 1 trait: the two answers to a prompt agree, so 6 answers carry only
+    # 3 prompts' worth of information
+    scores = np.array([[0.1], [0.1], [0.5], [0.5], [0.9], [0.9]])
+    v = ValueVector.from_scores(scores, answers_per_prompt=2)
+    assert v.mean[0] == pytest.approx(0.5) and v.n == 6
+    assert v.se[0] == pytest.approx(np.std([0.1, 0.5, 0.9], ddof=1) / np.sqrt(3))
+    assert v.se[0] > ValueVector.from_scores(scores).se[0]  # the iid formula would understate it
+    with pytest.raises(ValueError, match="groups of 4"):
+        ValueVector.from_scores(scores, answers_per_prompt=4)

@@ -10,7 +10,9 @@ from palm_tasks.llm.rewards import BrevityReward
 PROMPTS = ["Tell me a joke.", "What is the capital of France?", "Why is the sky blue?"]
 W = (0.2, 0.8)
 REWARDS = [BrevityReward(10), BrevityReward(30)]  # two cheap traits, so that w matters
-T = TrainingConfig(rounds=2, samples_per_prompt=2, epochs=1, batch_size=2, max_completion_length=4)
+# min_relevance 0: these made-up answers are on topic for nothing (the on-topic rule has its own test)
+T = TrainingConfig(rounds=2, samples_per_prompt=2, epochs=1, batch_size=2, max_completion_length=4,
+                   min_relevance=0.0)
 
 # The base's pool: prompt 0's best under W is answer 1 (0.64 > 0.5 > 0.18); prompt 1 scores 0
 # everywhere (skipped); prompt 2 ties, so answer 0 is kept.

@@ -12,6 +12,7 @@ from conftest import copy_project
 def test_sample_pool_is_the_rewards_stage_output(prepared_project):
     from palm_tasks.config import load_config
     from palm_tasks.core.evidence import best_of_n
+    from palm_tasks.llm.validity import relevance
     from palm_tasks.schema import load_samples
 
     cfg = load_config(prepared_project / "params.yaml")
@@ -21,11 +22,21 @@ def test_sample_pool_is_the_rewards_stage_output(prepared_project):
     assert all(len(c) == cfg.evidence.best_of for c in pool.completions)
     assert ((pool.scores >= 0) & (pool.scores <= 1)).all()
     assert set(pool.quality) >= {"degenerate_share", "relevance"}
+    # each answer's relevance is kept (the on-topic rule of rsft and of best-of-N reads it)
+    flat = [p for p in pool.prompts for _ in range(pool.n)], [a for c in pool.completions for a in c]
+    assert pool.relevance.shape == pool.scores.shape[:2]
+    assert pool.relevance.ravel().tolist() == pytest.approx(relevance(*flat).tolist(), abs=1e-5)
+    assert pool.quality["relevance"] == pytest.approx(pool.relevance.mean(), abs=1e-5)
+    tau = max(float(np.median(pool.relevance)), 1e-6)  # > 0: 0 means "every answer"
+    on = pool.on_topic(tau)
+    assert on.tolist() == (pool.relevance >= tau).tolist() and pool.on_topic(0.0) is None
+    assert pool.best_of_n(np.eye(cfg.d), tau)[0].tolist() == best_of_n(pool.scores, np.eye(cfg.d), on)[0].tolist()
     train = load_samples(prepared_project, "train")  # rsft (the default method): every job's round 1
     assert train.scores.shape == (cfg.data.n_train, cfg.training.samples_per_prompt, cfg.d)
     # best-of-N in metrics/rewards.json is the pool's
     metrics = json.loads((prepared_project / "metrics" / "rewards.json").read_text())
-    mean, _, _ = best_of_n(pool.scores, np.eye(cfg.d))
+    mean, _, _ = best_of_n(pool.scores, np.eye(cfg.d), pool.on_topic(cfg.training.min_relevance))
+    assert metrics["best_of_n"]["min_relevance"] == cfg.training.min_relevance
     for i, trait in enumerate(cfg.traits):
         assert metrics["best_of_n"][trait]["value"] == pytest.approx(mean[i, i])
     assert not list((prepared_project / "data" / "samples").rglob("chunks-*")), "chunks are removed"

@@ -29,13 +29,17 @@ def _se_of_scalar(weights, std_errors):
     return np.atleast_2d(np.asarray(weights, float)) @ np.asarray(std_errors, float).T
 
 
-def best_of_n(scores, weights):
+def best_of_n(scores, weights, allowed=None):
     """Value vectors of BoN_N at each weight: (mean (m, d), se (m, d), scalar se (m,)).
 
     scores: (P, N, d) rewards of N base answers to each of P prompts; weights: (m, d).
     k*(x, w) = argmax_k w . r(x, y_k) (ties: the first); R_BoN(w) = mean over prompts of
     r(x, y_k*); its se is the std over prompts / sqrt(P), and the scalar se is that of
     w . r(x, y_k*) over prompts (the traits of one answer are not independent).
+
+    allowed: (P, N) booleans, the answers the reference may pick (the on-topic ones, as the
+    members are trained to give); a prompt with no allowed answer picks among all N, so the
+    reference never drops below what the members are held to.
     """
     S = np.asarray(scores, float)
     if S.ndim != 3 or S.shape[0] < 1 or S.shape[1] < 1:
@@ -45,7 +49,14 @@ def best_of_n(scores, weights):
         raise ValueError(f"weights have {W.shape[1]} traits, scores {S.shape[2]}")
     P = S.shape[0]
     scalar = np.einsum("pnd,md->mpn", S, W)  # (m, P, N)
-    best = scalar.argmax(axis=2)  # (m, P): first maximum
+    if allowed is None:
+        best = scalar.argmax(axis=2)  # (m, P): first maximum
+    else:
+        A = np.asarray(allowed, bool)
+        if A.shape != S.shape[:2]:
+            raise ValueError(f"allowed must have shape {S.shape[:2]}, got {A.shape}")
+        A = A | ~A.any(axis=1, keepdims=True)  # a prompt with none allowed: all of its answers
+        best = np.where(A[None], scalar, -np.inf).argmax(axis=2)
     chosen = S[np.arange(P)[None, :], best]  # (m, P, d)
     mean = chosen.mean(axis=1)
     ddof = 1 if P > 1 else 0

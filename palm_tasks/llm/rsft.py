@@ -44,15 +44,16 @@ def best_by_weight(scores, weights, allowed=None) -> np.ndarray:
 
 
 def on_topic(prompts: list[str], completions: list[list[str]], min_relevance: float) -> np.ndarray | None:
-    """(P, N) booleans: answers whose relevance (MiniLM cosine to their prompt, as the quality gate
-    measures it) reaches min_relevance; None when min_relevance is 0 (every answer allowed)."""
+    """(P, N) booleans: answers whose relevance (llm.validity.relevance, as the quality gate
+    measures it) reaches min_relevance; None when min_relevance is 0 (every answer allowed).
+    The same rule as schema.SamplePool.on_topic, which the best-of-N reference picks from."""
     if min_relevance <= 0:
         return None
-    from palm_tasks.llm.validity import cosine
+    from palm_tasks.llm.validity import relevance
 
     n = len(completions[0]) if completions else 0
     flat = [a for answers in completions for a in answers]
-    return (cosine([p for p in prompts for _ in range(n)], flat) >= min_relevance).reshape(len(prompts), n)
+    return (relevance([p for p in prompts for _ in range(n)], flat) >= min_relevance).reshape(len(prompts), n)
 
 
 def lora_model(base_path: Path, t: TrainingConfig, device: str, seed: int, init_adapter: Path | None = None):

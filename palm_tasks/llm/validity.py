@@ -76,7 +76,21 @@ def cosine(prompts: list[str], completions: list[str]) -> np.ndarray:
     _check(prompts, completions)
     if not completions:
         return np.zeros(0)
-    return np.sum(embed(list(prompts)) * embed(list(completions)), axis=1)
+    # a pool repeats each prompt N times: embed each distinct prompt once
+    distinct = list(dict.fromkeys(prompts))
+    index = {p: i for i, p in enumerate(distinct)}
+    prompt_vectors = embed(distinct)[[index[p] for p in prompts]]
+    return np.sum(prompt_vectors * embed(list(completions)), axis=1)
+
+
+def relevance(prompts: list[str], completions: list[str]) -> np.ndarray:
+    """Each answer's relevance in [0, 1]: max(cosine(prompt, answer), 0), and 0 for a degenerate
+    answer. The quality gate averages it over a member's answers; an answer whose relevance
+    reaches ``training.min_relevance`` is *on topic* (what rsft may imitate and best-of-N may pick)."""
+    bad = degenerate(prompts, completions)
+    if not len(bad):
+        return np.zeros(0)
+    return np.where(bad, 0.0, np.clip(cosine(prompts, completions), 0.0, 1.0))
 
 
 def off_topic(prompts: list[str], completions: list[str], threshold: float = OFFTOPIC_COSINE) -> np.ndarray:
@@ -96,8 +110,7 @@ def answer_quality(prompts: list[str], completions: list[str]) -> dict:
     bad = degenerate(prompts, completions)
     if not len(bad):
         return {"degenerate_share": 0.0, "relevance": 0.0}
-    relevance = np.where(bad, 0.0, np.clip(cosine(prompts, completions), 0.0, 1.0))
-    return {"degenerate_share": float(bad.mean()), "relevance": float(relevance.mean())}
+    return {"degenerate_share": float(bad.mean()), "relevance": float(relevance(prompts, completions).mean())}
 
 
 def _check(prompts, completions) -> None:

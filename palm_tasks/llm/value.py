@@ -1,5 +1,6 @@
-"""The value vector of a policy: the mean (and standard error) of each normalized reward over
-the evaluation prompts, `evaluation.samples_per_prompt` sampled answers each (docs/theory.md 1, 6)."""
+"""The value vector of a policy: the mean (and standard error over prompts) of each normalized
+reward over the evaluation prompts, `evaluation.samples_per_prompt` sampled answers each
+(docs/theory.md 1, 6)."""
 
 from __future__ import annotations
 
@@ -17,4 +18,4 @@ def evaluate(model, tokenizer, rewards, eval_prompts: list[str], ev: EvaluationC
     completions = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.temperature,
                            ev.batch_size, seed)
     scores = score_all(rewards, prompts, completions)
-    return ValueVector.from_scores(scores), prompts, completions, np.asarray(scores)
+    return ValueVector.from_scores(scores, ev.samples_per_prompt), prompts, completions, np.asarray(scores)

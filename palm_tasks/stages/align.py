@@ -47,7 +47,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     history = {}
     if cfg.search.mode == "lazy":
         search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                            z=cfg.coverage.z, reference=reference(schema.load_samples(root)),
+                            z=cfg.coverage.z, reference=reference(schema.load_samples(root), cfg.training.min_relevance),
                             max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant)
         policies = search_loop(search, run_jobs, paths)
         still = search.result().beaten
@@ -101,12 +101,13 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=())
     return rows
 
 
-def reference(pool: schema.SamplePool):
-    """w -> (w . R_BoN(w), its se) from the base's sample pool on the eval prompts."""
-    from palm_tasks.core.evidence import best_of_n, scalar
+def reference(pool: schema.SamplePool, min_relevance: float):
+    """w -> (w . R_BoN(w), its se) from the base's sample pool on the eval prompts, best-of-N
+    among the answers at least min_relevance on topic (training.min_relevance)."""
+    from palm_tasks.core.evidence import scalar
 
     def at(W):
-        mean, _, scalar_se = best_of_n(pool.scores, W)
+        mean, _, scalar_se = pool.best_of_n(W, min_relevance)
         return scalar(W, mean), scalar_se
 
     return at

@@ -75,7 +75,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
     """(portfolio, coverage figures, gap rows of the lattice, test weights) for a pool of trained
     policies and soups; `members` (row indices into trained + soups) skips the pruning; `samples`
     (the base's sample pool on the eval prompts) brings the evidence in."""
-    from palm_tasks.core.evidence import best_of_n, scalar
+    from palm_tasks.core.evidence import scalar
 
     c = cfg.coverage
     pool = list(trained) + list(soups)
@@ -85,7 +85,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
     SE = np.array([p.value.se for p in pool])
     ref = ref_se = None
     if samples is not None:
-        bon_mean, _, ref_se = best_of_n(samples.scores, W)
+        bon_mean, _, ref_se = samples.best_of_n(W, cfg.training.min_relevance)
         ref = scalar(W, bon_mean)
 
     def reference(z):
@@ -202,11 +202,11 @@ def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
 def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict:
     """The portfolio against the evidence at every test weight (docs/theory.md section 8):
     E(w) = max(every measured policy, best-of-N of the base), gap 1 - P(w) / E(w)."""
-    from palm_tasks.core.evidence import best_of_n, evidence, evidence_gaps, scalar
+    from palm_tasks.core.evidence import evidence, evidence_gaps, scalar
 
     if samples is None:
         return {}
-    bon_mean, _, bon_se = best_of_n(samples.scores, test)
+    bon_mean, _, bon_se = samples.best_of_n(test, cfg.training.min_relevance)
     ev = evidence(test, R, SE, scalar(test, bon_mean), bon_se)
     portfolio_values = (test @ R[members].T).max(axis=1)
     gaps = evidence_gaps(portfolio_values, ev.value)
@@ -215,8 +215,11 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
     p_se = np.einsum("md,md->m", test, SE[best_member])
     with np.errstate(divide="ignore", invalid="ignore"):
         gap_se = np.where(ev.value > 0, np.sqrt(ev.se ** 2 + p_se ** 2) / ev.value, 0.0)
+    tau = cfg.training.min_relevance
+    on_topic = f" among answers with relevance >= {tau:g}" if tau > 0 else ""
+
     def against(i):
-        return f"best-of-{samples.n} of the base" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
+        return f"best-of-{samples.n} of the base{on_topic}" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
 
     def where(i):
         return dict(zip(cfg.traits, np.round(test[i], 4).tolist()))
@@ -229,7 +232,7 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
     shortfall_se = np.sqrt(((1 - c.eps) * ev.se) ** 2 + p_se ** 2)
     j = int(np.argmax(shortfall - shortfall_se))
     contradicted = bool(shortfall[j] > shortfall_se[j])
-    out = {"best_of_n": samples.n, "test_weights": int(len(test)),
+    out = {"best_of_n": samples.n, "min_relevance": tau, "test_weights": int(len(test)),
            "worst_gap": float(gaps[i]), "worst_gap_se": float(gap_se[i]), "worst_weight": where(i),
            "worst_against": against(i), "worst_evidence": float(ev.value[i]),
            "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
@@ -237,8 +240,8 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
            "share_bon_is_evidence": float((ev.source < 0).mean()),
            "contradicted": contradicted,
            "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
-                 f"measured policy and best-of-{samples.n} sampling from the base (same eval prompts, "
-                 "same sampler); contradicted = somewhere P(w) < (1 - eps) E(w) - delta by more than "
+                 f"measured policy and best-of-{samples.n} sampling from the base{on_topic} (same eval "
+                 "prompts, same sampler); contradicted = somewhere P(w) < (1 - eps) E(w) - delta by more than "
                  "the se of the difference"}
     if contradicted:
         out["contradiction"] = {"weight": where(j), "portfolio_value": float(portfolio_values[j]),

@@ -122,27 +122,31 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     work = paths.samples / f".{split}-work"
     completions, scores = sample_pool(model, tokenizer, rewards, prompts, decided_by, cfg.evidence.chunk_prompts,
                                       work)
-    from palm_tasks.llm.validity import answer_quality
+    from palm_tasks.llm.validity import degenerate, relevance
 
-    quality = answer_quality([p for p in prompts for _ in range(sampler["n"])], [c for cs in completions for c in cs])
+    flat_prompts, flat_answers = [p for p in prompts for _ in range(sampler["n"])], [c for cs in completions for c in cs]
+    answer_relevance = relevance(flat_prompts, flat_answers)
+    quality = {"degenerate_share": float(degenerate(flat_prompts, flat_answers).mean()),
+               "relevance": float(answer_relevance.mean())}  # as llm.validity.answer_quality
     pool = schema.SamplePool(split=split, traits=tuple(cfg.traits), reward_versions=versions,
                              base_model_sha256=sha, sampler=sampler, prompts=tuple(prompts),
-                             completions=tuple(tuple(c) for c in completions), scores=scores, quality=quality)
+                             completions=tuple(tuple(c) for c in completions), scores=scores,
+                             relevance=answer_relevance.reshape(len(prompts), sampler["n"]), quality=quality)
     schema.write(paths.samples / f"{split}.json", pool)
     clear_chunks(work)
     return pool
 
 
 def best_of_n_at_traits(cfg: PalmConfig, pool: schema.SamplePool) -> dict:
-    """BoN_N at each trait's extreme weight and at the centroid: what any policy must reach."""
-    from palm_tasks.core.evidence import best_of_n
-
+    """BoN_N at each trait's extreme weight and at the centroid: what any policy must reach
+    (among on-topic answers when training.min_relevance > 0, as every certificate uses it)."""
     W = np.vstack([np.eye(cfg.d), np.full((1, cfg.d), 1.0 / cfg.d)])
-    mean, se, scalar_se = best_of_n(pool.scores, W)
+    mean, se, scalar_se = pool.best_of_n(W, cfg.training.min_relevance)
     names = list(cfg.traits) + ["centroid"]
-    return {"n": pool.n, **{name: {"weights": w.round(4).tolist(), "value": float(w @ m), "se": float(s),
-                                   "values": dict(zip(cfg.traits, m.round(4).tolist()))}
-                            for name, w, m, s in zip(names, W, mean, scalar_se)}}
+    return {"n": pool.n, "min_relevance": cfg.training.min_relevance,
+            **{name: {"weights": w.round(4).tolist(), "value": float(w @ m), "se": float(s),
+                      "values": dict(zip(cfg.traits, m.round(4).tolist()))}
+               for name, w, m, s in zip(names, W, mean, scalar_se)}}
 
 
 def correlation(scores: np.ndarray) -> np.ndarray:
