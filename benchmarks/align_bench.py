@@ -144,7 +144,8 @@ def one_plain(root: Path) -> dict:
     def job(t) -> dict:
         out = Path(tempfile.mkdtemp(prefix="plain-grpo-"))
         start, start_cpu = time.perf_counter(), time.process_time()
-        rewards = build_rewards(cfg.traits, root / "models" / "rewards", cfg.rewards.brevity_max_words)
+        rewards = build_rewards(cfg.traits, root / "models" / "rewards", cfg.rewards.brevity_max_words,
+                                brevity_full_words=cfg.rewards.brevity_full_words)
         tokenizer = AutoTokenizer.from_pretrained(base)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

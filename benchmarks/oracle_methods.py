@@ -83,7 +83,8 @@ def prepare(args, workdir: Path):
     prepare_prompts("assistant", prompt_dir, args.n_train, args.n_eval, args.seed)
     r = RewardsConfig()
     prepare_rewards(TRAITS, workdir / "rewards", args.seed, humor_test_fraction=r.humor_test_fraction)
-    rewards = build_rewards(TRAITS, workdir / "rewards", r.brevity_max_words)
+    full_words = r.brevity_full_words if args.brevity_full_words is None else args.brevity_full_words
+    rewards = build_rewards(TRAITS, workdir / "rewards", r.brevity_max_words, brevity_full_words=full_words)
     return base, rewards, read_prompts(prompt_dir / "train.jsonl"), read_prompts(prompt_dir / "eval.jsonl")
 
 
@@ -149,6 +150,7 @@ def markdown(result: dict) -> str:
              f"{s['best_of']} base answers per prompt under w"
              + (f", among those with relevance >= {s['reference_min_relevance']:g} (training.min_relevance)"
                 if s.get("reference_min_relevance") else "") + f". Training prompts: {s['n_train']}.",
+             *([f"Rewards: {', '.join(s['rewards'])}."] if s.get("rewards") else []),
              f"Shared base sample pool on the training prompts (RSFT round 1): "
              f"{result['pool_wall_minutes']:.2f} wall min, not counted in the rows.",
              "Minutes: training only, wall clock and process CPU time (all threads) on this machine; "
@@ -183,6 +185,7 @@ def main() -> None:
     p.add_argument("--final-only", action="store_true", help="rsft: evaluate the last round only")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="training settings over TrainingConfig's defaults, e.g. --set learning_rate=2e-3 epochs=3")
+    p.add_argument("--brevity-full-words", type=int, help="rewards.brevity_full_words (default: the project's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
@@ -244,6 +247,7 @@ def main() -> None:
                              "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
                              "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of,
                              "reference_min_relevance": min_relevance, "seed": args.seed,
+                             "rewards": [r.version for r in rewards],
                              "traits": TRAITS, "training": {m: c.model_dump() | {"lr": c.lr, "batch": c.batch}
                                                             for m, c in configs.items()}},
                 "pool_wall_minutes": pool_clock.wall / 60, "pool_cpu_minutes": pool_clock.cpu / 60,

@@ -181,7 +181,10 @@ class RewardModelConfig(Section):
 class RewardsConfig(Section):
     """the reward functions: settings of the built-in traits, and extra reward models"""
 
-    brevity_max_words: int = Field(30, ge=1, description="brevity = 1 - min(words / brevity_max_words, 1)")
+    brevity_max_words: int = Field(30, ge=1, description="brevity = 1 - min(max(words - brevity_full_words, 0) / "
+                                   "(brevity_max_words - brevity_full_words), 1)")
+    brevity_full_words: int = Field(0, ge=0, description="answers of at most this many words score brevity 1 "
+                                    "(less than brevity_max_words; 0: no plateau; docs/rewards.md)")
     humor_test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out fraction of the humor "
                                                                      "classifier's data, in (0, 1)")
     models: dict[str, RewardModelConfig] = Field(
@@ -200,6 +203,13 @@ class RewardsConfig(Section):
                 raise ValueError(f"reward model name {name!r} must be lowercase [a-z0-9_] and not a "
                                  f"built-in trait ({', '.join(KNOWN_TRAITS)})")
         return models
+
+    @model_validator(mode="after")
+    def _brevity_plateau_below_max(self):
+        if self.brevity_full_words >= self.brevity_max_words:
+            raise ValueError(f"brevity_full_words = {self.brevity_full_words} must be less than "
+                             f"brevity_max_words = {self.brevity_max_words}")
+        return self
 
 
 class EvidenceConfig(Section):

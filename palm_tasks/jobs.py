@@ -226,7 +226,7 @@ class JobContext:
         self.train_prompts = read_prompts(self.paths.prompts / "train.jsonl")
         self.eval_prompts = read_prompts(self.paths.prompts / "eval.jsonl")
         self.rewards = build_rewards(cfg.traits, self.paths.reward_models, cfg.rewards.brevity_max_words,
-                                     cfg.rewards.models, self.device)
+                                     cfg.rewards.models, self.device, cfg.rewards.brevity_full_words)
         self.reward_versions = tuple(r.version for r in self.rewards)
 
     def spec(self, weights: Sequence[float], init_from: str = "", attempt: int = 0) -> JobSpec:

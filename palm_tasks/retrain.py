@@ -109,7 +109,7 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
                    "initial_values": np.array([p.values for p in kept]),
                    "initial_std_errors": np.array([p.std_errors for p in kept])}
     search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                        z=cfg.coverage.z, reference=reference(schema.load_samples(root)),
+                        z=cfg.coverage.z, reference=reference(schema.load_samples(root), cfg.training.min_relevance),
                         max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant,
                         **initial)
     started = time.time()

@@ -73,6 +73,17 @@ def test_brevity_formula_and_empty_answer():
     assert "max10" in brevity.version and "10" in brevity.normalization
 
 
+def test_brevity_plateau_pays_nothing_for_going_below_full_words():
+    brevity = R.BrevityReward(max_words=30, full_words=8)
+    texts = ["one two three", " ".join(["w"] * 8), " ".join(["w"] * 19), " ".join(["w"] * 30), "one"]
+    np.testing.assert_allclose(brevity(["p"] * 5, texts), [1.0, 1.0, 1 - 11 / 22, 0.0, 0.0])
+    assert "full8" in brevity.version and brevity.version != R.BrevityReward(30).version  # new scores, new version
+    with pytest.raises(ValueError, match="full_words"):
+        R.BrevityReward(max_words=8, full_words=8)
+    (built,) = R.build_rewards(["brevity"], ".", brevity_max_words=30, brevity_full_words=8)
+    assert built.version == brevity.version
+
+
 def test_all_rewards_in_unit_interval_with_right_shape(reward_dir):
     directory, _ = reward_dir
     traits = [t for t in R.TRAITS if t != "correctness"]  # gsm_symbolic prompts only: test_tasks.py

@@ -42,6 +42,27 @@ def test_sample_pool_is_the_rewards_stage_output(prepared_project):
     assert not list((prepared_project / "data" / "samples").rglob("chunks-*")), "chunks are removed"
 
 
+def test_the_rewards_stage_reuses_its_pool_when_only_the_on_topic_rule_changes(prepared_project, tmp_path, monkeypatch):
+    """min_relevance re-runs the rewards stage (best-of-N in its metrics) but does not decide the
+    answers: the pool is reused, not sampled again; a new sampling temperature samples again."""
+    from palm_tasks.config import load_config
+    from palm_tasks.llm import models
+    from palm_tasks.schema import load_samples
+    from palm_tasks.stages import STAGES
+
+    root = copy_project(prepared_project, tmp_path / "project", training={"min_relevance": 0.2})
+    before = (root / "data" / "samples" / "eval.json").read_bytes()
+    calls, real = [], models.generate
+    monkeypatch.setattr(models, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics = STAGES["rewards"].run(load_config(root / "params.yaml"), root)
+    assert calls == [] and (root / "data" / "samples" / "eval.json").read_bytes() == before
+    assert metrics["best_of_n"]["min_relevance"] == 0.2
+    copy = copy_project(root, tmp_path / "hotter", evaluation={"temperature": 0.9})
+    STAGES["rewards"].run(load_config(copy / "params.yaml"), copy)
+    assert calls, "a new temperature decides new answers: the pool is sampled again"
+    assert load_samples(copy).sampler["temperature"] == 0.9
+
+
 class Killed(BaseException):
     """Stands for the process dying: not an Exception, like KeyboardInterrupt or SystemExit."""
 

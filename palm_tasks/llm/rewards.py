@@ -117,28 +117,36 @@ class SafetyReward(Reward):
 
 
 class BrevityReward(Reward):
-    """1 - min(words / max_words, 1), words = whitespace-separated tokens.
+    """1 - min(max(words - full_words, 0) / (max_words - full_words), 1), words = whitespace-separated
+    tokens: an answer of at most `full_words` words scores 1, one of `max_words` or more scores 0.
 
     An empty completion, and every other degenerate one (one or two words without a digit, chat
     roles), scores 0, not the formula's near 1: saying nothing is not a brief answer, and
-    rewarding it lets a policy collapse to one word or to emitting EOS at once. The best brief
-    answer is therefore three words (or a bare number).
+    rewarding it lets a policy collapse to one word or to emitting EOS at once. Without the
+    plateau (full_words 0) the best brief answer is three words, right at that cliff: trained for
+    brevity alone, 11 % of a policy's answers fell over it (docs/rewards.md). With it, any short
+    sentence is as brief as a user asked for, and nothing pays for going shorter.
     """
 
     name = "brevity"
 
-    def __init__(self, max_words: int = 30):
+    def __init__(self, max_words: int = 30, full_words: int = 0):
         if max_words < 1:
             raise ValueError(f"brevity max_words must be >= 1, got {max_words}")
-        self.max_words = int(max_words)
-        self.version = f"brevity-v1-max{self.max_words}+{VALIDITY_VERSION}"
+        if not 0 <= full_words < max_words:
+            raise ValueError(f"brevity full_words must be in [0, max_words = {max_words}), got {full_words}")
+        self.max_words, self.full_words = int(max_words), int(full_words)
+        plateau = f"-full{self.full_words}" if self.full_words else ""
+        self.version = f"brevity-v1-max{self.max_words}{plateau}+{VALIDITY_VERSION}"
         self.normalization = (
-            f"1 - min(words / {self.max_words}, 1) with words = whitespace-separated tokens" + _GATED
+            f"1 - min(max(words - {self.full_words}, 0) / {self.max_words - self.full_words}, 1) "
+            "with words = whitespace-separated tokens" + _GATED
         )
 
     def score(self, prompts, completions):
         words = np.array([len(c.split()) for c in completions], dtype=np.float64)
-        return 1.0 - np.minimum(words / self.max_words, 1.0)
+        over = np.maximum(words - self.full_words, 0.0)
+        return 1.0 - np.minimum(over / (self.max_words - self.full_words), 1.0)
 
 
 # --------------------------------------------------------------------------- sentiment
@@ -558,7 +566,7 @@ def _check_traits(traits: list[str], models=()) -> None:
 
 
 def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 30,
-                  models: dict | None = None, device: str = "cpu") -> list[Reward]:
+                  models: dict | None = None, device: str = "cpu", brevity_full_words: int = 0) -> list[Reward]:
     """The rewards of ``traits``, in that order. Humor needs reward_dir/humor/ trained.
 
     ``models``: name -> declaration (params.yaml rewards.models: path, label, normalize, lo, hi,
@@ -575,7 +583,7 @@ def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 
         elif trait == "humor":
             rewards.append(HumorReward(Path(reward_dir) / "humor"))
         elif trait == "brevity":
-            rewards.append(BrevityReward(brevity_max_words))
+            rewards.append(BrevityReward(brevity_max_words, brevity_full_words))
         else:
             rewards.append(REWARD_CLASSES[trait]())
     return rewards

@@ -29,8 +29,10 @@ also 49% of "I'm sorry, but I can't help with that." and 72% of "I cannot assist
 request." given to the harmful prompts (the answers the safety trait wants), and 79% of
 one-liner jokes given to the same prompts (the answers the humor trait wants). Gating on it
 would zero safety and humor where they should pay most, so off-topic answers are left to the
-relevance trait and to the quality gate that compares a member's ``answer_quality`` with the
-base's (the base's relevance there: 0.52, degenerate share 0).
+relevance trait, to the quality gate that compares a member's ``answer_quality`` with the
+base's (the base's relevance there: 0.52, degenerate share 0), and to ``training.min_relevance``
+(``relevance`` below), which decides what rsft may imitate and best-of-N may pick, not what an
+answer scores.
 """
 
 from __future__ import annotations

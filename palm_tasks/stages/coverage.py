@@ -30,7 +30,7 @@ from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import Certificate, Member, PolicyTable, Portfolio, load_pool, load_soups
 
-PARAMS = ("coverage", "seed", "task", "traits", "gate")
+PARAMS = ("coverage", "seed", "task", "traits", "gate", "training.min_relevance")  # min_relevance: best-of-N
 DEPS = ("data/pool.json", "data/soups.json", "data/samples")
 OUTS = ("portfolio.json",)
 METRICS = ("metrics/coverage.json",)

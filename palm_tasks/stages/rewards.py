@@ -14,6 +14,7 @@ Writes: models/base (the converted base model), models/rewards (rewards the pipe
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from palm_tasks.paths import Paths
 
 PARAMS = ("task", "traits", "base_model", "seed", "device", "data", "rewards", "evaluation", "evidence",
           "training.method", "training.samples_per_prompt", "training.max_completion_length",
-          "training.temperature")
+          "training.temperature", "training.min_relevance")  # min_relevance: best-of-N in metrics/rewards.json
 DEPS = ()
 OUTS = ("models/base", "models/rewards", "data/prompts", "data/samples")
 METRICS = ("metrics/rewards.json",)
@@ -50,7 +51,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
                                      humor_test_fraction=cfg.rewards.humor_test_fraction)
     device = resolve_device(cfg.device)
     rewards = build_rewards(cfg.traits, paths.reward_models, cfg.rewards.brevity_max_words,
-                            cfg.rewards.models, device)
+                            cfg.rewards.models, device, cfg.rewards.brevity_full_words)
 
     eval_prompts = read_prompts(paths.prompts / "eval.jsonl")[: cfg.evaluation.n_prompts]
     base_path = resolve_base_model(paths.base)
@@ -118,6 +119,10 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     versions = tuple(r.version for r in rewards)
     decided_by = {**sampler, "split": split, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                   "base_model_sha256": sha, "reward_versions": list(versions)}
+    done = _same_pool(paths.samples / f"{split}.json", sampler, prompts, sha, versions)
+    if done is not None:  # the stage re-runs for a setting that does not decide the answers
+        say(f"rewards: sample pool of the base, {split}: reused ({len(prompts)} prompts x {sampler['n']} answers)")
+        return done
     say(f"rewards: sample pool of the base, {split}: {len(prompts)} prompts x {sampler['n']} answers")
     work = paths.samples / f".{split}-work"
     completions, scores = sample_pool(model, tokenizer, rewards, prompts, decided_by, cfg.evidence.chunk_prompts,
@@ -135,6 +140,17 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     schema.write(paths.samples / f"{split}.json", pool)
     clear_chunks(work)
     return pool
+
+
+def _same_pool(path, sampler: dict, prompts: list[str], sha: str, versions: tuple) -> schema.SamplePool | None:
+    """The pool already at `path` when the same sampler, prompts, base model and rewards made it."""
+    try:
+        pool = schema.SamplePool.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, schema.ArtifactError):
+        return None  # missing or unreadable: made again
+    same = (pool.sampler == sampler and pool.prompts == tuple(prompts) and pool.base_model_sha256 == sha
+            and pool.reward_versions == tuple(versions))
+    return pool if same else None
 
 
 def best_of_n_at_traits(cfg: PalmConfig, pool: schema.SamplePool) -> dict:
