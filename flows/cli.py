@@ -98,8 +98,8 @@ def cmd_schedule(args, cfg: PalmConfig) -> int:
 
 
 def cmd_status(args, cfg: PalmConfig) -> int:
-    print_status(cfg, Path(args.root))
-    return 0
+    problems = print_status(cfg, Path(args.root))  # damaged files: shown, then one error line
+    return _fail("; ".join(problems), 1) if problems else 0
 
 
 def _router(args, cfg: PalmConfig):
@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     args.params = str(Path(args.params).resolve())
     args.root = str(Path(args.root).resolve())
-    try:  # paths in params.yaml must stay inside the project: checked before any work
-        from palm_tasks.tracking import tracking_uri
+    try:  # paths in params.yaml must fit the project (store inside it, no output as input): before any work
+        from palm_tasks.stages import check_project_paths
 
-        tracking_uri(cfg, Path(args.root), create=False)
+        check_project_paths(cfg, Path(args.root))
     except ConfigError as exc:
         return _fail(str(exc), 2)
     try:

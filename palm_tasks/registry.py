@@ -339,14 +339,21 @@ def _load_peft_pipeline_parts(base_path: Path, adapter_dir: Path) -> dict:
 
 
 def _mark_production_members(client, cfg, member_versions: dict) -> None:
-    """`in_production` = true on the production portfolio's members, false on the rest."""
+    """`in_production` = true on the production portfolio's members, false on the rest.
+
+    Only tags that change are written, the new members first: each write is its own
+    transaction, and a crash between two must never leave a production member marked false
+    (a re-run then finds the production members already true and writes nothing). Versions are
+    compared as strings: the SQLite store returns them as ints, member_versions holds strings.
+    """
     name = member_model_name(cfg)
-    current = set(member_versions.values())
+    current = {str(v) for v in member_versions.values()}
+    for version in sorted(current, key=int):
+        if client.get_model_version(name, version).tags.get("in_production") != "true":
+            client.set_model_version_tag(name, version, "in_production", "true")
     for version in client.search_model_versions(f"name = '{name}' and tags.in_production = 'true'"):
-        if version.version not in current:
+        if str(version.version) not in current:
             client.set_model_version_tag(name, version.version, "in_production", "false")
-    for version in current:
-        client.set_model_version_tag(name, version, "in_production", "true")
 
 
 # --- the portfolio -------------------------------------------------------------------------

@@ -554,6 +554,11 @@ def read_json(path: Path, stage: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}): rerun `palm stage {stage}`") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is nested too deeply to be a stage's output: rerun "
+                            f"`palm stage {stage}`") from None
+    except OSError as exc:  # a directory, unreadable
+        raise ArtifactError(f"{path} cannot be read ({exc.strerror or exc}): rerun `palm stage {stage}`") from None
 
 
 def read(path: Path, kind: type, stage: str):
@@ -567,8 +572,11 @@ def read(path: Path, kind: type, stage: str):
         if kind is Policy:
             return Policy.from_json(data, Path(path).parent)
         return kind.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        # any of these: a field of the wrong type or shape (a list where an object belongs, ...)
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        if len(what) > 200:  # a message can quote the bad value; it may be large
+            what = what[:200] + "..."
         raise ArtifactError(f"{path} is not a {kind.__name__} this version reads ({what}): "
                             f"rerun `palm stage {stage}`") from None
 

@@ -7,44 +7,107 @@ so it is resolved against the project root here; artifacts go to `mlruns/artifac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from palm_tasks.config import PalmConfig
 
 
+KEY = "mlflow.tracking_uri"
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
 def tracking_uri(cfg: PalmConfig, root: Path, create: bool = True) -> str:
     """The tracking URI with a relative SQLite path made absolute under `root`.
 
-    ConfigError if a local store would lie outside the project; `create` makes its directory.
+    ConfigError if a local store would lie outside the project, or if its SQLite file exists but
+    is not an SQLite database; `create` makes its directory. Paths are checked as MLflow and
+    SQLAlchemy will read them: percent-decoded (`%2e%2e` is `..`).
     """
+    from urllib.parse import quote, unquote, urlsplit
+
+    from palm_tasks.config import ConfigError
+
     # Not MLFLOW_TRACKING_URI: mlflow.set_tracking_uri sets it, so a second project in the
     # same process would silently reuse the first one's store.
     uri = cfg.mlflow.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        db = inside_project(root, uri[len(prefix):], "mlflow.tracking_uri")
+    shown = _short(uri)
+    if uri != uri.strip() or not uri.isprintable():
+        raise ConfigError(f"{KEY} = {shown}: has spaces or control characters around or in it; "
+                          "write the URI alone (e.g. sqlite:///mlruns/mlflow.db)")
+    scheme_match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    scheme = scheme_match.group(1) if scheme_match else ""
+    if scheme != scheme.lower():
+        raise ConfigError(f"{KEY} = {shown}: write the scheme {scheme!r} in lower case")
+    if scheme.split("+")[0] == "sqlite":
+        prefix = "sqlite:///"
+        if scheme != "sqlite" or not uri.startswith(prefix):
+            raise ConfigError(f"{KEY} = {shown}: a local store is written sqlite:///PATH (no host, no "
+                              "driver), PATH relative to the project or absolute inside it")
+        path, sep, query = uri[len(prefix):].partition("?")  # as SQLAlchemy splits it
+        db = inside_project(root, unquote(path), KEY, shown=uri)
+        _check_sqlite_file(db)
         if create:
             db.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(db)
-    if "://" not in uri or uri.startswith("file:"):
+        return prefix + quote(str(db)) + sep + query
+    if scheme in ("", "file"):
         # A file store path: the same rule as SQLite, nothing is written outside the project.
-        inside_project(root, uri.removeprefix("file://").removeprefix("file:"), "mlflow.tracking_uri")
+        parts = urlsplit(uri)
+        if scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"{KEY} = {shown}: a file store on host {parts.netloc!r} is not local; "
+                              "use a path inside the project")
+        path = parts.path if scheme == "file" else uri
+        for candidate in {path, unquote(path)}:  # MLflow decodes file paths (url2pathname)
+            inside_project(root, candidate, KEY, shown=uri)
     return uri
 
 
-def inside_project(root: Path, path: str | Path, key: str) -> Path:
+def _check_sqlite_file(db: Path) -> None:
+    """ConfigError unless `db` is missing (MLflow creates it) or an SQLite database: an empty or
+    foreign file would be taken for an empty store and the run history silently replaced."""
+    from palm_tasks.config import ConfigError
+
+    if not db.exists():
+        return
+    fix = (f"palm will not replace it (that would lose the MLflow runs and registry); restore it from "
+           f"a backup or move it away, then rerun ({KEY})")
+    if not db.is_file():
+        raise ConfigError(f"{db}: not a file, so not the SQLite database of the MLflow store; {fix}")
+    try:
+        with open(db, "rb") as fh:
+            header = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"{db}: cannot be read ({exc.strerror or exc}); {KEY}") from None
+    if not header:
+        raise ConfigError(f"{db}: empty file, not an SQLite database of the MLflow store; {fix}")
+    if header != SQLITE_HEADER:
+        raise ConfigError(f"{db}: not an SQLite database (wrong header); {fix}")
+
+
+def _short(text: str, limit: int = 120) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def inside_project(root: Path, path: str | Path, key: str, shown: str | None = None) -> Path:
     """`path` (relative to root, or absolute) resolved; ConfigError if it leaves the project.
 
     Paths taken from params.yaml or from requests go through here before anything is written,
     so that `../..` or an absolute path cannot make the pipeline write outside its directory.
+    `shown` is the value as the user wrote it (when `path` was decoded from it).
     """
     from palm_tasks.config import ConfigError
 
     root = Path(root).resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks resolved
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks resolved
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop, a name too long
+        raise ConfigError(f"{key} = {_short(shown if shown is not None else str(path))}: not a usable "
+                          f"path ({exc})") from None
     if resolved != root and root not in resolved.parents:
-        raise ConfigError(f"{key} = {str(path)!r}: resolves to {resolved}, outside the project "
-                          f"directory {root}; use a path inside it (e.g. mlruns/mlflow.db)")
+        raise ConfigError(f"{key} = {_short(shown if shown is not None else str(path))}: resolves to "
+                          f"{resolved}, outside the project directory {root}; use a path inside it "
+                          "(e.g. mlruns/mlflow.db)")
     return resolved
 
 
@@ -91,7 +154,7 @@ def setup_mlflow(cfg: PalmConfig, root: Path) -> str:
 
 def ui_command(cfg: PalmConfig, root: Path) -> str:
     """The command that opens the MLflow UI on this project's store (loopback only)."""
-    return f"mlflow ui --backend-store-uri {tracking_uri(cfg, root)} --host 127.0.0.1 --port 5000"
+    return f"mlflow ui --backend-store-uri {tracking_uri(cfg, root, create=False)} --host 127.0.0.1 --port 5000"
 
 
 class JobRun:

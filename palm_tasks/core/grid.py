@@ -52,6 +52,22 @@ def grid_size_bound(d, eps, delta):
     return int(d) * (_top_index(levels) + 2) ** (int(d) - 1)
 
 
+def grid_size_upper(d, eps, delta):
+    """An upper bound on `grid_size_bound` (hence on the grid) from the formula alone, building
+    nothing: d * (M + 2)^(d - 1) with M = floor(log(1 / tau) / log(1 + eps')) + 1 (the + 1 absorbs
+    float rounding). Cheap for any eps: tiny eps would make `grid_levels` allocate its K levels."""
+    d = check_d(d)
+    eps, delta = check_tolerances(eps, delta)
+    if delta == 0:
+        raise ValueError("delta must be > 0 for the PALM grid (tau = delta/(d-1) would be 0)")
+    tau = min(delta / (d - 1), 1.0 / d)
+    log_ratio = -math.log1p(-eps)  # log(1 + eps') = -log(1 - eps), accurate for tiny eps
+    levels = math.log(1.0 / tau) / log_ratio
+    if not math.isfinite(levels):  # eps below ~1e-308: more levels than a float counts
+        return math.inf
+    return d * (math.floor(levels) + 3) ** (d - 1)
+
+
 def _relative_indices(idx):
     """Each coordinate's distance in levels below the largest one (-1: a zero coordinate).
 

@@ -24,7 +24,15 @@ def normalize(weights):
     Every caller normalizes through here, so the same input reaches `route` as the same floats
     (a tie between members is then broken the same way everywhere)."""
     w = np.asarray(weights, dtype=float)
-    return w / w.sum(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflowing sum is handled below
+        total = w.sum(axis=-1, keepdims=True)
+    # Finite weights whose sum overflows (1e308 each) would all become 0: such rows are divided
+    # by their largest weight first. Other rows are divided by 1.0, which leaves them bit for bit.
+    overflow = np.isinf(total) & np.isfinite(w).all(axis=-1, keepdims=True)
+    if overflow.any():
+        w = w / np.where(overflow, w.max(axis=-1, keepdims=True), 1.0)
+        total = w.sum(axis=-1, keepdims=True)
+    return w / total
 
 
 def route(weights, values, std_errors=None, z=0.0):

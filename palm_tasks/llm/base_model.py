@@ -115,6 +115,10 @@ def prepare_base_model(source: str, out_dir: Path) -> dict:
             f"base_model {source!r}: not 'smollm2' and not a model directory "
             f"(no config.json in {model_dir})"
         )
+    target = out_dir.resolve()
+    if model_dir == target or target in model_dir.parents:  # rmtree below would delete the model itself
+        raise ValueError(f"base_model {source!r} lies in {out_dir}, which this stage empties; keep the "
+                         "base model outside the pipeline's outputs")
     info = {"source": source, "path": str(model_dir), "name": model_dir.name,
             "weights_sha256": weights_hash(model_dir)}
     shutil.rmtree(out_dir, ignore_errors=True)

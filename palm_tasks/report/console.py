@@ -79,20 +79,37 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
     console.print(f"Open the MLflow UI: [bold]{ui_command(cfg, root)}[/] then http://127.0.0.1:5000")
 
 
-def print_status(cfg: PalmConfig, root: Path) -> None:
-    """What exists under the project: base model, data, members, portfolio, registry."""
+def _json_object(path: Path, problems: list[str]) -> dict | None:
+    """A small JSON object a stage wrote, for status to show; None, with a problem naming the
+    file, when it is damaged (status goes on to show the rest)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        problems.append(f"{path} is damaged ({str(exc)[:200]})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path} is damaged (expected an object, got {type(data).__name__})")
+        return None
+    return data
+
+
+def print_status(cfg: PalmConfig, root: Path) -> list[str]:
+    """What exists under the project: base model, data, members, portfolio, registry. Returns
+    the damaged files it found (one problem each, naming the file); the rest is shown anyway."""
     from palm_tasks.jobs import CorruptPolicyError, load_policy
     from palm_tasks.tracking import ui_command
 
-    console, paths = _console(), Paths(root)
+    console, paths, problems = _console(), Paths(root), []
     base = paths.base / "base.json"
-    console.print(f"base model: {json.loads(base.read_text())['name'] if base.is_file() else 'not prepared'} "
-                  f"({paths.base})")
+    info = _json_object(base, problems) if base.is_file() else None
+    name = "not prepared" if not base.is_file() else ("damaged" if info is None else info.get("name", "?"))
+    console.print(f"base model: {name} ({paths.base})")
     train = paths.prompts / "train.jsonl"
     console.print(f"prompts: {'prepared' if train.is_file() else 'not prepared'} ({paths.prompts})")
     rewards_json = paths.metrics / "rewards.json"
     if rewards_json.is_file():  # how each trait's reward is normalized to [0, 1]
-        for trait, how in json.loads(rewards_json.read_text()).get("normalization", {}).items():
+        normalization = (_json_object(rewards_json, problems) or {}).get("normalization", {})
+        for trait, how in (normalization.items() if isinstance(normalization, dict) else ()):
             console.print(f"reward {trait}: {how}")
     dirs = sorted(p for p in paths.members.glob("*") if p.is_dir() and not p.name.startswith(".")) \
         if paths.members.is_dir() else []
@@ -106,9 +123,13 @@ def print_status(cfg: PalmConfig, root: Path) -> None:
             table.add_row(p.name, "[red]damaged[/]", str(exc))
     console.print(table)
     if paths.soup_pool.is_file():
-        soups = schema.read(paths.soup_pool, schema.Pool, "soups")
-        console.print(f"soups: {len(soups.policies)} evaluated Rewarded-Soups candidates in {paths.soups}"
-                      + (f" (none: {soups.note})" if soups.note else ""))
+        try:
+            soups = schema.read(paths.soup_pool, schema.Pool, "soups")
+            console.print(f"soups: {len(soups.policies)} evaluated Rewarded-Soups candidates in {paths.soups}"
+                          + (f" (none: {soups.note})" if soups.note else ""))
+        except ArtifactError as exc:
+            console.print(f"soups: [red]damaged[/] ({paths.soup_pool})")
+            problems.append(str(exc))
     if paths.portfolio.is_file():
         try:
             pf = schema.read(paths.portfolio, Portfolio, "coverage")
@@ -117,11 +138,14 @@ def print_status(cfg: PalmConfig, root: Path) -> None:
                           f"({', '.join(m.key for m in pf.members)}); certified={pf.certificate.certified} "
                           f"at eps={pf.eps}, delta={pf.delta} ({paths.portfolio})")
         except ArtifactError as exc:
-            console.print(f"portfolio: [red]{exc}[/]")
+            console.print(f"portfolio: [red]damaged[/] ({paths.portfolio})")
+            problems.append(str(exc))
     else:
         console.print("portfolio: none yet (palm stage coverage)")
     reg = paths.metrics / "register.json"
     if reg.is_file():
-        r = json.loads(reg.read_text())
-        console.print(f"registry: portfolio version {r['portfolio_version']}, alias {r['alias']}")
+        r = _json_object(reg, problems)
+        if r is not None:
+            console.print(f"registry: portfolio version {r.get('portfolio_version', '?')}, alias {r.get('alias', '?')}")
     console.print(f"MLflow UI: {ui_command(cfg, root)}")
+    return problems

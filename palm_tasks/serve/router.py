@@ -80,7 +80,8 @@ def parse_weights(weights: str | Mapping, traits: list[str]) -> tuple[np.ndarray
             raise WeightsError(f"weights: {t} = {value} is not a finite number")
         if w[i] < 0:
             raise WeightsError(f"weights: {t} = {value} is negative; weights must be >= 0")
-    total = float(w.sum())
+    with np.errstate(over="ignore"):  # finite weights may sum to inf: routing.normalize handles it
+        total = float(w.sum())
     if total <= 0:
         raise WeightsError("weights: all weights are zero; give at least one positive weight")
     normalized = abs(total - 1.0) > NORMALIZED_TOL
@@ -96,6 +97,11 @@ class Router:
         self.traits = list(portfolio.traits)
         self.members = portfolio.members
         _, self.values, self.std_errors = portfolio.member_arrays
+        shape = (len(self.members), len(self.traits))
+        if self.values.shape != shape or self.std_errors.shape != shape or not (
+                np.isfinite(self.values).all() and np.isfinite(self.std_errors).all()):
+            raise ValueError(f"the members' values and standard errors must be finite, one per trait "
+                             f"({', '.join(self.traits)}) for each of the {len(self.members)} members")
         o, soups = portfolio.oracle, portfolio.soup_rows
         ref = portfolio.evidence.get("reference_at_oracle")  # best-of-N at each oracle row's weight
         self._upper_bound = routing.GuaranteeBound(
@@ -113,7 +119,12 @@ class Router:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the pipeline first (palm run)")
-        return cls(schema.read(path, Portfolio, "coverage"), root=path.resolve().parent)
+        portfolio = schema.read(path, Portfolio, "coverage")  # ArtifactError names the file
+        try:
+            return cls(portfolio, root=path.resolve().parent)
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:  # parsed, but unusable
+            raise schema.ArtifactError(f"{path} is not a portfolio the router can use ({exc}): rerun "
+                                       "`palm stage coverage`") from None
 
     @classmethod
     def from_registry(cls, alias: str = "production", tracking_uri: str | None = None,

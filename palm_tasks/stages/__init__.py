@@ -14,8 +14,15 @@ only when its stage is used, so importing one stage never imports the others.
 from __future__ import annotations
 
 import importlib
+import reprlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+
+from palm_tasks.config import ConfigError, PalmConfig
+
+_SHORT = reprlib.Repr()  # a path from params.yaml, quoted in a one-line error
+_SHORT.maxstring = 120
 
 
 @dataclass(frozen=True)
@@ -50,3 +57,32 @@ class Stage:
 PIPELINE: tuple[Stage, ...] = tuple(Stage(n) for n in ("rewards", "grid", "align", "soups", "coverage", "register"))
 EVALUATE = Stage("evaluate")
 STAGES: dict[str, Stage] = {s.name: s for s in (*PIPELINE, EVALUATE)}
+
+
+def check_project_paths(cfg: PalmConfig, root: str | Path) -> None:
+    """ConfigError unless the paths in params.yaml fit the project at `root`: the MLflow store
+    lies inside it (and, if it exists, is an SQLite database), and the base model is none of
+    the pipeline's outputs, which stages delete and rewrite. Every `palm` command runs this
+    before any work (llm.base_model.prepare_base_model refuses models/base itself again)."""
+    from palm_tasks.tracking import tracking_uri
+
+    tracking_uri(cfg, Path(root), create=False)
+    check_base_model_source(cfg.base_model, root)
+
+
+def check_base_model_source(base_model: str, root: str | Path) -> None:
+    """ConfigError if base_model lies in (or is) an output of a stage: the rewards stage empties
+    models/base before it records the base model there, so `base_model: models/base` would delete
+    the model it is about to read (and dvc repro removes every output before rerunning a stage)."""
+    if base_model == "smollm2":
+        return
+    root = Path(root).resolve()
+    model = Path(base_model).expanduser().resolve()  # relative: to where palm runs, as the stage reads it
+    for stage in STAGES.values():
+        for out in stage.outs:
+            target = (root / out).resolve()
+            if model == target or target in model.parents:
+                raise ConfigError(
+                    f"base_model = {_SHORT.repr(base_model)}: resolves to {model}, inside {out}, an output "
+                    f"of the {stage.name} stage that the pipeline deletes and rewrites; keep the base "
+                    "model outside the pipeline's outputs (e.g. in a directory of its own)")

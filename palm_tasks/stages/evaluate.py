@@ -93,6 +93,11 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                               f"{'' if result.certificate.certified else 'not '}certified at eps = {c.eps}, "
                               f"delta = {c.delta}")
     grid_info = None
+    omitted: dict[str, str] = {}
+    if "palm_grid" in methods and c.delta == 0:
+        methods.remove("palm_grid")
+        omitted["palm_grid"] = "no PALM grid at coverage.delta = 0 (it would be infinite)"
+        say(f"evaluate: palm_grid omitted: {omitted['palm_grid']}")
     if "palm_grid" in methods:
         points = gridlib.palm_grid(d, c.eps, c.delta)
         chosen = metrics.spread_subset(points, cmp_.grid_budget)
@@ -172,7 +177,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     made_now = sum(k not in finished_before for k in ref_keys)
     out = {
         "task": cfg.task, "traits": cfg.traits, "d": d, "eps": c.eps, "delta": c.delta,
-        "ks": ks, "methods": [m for m in report.LABELS if m in results], "omitted": {}, "notes": notes,
+        "ks": ks, "methods": [m for m in report.LABELS if m in results], "omitted": omitted, "notes": notes,
         "palm_grid": grid_info, "random_seeds": seeds,
         "reference_pool": {"size": len(ref), "keys": ref_keys, "new_in_this_run": made_now,
                            "reused": len(ref) - made_now},
@@ -207,7 +212,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 def selection_weights(cfg: PalmConfig) -> np.ndarray:
     """Where "best k of a pool" is judged: the PALM grid, or a lattice when the grid is too large."""
     d, c = cfg.d, cfg.coverage
-    if gridlib.grid_size_bound(d, c.eps, c.delta) <= MAX_SELECTION_WEIGHTS:
+    if c.delta > 0 and gridlib.grid_size_bound(d, c.eps, c.delta) <= MAX_SELECTION_WEIGHTS:
         return gridlib.palm_grid(d, c.eps, c.delta)
     return simplex.simplex_lattice(d, cfg.compare.selection_lattice)
 

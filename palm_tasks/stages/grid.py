@@ -28,6 +28,8 @@ MAX_GRID_POINTS_STORED = 200_000  # millions of points at d >= 4: the file then 
 
 def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     d, eps, delta, k = cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.k
+    if delta == 0:
+        return _no_grid(cfg, Paths(root))
     points = gridlib.palm_grid(d, eps, delta)
     bound = gridlib.grid_size_bound(d, eps, delta)
     paths = Paths(root)
@@ -40,4 +42,20 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     metrics = {"grid_size": int(len(points)), "grid_size_bound": int(bound)}
     schema.write(paths.metrics / "grid.json", metrics)
     say(f"grid: {len(points)} PALM grid points (proven bound {bound}) for d={d}, eps={eps}, delta={delta}")
+    return metrics
+
+
+def _no_grid(cfg: PalmConfig, paths: Paths) -> dict:
+    """delta = 0: there is no finite PALM grid (docs/guarantee.md), only the baseline weights.
+    The lazy search certifies at delta = 0 without one; search.mode grid is refused in params."""
+    d, k = cfg.d, cfg.search.k
+    schema.write(paths.grid, {
+        "traits": cfg.traits, "eps": cfg.coverage.eps, "delta": 0.0, "size": None, "bound": None, "points": None,
+        "note": "delta = 0: no finite PALM grid",
+        "uniform": simplex.uniform_weights(d, k).round(9).tolist(),
+        "random": simplex.random_weights(d, k, cfg.seed).round(9).tolist(),
+    })
+    metrics = {"grid_size": None, "grid_size_bound": None}
+    schema.write(paths.metrics / "grid.json", metrics)
+    say("grid: no PALM grid at delta = 0 (it would be infinite); the lazy search needs none")
     return metrics
