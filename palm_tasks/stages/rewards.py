@@ -14,7 +14,6 @@ Writes: models/base (the converted base model), models/rewards (rewards the pipe
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +144,8 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
 def _same_pool(path, sampler: dict, prompts: list[str], sha: str, versions: tuple) -> schema.SamplePool | None:
     """The pool already at `path` when the same sampler, prompts, base model and rewards made it."""
     try:
-        pool = schema.SamplePool.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, schema.ArtifactError):
+        pool = schema.read(path, schema.SamplePool, "rewards")
+    except schema.ArtifactError:
         return None  # missing or unreadable: made again
     same = (pool.sampler == sampler and pool.prompts == tuple(prompts) and pool.base_model_sha256 == sha
             and pool.reward_versions == tuple(versions))
