@@ -5,11 +5,10 @@ a non-zero exit, nothing written outside the project and nothing already finishe
 import hashlib
 import json
 import os
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,29 +63,54 @@ def _write_params(root: Path, text: str | None = None, **changes) -> Path:
     return path
 
 
+# Runs the command with its address space capped and writes the command's own peak RSS (bytes)
+# to argv[1]. Why a launcher: a child forked from this test process starts with a high-water RSS
+# that includes this process's memory (fork and vfork both fold the parent's pages into the
+# child's ru_maxrss), so after a suite that loaded models every child would "use" a gigabyte.
+# The launcher is small, so what it forks reports only the command's own memory.
+_LAUNCHER = """
+import os, resource, subprocess, sys
+cap = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+proc = subprocess.Popen(sys.argv[3:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss * 1024))  # Linux: kilobytes
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def palm(*args, root: Path, params: Path | None = None, cwd: Path = ROOT, timeout: float = 120):
     """The real `palm` command line on the project at `root`; (CompletedProcess, peak RSS in
     bytes of that process). Its address space is capped at 4 GiB so a regression fails the test
     instead of the machine."""
     command = [sys.executable, "-m", "flows.cli", *args, "--root", str(root),
                "--params", str(params or root / "params.yaml")]
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (4 * GIB, 4 * GIB))
-
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, preexec_fn=cap)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = Path(scratch) / "peak"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(peak_file), str(4 * GIB), *command]
+        proc = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                                start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        done = subprocess.CompletedProcess(command, proc.returncode, out.read().decode(errors="replace"),
-                                           err.read().decode(errors="replace"))
-    return done, usage.ru_maxrss * 1024  # Linux: kilobytes
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command under it
+            proc.communicate()
+            raise AssertionError(f"palm {' '.join(args)} ran past {timeout} s") from None
+        peak = int(peak_file.read_text())
+    done = subprocess.CompletedProcess(command, proc.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+    return done, peak
+
+
+def test_the_memory_measure_counts_the_command_not_this_process():
+    """The peak reported by `palm` must not include the test process's memory: with 1.5 GiB
+    held here, a refused command still reports its own few hundred MiB."""
+    held = bytearray(3 * GIB // 2)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page so it is resident
+    proc, peak = palm("status", root=Path("/nonexistent-project"), params=Path("/nonexistent.yaml"))
+    assert proc.returncode == 2, proc.stderr
+    assert peak < GIB // 2, f"{peak / GIB:.2f} GiB"
+    del held
 
 
 def assert_one_error(proc, *names: str, code: int = 2) -> str:
