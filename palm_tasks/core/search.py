@@ -8,14 +8,35 @@ the caller owns the loop and the training, the search only proposes weights and 
         search.tell(w, *train_and_evaluate(w))       # values (d,) [, std_errors (d,)]
     result = search.result()                          # pruned, re-certified portfolio
 
+    while batch := search.ask_batch(workers):          # or: up to `workers` weights a round
+        for w, out in zip(batch, train_all_at_once(batch)):
+            search.tell(w, *out)
+
 ask() proposes the d extremes e_1..e_d first (single-objective optima, section 5 step 1), then
 the corner weight with the largest certificate slack (step 3), snapped to its PALM grid point
 (section 2) when snap == "grid" and that point is new, else the corner itself; never a weight
 twice. It returns None once the certificate of everything told is certified (step 2), the
 budget of max_trainings is spent, or no untrained corner has positive slack ("stuck": e.g. the
 noise z * se alone breaks the bound, section 6). result() prunes (section 3) with the corner
-weights as elements and re-certifies the pruned portfolio (step 4). One weight per ask(): the
-batched proposals for parallel workers of section 12 are not implemented here.
+weights as elements and re-certifies the pruned portfolio (step 4).
+
+Measured against the floor of section 11 (benchmarks/search_floor.py, docs/search.md) this rule
+trains 2.3-5.3x the minimum cover k* and returns 1.2-2.8x k* members at d = 3-4: the
+certificate's U is built from the oracle rows' tangent planes, and making it tight enough costs
+trainings that the exact OPT of the floor does not need. Consolidation (consolidate=k, off by
+default) trades trainings for size: once certified, a set cover over predicted policies at a
+lattice of weights names new weights where one policy could replace several members; they are
+trained (source "consolidate"), the search certifies again, and result() prunes.
+
+Parallel proposals (section 12). ask_batch(n) proposes up to n weights at once for n workers:
+the first is what ask() would propose; each further one is chosen after pretending the weights
+already proposed were trained and returned nothing better than the best told row there (a
+"constant liar" as in batched Bayesian optimisation: the pretended oracle row pulls U down to
+what is known around that weight), so the batch spreads over the n worst uncertified regions
+instead of crowding one corner. Pretended rows only steer proposals: the
+certificate, the stop decision and the result use told values only. tell() accepts the pending
+weights in any order. A round is one ask_batch() (or ask()) made while nothing was pending; with
+n = 1 the search is exactly the one-at-a-time search.
 
 Evidence and repair (sections 8 and 9). With `reference(W) -> (values (m,), se (m,))`, the
 best-of-N value w . R_BoN(w) at each weight, the certificate's oracle constraints use
@@ -25,17 +46,21 @@ at its own weight (best-of-N or another told row) beats by more than z_significa
 proposes its weight again before anything else (source "repair"; `pending` says which row and
 which row beat it, so the caller can warm-start from that policy). tell() then keeps the better
 of the old and the new value at w_j in that row. A row is repaired at most max_repairs times,
-so the search never loops; rows still beaten at the end are in result().beaten.
+so the search never loops; rows still beaten at the end are in result().beaten. When more than
+half of the rows (at least d + 1) are beaten with no repair left, the oracle fails more often
+than it works and the search stops as "stuck" rather than spend its budget on new beaten rows.
 """
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import LinearConstraint, linprog, milp
 
-from palm_tasks.core.certificate import TOL, Certificate, certify, check_values, check_z
+from palm_tasks.core.certificate import (TOL, Certificate, UpperBound, certify, check_values, check_z,
+                                         oracle_constraints)
 from palm_tasks.core.evidence import beaten_rows, evidence
 from palm_tasks.core.grid import snap_to_grid
 from palm_tasks.core.prune import prune
-from palm_tasks.core.simplex import check_d, check_tolerances, check_weights
+from palm_tasks.core.simplex import check_d, check_tolerances, check_weights, simplex_lattice
 
 SAME_WEIGHT = 1e-12  # two training weights closer than this (max-norm) are the same weight
 
@@ -45,7 +70,10 @@ class SearchResult:
     """What the lazy search trained, the pruned portfolio and its certificate.
 
     stopped: "certified", "budget" (max_trainings reached) or "stuck" (no untrained corner with
-    positive slack: more training cannot help, e.g. the noise z * se alone breaks the bound).
+    positive slack: more training cannot help, e.g. the noise z * se alone breaks the bound; or
+    more than half of the rows are beaten by the evidence with no repair left: the oracle fails).
+    rounds: ask()/ask_batch() calls that proposed new weights with nothing pending (with one
+    worker, the trainings; with W workers, the wall time in trainings, section 12).
     full_certificate is the certificate of every trained row when the search stopped.
     """
     train_weights: np.ndarray
@@ -58,6 +86,7 @@ class SearchResult:
     history: list = field(default_factory=list)
     stopped: str = ""
     beaten: list = field(default_factory=list)
+    rounds: int = 0
 
     def to_dict(self):
         return {
@@ -72,6 +101,7 @@ class SearchResult:
             "history": self.history,
             "stopped": self.stopped,
             "beaten": self.beaten,
+            "rounds": int(self.rounds),
         }
 
 
@@ -88,22 +118,33 @@ class LazySearch:
     with R - z se and the upper bound with R + z se (section 6).
 
     Attributes: done (ask() returned None), stopped ("certified" | "budget" | "stuck", "" while
-    running), trainings (values told), history (one dict per training: step, weight, source
-    "extreme" | "grid" | "corner" | "repair", worst_slack_before; a repair adds row, by and
-    kept "new" | "old"), certificate (of every row, as of the last ask()), W, R, SE (the rows so
-    far as lists, initial rows first), repairs (per row), pending (what ask() proposed).
+    running), trainings (values told), rounds (see SearchResult), history (one dict per
+    training: step, weight, source "extreme" | "grid" | "corner" | "repair" | "consolidate",
+    worst_slack_before; a repair adds row, by and kept "new" | "old"), certificate (of every
+    row, as of the last proposal made with nothing pending), W, R, SE (the rows so far as lists,
+    initial rows first), repairs (per row), pending (the first proposal not yet told),
+    pending_all (all of them).
+
+    Bad input raises a ValueError naming the argument: weights off the simplex or not finite,
+    NaN values, a budget that is not an integer >= 0, ask_batch(n) with n < 1.
     """
 
     def __init__(self, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
                  initial_weights=None, initial_values=None, initial_std_errors=None,
-                 reference=None, max_repairs=0, z_significant=2.0):
+                 reference=None, max_repairs=0, z_significant=2.0, consolidate=0):
         self.d = check_d(d)
         self.eps, self.delta = check_tolerances(eps, delta)
         self.z = check_z(z)
         if snap not in ("grid", "none"):
             raise ValueError(f"snap must be 'grid' or 'none', got {snap!r}")
-        if int(max_trainings) < 0:
-            raise ValueError(f"max_trainings must be >= 0, got {max_trainings}")
+        if (isinstance(max_trainings, bool) or not isinstance(max_trainings, (int, np.integer, float))
+                or not np.isfinite(max_trainings) or max_trainings != int(max_trainings) or max_trainings < 0):
+            raise ValueError(f"max_trainings must be an integer >= 0, got {max_trainings!r}")
+        max_trainings = int(max_trainings)
+        if isinstance(consolidate, bool) or not isinstance(consolidate, (int, np.integer)) or consolidate < 0:
+            raise ValueError(f"consolidate must be an integer >= 0 (consolidation passes), got {consolidate!r}")
+        self.consolidate = int(consolidate)
+        self._planned = []  # consolidation weights still to propose
         if prune_method not in ("greedy", "exact"):
             raise ValueError(f"prune_method must be 'greedy' or 'exact', got {prune_method!r}")
         self.max_trainings, self.snap, self.prune_method = max_trainings, snap, prune_method
@@ -124,7 +165,8 @@ class LazySearch:
             raise ValueError(f"max_repairs must be >= 0, got {max_repairs}")
         self.max_repairs = int(max_repairs)
         self.repairs = [0] * len(self.W)
-        self._asked = None  # (weight, source, worst slack before, row, by) proposed by ask() and not yet told
+        self._asked = []  # (weight, source, worst slack before, row, by) proposed and not yet told
+        self.rounds = 0
         self._result = None
 
     @property
@@ -153,26 +195,129 @@ class LazySearch:
 
     def _next(self):
         """(weight, source, worst slack before, row, by) to train next, or None after setting
-        `stopped`."""
+        `stopped` (nothing pending: the one-at-a-time rule of section 5)."""
+        todo = self._propose(1)
+        return todo[0] if todo else None
+
+    def _budget_left(self):
+        return self.max_trainings - self.trainings - len(self._asked)
+
+    def _propose(self, n):
+        """Up to n new proposals (weight, source, worst slack before, row, by), none of them
+        pending or trained. With nothing pending and nothing to propose, sets `stopped`."""
+        pending_w = [a[0] for a in self._asked]
+        pending_rows = {a[3] for a in self._asked if a[1] == "repair"}
+        known = self.W + pending_w
+        out = []
         for e in np.eye(self.d):
-            if self.trainings < self.max_trainings and not _already(e, self.W):
-                return e, "extreme", None, None, None
+            if len(out) < n and self._budget_left() - len(out) > 0 and not _already(e, known):
+                out.append((e, "extreme", None, None, None))
+                known = known + [e]
+        if out or any(a[1] == "extreme" for a in self._asked):
+            return out  # a round of extremes: the certificate needs them all first
         b = self.beaten()
-        if b is not None and self.trainings < self.max_trainings:
+        if b is not None:
             for j in np.flatnonzero(b.beaten):
-                if self.repairs[j] < self.max_repairs:
-                    return np.array(self.W[j]), "repair", None, int(j), int(b.by[j])
+                if (len(out) < n and self._budget_left() - len(out) > 0 and j not in pending_rows
+                        and self.repairs[j] < self.max_repairs):
+                    out.append((np.array(self.W[j]), "repair", None, int(j), int(b.by[j])))
+        if len(out) >= n:
+            return out
         tw, tv, tse = self._arrays()
         ref = self._reference(tw)
         reference = None if ref is None else ref[0] + self.z * ref[1]
-        cert = self.certificate = certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z,
-                                          reference=reference)
+        cert = certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z, reference=reference)
+        if cert.certified and not self._asked and not out and not self._planned and self.consolidate > 0:
+            self.consolidate -= 1
+            self._planned = self._consolidation_plan(cert, tw, tv, tse, reference)
+        while self._planned and len(out) < n and self._budget_left() - len(out) > 0:
+            w = self._planned.pop(0)
+            if not _already(w, known):
+                out.append((w, "consolidate", None, None, None))
+                known = known + [w]
+        if out and out[-1][1] == "consolidate":
+            return out
+        if not self._asked and not out:
+            self.certificate = cert
+            if cert.certified:
+                self.stopped = "certified"
+                return []
+            if self._budget_left() <= 0:
+                self.stopped = "budget"
+                return []
         if cert.certified:
-            self.stopped = "certified"
-            return None
-        if self.trainings >= self.max_trainings:
-            self.stopped = "budget"
-            return None
+            return out
+        if b is not None and self._oracle_failing(b):
+            if not self._asked and not out:
+                self.stopped = "stuck"
+            return out
+        # pretended rows (section 12): the proposals so far, at the best told value there
+        fake_w, fake_v = [], []
+        pending_corner = [a[0] for a in self._asked if a[1] != "repair"]
+        for w in pending_corner:
+            fake_w.append(w)
+            fake_v.append(self._pretended(w, tv))
+        while len(out) < n and self._budget_left() - len(out) > 0:
+            if fake_w:
+                cert = self._pretend_certify(tw, tv, tse, reference, fake_w, fake_v)
+                if cert.certified:
+                    break
+            pick = self._worst_corner(cert, known)
+            if pick is None:
+                break
+            w, source, slack = pick
+            out.append((w, source, slack, None, None))
+            known = known + [w]
+            fake_w.append(w)
+            fake_v.append(self._pretended(w, tv))
+        if not out and not self._asked:
+            self.stopped = "stuck"
+        return out
+
+    def _consolidation_plan(self, cert, tw, tv, tse, reference):
+        """Weights where one new policy could replace several members (consolidation).
+
+        Once every row is certified, U is close to OPT. Each weight c of a lattice gets a
+        predicted value: halfway between the best told row at c and the value attaining U(c).
+        An exact set cover (milp) over the told rows and these predictions, with the test
+        lattice and the certificate's corners as elements ((1 - eps) U - delta to reach), says
+        which new weights would give a smaller portfolio; they are proposed only if that cover
+        is smaller than the exact prune of the told rows. Predictions only steer: the result
+        is pruned and certified on told values.
+        """
+        se = np.zeros_like(tv) if tse is None else tse
+        low = tv - self.z * se
+        members = prune(tw, tv, self.eps, self.delta, method="exact", std_errors=tse, z=self.z,
+                        reference=reference)
+        res_c, res_t = {2: (100, 200), 3: (20, 30), 4: (9, 12)}.get(self.d, (6, 8))
+        cand = simplex_lattice(self.d, res_c)
+        cand = np.array([c for c in cand if not _already(c, self.W)]).reshape(-1, self.d)
+        if len(cand) == 0:
+            return []
+        A, V = oracle_constraints(tw, tv + self.z * se)
+        if reference is not None:
+            V = np.maximum(V, reference)
+        bound = UpperBound(A, V)
+        pred = np.array([0.5 * (low[np.argmax(low @ c)] + self._optimistic(c, tw, tv, tse, reference))
+                         for c in cand])
+        elements = np.vstack([simplex_lattice(self.d, res_t), cert.corner_weights])
+        need = (1 - self.eps) * np.array([bound(e) for e in elements]) - self.delta - TOL
+        rows = np.vstack([low, pred])
+        covers = rows @ elements.T >= need[None, :]
+        keep = covers.any(axis=0)
+        cost = np.concatenate([np.full(len(low), 1.0), np.full(len(pred), 1.0 + 1e-3)])
+        sol = milp(cost, constraints=LinearConstraint(covers[:, keep].T.astype(float), lb=1),
+                   integrality=np.ones(len(rows)), bounds=(0, 1), options={"time_limit": 10.0})
+        if sol.status != 0:
+            return []
+        chosen = np.flatnonzero(sol.x > 0.5)
+        if len(chosen) >= len(members):
+            return []
+        return [cand[i - len(low)].copy() for i in chosen if i >= len(low)]
+
+    def _worst_corner(self, cert, known):
+        """(weight, source, slack) at the corner of largest positive slack whose weight (its grid
+        point, else itself) is new, or None."""
         for c in np.argsort(-cert.slacks, kind="stable"):
             if cert.slacks[c] <= TOL:
                 break
@@ -181,47 +326,111 @@ class LazySearch:
             if self.snap == "grid" and self.delta > 0:
                 options.insert(0, (snap_to_grid(corner, self.d, self.eps, self.delta), "grid"))
             for w, source in options:
-                if not _already(w, self.W):
-                    return w.copy(), source, float(cert.slacks[c]), None, None
-        self.stopped = "stuck"
+                if not _already(w, known):
+                    return w.copy(), source, float(cert.slacks[c])
         return None
+
+    def _oracle_failing(self, b):
+        """More than half of the rows (at least d + 1 told) are beaten by the evidence with no
+        repair left: the oracle fails more often than it works, and new corners would only add
+        beaten rows. The search stops ("stuck") instead of spending its budget (section 9)."""
+        spent = np.array([r >= self.max_repairs for r in self.repairs])
+        return len(self.W) > self.d and (b.beaten & spent).sum() * 2 > len(self.W)
+
+    @staticmethod
+    def _pretended(w, tv):
+        """The value a proposal is pretended to return while the rest of its batch is chosen:
+        the best told row at w. As an oracle row it says OPT(w) is no more than what is known,
+        so U drops to L at w and around it, and the next proposal goes to another uncertified
+        region. (Pretending the value attaining U(w), or halfway, crowded batches less well:
+        docs/search.md.)"""
+        return tv[np.argmax(tv @ w)].copy()
+
+    def _optimistic(self, w, tw, tv, tse, reference):
+        """A value vector attaining U(w): argmax w . v over {w_j . v <= V_j, 0 <= v <= 1}."""
+        se = np.zeros_like(tv) if tse is None else tse
+        A, V = oracle_constraints(tw, tv + self.z * se)
+        if reference is not None:
+            V = np.maximum(V, reference)
+        res = linprog(-np.asarray(w, float), A_ub=A, b_ub=V, bounds=(0, 1), method="highs")
+        return np.clip(res.x, 0.0, 1.0) if res.status == 0 else tv[np.argmax(tv @ w)].copy()
+
+    def _pretend_certify(self, tw, tv, tse, reference, fake_w, fake_v):
+        """The certificate as if the pretended rows were told (their se 0, no reference)."""
+        W = np.vstack([tw, fake_w])
+        R = np.vstack([tv, fake_v])
+        se = None if tse is None else np.vstack([tse, np.zeros((len(fake_w), self.d))])
+        ref = None if reference is None else np.concatenate([reference, np.zeros(len(fake_w))])
+        return certify(W, R, self.eps, self.delta, std_errors=se, z=self.z, reference=ref)
 
     @property
     def pending(self) -> dict | None:
-        """What ask() proposed and tell() has not received: weight, source, and for a repair the
-        row to repair and `by`, the row whose policy beat it (-1: best-of-N)."""
-        if self._asked is None:
-            return None
-        w, source, _, row, by = self._asked
-        return {"weight": w.copy(), "source": source, "row": row, "by": by}
+        """The first proposal that tell() has not received: weight, source, and for a repair the
+        row to repair and `by`, the row whose policy beat it (-1: best-of-N). None if none."""
+        todo = self.pending_all
+        return todo[0] if todo else None
+
+    @property
+    def pending_all(self) -> list[dict]:
+        """Every proposal not yet told, in the order proposed (see `pending`)."""
+        return [{"weight": w.copy(), "source": source, "row": row, "by": by}
+                for w, source, _, row, by in self._asked]
 
     def ask(self) -> np.ndarray | None:
         """The next weight to train (the same one until it is told), or None when done.
 
         After the extremes, each new proposal certifies every row told so far (LPs: milliseconds
-        to a second); the proposal is cached, so asking again costs nothing.
+        to a second); the proposal is cached, so asking again costs nothing. With proposals of
+        ask_batch() pending, returns the first of them.
         """
-        if self._asked is None and not self.done:
-            self._asked = self._next()
-        return None if self._asked is None else self._asked[0].copy()
+        if not self._asked and not self.done:
+            nxt = self._next()
+            if nxt is not None:
+                self._asked.append(nxt)
+                self.rounds += 1
+        return self._asked[0][0].copy() if self._asked else None
+
+    def ask_batch(self, n) -> list[np.ndarray]:
+        """Up to n weights to train at once (docs/theory.md section 12): the pending ones first,
+        then new proposals; [] when done. n = 1 gives [ask()]. Proposals never exceed the budget
+        (max_trainings minus trainings minus pending). A round is counted when the batch is
+        asked with nothing pending."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (the number of workers) must be an integer >= 1, got {n!r}")
+        if self.done:
+            return []
+        fresh = not self._asked
+        if len(self._asked) < n:
+            self._asked.extend(self._propose(int(n) - len(self._asked)))
+        if fresh and self._asked:
+            self.rounds += 1
+        return [a[0].copy() for a in self._asked[:n]]
 
     def tell(self, weights, values, std_errors=None) -> dict:
-        """Record the measured value vector (and std errors) of the policy trained for the weight
-        ask() returned; returns the history step (step, weight, source, worst_slack_before)."""
-        if self._asked is None:
+        """Record the measured value vector (and std errors) of the policy trained for a pending
+        weight (from ask() or ask_batch(), any order); returns the history step (step, weight,
+        source, worst_slack_before)."""
+        if not self._asked:
             raise ValueError("tell() without a pending ask(): call ask() and tell its weight")
-        w, source, slack, row, by = self._asked
         given = np.asarray(weights, dtype=float)
-        if given.shape != w.shape or not (np.abs(given - w) <= SAME_WEIGHT).all():
-            raise ValueError(f"tell() got weights {given.tolist()}, but ask() returned {w.tolist()}")
+        if given.ndim != 1 or not np.isfinite(given).all():
+            raise ValueError(f"tell() got weights {given.tolist()}: not one finite weight vector")
+        match = [i for i, a in enumerate(self._asked)
+                 if given.shape == a[0].shape and (np.abs(given - a[0]) <= SAME_WEIGHT).all()]
+        if not match:
+            raise ValueError(f"tell() got weights {given.tolist()}, but ask() returned "
+                             f"{[a[0].tolist() for a in self._asked]}")
+        w, source, slack, row, by = self._asked[match[0]]
         has_se = std_errors is not None
         if self.with_se is not None and has_se != self.with_se:
             raise ValueError("oracle must return std errors always or never (and match initial_std_errors)")
         values_row = check_values(np.atleast_2d(values), 1, self.d, "oracle values")[0]
         se = check_values(np.atleast_2d(std_errors), 1, self.d, "oracle std_errors")[0] if has_se else None
+        if has_se and (se < 0).any():
+            raise ValueError(f"oracle std_errors must be >= 0, got {se.tolist()}")
         self.with_se = has_se
         self.trainings += 1
-        self._asked = None
+        del self._asked[match[0]]
         step = {"step": self.trainings, "weight": w.tolist(), "source": source,
                 "worst_slack_before": slack}
         if source == "repair":  # keep the better of the two at w_j (section 9)
@@ -262,24 +471,28 @@ class LazySearch:
             self._result = SearchResult(
                 train_weights=tw, values=tv, std_errors=tse, members=members, certificate=final,
                 full_certificate=self.certificate, trainings=self.trainings,
-                history=list(self.history), stopped=self.stopped, beaten=beaten)
+                history=list(self.history), stopped=self.stopped, beaten=beaten, rounds=self.rounds)
         return self._result
 
 
 def lazy_search(oracle, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
                 initial_weights=None, initial_values=None, initial_std_errors=None, on_step=None,
-                reference=None, max_repairs=0, z_significant=2.0):
+                reference=None, max_repairs=0, z_significant=2.0, workers=1, consolidate=0):
     """Run LazySearch to the end with oracle(w) -> values (d,) or (values, std_errors) as the
     training (a repair calls it again at the same w); on_step(step) after each training.
+    workers: weights asked per round (ask_batch, docs/theory.md section 12), trained in order.
     Returns result()."""
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     search = LazySearch(d, eps, delta, max_trainings, z=z, snap=snap, prune_method=prune_method,
                         initial_weights=initial_weights, initial_values=initial_values,
                         initial_std_errors=initial_std_errors, reference=reference,
-                        max_repairs=max_repairs, z_significant=z_significant)
-    while (w := search.ask()) is not None:
-        out = oracle(w.copy())
-        values, se = out if isinstance(out, tuple) else (out, None)
-        step = search.tell(w, values, se)
-        if on_step is not None:
-            on_step(step)
+                        max_repairs=max_repairs, z_significant=z_significant, consolidate=consolidate)
+    while batch := search.ask_batch(workers):
+        for w in batch:
+            out = oracle(w.copy())
+            values, se = out if isinstance(out, tuple) else (out, None)
+            step = search.tell(w, values, se)
+            if on_step is not None:
+                on_step(step)
     return search.result()

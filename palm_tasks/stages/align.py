@@ -6,8 +6,9 @@ Writes: models/members/<key>/ (one finished job each, reused by every later run 
         metrics/align.json
 
 The lazy search is an ask/tell object (core.search.LazySearch): this stage owns the loop, asks
-for the next weight, runs the job through `run_jobs` (the orchestrator's runner) and tells the
-search the measured value vector. The search sees the best-of-N reference of the base's sample
+for up to runner.workers weights per round (parallel proposals, docs/search.md), runs their jobs
+at once through `run_jobs` (the orchestrator's runner) and tells the search each measured value
+vector. The search sees the best-of-N reference of the base's sample
 pool (docs/evidence.md): its certificate uses it, and a row the evidence beats at its own weight
 is repaired (docs/theory.md section 9): trained again at that weight, another seed, starting
 from the policy that beat it (or from itself when best-of-N did), keeping the better of the two.
@@ -31,7 +32,8 @@ from palm_tasks.paths import Paths
 from palm_tasks.schema import Policy, Pool
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
-          "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant")
+          "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant",
+          "runner.workers")  # runner.workers: the weights asked per round, so which weights are trained
 DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
 OUTS = ("models/members", "data/pool.json")
 METRICS = ("metrics/align.json",)
@@ -49,9 +51,10 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
                             z=cfg.coverage.z, reference=reference(schema.load_samples(root), cfg.training.min_relevance),
                             max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant)
-        policies = search_loop(search, run_jobs, paths)
+        policies = search_loop(search, run_jobs, paths, workers=cfg.runner.workers)
         still = search.result().beaten
-        history = {"stopped": search.stopped, "steps": search.history, "beaten": still}
+        history = {"stopped": search.stopped, "steps": search.history, "beaten": still,
+                   "rounds": search.rounds}
         if still:
             warn(f"align: {len(still)} trained row(s) still beaten by the evidence after repair: " + "; ".join(
                 f"w={_fmt(b['weight'])} short by {b['shortfall']:.3f} ± {b['se']:.3f}" for b in still))
@@ -69,6 +72,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     steps = history.get("steps", [])
     metrics = {"mode": pool.mode, "jobs": len(policies), "trained": pool.trained, "reused": pool.reused,
                "trainings": len(steps) or len(policies),
+               "rounds": history.get("rounds", 1 if policies else 0),  # lazy: batches of runner.workers jobs
                "repairs": sum(h["source"] == "repair" for h in steps),
                "repairs_kept": sum(h.get("kept") == "new" for h in steps),
                "still_beaten": len(history.get("beaten", [])),
@@ -78,26 +82,32 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     return metrics
 
 
-def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=()) -> list[Policy]:
+def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1) -> list[Policy]:
     """Ask, train, tell until the search is done; the rows' policies (`initial`, the search's
     initial rows, first), then in the order they were first trained; a repaired row holds the
-    better of its trainings."""
+    better of its trainings.
+
+    Each round asks the search for up to `workers` weights (runner.workers; docs/search.md,
+    parallel proposals), runs them through run_jobs at once and tells each result."""
     rows: list[Policy] = list(initial)
-    while (w := search.ask()) is not None:
-        pending = search.pending
-        if pending["source"] == "repair":
-            row, by = pending["row"], pending["by"]
-            start = rows[by] if by >= 0 else rows[row]
-            job = Job.train(w, init_from=paths.relative(start.path), attempt=search.repairs[row] + 1)
-        else:
-            job = Job.train(w)
-        (policy,) = run_jobs([job])
-        step = search.tell(w, policy.values, policy.std_errors)
-        if pending["source"] != "repair":
-            rows.append(policy)
-        elif step["kept"] == "new":
-            rows[pending["row"]] = policy
-        step["key"] = policy.key
+    while batch := search.ask_batch(workers):
+        pending = search.pending_all[:len(batch)]
+        jobs = []
+        for w, todo in zip(batch, pending):
+            if todo["source"] == "repair":
+                row, by = todo["row"], todo["by"]
+                start = rows[by] if by >= 0 else rows[row]
+                jobs.append(Job.train(w, init_from=paths.relative(start.path), attempt=search.repairs[row] + 1))
+            else:
+                jobs.append(Job.train(w))
+        policies = run_jobs(jobs)
+        for w, todo, policy in zip(batch, pending, policies):
+            step = search.tell(w, policy.values, policy.std_errors)
+            if todo["source"] != "repair":
+                rows.append(policy)
+            elif step["kept"] == "new":
+                rows[todo["row"]] = policy
+            step["key"] = policy.key
     return rows
 
 
