@@ -129,3 +129,54 @@ def job_resources(cfg: PalmConfig):
             yield
     else:
         yield
+
+
+# --- the temporary Prefect server ------------------------------------------------------------
+
+# Without PREFECT_API_URL, the first flow of a `palm` command starts a temporary Prefect server
+# (uvicorn, about 224 MB) as a child process, and Prefect stops it at exit (atexit). A SIGKILL
+# of palm, or the OOM killer, runs no atexit: the server would go on, adopted by init. So the
+# server runs under this watchdog, which stops it once the process that started it is gone,
+# whatever thread started it (prctl's PR_SET_PDEATHSIG fires when the starting *thread* exits,
+# and Prefect may start the server from a worker thread that ends long before palm does).
+_SERVER_WATCHDOG = """\
+import os, runpy, signal, sys, threading, time
+parent = int(sys.argv[1])
+def watch():
+    while os.getppid() == parent:  # once the parent dies, the child is re-parented
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own shutdown closes the database cleanly
+    time.sleep(10)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[2:]]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+class _SubprocessWithWatchdog:
+    """The `subprocess` module as prefect.server.api.server sees it: Popen of `python -m uvicorn`
+    runs uvicorn under _SERVER_WATCHDOG, tied to this process; everything else is unchanged."""
+
+    def __getattr__(self, name):
+        import subprocess
+
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(args, *rest, **kwargs):  # noqa: N802 (subprocess's name)
+        import subprocess
+        import sys
+
+        if list(args[:3]) == [sys.executable, "-m", "uvicorn"]:
+            args = [sys.executable, "-c", _SERVER_WATCHDOG, str(os.getpid()), *args[3:]]
+        return subprocess.Popen(args, *rest, **kwargs)
+
+
+def tie_prefect_server_to_this_process() -> None:
+    """Make the temporary Prefect server that flows of this process start die with it
+    (SIGKILL included). Idempotent; a server already running is left as it is."""
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _SubprocessWithWatchdog):
+        server.subprocess = _SubprocessWithWatchdog()

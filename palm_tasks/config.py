@@ -50,6 +50,21 @@ MAX_WEIGHT_VECTORS = 10_000  # search.k, compare.k_max: farthest-point sampling 
 MAX_LATTICE_POINTS = 1_000_000  # any simplex lattice (test, share, selection, coarse)
 MAX_AUDIT_BYTES = 4 * 2**30  # the evidence audit scores every answer of the sample pool at every
 # test weight: test weights x evaluation prompts x (2 best_of + d) float64
+MAX_JOB_BYTES = 16 * 2**30  # what one job's tensors may take: a LoRA adapter with its gradients and
+# Adam state, or the key/value cache and logits of a batch of answers being generated
+MAX_ANSWERS = 1_000_000  # answers sampled and scored at once (a measurement, a round of rsft)
+MAX_BATCH = 4096  # any batch size: answers per forward pass, SFT examples, reward-model inputs
+MAX_PROMPTS = 100_000  # data.n_train, data.n_eval (the tasks ship far fewer; the rewards stage says how many)
+MAX_COUNT = 1_000_000  # rounds, epochs, steps, trainings, seeds, soups, retries: each is a loop
+MAX_BOOTSTRAP_DRAWS = 200_000_000  # compare.bootstrap x test weights: users drawn for the se of perplexity
+MAX_WORKERS = 256  # runner.workers: a local Dask cluster starts one process per worker
+MAX_RETRY_DELAY = 86_400.0  # runner.retry_delay_seconds: a day (time.sleep overflows near 1e308)
+# The base model's shape when params.yaml names the packaged SmolLM2-135M-Instruct (a local model
+# directory's config.json is read instead): what the memory estimates above are computed from.
+SMOLLM2_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+                 "max_position_embeddings": 8192}
+PROMPT_TOKENS = 256  # room for the chat template and the prompt in a generation's cache estimate
 
 
 class ConfigError(ValueError):
@@ -57,7 +72,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are no setting: `.inf` would pass `ge=0` and fail far later (time.sleep(inf),
+    # a grid of infinite size, every comparison with nan false)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CoverageConfig(Section):
@@ -220,7 +237,7 @@ class RewardsConfig(Section):
     @model_validator(mode="after")
     def _brevity_plateau_below_max(self):
         if self.brevity_full_words >= self.brevity_max_words:
-            raise ValueError(f"brevity_full_words = {self.brevity_full_words} must be less than "
+            raise ValueError(f"rewards.brevity_full_words = {self.brevity_full_words} must be less than rewards."
                              f"brevity_max_words = {self.brevity_max_words}")
         return self
 
@@ -456,11 +473,119 @@ class PalmConfig(Section):
                 f"coverage.test_users = {c.test_users}: {_count(weights)} test weights (users and lattice) x "
                 f"{self.evaluation.n_prompts} evaluation prompts x {self.evidence.best_of} answers need "
                 f"{_gib(audit)} for the evidence audit; at most {MAX_AUDIT_BYTES // 2**30} GiB: use fewer test users")
+        self._jobs_fit(weights)
         return self
+
+    def _jobs_fit(self, test_weights: int) -> None:
+        """What one job, one measurement or one comparison would hold or loop over: refused
+        naming the key and the size it would need (called by _sizes_fit)."""
+        t, ev, cmp_, r, d = self.training, self.evaluation, self.compare, self.runner, self.d
+        for key, n, limit, what in (
+                ("data.n_train", self.data.n_train, MAX_PROMPTS, "prompts"),
+                ("data.n_eval", self.data.n_eval, MAX_PROMPTS, "prompts"),
+                ("evaluation.batch_size", ev.batch_size, MAX_BATCH, "answers per forward pass"),
+                ("training.batch_size", t.batch, MAX_BATCH, "examples per step"),
+                ("training.num_generations", t.num_generations, MAX_BATCH, "completions per prompt"),
+                *((f"rewards.models.{name}.batch_size", m.batch_size, MAX_BATCH, "completions per forward pass")
+                  for name, m in self.rewards.models.items()),
+                ("training.rounds", t.rounds, MAX_COUNT, "rounds"),
+                ("training.epochs", t.epochs, MAX_COUNT, "epochs"),
+                ("training.steps", t.steps, MAX_COUNT, "steps"),
+                ("search.max_trainings", self.search.max_trainings, MAX_WEIGHT_VECTORS, "trainings"),
+                ("search.max_repairs", self.search.max_repairs, MAX_WEIGHT_VECTORS, "repairs"),
+                ("compare.random_seeds", cmp_.random_seeds, MAX_WEIGHT_VECTORS, "seeds, each a portfolio"),
+                ("compare.grid_budget", cmp_.grid_budget, MAX_WEIGHT_VECTORS, "trainings"),
+                ("compare.distinct_n", cmp_.distinct_n, 64, "words per n-gram"),
+                ("soups.max_soups", self.soups.max_soups, MAX_WEIGHT_VECTORS, "soups"),
+                ("evidence.chunk_prompts", self.evidence.chunk_prompts, MAX_PROMPTS, "prompts per chunk"),
+                ("runner.workers", r.workers, MAX_WORKERS, "workers (a local cluster starts a process each)"),
+                ("runner.retries", r.retries, 100, "retries")):
+            if n > limit:
+                raise ValueError(f"{key} = {_count(n)}: {_count(n)} {what}; at most {limit:,}")
+        if r.retry_delay_seconds > MAX_RETRY_DELAY:
+            raise ValueError(f"runner.retry_delay_seconds = {r.retry_delay_seconds:g}: a wait of "
+                             f"{r.retry_delay_seconds / 86_400:.3g} days; at most {MAX_RETRY_DELAY:,.0f} s")
+        points = math.comb(self.soups.divisions + d - 1, d - 1)
+        if points > MAX_LATTICE_POINTS:
+            raise ValueError(f"soups.divisions = {self.soups.divisions}: a simplex lattice of step "
+                             f"1/{self.soups.divisions} has {_count(points)} points for d = {d}; "
+                             f"at most {MAX_LATTICE_POINTS:,}")
+        for key, prompts, per_prompt, per_key in (
+                ("training.samples_per_prompt", self.data.n_train, t.samples_per_prompt, "data.n_train"),
+                ("evaluation.samples_per_prompt", ev.n_prompts, ev.samples_per_prompt, "evaluation.n_prompts")):
+            if prompts * per_prompt > MAX_ANSWERS:
+                raise ValueError(f"{key} = {_count(per_prompt)}: {per_key} = {prompts:,} prompts x "
+                                 f"{_count(per_prompt)} = {_count(prompts * per_prompt)} answers to sample and "
+                                 f"score at once; at most {MAX_ANSWERS:,}")
+        draws = cmp_.bootstrap * test_weights
+        if draws > MAX_BOOTSTRAP_DRAWS:
+            raise ValueError(f"compare.bootstrap = {_count(cmp_.bootstrap)}: {_count(cmp_.bootstrap)} resamples "
+                             f"of {test_weights:,} test weights = {_count(draws)} draws; at most "
+                             f"{MAX_BOOTSTRAP_DRAWS:,}: use fewer resamples")
+        # A job trains with seed + its repair attempt, and rsft's SFT rounds with that + the
+        # round; the trainer seeds numpy's legacy generator, which takes 32-bit seeds only.
+        offset = self.search.max_repairs + t.rounds
+        if self.seed + offset > MAX_SEED:
+            raise ValueError(f"seed = {self.seed}: training seeds go up to seed + search.max_repairs + "
+                             f"training.rounds = {_count(self.seed + offset)}; at most {MAX_SEED} (numpy's "
+                             f"seeding in the trainer takes 32-bit seeds): use seed <= {MAX_SEED - offset}")
+        shape = _model_shape(self.base_model)
+        context = shape["max_position_embeddings"]
+        for key, tokens in (("evaluation.max_new_tokens", ev.max_new_tokens),
+                            ("training.max_completion_length", t.max_completion_length)):
+            if tokens > context:
+                raise ValueError(f"{key} = {_count(tokens)}: answers of {_count(tokens)} tokens; the base model "
+                                 f"reads at most {context:,} (max_position_embeddings)")
+        kv_per_token = 2 * shape["num_hidden_layers"] * shape["hidden_size"] * 4 \
+            * shape["num_key_value_heads"] // max(shape["num_attention_heads"], 1)  # fp32 keys and values
+        for key, batch, tokens in (("evaluation.batch_size", ev.batch_size, ev.max_new_tokens),
+                                   ("evaluation.batch_size", ev.batch_size, t.max_completion_length),
+                                   ("training.batch_size", t.batch, t.max_completion_length)):
+            need = batch * ((PROMPT_TOKENS + tokens) * kv_per_token + shape["vocab_size"] * 4)
+            if need > MAX_JOB_BYTES:
+                raise ValueError(f"{key} = {batch:,} answers of up to {PROMPT_TOKENS} + {tokens:,} tokens: "
+                                 f"{_gib(need)} of key/value cache and logits to generate them; at most "
+                                 f"{MAX_JOB_BYTES // 2**30} GiB")
+        h, i = shape["hidden_size"], shape["intermediate_size"]
+        kv = h * shape["num_key_value_heads"] // max(shape["num_attention_heads"], 1)
+        # target_modules all-linear: q, k, v, o, gate, up, down; a rank-r adapter on an (in, out)
+        # matrix has r (in + out) parameters, each with a gradient and two Adam moments (fp32)
+        per_rank = shape["num_hidden_layers"] * (7 * h + 2 * kv + 3 * i)
+        if t.lora_rank > h:
+            raise ValueError(f"training.lora_rank = {_count(t.lora_rank)}: more than the base model's hidden "
+                             f"size {h:,} (a LoRA update of rank above it is no smaller than the full "
+                             f"matrix); {_count(t.lora_rank * per_rank)} adapter parameters, "
+                             f"{_gib(16 * t.lora_rank * per_rank)} to train")
+        if 16 * t.lora_rank * per_rank > MAX_JOB_BYTES:
+            raise ValueError(f"training.lora_rank = {t.lora_rank:,}: {_count(t.lora_rank * per_rank)} adapter "
+                             f"parameters, {_gib(16 * t.lora_rank * per_rank)} to train; at most "
+                             f"{MAX_JOB_BYTES // 2**30} GiB")
 
     @property
     def d(self) -> int:
         return len(self.traits)
+
+
+def _model_shape(base_model: str) -> dict[str, int]:
+    """The base model's sizes the estimates of _jobs_fit use: SmolLM2-135M's, or a local
+    model's config.json where it gives a positive integer (its other keys stay SmolLM2's)."""
+    import json
+
+    shape = dict(SMOLLM2_SHAPE)
+    if base_model == "smollm2":
+        return shape
+    try:
+        config = json.loads((Path(base_model).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return shape  # _base_model_is_a_model has said what is wrong with it
+    if isinstance(config, dict):
+        config = {**config.get("text_config", {}), **config} if isinstance(config.get("text_config"), dict) \
+            else config
+        for key in shape:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                shape[key] = value
+    return shape
 
 
 def _count(n) -> str:
@@ -468,7 +593,11 @@ def _count(n) -> str:
     if n == math.inf:
         return "infinitely many"
     n = int(n)
-    return f"{n:,}" if n < 10**15 else f"about 10^{len(str(n)) - 1}"
+    if n < 10**15:
+        return f"{n:,}"
+    # the exponent from the bit length: str(n) fails past 4,300 digits
+    digits = int(n.bit_length() * math.log10(2))
+    return f"about 10^{digits if 10**digits <= n else digits - 1}"
 
 
 def _gib(nbytes) -> str:
@@ -485,6 +614,7 @@ _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
 MAX_MESSAGE = 400  # characters of one problem in a ConfigError
+MAX_PROBLEMS = 5  # problems listed in one ConfigError; the rest are counted
 
 
 def _describe(error: dict) -> str:
@@ -498,7 +628,17 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key (a typo?); remove it or use one of the documented keys"
     if error["type"] == "missing":
         return f"{key}: required"
-    return f"{key} = {_SHORT.repr(error.get('input'))}: {msg}"
+    return f"{key} = {_shown(error.get('input'))}: {msg}"
+
+
+def _shown(value) -> str:
+    """A value for a message, cut short; an integer too long for repr (past 4,300 digits)
+    by its size."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:
+        return f"an integer of {_count(abs(value)).removeprefix('about 10^')}-odd digits" \
+            if isinstance(value, int) else "a value too large to show"
 
 
 def _cut(line: str) -> str:
@@ -514,7 +654,10 @@ def parse_config(data: dict | None, source: str = "params.yaml") -> PalmConfig:
     try:
         return PalmConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_cut(_describe(e)) for e in exc.errors()]
+        errors = exc.errors()  # a list of 10,000 bad items gives 10,000: show the first few
+        lines = [_cut(_describe(e)) for e in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            lines.append(f"and {len(errors) - MAX_PROBLEMS:,} more problems")
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
@@ -536,6 +679,8 @@ class _ParamsLoader(yaml.SafeLoader):
         if event.anchor is not None:  # &name on a node, or *name (an AliasEvent)
             raise _Refused(f"YAML anchors and aliases (&{event.anchor}, *{event.anchor}) are not "
                            "allowed; write the value out", event.start_mark)
+        if getattr(event, "tag", None) is not None:  # !!set, !!binary, !!python/...: plain values only
+            raise _Refused(f"YAML tags ({event.tag}) are not allowed; write a plain value", event.start_mark)
         return super().compose_node(parent, index)
 
 
@@ -546,6 +691,8 @@ def _check_unique_keys(node, path: tuple = ()) -> None:
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if key is not None:
+                if key == "<<" and key_node.tag == "tag:yaml.org,2002:merge":
+                    raise _Refused("YAML merge keys (<<) are not allowed; write the keys out", key_node.start_mark)
                 if key in seen:
                     raise _Refused(f"duplicate key {'.'.join((*path, key))!r}; give each key once",
                                    key_node.start_mark)
@@ -582,6 +729,8 @@ def load_config(path: str | Path = "params.yaml") -> PalmConfig:
         raise ConfigError(f"{path}: {exc.problem} (line {exc.mark.line + 1}, column {exc.mark.column + 1})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be params.yaml") from None
+    except ValueError as exc:  # a scalar YAML reads but Python refuses: an integer of 5,000 digits
+        raise ConfigError(f"{path}: a value cannot be read ({_cut(' '.join(str(exc).split())[:200])})") from None
     except yaml.YAMLError as exc:
         # One line, as the CLI prints it: what is wrong and where.
         mark = getattr(exc, "problem_mark", None)

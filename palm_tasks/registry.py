@@ -40,7 +40,7 @@ from palm_tasks.jobs import ADAPTER_DIR, CorruptPolicyError, load_policy
 from palm_tasks.llm.base_model import base_info, resolve_base_model
 from palm_tasks.paths import Paths
 from palm_tasks.schema import Member, Policy, Portfolio
-from palm_tasks.tracking import lineage_tags, setup_mlflow, tracking_uri
+from palm_tasks.tracking import StoreNotWritableError, check_store_writable, lineage_tags, setup_mlflow, tracking_uri
 
 PRODUCTION, CANDIDATE = "production", "candidate"
 
@@ -95,6 +95,13 @@ class RegistryUnavailableError(RuntimeError):
     """The MLflow store cannot be reached; nothing on disk is lost."""
 
 
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    """An exception's text on one short line: SQLAlchemy's span several, with the SQL and its
+    parameters, and the CLI prints one line."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def member_model_name(cfg: PalmConfig) -> str:
     return f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
 
@@ -123,15 +130,18 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     uri = cfg.mlflow.tracking_uri
     try:
         uri = tracking_uri(cfg, root)
+        check_store_writable(cfg, root)  # a read-only store: one line naming the file, not a traceback
         _check_reachable(uri)
         experiment_id = setup_mlflow(cfg, root)
         client = MlflowClient()
         for name in (member_model_name(cfg), portfolio_model_name(cfg)):
             _ensure_registered_model(client, name, cfg)
+    except StoreNotWritableError:
+        raise  # names the file already; what it would add (the URI) says less
     except Exception as exc:  # sqlite path unwritable, server down, ...
         raise RegistryUnavailableError(
             f"cannot reach the MLflow store {uri} ({type(exc).__name__}: "
-            f"{exc}). Training results are safe on disk ({paths.members}, {paths.portfolio}); "
+            f"{_one_line(exc)}). Training results are safe on disk ({paths.members}, {paths.portfolio}); "
             "fix the tracking URI (params.yaml mlflow.tracking_uri) and "
             "re-run `palm stage register`."
         ) from exc

@@ -82,6 +82,93 @@ def _check_sqlite_file(db: Path) -> None:
         raise ConfigError(f"{db}: empty file, not an SQLite database of the MLflow store; {fix}")
     if header != SQLITE_HEADER:
         raise ConfigError(f"{db}: not an SQLite database (wrong header); {fix}")
+    problem = _sqlite_damage(db)
+    if problem:
+        raise ConfigError(f"{db}: a damaged SQLite database ({problem}); {fix}")
+
+
+def _sqlite_damage(db: Path) -> str | None:
+    """What SQLite's quick_check finds wrong with `db` (truncated, pages overwritten), or None.
+    Read-only (mode=ro): checking writes nothing, not even a journal."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{quote_uri_path(db)}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        return str(exc)[:200]
+    try:
+        rows = con.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return None  # a writer holds it now: busy, not damaged
+        return str(exc)[:200]
+    except sqlite3.DatabaseError as exc:  # "database disk image is malformed", "file is not a database"
+        return str(exc)[:200]
+    finally:
+        con.close()
+    verdict = str(rows[0][0]) if rows else "no answer"
+    return None if verdict == "ok" else verdict[:200]
+
+
+class StoreNotWritableError(RuntimeError):
+    """The MLflow store's SQLite database (or its directory) cannot be written."""
+
+
+def check_store_writable(cfg: PalmConfig, root: Path) -> None:
+    """StoreNotWritableError, naming the file, unless a command that records runs or registers
+    models can write the project's SQLite store. Checked before any work: MLflow would fail
+    only at its first write, minutes in, with an SQLAlchemy traceback hundreds of lines long.
+
+    The probe is a real write, rolled back: SQLite opens a read-only file without complaint, and
+    permission bits say nothing when palm runs as root, while a read-only mount, a file or
+    directory without write permission, or an immutable file all fail it. A store that is not
+    local SQLite is not probed here.
+    """
+    import os
+    import sqlite3
+    from urllib.parse import unquote
+
+    uri = tracking_uri(cfg, root, create=False)
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(unquote(uri[len("sqlite:///"):].partition("?")[0]))
+    fix = f"make it writable (or point {KEY} elsewhere) and rerun; nothing finished is lost"
+    if not db.exists():  # MLflow creates it: its nearest existing directory must be writable
+        existing = next(p for p in db.parents if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise StoreNotWritableError(f"{existing} is read-only: the MLflow store {db} cannot be "
+                                        f"created there; {fix}")
+        return
+    try:
+        con = sqlite3.connect(f"file:{quote_uri_path(db)}?mode=rw", uri=True, timeout=30,
+                              isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreNotWritableError(f"{db}: the MLflow store cannot be opened for writing ({exc}); "
+                                    f"{fix}") from None
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE palm_write_probe (x)")  # needs the file and a journal beside it
+        con.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:  # OperationalError among them
+        name = getattr(exc, "sqlite_errorname", "")
+        if name == "SQLITE_READONLY_DIRECTORY":
+            raise StoreNotWritableError(f"{db.parent} is read-only, so the MLflow store {db} cannot be "
+                                        f"written (SQLite keeps its journal beside it); {fix}") from None
+        if name.startswith("SQLITE_READONLY") or "readonly" in str(exc):
+            raise StoreNotWritableError(f"{db} is read-only: the MLflow store cannot be written "
+                                        f"({exc}); {fix}") from None
+        if name.startswith("SQLITE_BUSY") or "locked" in str(exc):
+            return  # another process writes it now: that is no read-only store; MLflow waits its turn
+        raise StoreNotWritableError(f"{db}: the MLflow store cannot be written ({exc}); {fix}") from None
+    finally:
+        con.close()
+
+
+def quote_uri_path(path: Path) -> str:
+    """`path` for an SQLite `file:` URI: '?' and '#' in a file name must not end the path."""
+    from urllib.parse import quote
+
+    return quote(str(path), safe="/")
 
 
 def _short(text: str, limit: int = 120) -> str:

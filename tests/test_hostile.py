@@ -5,10 +5,13 @@ a non-zero exit, nothing written outside the project and nothing already finishe
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +40,15 @@ def _digest(top: Path) -> dict[str, str]:
 def project(tmp_path) -> Path:
     """tmp_path/a/b/project holding finished work; tmp_path around it stands for the rest of the
     machine (`../../x` from the project lands in tmp_path/a, where a digest sees it)."""
+    from dataclasses import replace
+
+    from palm_tasks.jobs import store_policy
+
     root = tmp_path / "a" / "b" / "project"
-    member = root / "models" / "members" / "0123456789abcdef"
-    member.mkdir(parents=True)
-    (member / "member.json").write_text('{"key": "0123456789abcdef"}')
+    key = "0123456789abcdef"
+    half_written = root / "models" / "members" / f".{key}.tmp-1"  # as a job writes it, then renamed
+    half_written.mkdir(parents=True)
+    store_policy(half_written, root / "models" / "members" / key, replace(_pool(root)[0], key=key), [], [], [])
     (root / "metrics").mkdir()
     (root / "metrics" / "align.json").write_text('{"pool": []}')
     _write_params(root)
@@ -350,7 +358,12 @@ def test_sizes_within_the_limits_pass():
     parse_config(PARAMS)  # the defaults
     parse_config({"coverage": {"eps": 0.01, "delta": 0.01}})  # docs/guarantee.md: 786,778 points
     parse_config({"traits": ["safety", "humor", "brevity", "relevance"]})  # d = 4: 3.2 million
-    parse_config({"seed": 2**32 - 1, "coverage": {"test_users": 20_000}})
+    # the largest seed: a repair's last rsft round trains with seed + max_repairs + rounds
+    defaults = parse_config({})
+    top = 2**32 - 1 - defaults.search.max_repairs - defaults.training.rounds
+    parse_config({"seed": top, "coverage": {"test_users": 20_000}})
+    with pytest.raises(ConfigError, match=f"use seed <= {top}"):
+        parse_config({"seed": top + 1})
 
 
 def test_delta_zero_runs_without_a_grid(tmp_path):
@@ -481,3 +494,181 @@ def test_a_base_model_that_is_not_a_model_is_refused(tmp_path, project, files, p
 def test_a_base_model_that_does_not_exist_is_refused():
     with pytest.raises(ConfigError, match="base_model = '/nonexistent/model': not 'smollm2'"):
         parse_config({"base_model": "/nonexistent/model"})
+
+
+# --- 10. a SIGKILL of palm leaves no process behind ------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, or None once it is gone. The
+    start time tells a process from a later one that got the same pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[1]), int(fields[19])) if fields[0] != "Z" else None  # a zombie has exited
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every live process whose parent chain leads to `pid` (a /proc scan)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = stat
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, started) in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = started
+                frontier.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to follow processes")
+def test_a_sigkilled_palm_leaves_no_prefect_server_behind(tmp_path, project):
+    """`palm stage grid` starts the temporary Prefect server (uvicorn) as a child. SIGKILL palm
+    while the server runs: nothing that palm started may survive it (without the watchdog the
+    server went on, adopted by init, holding ~224 MB)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the temporary server, not one of ours
+    finished = _digest(project / "models")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "grid", "--root", str(project),
+                             "--params", str(project / "params.yaml")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = {}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            started = _descendants(proc.pid)
+            if any("prefect.server.api.server:create_app" in _cmdline(p) for p in started):
+                break
+            time.sleep(0.05)
+        servers = [p for p in started if "prefect.server.api.server:create_app" in _cmdline(p)]
+        assert servers, f"palm exited ({proc.returncode}) or ran 180 s without starting the Prefect server"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        survivors = started
+        for _ in range(60):  # the watchdog polls twice a second; uvicorn then shuts down
+            survivors = {p: t for p, t in started.items() if (_proc_stat(p) or (0, None))[1] == t}
+            if not survivors:
+                break
+            time.sleep(0.5)
+        assert not survivors, {p: _cmdline(p)[:200] for p in survivors}
+    finally:
+        for pid, start in {**started, **_descendants(proc.pid)}.items():  # never leak one into the suite
+            if (_proc_stat(pid) or (0, None))[1] == start:
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert _digest(project / "models") == finished  # the finished member is untouched
+
+
+# --- 11. a damaged adapter of a portfolio member ------------------------------------------------------
+
+
+@pytest.fixture
+def damaged_member(tmp_path, registered):
+    """A copy of the registered tiny project whose member serving `weights` has its adapter
+    truncated to half: (root, portfolio.json, that member's key, the truncated file, weights)."""
+    from palm_tasks.serve.router import Router
+
+    root = tmp_path / "project"
+    shutil.copytree(registered[0], root)
+    portfolio = root / "portfolio.json"
+    weights = "safety=0,humor=0,brevity=1"
+    key = Router.from_portfolio(portfolio).route(weights).member_key
+    adapter = root / "models" / "members" / key / "adapter" / "adapter_model.safetensors"
+    whole = adapter.read_bytes()
+    adapter.write_bytes(whole[: len(whole) // 2])
+    return root, portfolio, key, adapter, weights
+
+
+def test_palm_status_names_a_truncated_member_and_what_to_run(tmp_path, damaged_member):
+    root, _, key, adapter, _ = damaged_member
+    before = _digest(tmp_path)
+    proc, _ = palm("status", root=root)
+    line = assert_one_error(proc, "portfolio member", key, "adapter/adapter_model.safetensors",
+                            "checksum", "palm run", code=1)
+    assert line.count("damaged") == 1  # only the truncated member; the two others are whole
+    assert "portfolio: " in proc.stdout  # the rest is still shown
+    assert _digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_generate_and_serve_refuse_a_truncated_member_naming_it_and_the_file(tmp_path, damaged_member, command):
+    root, portfolio, key, adapter, weights = damaged_member
+    args = ["generate", "--weights", weights, "hello"] if command == "generate" else ["serve", "--port", "0"]
+    _refused_untouched(tmp_path, root, *args, "--portfolio", str(portfolio), names=[key, str(adapter), "palm run"],
+                       code=1)
+
+
+def test_verify_member_finds_what_the_checksums_cannot(tmp_path):
+    """An adapter without checksums.json (as downloaded from the registry) is checked against its
+    own safetensors header: truncated by one byte, it is refused naming the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from palm_tasks.llm.models import verify_member
+    from palm_tasks.schema import ArtifactError
+
+    adapter = tmp_path / "download" / "adapter"
+    adapter.mkdir(parents=True)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({"a": torch.ones(4, 4), "b": torch.zeros(3)}, str(weights))
+    verify_member(adapter, "m0")  # whole: accepted
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(ArtifactError, match=rf"member m0: {re.escape(str(weights))} is \d+ bytes, .*\(truncated"):
+        verify_member(adapter, "m0")
+
+
+# --- 12. a read-only MLflow database -----------------------------------------------------------------
+
+
+def _as_non_root() -> list[str]:
+    """A prefix that runs a command without root's power over file permissions: as root,
+    chmod does not stop writes, so the command runs in a user namespace as an ordinary user who
+    owns the files (`unshare --user --map-user`); empty when palm already runs as a normal user."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["unshare", "--user", "--map-user=1000"]  # this user owns the files, without root's override
+    probe = subprocess.run([*prefix, "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("running as root and user namespaces are not allowed here, so no file can be "
+                    f"made read-only for palm ({probe.stderr.decode(errors='replace').strip()[:200]})")
+    return prefix
+
+
+def test_palm_stage_register_names_a_read_only_mlflow_db(tmp_path, registered):
+    """A real SQLite store made read-only (chmod 444) with something left to register: one line
+    naming the file and that it is read-only, exit 1, before any work, and nothing changed."""
+    root = tmp_path / "project"
+    shutil.copytree(registered[0], root)
+    db = root / "mlruns" / "mlflow.db"
+    sqlite_copy = tmp_path / "empty-store.db"
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{sqlite_copy}").search_experiments()  # a store with tables, nothing registered
+    shutil.copyfile(sqlite_copy, db)
+    sqlite_copy.unlink()
+    db.chmod(0o444)
+    prefix = _as_non_root()
+    before = _digest(tmp_path)
+    command = [*prefix, sys.executable, "-m", "flows.cli", "stage", "register", "--root", str(root),
+               "--params", str(root / "params.yaml")]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_error(proc, str(db), "read-only", code=1)
+    assert _digest(tmp_path) == before
+    # the check is a probe that really writes: permission bits alone would pass as root
+    db.chmod(0o644)
+    from palm_tasks.tracking import check_store_writable
+
+    check_store_writable(load_config(root / "params.yaml"), root)
+    assert _digest(tmp_path) == before  # the probe's write was rolled back

@@ -58,10 +58,93 @@ def load_base(base_path: Path, device: str, place: bool = True):
     return model.to(device) if place else model
 
 
+# What to run when a member's files are damaged: the align stage removes a damaged member and
+# trains its job again (jobs.find_finished); coverage and register then use the new one.
+REPAIR_MEMBER = "run `palm run` to train it again (finished members are reused)"
+
+
+def verify_member(adapter_dir: Path, key: str | None = None) -> None:
+    """schema.ArtifactError naming the member and the file unless the adapter at `adapter_dir`
+    is whole: every file of it listed in its member's checksums.json (`<member>/adapter/...`,
+    written by jobs.store_policy) matches, and each *.safetensors file holds all the bytes its
+    header promises. The second check covers an adapter without checksums (one downloaded
+    from the registry); without either, a truncated adapter fails deep in safetensors with an
+    error that names no member."""
+    import hashlib
+    import json
+
+    from palm_tasks.schema import ArtifactError
+
+    adapter_dir = Path(adapter_dir)
+    member = adapter_dir.parent
+    key = key or member.name
+
+    def damaged(path: Path, problem: str) -> ArtifactError:
+        return ArtifactError(f"member {key}: {path} {problem}; {REPAIR_MEMBER}")
+
+    sums_file = member / "checksums.json"
+    if sums_file.is_file():
+        try:
+            sums = json.loads(sums_file.read_text(encoding="utf-8"))
+            if not isinstance(sums, dict):
+                raise ValueError("not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise damaged(sums_file, f"is unreadable ({str(exc)[:100]})") from None
+        prefix = adapter_dir.name + "/"
+        for rel, digest in sums.items():
+            if not str(rel).startswith(prefix):
+                continue
+            path = member / rel
+            if not path.is_file():
+                raise damaged(path, "is missing")
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                raise damaged(path, "does not match its checksum (damaged or changed since training)")
+    for path in sorted(adapter_dir.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise damaged(path, problem)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (8-byte header length, JSON header, then the
+    tensors' bytes up to the largest end offset), or None."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"is {size} bytes, shorter than a safetensors header (truncated)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"is {size} bytes, but its header alone needs {n + 8} (truncated)"
+            header = json.loads(fh.read(n))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"is not a safetensors file ({str(exc)[:100]})"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not an object)"
+    try:
+        ends = [int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"]
+    except (KeyError, TypeError, IndexError, ValueError):
+        return "is not a safetensors file (a tensor without data_offsets)"
+    needed = 8 + n + max(ends, default=0)
+    if needed != size:
+        return f"is {size} bytes, but its header describes {needed} (truncated or damaged)"
+    return None
+
+
 def load_policy(base_path: Path, adapter_dir: Path, device: str):
-    """(model, tokenizer): the base model with a LoRA adapter (safetensors) on `device`."""
+    """(model, tokenizer): the base model with a LoRA adapter (safetensors) on `device`;
+    schema.ArtifactError naming the member and the file when the adapter is damaged."""
     from peft import PeftModel
 
+    verify_member(adapter_dir)
     model = PeftModel.from_pretrained(load_base(base_path, device, place=False), adapter_dir).to(device)
     return model, load_tokenizer(base_path)
 

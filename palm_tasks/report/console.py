@@ -97,6 +97,7 @@ def print_status(cfg: PalmConfig, root: Path) -> list[str]:
     """What exists under the project: base model, data, members, portfolio, registry. Returns
     the damaged files it found (one problem each, naming the file); the rest is shown anyway."""
     from palm_tasks.jobs import CorruptPolicyError, load_policy
+    from palm_tasks.llm.models import REPAIR_MEMBER
     from palm_tasks.tracking import ui_command
 
     console, paths, problems = _console(), Paths(root), []
@@ -113,14 +114,29 @@ def print_status(cfg: PalmConfig, root: Path) -> list[str]:
             console.print(f"reward {trait}: {how}")
     dirs = sorted(p for p in paths.members.glob("*") if p.is_dir() and not p.name.startswith(".")) \
         if paths.members.is_dir() else []
+    portfolio, portfolio_error = None, None
+    if paths.portfolio.is_file():
+        try:
+            portfolio = schema.read(paths.portfolio, Portfolio, "coverage")
+        except ArtifactError as exc:
+            portfolio_error = exc
+    # Every member's files are checked against their checksums (a few MB each): a truncated
+    # adapter would otherwise show as a fine member here and fail only when served.
+    in_portfolio = {m.key for m in portfolio.members} if portfolio else set()
+    checked = [*dirs, *(paths.root / m.path for m in (portfolio.members if portfolio else ())
+                        if (paths.root / m.path).parent != paths.members)]  # soups live elsewhere
     table = _table(f"members: {len(dirs)} finished alignment jobs in {paths.members}",
                    ["key", "weights", "value ± se"])
-    for p in dirs:
+    for p in checked:
         try:
-            m = load_policy(p, verify=False)
-            table.add_row(m.key, _vec(m.traits, m.weights), _vec(m.traits, m.value.mean, m.value.se))
+            m = load_policy(p, verify=True)
+            if p in dirs:
+                table.add_row(m.key, _vec(m.traits, m.weights), _vec(m.traits, m.value.mean, m.value.se))
         except (CorruptPolicyError, OSError, ValueError, KeyError) as exc:
-            table.add_row(p.name, "[red]damaged[/]", str(exc))
+            detail = str(exc).removeprefix(f"policy {p.name}: ")
+            table.add_row(p.name, "[red]damaged[/]", detail)
+            problems.append(f"{'portfolio member' if p.name in in_portfolio else 'member'} {p.name} is "
+                            f"damaged: {detail} ({p}); {REPAIR_MEMBER}")
     console.print(table)
     if paths.soup_pool.is_file():
         try:
@@ -132,7 +148,9 @@ def print_status(cfg: PalmConfig, root: Path) -> list[str]:
             problems.append(str(exc))
     if paths.portfolio.is_file():
         try:
-            pf = schema.read(paths.portfolio, Portfolio, "coverage")
+            if portfolio_error:
+                raise portfolio_error
+            pf = portfolio
             console.print(f"portfolio: {pf.id} with {len(pf.members)} members "
                           f"({sum(m.kind == 'soup' for m in pf.members)} of them soups) "
                           f"({', '.join(m.key for m in pf.members)}); certified={pf.certificate.certified} "
