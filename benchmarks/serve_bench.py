@@ -3,7 +3,7 @@
 Run from the repository root: python benchmarks/serve_bench.py [--k 4] [--base DIR]
 
 - memory: resident set size (RSS) of a fresh process that loads (a) the base model alone,
-  (b) the base once with k members' adapters as named PEFT adapters (palm_tasks.serve.server), and
+  (b) the base once with k members' adapters as named PEFT adapters (palm_tasks.serve.members), and
   (c) k members as separate models (k copies of base + adapter in one process); each in its own
   subprocess, measured after loading and one forward pass. The target is (b) <= RSS(a) + k x
   adapter bytes + 10%.
@@ -53,7 +53,7 @@ def measure_memory(mode: str, base: str, adapters: list[str]) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palm_tasks.serve.server import MemberModels
+    from palm_tasks.serve.members import MemberModels
 
     torch.set_num_threads(1)
     before = rss_bytes()
@@ -116,12 +116,14 @@ def adapter_bytes(path: Path) -> int:
                for t in load_file(path / "adapter_model.safetensors").values())
 
 
-def route_latency(k: int, n_calls: int = 20_000) -> dict:
+def synthetic_portfolio(k: int, root: Path = Path("/nonexistent/bench")):
+    """A portfolio of k members chosen and certified by the real coverage build over a synthetic
+    pool of 3 + 3k policies (values are synthetic: routing and serving cost depend on k only).
+    Members live at <root>/models/members/m<j>."""
     from palm_tasks.config import parse_config
     from palm_tasks.core import simplex
     from palm_tasks.paths import Paths
     from palm_tasks.schema import Policy, ValueVector
-    from palm_tasks.serve.router import Router
     from palm_tasks.stages.coverage import build
 
     traits = ["safety", "humor", "brevity"]
@@ -131,12 +133,20 @@ def route_latency(k: int, n_calls: int = 20_000) -> dict:
     SE = np.full_like(R, 0.01)
     scores = (W @ R.T).max(axis=0)
     members = sorted(np.argsort(-scores)[:k])  # any k members: routing cost depends on k only
-    root = Path("/nonexistent/bench")
     pool = [Policy(key=f"m{j}", kind="trained", traits=tuple(traits), weights=tuple(W[j]),
                    value=ValueVector(tuple(R[j]), tuple(SE[j]), 8), path=root / "models" / "members" / f"m{j}")
             for j in range(len(W))]
     portfolio, *_ = build(parse_config({"coverage": {"test_users": 100}}), Paths(root), pool, [], members=members)
+    return portfolio, len(W)
+
+
+def route_latency(k: int, n_calls: int = 20_000) -> dict:
+    from palm_tasks.core import simplex
+    from palm_tasks.serve.router import Router
+
+    portfolio, n_rows = synthetic_portfolio(k)
     router = Router(portfolio)
+    traits = list(portfolio.traits)
     users = [dict(zip(traits, u)) for u in simplex.dirichlet_users(3, n_calls, 1)]
     times, cpu = np.empty(n_calls), np.empty(n_calls)
     for i, u in enumerate(users):
@@ -144,7 +154,7 @@ def route_latency(k: int, n_calls: int = 20_000) -> dict:
         router.route(u)
         times[i], cpu[i] = time.perf_counter() - t, time.thread_time() - c
     # Wall time includes being descheduled on a busy machine; the thread's CPU time does not.
-    return {"calls": n_calls, "members": k, "oracle_rows": len(W),
+    return {"calls": n_calls, "members": k, "oracle_rows": n_rows,
             "median_ms": float(np.median(times) * 1e3), "p99_ms": float(np.quantile(times, 0.99) * 1e3),
             "max_ms": float(times.max() * 1e3),
             "cpu_median_ms": float(np.median(cpu) * 1e3), "cpu_p99_ms": float(np.quantile(cpu, 0.99) * 1e3),
@@ -154,7 +164,7 @@ def route_latency(k: int, n_calls: int = 20_000) -> dict:
 def generation_latency(base: Path, adapters: list[Path], new_tokens: int, reps: int) -> dict:
     import torch
 
-    from palm_tasks.serve.server import MemberModels
+    from palm_tasks.serve.members import MemberModels
 
     torch.set_num_threads(1)  # one thread: steadier on a shared 2-core machine
     served = MemberModels(base, {f"m{i}": a for i, a in enumerate(adapters)})
@@ -247,7 +257,7 @@ def main() -> None:
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
-        "what": "serving a PALM portfolio: one base + k named LoRA adapters (palm_tasks.serve.server)",
+        "what": "serving a PALM portfolio: one base + k named LoRA adapters (palm_tasks.serve.members)",
         "base_model": "SmolLM2-135M-Instruct (float32, CPU)",
         "adapters": "PEFT LoRA of the training config's shape, not trained (B ~ N(0, 1e-3^2))",
         "memory": memory, "route_latency": route, "generation": gen,

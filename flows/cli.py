@@ -8,7 +8,7 @@
     palm schedule --cron C   serve the retraining flow on a cron schedule
     palm route --weights W   which member serves the weights W, with its guarantee
     palm generate --weights W PROMPT    answer with that member
-    palm serve               HTTP server: POST /route, POST /generate
+    palm serve               OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)
 
 Every command validates params.yaml first: a bad value exits with status 2 and one message
 naming the key, the value and what is allowed, before any work starts.
@@ -35,11 +35,37 @@ from palm_tasks.lock import ProjectLockedError  # noqa: E402
 from palm_tasks.report.console import print_status, print_summary  # noqa: E402
 from palm_tasks.schema import ArtifactError  # noqa: E402
 from palm_tasks.stages import STAGES  # noqa: E402
+from palm_tasks.tracking import StoreNotWritableError  # noqa: E402
+
+
+MAX_ERROR = 1000  # characters of an error line: a message may quote its input (a 100 KB --weights)
 
 
 def _fail(message: str, code: int) -> int:
+    message = " ".join(str(message).split())  # one line, whatever the message holds
+    if len(message) > MAX_ERROR:
+        message = message[:MAX_ERROR] + "..."
     print(f"palm: error: {message}", file=sys.stderr)
     return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one error line every palm refusal has: argparse's own error prints the
+    whole usage first, so a bad argument gave several lines and no `palm: error:` at the start."""
+
+    def error(self, message):
+        self.exit(2, f"palm: error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    """--port: a TCP port (socket.bind raises OverflowError, not OSError, beyond 65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: a number from 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: a number from 0 to 65535")
+    return port
 
 
 def _args_common(p: argparse.ArgumentParser) -> None:
@@ -129,8 +155,8 @@ def cmd_route(args, cfg: PalmConfig) -> int:
 
 
 def cmd_generate(args, cfg: PalmConfig) -> int:
+    from palm_tasks.serve.members import MAX_NEW_TOKENS, MemberModels
     from palm_tasks.serve.router import WeightsError, parse_weights
-    from palm_tasks.serve.server import MAX_NEW_TOKENS, MemberModels
 
     try:
         parse_weights(args.weights, cfg.traits)
@@ -142,42 +168,59 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
         return _fail(str(exc), 1)
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         return _fail(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS}", 2)
+    # loads (and first checks) the member's adapter: a damaged one is the only line printed
+    models = MemberModels(router.base_model_path(), {route.member_key: router.adapter_dir(route.member_key)})
     if route.normalized:
         print(f"note: the weights did not sum to 1 and were normalized to "
               f"{', '.join(f'{t}={v:.4g}' for t, v in route.weights.items())}", file=sys.stderr)
     print(f"member {route.member_key} ({route.model_uri or 'local'})", file=sys.stderr)
-    models = MemberModels(router.base_model_path(), {route.member_key: router.adapter_dir(route.member_key)})
     print(models.generate(route.member_key, args.prompt, args.max_new_tokens)[0])
     return 0
 
 
 def cmd_serve(args, cfg: PalmConfig) -> int:
-    from palm_tasks.serve.server import load_models, make_server
+    from palm_tasks.serve.api import make_app, make_server
+    from palm_tasks.serve.members import load_models
 
     try:
         router = _router(args, cfg)
     except LookupError as exc:
         return _fail(str(exc), 1)
-    models = load_models(router)
+    app = make_app(router, load_models(router), base_model_name=str(cfg.base_model))
     try:
-        server = make_server(router, models, args.host, args.port)
+        server, sock = make_server(app, args.host, args.port)
     except OSError as exc:  # port taken, address not on this machine
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
-    host, port = server.server_address[:2]
+    host, port = sock.getsockname()[:2]
     print(f"palm serve: portfolio {router.portfolio.id} ({len(router.members)} members) on "
-          f"http://{host}:{port} (GET /health, POST /route, POST /generate); Ctrl-C stops",
-          file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+          f"http://{host}:{port} (OpenAI API at /v1: POST /v1/chat/completions, GET /v1/models; "
+          "GET /health, POST /route); Ctrl-C stops", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])  # returns on Ctrl-C or SIGTERM, after open requests finish
     return 0
 
 
+# Commands that run Prefect flows, and those of them that write the MLflow store (runs of the
+# rewards stage, of each job and of palm evaluate; registered models).
+FLOW_COMMANDS = ("run", "stage", "evaluate", "retrain", "schedule")
+STAGES_WRITING_MLFLOW = ("rewards", "align", "soups", "register", "evaluate")
+
+
+def _before_flows(args, cfg: PalmConfig) -> None:
+    """Before a command runs flows: the temporary Prefect server they start dies with this
+    process (a SIGKILL of palm would otherwise leave it running), and a store the command must
+    write is writable (else one line naming the file now, not a traceback minutes in)."""
+    if args.command not in FLOW_COMMANDS:
+        return
+    from flows.runners import tie_prefect_server_to_this_process
+    from palm_tasks.tracking import check_store_writable
+
+    if args.command != "stage" or args.name in STAGES_WRITING_MLFLOW:
+        check_store_writable(cfg, Path(args.root))
+    tie_prefect_server_to_this_process()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="palm",
         description="PALM: train a small certified portfolio of LoRA-aligned LLMs covering every "
                     "user's trade-off between traits.",
@@ -239,12 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48)")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("serve", help="HTTP server: POST /route, POST /generate",
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /route",
                        description="Serve the portfolio over HTTP: one base model, every member's "
                                    "adapter on it.")
     args_router(p, weights=False)
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free port)")
+    p.add_argument("--port", type=_port, default=8000, help="(default: 8000; 0 picks a free port)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -256,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     args.params = str(Path(args.params).resolve())
+    if not Path(args.root).is_dir():  # a typo would otherwise show an empty project, or start one
+        return _fail(f"--root {args.root}: no such directory (the project directory holding params.yaml)", 2)
     args.root = str(Path(args.root).resolve())
     try:  # paths in params.yaml must fit the project (store inside it, no output as input): before any work
         from palm_tasks.stages import check_project_paths
@@ -264,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     try:
+        _before_flows(args, cfg)
         return args.func(args, cfg)
+    except StoreNotWritableError as exc:  # names the database file and that it is read-only
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted; finished alignment jobs are kept and will be reused", 130)
     except ConfigError as exc:  # e.g. a path in params.yaml that leaves the project

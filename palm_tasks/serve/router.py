@@ -74,7 +74,7 @@ def parse_weights(weights: str | Mapping, traits: list[str]) -> tuple[np.ndarray
             raise WeightsError(f"weights: {t} = {value!r} is not a number")
         try:
             w[i] = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
             raise WeightsError(f"weights: {t} = {value!r} is not a number") from None
         if not math.isfinite(w[i]):
             raise WeightsError(f"weights: {t} = {value} is not a finite number")
