@@ -9,6 +9,7 @@
     palm route --weights W   which member serves the weights W, with its guarantee
     palm generate --weights W PROMPT    answer with that member
     palm serve               OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)
+    palm export vllm         the vLLM command serving the same members (GPU machines)
 
 Every command validates params.yaml first: a bad value exits with status 2 and one message
 naming the key, the value and what is allowed, before any work starts.
@@ -199,6 +200,26 @@ def cmd_serve(args, cfg: PalmConfig) -> int:
     return 0
 
 
+def cmd_export(args, cfg: PalmConfig) -> int:
+    from palm_tasks.serve.vllm_export import vllm_export
+
+    try:
+        export = vllm_export(_router(args, cfg), args.host, args.port)
+    except LookupError as exc:
+        return _fail(str(exc), 1)
+    text = json.dumps(export.to_dict(), indent=2) + "\n" if args.json else export.script()
+    if args.out:
+        out = Path(args.out)
+        out.write_text(text)
+        if not args.json:
+            out.chmod(0o755)
+        print(f"palm export: wrote {out} ({len(export.lora_modules)} members on {export.base_model})",
+              file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 # Commands that run Prefect flows, and those of them that write the MLflow store (runs of the
 # rewards stage, of each job and of palm evaluate; registered models).
 FLOW_COMMANDS = ("run", "stage", "evaluate", "retrain", "schedule")
@@ -282,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48)")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="the vLLM command that serves the portfolio (GPU)",
+                       description="Print (or --out FILE) the `vllm serve` command that serves the "
+                                   "portfolio's members as LoRA modules named as in palm serve.")
+    p.add_argument("target", choices=["vllm"], help="what to export for (vllm)")
+    args_router(p, weights=False)
+    p.add_argument("--host", default="127.0.0.1", help="vLLM's address (default: 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
+    p.add_argument("--out", help="write the script (or --json) here instead of printing it")
+    p.add_argument("--json", action="store_true", help="the command and modules as JSON")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /route",
                        description="Serve the portfolio over HTTP: one base model, every member's "
                                    "adapter on it.")

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import psutil
@@ -390,3 +391,33 @@ def test_fuzzed_requests_never_get_a_server_error(served):
     thread.join(timeout=30)
     print("fuzzed requests per operation:", tried)
     assert sum(tried.values()) >= 40
+
+
+def test_export_vllm_names_the_members_as_palm_serve_does(project, served, tmp_path, capsys):
+    """`palm export vllm` writes the vLLM command: the base every adapter belongs to and one
+    LoRA module per member, named as /v1/models names them (vLLM itself needs a GPU machine)."""
+    import shlex
+
+    from flows.cli import main
+
+    root, keys, cfg, result = project
+    script = tmp_path / "serve_vllm.sh"
+    assert main(["export", "vllm", "--out", str(script), "--port", "8001", "--root", str(root),
+                 "--params", str(root / "params.yaml")]) == 0
+    argv = shlex.split(script.read_text().split("exec ", 1)[1].replace("\\\n", " "))
+    assert argv[:3] == ["vllm", "serve", str(served.router.base_model_path().resolve())]
+    assert (Path(argv[2]) / "config.json").is_file()
+    modules = argv[argv.index("--lora-modules") + 1:]
+    listed = [m.id for m in served.client.models.list().data[1:]]
+    assert [m.split("=", 1)[0] for m in modules] == listed
+    for module, key in zip(modules, keys):
+        adapter = Path(module.split("=", 1)[1])
+        assert adapter == (root / "models" / "members" / key / "adapter").resolve()
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] <= int(
+            argv[argv.index("--max-lora-rank") + 1])
+    assert argv[argv.index("--port") + 1] == "8001" and "--enable-lora" in argv
+    assert script.stat().st_mode & 0o111  # executable
+    capsys.readouterr()
+    assert main(["export", "vllm", "--json", "--root", str(root), "--params", str(root / "params.yaml")]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in exported["lora_modules"]] == listed
