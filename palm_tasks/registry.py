@@ -327,6 +327,7 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
             mlflow.log_metrics({f"value.{t}": v for t, v in zip(portfolio.traits, member.value.mean)})
             mlflow.log_metrics({f"se.{t}": v for t, v in zip(portfolio.traits, member.value.se)})
         mlflow.log_dict(policy.to_json(), "member.json")
+        _log_answers(policy.path, portfolio.traits)
         info = mlflow.transformers.log_model(
             transformers_model=_load_peft_pipeline_parts(base_path, adapter_dir),
             name="member",
@@ -338,6 +339,24 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
         )
         counter["created"] += 1
     return info.model_uri
+
+
+ANSWERS_TABLE = "evaluation_answers.json"  # the member's answers, as the MLflow UI shows them
+
+
+def _log_answers(policy_dir: Path, traits) -> None:
+    """The member's evaluation answers (prompt, answer, each trait's reward) as an MLflow table
+    of its run, so a person browsing the registry sees what the member says, not only its
+    numbers. Read from the member's completions.jsonl, written with its value."""
+    import mlflow
+
+    path = Path(policy_dir) / "completions.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = {"prompt": [r["prompt"] for r in rows], "answer": [r["completion"] for r in rows]}
+    table.update({t: [r["rewards"].get(t) for r in rows] for t in traits})
+    mlflow.log_table(table, ANSWERS_TABLE)
 
 
 def _load_peft_pipeline_parts(base_path: Path, adapter_dir: Path) -> dict:

@@ -2,6 +2,7 @@
 store, opened in headless Chromium (Debian's, driven by Playwright). The screenshots are saved
 under tests/artifacts/ (git-ignored)."""
 
+import json
 import os
 import shutil
 import signal
@@ -51,7 +52,7 @@ def mlflow_ui(registered):
                 time.sleep(0.5)
         else:
             pytest.fail(f"mlflow server did not answer: {(root / 'mlflow-server.log').read_text()}")
-        yield url, keys, cfg, result
+        yield url, keys, cfg, result, root
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -65,10 +66,13 @@ def mlflow_ui(registered):
 def test_registered_members_show_in_the_mlflow_ui(mlflow_ui):
     from playwright.sync_api import sync_playwright
 
-    from palm_tasks.registry import member_model_name, portfolio_model_name
+    from mlflow import MlflowClient
 
-    url, keys, cfg, result = mlflow_ui
+    from palm_tasks.registry import ANSWERS_TABLE, member_model_name, portfolio_model_name
+
+    url, keys, cfg, result, root = mlflow_ui
     members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -85,8 +89,19 @@ def test_registered_members_show_in_the_mlflow_ui(mlflow_ui):
             page.get_by_text(f"PALM member {keys[2][:10]}").first.wait_for(timeout=45_000)
             text = page.inner_text("body")
             page.screenshot(path=str(ARTIFACTS / "mlflow-member-version.png"), full_page=True)
+
+            # Its answers: the table logged in the version's run, opened in the artifact viewer.
+            run = client.get_run(client.get_model_version(members, version).run_id)
+            first = json.loads((root / "models" / "members" / keys[2] / "completions.jsonl")
+                               .read_text().splitlines()[0])
+            page.goto(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/"
+                      f"{ANSWERS_TABLE}", timeout=60_000)
+            page.get_by_text(first["prompt"]).first.wait_for(timeout=45_000)
+            answers = page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "mlflow-member-answers.png"), full_page=True)
         finally:
             browser.close()
     assert "of the simplex" in text and "certified" in text
+    assert "answer" in answers and all(t in answers for t in cfg.traits)  # the table's columns
     assert (ARTIFACTS / "mlflow-registered-models.png").stat().st_size > 10_000
     print(f"screenshots: {ARTIFACTS}")
