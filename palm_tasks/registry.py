@@ -48,7 +48,8 @@ PRODUCTION, CANDIDATE = "production", "candidate"
 # reads only its own artifact (portfolio.json); its routing rule is palm_tasks.core.routing itself,
 # shipped with the model (code_paths: the pure numpy/scipy core), so it cannot drift from the router's.
 ROUTER_MODEL_SOURCE = '''\
-"""PALM portfolio router: trait weights -> the member the project's routing rule chooses."""
+"""PALM portfolio: trait weights -> the member the project's routing rule chooses, and, given a
+prompt, that member's answer (one base model, every member's LoRA adapter on it)."""
 import json
 
 import mlflow
@@ -56,6 +57,9 @@ import numpy as np
 import pandas as pd
 
 from palm_tasks.core.routing import normalize, pessimistic, route
+
+DEFAULT_NEW_TOKENS = 48
+
 
 class PortfolioRouter(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
@@ -65,17 +69,59 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
         self.z = float(portfolio.get("z", 0.0))
         self.values = np.array([[m["values"][t] for t in self.traits] for m in self.members])
         self.std_errors = np.array([[m["std_errors"][t] for t in self.traits] for m in self.members])
+        self.base_path = portfolio.get("base_model_path")
+        self.adapters = {m["key"]: context.artifacts["adapter_" + m["key"]] for m in self.members
+                         if "adapter_" + m["key"] in context.artifacts}
+        self._model = None  # loaded at the first prompt: routing alone needs no torch
+
+    def _loaded(self):
+        # The same loading as palm serve (palm_tasks/serve/members.py), written out here because
+        # the model ships only palm_tasks.core: base in float32, each member a named adapter.
+        if self._model is None:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
+            keys = list(self.adapters)
+            model = PeftModel.from_pretrained(base, self.adapters[keys[0]], adapter_name="member_" + keys[0])
+            for key in keys[1:]:
+                model.load_adapter(self.adapters[key], adapter_name="member_" + key)
+            self._model = (model.eval(), tokenizer)
+        return self._model
+
+    def _answer(self, key, prompt, max_new_tokens):
+        import torch
+
+        model, tokenizer = self._loaded()
+        model.set_adapter("member_" + key)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        weights = normalize(pd.DataFrame(model_input)[self.traits].to_numpy(dtype=float))
+        frame = pd.DataFrame(model_input)
+        weights = normalize(frame[self.traits].to_numpy(dtype=float))
         best = route(weights, self.values, self.std_errors, self.z)
         P = pessimistic(self.values, self.std_errors, self.z)[best]
         value = (weights * P).sum(axis=1)
-        return pd.DataFrame({
+        out = pd.DataFrame({
             "member_key": [self.members[i]["key"] for i in best],
             "model_uri": [self.members[i]["model_uri"] for i in best],
             "value": value,
         })
+        if "prompt" in frame.columns:  # greedy answers of the routed members
+            n = int((params or {}).get("max_new_tokens", DEFAULT_NEW_TOKENS))
+            out["answer"] = [self._answer(self.members[i]["key"], p, n) if isinstance(p, str) and p.strip()
+                             else None for i, p in zip(best, frame["prompt"])]
+        return out
 
 
 mlflow.models.set_model(PortfolioRouter())
@@ -439,7 +485,7 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     pid = portfolio.id
     run = _find_run(client, experiment_id, "portfolio_id", pid)
@@ -466,17 +512,22 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
         routed_path = Path(tmp) / "portfolio.json"
         routed_path.write_text(json.dumps(routed.to_json(), indent=2))
         signature = ModelSignature(
-            inputs=Schema([ColSpec("double", t) for t in traits]),
+            inputs=Schema([*(ColSpec("double", t) for t in traits), ColSpec("string", "prompt", required=False)]),
             outputs=Schema([ColSpec("string", "member_key"), ColSpec("string", "model_uri"),
-                            ColSpec("double", "value")]))
+                            ColSpec("double", "value"), ColSpec("string", "answer", required=False)]),
+            params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+        # Each member's adapter ships with the portfolio (about 10 MB each); the base model is
+        # referenced by its path (base_model_path in portfolio.json), as the member versions do.
+        adapters = {f"adapter_{m.key}": str(paths.root / m.path / ADAPTER_DIR) for m in portfolio.members}
         info = mlflow.pyfunc.log_model(
             name="portfolio",
             python_model=str(code),
-            artifacts={"portfolio": str(routed_path)},
+            artifacts={"portfolio": str(routed_path), **adapters},
             code_paths=[str(_core_package(Path(tmp)))],
             signature=signature,
             input_example=pd.DataFrame([{t: 1 / len(traits) for t in traits}]),
-            pip_requirements=_pip_requirements("mlflow", "numpy", "pandas", "scipy"),
+            pip_requirements=_pip_requirements("mlflow", "numpy", "pandas", "scipy", "torch", "transformers",
+                                               "peft", "accelerate", "safetensors", "tokenizers"),
             tags={"portfolio_id": pid},
         )
         counter["created"] += 1

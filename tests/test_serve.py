@@ -421,3 +421,52 @@ def test_export_vllm_names_the_members_as_palm_serve_does(project, served, tmp_p
     assert main(["export", "vllm", "--json", "--root", str(root), "--params", str(root / "params.yaml")]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in exported["lora_modules"]] == listed
+
+
+def test_mlflow_models_serve_answers_a_prompt_with_the_routed_member(project, served, tmp_path):
+    """The registered portfolio (a pyfunc) served by `mlflow models serve` on loopback: weights
+    and a prompt in, the routed member and its greedy answer out (one base, the members'
+    adapters shipped with the portfolio model)."""
+    import os
+    import urllib.request
+
+    from palm_tasks.registry import portfolio_model_name
+    from palm_tasks.tracking import tracking_uri
+
+    root, keys, cfg, result = project
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "mlflow-serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+         f"models:/{portfolio_model_name(cfg)}@production", "--env-manager", "local",
+         "--host", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg, root),
+             # mlflow runs `uvicorn` by name: the one of this environment
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "mlflow-serve.log").read_text()
+                time.sleep(0.5)
+        body = {"dataframe_records": [{**HUMOR, "prompt": "Tell me a joke"},
+                                      {"safety": 1, "humor": 0, "brevity": 0, "prompt": "Tell me a joke"}],
+                "params": {"max_new_tokens": 4}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)  # mlflow and the uvicorn it started
+        server.wait(timeout=30)
+        log.close()
+    assert [p["member_key"] for p in predictions] == [keys[1], keys[0]]
+    assert [p["answer"] for p in predictions] == [served.models.generate(keys[1], "Tell me a joke", 4)[0],
+                                                  served.models.generate(keys[0], "Tell me a joke", 4)[0]]
