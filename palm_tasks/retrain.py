@@ -113,7 +113,7 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
                         max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant,
                         **initial)
     started = time.time()
-    rows = search_loop(search, run_jobs, paths, initial=kept)
+    rows = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers)
     new = [p for p in rows if p.key not in {k.key for k in kept}]
     # Trained by this run = written by it (a policy found finished on disk is older).
     out.trained = [p.key for p in new if (p.path / "member.json").stat().st_mtime >= started]
