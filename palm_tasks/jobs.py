@@ -35,7 +35,7 @@ import numpy as np
 from palm_tasks.config import PalmConfig
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
-from palm_tasks.schema import Policy, ValueVector
+from palm_tasks.schema import ArtifactError, Policy, ValueVector
 
 MEMBER_FILE = "member.json"
 CHECKSUMS = "checksums.json"
@@ -48,6 +48,12 @@ JOB_PARAMS = ("task", "traits", "seed", "device", "data", "training", "evaluatio
 
 class CorruptPolicyError(RuntimeError):
     """A policy directory exists but its files do not match its checksums."""
+
+
+class ChecksumsError(CorruptPolicyError, ArtifactError):
+    """A policy's checksums.json cannot be read as the job wrote it (not JSON, not an object of
+    file: sha256, a file outside the policy). An ArtifactError naming the file for whoever reads
+    the policy; a CorruptPolicyError for find_finished, which trains such a job again."""
 
 
 # ----------------------------------------------------------------------------- specs and keys
@@ -158,22 +164,50 @@ def store_policy(tmp: Path, final: Path, policy: Policy, prompts, completions, s
 
 
 def load_policy(path: Path, verify: bool = True) -> Policy:
-    """Read a finished policy; `CorruptPolicyError` names it and the bad file."""
+    """Read a finished policy; `CorruptPolicyError` names it and the bad file (a `ChecksumsError`,
+    also a schema.ArtifactError, when checksums.json itself is garbage)."""
     path = Path(path)
     sums_path = path / CHECKSUMS
     if not sums_path.is_file():
         raise CorruptPolicyError(f"policy {path.name}: {CHECKSUMS} missing (unfinished or damaged job)")
     if verify:
-        for rel, digest in json.loads(sums_path.read_text()).items():
+        for rel, digest in read_checksums(sums_path).items():
             f = path / rel
             if not f.is_file():
                 raise CorruptPolicyError(f"policy {path.name}: {rel} is missing")
             if file_sha256(f) != digest:
                 raise CorruptPolicyError(f"policy {path.name}: {rel} does not match its checksum")
     try:
-        return Policy.from_json(json.loads((path / MEMBER_FILE).read_text()), path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptPolicyError(f"policy {path.name}: {MEMBER_FILE} is unreadable ({exc})") from None
+        data = json.loads((path / MEMBER_FILE).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object, got {type(data).__name__}")
+        return Policy.from_json(data, path)
+    except (KeyError, TypeError, ValueError, OSError, RecursionError) as exc:
+        raise CorruptPolicyError(f"policy {path.name}: {MEMBER_FILE} is unreadable ({str(exc)[:200]})") from None
+
+
+def read_checksums(sums_path: Path) -> dict[str, str]:
+    """A policy's checksums.json: {file relative to the policy: sha256}, or ChecksumsError naming it."""
+    def damaged(problem: str) -> ChecksumsError:
+        return ChecksumsError(f"policy {sums_path.parent.name}: {sums_path} {problem} (a damaged job)")
+
+    try:
+        sums = json.loads(sums_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise damaged(f"is not valid JSON ({str(exc)[:100]})") from None
+    except RecursionError:
+        raise damaged("is nested too deeply to be a checksum file") from None
+    except OSError as exc:
+        raise damaged(f"cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(sums, dict):
+        raise damaged(f"is not an object of file: sha256 (it is {type(sums).__name__})")
+    for rel, digest in sums.items():
+        if not isinstance(digest, str):
+            raise damaged(f"gives {type(digest).__name__}, not a sha256, for {rel[:100]!r}")
+        parts = Path(rel).parts
+        if not rel or "\x00" in rel or Path(rel).is_absolute() or ".." in parts:
+            raise damaged(f"names {rel[:100]!r}, not a file inside the policy")
+    return sums
 
 
 def find_finished(store: Path, key: str, redo: str = "it will be run again") -> Policy | None:
