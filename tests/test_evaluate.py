@@ -183,9 +183,11 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     own = [members[k].weights @ members[k].values for k in keys if k != soup_key]
     assert oc["max_shortfall"] == pytest.approx(max(a.max() - o for a, o in zip(at_own, own)))
 
-    # files: DVC metrics and plots, the report with its pictures, an MLflow run
+    # files: DVC metrics (numbers only) and plots, the whole record, the report with its pictures, an MLflow run
+    details = json.loads((root / "metrics" / "evaluate.details.json").read_text())
+    assert details["results"]["palm_lazy"]["1"] == out["results"]["palm_lazy"]["1"]
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
-    assert metrics["results"]["palm_lazy"]["1"] == out["results"]["palm_lazy"]["1"]
+    assert metrics["worst_gap"]["palm_lazy"]["1"] == out["results"]["palm_lazy"]["1"]["max_multiplicative_gap"]
     rows = json.loads((root / "plots" / "evaluate_gaps.json").read_text())
     assert [r["k"] for r in rows] == [1, 2] and "palm_lazy" in rows[0]
     report = (root / "reports" / "evaluation.md").read_text()

@@ -33,12 +33,14 @@ def test_sample_pool_is_the_rewards_stage_output(prepared_project):
     assert pool.best_of_n(np.eye(cfg.d), tau)[0].tolist() == best_of_n(pool.scores, np.eye(cfg.d), on)[0].tolist()
     train = load_samples(prepared_project, "train")  # rsft (the default method): every job's round 1
     assert train.scores.shape == (cfg.data.n_train, cfg.training.samples_per_prompt, cfg.d)
-    # best-of-N in metrics/rewards.json is the pool's
-    metrics = json.loads((prepared_project / "metrics" / "rewards.json").read_text())
+    # best-of-N in metrics/rewards.details.json (and its values in metrics/rewards.json) is the pool's
+    metrics = json.loads((prepared_project / "metrics" / "rewards.details.json").read_text())
+    figures = json.loads((prepared_project / "metrics" / "rewards.json").read_text())
     mean, _, _ = best_of_n(pool.scores, np.eye(cfg.d), pool.on_topic(cfg.training.min_relevance))
     assert metrics["best_of_n"]["min_relevance"] == cfg.training.min_relevance
     for i, trait in enumerate(cfg.traits):
         assert metrics["best_of_n"][trait]["value"] == pytest.approx(mean[i, i])
+        assert figures["base_best_of"][trait] == metrics["best_of_n"][trait]["value"]
     assert not list((prepared_project / "data" / "samples").rglob("chunks-*")), "chunks are removed"
 
 

@@ -72,7 +72,7 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
     console.print(f"Largest standard error of a member's value: {se:.4f}.")
     for reason in portfolio.blockers():
         console.print(f"[red]Not for production:[/] {reason}")
-    reg = paths.metrics / "register.json"
+    reg = paths.metrics / "register.details.json"  # the alias is text: not in metrics/register.json
     if reg.is_file():
         r = json.loads(reg.read_text())
         console.print(f"Registered: portfolio version {r['portfolio_version']} (alias {r['alias']}).")
@@ -107,7 +107,7 @@ def print_status(cfg: PalmConfig, root: Path) -> list[str]:
     console.print(f"base model: {name} ({paths.base})")
     train = paths.prompts / "train.jsonl"
     console.print(f"prompts: {'prepared' if train.is_file() else 'not prepared'} ({paths.prompts})")
-    rewards_json = paths.metrics / "rewards.json"
+    rewards_json = paths.metrics / "rewards.details.json"  # text: not in metrics/rewards.json
     if rewards_json.is_file():  # how each trait's reward is normalized to [0, 1]
         normalization = (_json_object(rewards_json, problems) or {}).get("normalization", {})
         for trait, how in (normalization.items() if isinstance(normalization, dict) else ()):
@@ -160,7 +160,7 @@ def print_status(cfg: PalmConfig, root: Path) -> list[str]:
             problems.append(str(exc))
     else:
         console.print("portfolio: none yet (palm stage coverage)")
-    reg = paths.metrics / "register.json"
+    reg = paths.metrics / "register.details.json"
     if reg.is_file():
         r = _json_object(reg, problems)
         if r is not None:

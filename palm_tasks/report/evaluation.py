@@ -148,7 +148,7 @@ def render_report(out: dict, pictures: list[str]) -> str:
         f"small pool makes every gap look smaller than it would against a stronger oracle, and when "
         f"the traits barely trade off (see the rewards stage's correlations) all methods look alike.",
         "",
-        "All the k tables are in `metrics/evaluate.json`.",
+        "All the k tables are in `metrics/evaluate.details.json`.",
     ]
     return "\n".join(parts) + "\n"
 

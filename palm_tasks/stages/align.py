@@ -3,7 +3,7 @@
 Reads:  data/grid.json, data/prompts, data/samples, models/base, models/rewards; the params in PARAMS
 Writes: models/members/<key>/ (one finished job each, reused by every later run with the same
         key), data/pool.json (schema.Pool of the trained policies, in search order),
-        metrics/align.json
+        metrics/align.json (numbers), metrics/align.details.json (with the mode and why the search stopped)
 
 The lazy search is an ask/tell object (core.search.LazySearch): this stage owns the loop, asks
 for up to runner.workers weights per round (parallel proposals, docs/search.md), runs their jobs
@@ -26,6 +26,7 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import simplex
 from palm_tasks.core.search import LazySearch
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.jobs import Job, RunJobs, remove_half_written, run_here
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
@@ -35,7 +36,7 @@ PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "eva
           "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant",
           "runner.workers")  # runner.workers: the weights asked per round, so which weights are trained
 DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
-OUTS = ("models/members", "data/pool.json")
+OUTS = ("models/members", "data/pool.json", "metrics/align.details.json")
 METRICS = ("metrics/align.json",)
 PLOTS = ()
 RUNS_JOBS = True
@@ -77,7 +78,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                "repairs_kept": sum(h.get("kept") == "new" for h in steps),
                "still_beaten": len(history.get("beaten", [])),
                "stopped": history.get("stopped", "")}
-    schema.write(paths.metrics / "align.json", metrics)
+    write_metrics(root, METRICS[0], metrics, details=metrics)  # mode and stopped: details only
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")
     return metrics
 

@@ -26,6 +26,7 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.core import metrics, routing, simplex
 from palm_tasks.core.certificate import certify
 from palm_tasks.core.prune import prune
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import Certificate, Member, PolicyTable, Portfolio, load_pool, load_soups
@@ -37,6 +38,12 @@ METRICS = ("metrics/coverage.json",)
 PLOTS = ("plots/gaps.json", "plots/simplex_map.json", "plots/gap_vs_size.json", "plots/member_values.json",
          "plots/simplex_map.png", "plots/gap_vs_size.png", "plots/member_values.png")
 RUNS_JOBS = False
+# metrics/coverage.json, what `dvc metrics show` tabulates; every other figure `run` returns is in
+# portfolio.json (certificate, conservative_certificate, coverage, evidence, oracle_check, gate)
+METRIC_KEYS = ("portfolio_size", "pool_size", "soups_in_portfolio", "certified", "max_eps", "max_delta",
+               "conservative_certified", "worst_evidence_gap", "mean_evidence_gap", "evidence_contradicts",
+               "oracle_rows_beaten", "gate_passed", "production", "max_multiplicative_gap",
+               "mean_multiplicative_gap", "usage_perplexity")
 RELATIVE_TO = ("the alignment oracle checked against the evidence: at each training weight OPT is "
                "bounded by the best of the trained policy, every other candidate and best-of-N "
                "sampling from the base; values are means over the eval prompts")
@@ -49,7 +56,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     portfolio, figures, gap_rows, test = build(cfg, paths, load_pool(root).policies, load_soups(root).policies,
                                                samples=schema.load_samples(root))
     schema.write(paths.portfolio, portfolio)
-    schema.write(paths.metrics / "coverage.json", figures)
+    write_metrics(root, METRICS[0], {k: figures[k] for k in METRIC_KEYS})  # the rest: portfolio.json
     schema.write(paths.plots / "gaps.json", gap_rows)
     write_plots(portfolio, test, cfg.seed, paths.plots)
     c = cfg.coverage

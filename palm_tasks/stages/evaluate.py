@@ -3,7 +3,9 @@
 Reads:  portfolio.json, data/prompts, models/base, models/rewards, models/members, models/soups;
         the params in PARAMS
 Writes: models/evaluation/{members,soups}/ (its own job stores: what align did not make),
-        metrics/evaluate.json, plots/evaluate_gaps.json, reports/evaluation.md with PNG plots;
+        metrics/evaluate.json (numbers: each method's worst gap at each k, the reference pool),
+        metrics/evaluate.details.json (every table, the members and notes), plots/evaluate_gaps.json,
+        reports/evaluation.md with PNG plots;
         an MLflow run `evaluate-<task>`.
 
 For k = 1..compare.k_max each method proposes a portfolio of (at most) k policies:
@@ -42,6 +44,7 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import metrics, simplex
 from palm_tasks.core.search import LazySearch
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.jobs import Job, RunJobs, run_here
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
@@ -52,7 +55,7 @@ PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "eva
           "coverage", "compare")
 DEPS = ("portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
         "models/soups")
-OUTS = ("models/evaluation", "reports")
+OUTS = ("models/evaluation", "reports", "metrics/evaluate.details.json")
 METRICS = ("metrics/evaluate.json",)
 PLOTS = ("plots/evaluate_gaps.json",)
 RUNS_JOBS = True
@@ -190,7 +193,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
-    schema.write(paths.metrics / "evaluate.json", out)
+    write_metrics(root, METRICS[0], figures(out), details=out)
     schema.write(paths.plots / "evaluate_gaps.json", report.plot_rows(out))
     paths.reports.mkdir(parents=True, exist_ok=True)
     pictures = [report.gap_plot(out, paths.reports / "evaluate_gap_vs_size.png")]
@@ -207,6 +210,15 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     say(f"evaluate: {len(ref)} policies in the reference pool ({made_now} made now), "
         f"report in {report_file} ({out['seconds']:.0f}s)")
     return out
+
+
+def figures(out: dict) -> dict:
+    """The numbers of an evaluation for `dvc metrics show`: per method and k, the worst
+    multiplicative gap on the test weights (every other figure is in the details file)."""
+    return {"reference_pool": out["reference_pool"]["size"],
+            "oracle_rows_beaten": out["oracle_check"].get("beaten"),
+            "worst_gap": {m: {k: row.get("max_multiplicative_gap") for k, row in by_k.items()}
+                          for m, by_k in out["results"].items()}}
 
 
 def selection_weights(cfg: PalmConfig) -> np.ndarray:

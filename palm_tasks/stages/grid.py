@@ -14,6 +14,7 @@ from palm_tasks import schema
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import simplex
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
 
@@ -40,7 +41,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
         "random": simplex.random_weights(d, k, cfg.seed).round(9).tolist(),
     })
     metrics = {"grid_size": int(len(points)), "grid_size_bound": int(bound)}
-    schema.write(paths.metrics / "grid.json", metrics)
+    write_metrics(root, METRICS[0], metrics)
     say(f"grid: {len(points)} PALM grid points (proven bound {bound}) for d={d}, eps={eps}, delta={delta}")
     return metrics
 
@@ -56,6 +57,6 @@ def _no_grid(cfg: PalmConfig, paths: Paths) -> dict:
         "random": simplex.random_weights(d, k, cfg.seed).round(9).tolist(),
     })
     metrics = {"grid_size": None, "grid_size_bound": None}
-    schema.write(paths.metrics / "grid.json", metrics)
+    write_metrics(paths.root, METRICS[0], metrics)
     say("grid: no PALM grid at delta = 0 (it would be infinite); the lazy search needs none")
     return metrics

@@ -6,8 +6,10 @@ Writes: models/base (the converted base model), models/rewards (rewards the pipe
         base's evidence.best_of answers to each evaluation prompt, scored: the best-of-N
         reference and the gate's baseline) and, for rsft, data/samples/train.json (the base's
         training.samples_per_prompt answers to each training prompt: every job's first round),
-        metrics/rewards.json (how each reward is normalized, the base's reward distribution,
-        trait correlations, the base's answer quality, best-of-N at each trait),
+        metrics/rewards.json (numbers: the base's answer quality, best-of-N at each trait and
+        at the centroid, the classifiers' held-out accuracy),
+        metrics/rewards.details.json (the whole record: the base model and prompts, how each
+        reward is normalized and its version, the reward distribution, trait correlations),
         plots/base_rewards.json; an MLflow run `rewards`.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from palm_tasks import schema
 from palm_tasks.config import PalmConfig
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
 
@@ -27,7 +30,7 @@ PARAMS = ("task", "traits", "base_model", "seed", "device", "data", "rewards", "
           "training.method", "training.samples_per_prompt", "training.max_completion_length",
           "training.temperature", "training.min_relevance")  # min_relevance: best-of-N in metrics/rewards.json
 DEPS = ()
-OUTS = ("models/base", "models/rewards", "data/prompts", "data/samples")
+OUTS = ("models/base", "models/rewards", "data/prompts", "data/samples", "metrics/rewards.details.json")
 METRICS = ("metrics/rewards.json",)
 PLOTS = ("plots/base_rewards.json",)
 RUNS_JOBS = False
@@ -85,7 +88,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
         "distribution": distribution,
         "correlation": {"traits": cfg.traits, "matrix": corr.round(4).tolist()},
     }
-    schema.write(paths.metrics / "rewards.json", metrics)
+    write_metrics(root, METRICS[0], figures(metrics), details=metrics)
     schema.write(paths.plots / "base_rewards.json",
                  [dict(zip(cfg.traits, row.round(4).tolist())) for row in scores])
     from palm_tasks.report.plots import distribution_figure
@@ -95,6 +98,20 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
                **{t: scores[:, i].tolist() for i, t in enumerate(cfg.traits)}}
     log_rewards_run(cfg, root, metrics, distribution_figure(cfg.traits, scores, corr), samples)
     return metrics
+
+
+def figures(record: dict) -> dict:
+    """The numbers of the rewards record for `dvc metrics show`: a few columns (the base's
+    answer quality, best-of-N's value at each trait and the centroid, classifier accuracy); the
+    distribution, correlations, standard errors and the rest stay in the details file."""
+    bon = record["best_of_n"]
+    return {
+        "base_degenerate_share": record["base_quality"].get("degenerate_share"),
+        "base_relevance": record["base_quality"].get("relevance"),
+        "base_best_of": {name: v["value"] for name, v in bon.items() if isinstance(v, dict)},
+        **{f"{t}_classifier_accuracy": m["heldout_accuracy"]
+           for t, m in record["reward_models"].items() if "heldout_accuracy" in m},
+    }
 
 
 def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[str], rewards, model,

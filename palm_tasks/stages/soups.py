@@ -14,6 +14,7 @@ from pathlib import Path
 
 from palm_tasks import schema
 from palm_tasks.config import PalmConfig
+from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.jobs import Job, RunJobs, remove_half_written, run_here
 from palm_tasks.llm.soups import soup_lambdas, specialists
 from palm_tasks.log import say
@@ -52,7 +53,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     schema.write(paths.soup_pool, pool)
     metrics = {"enabled": cfg.soups.enabled, "soups": len(soups), "built": pool.trained,
                "reused": pool.reused}
-    schema.write(paths.metrics / "soups.json", metrics)
+    write_metrics(root, METRICS[0], metrics)
     say(f"soups: {len(soups)} soups ({pool.trained} evaluated, {pool.reused} reused)"
         + (f"; none: {note}" if note else ""))
     return metrics
