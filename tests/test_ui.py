@@ -72,7 +72,8 @@ def test_registered_members_show_in_the_mlflow_ui(mlflow_ui):
 
     url, keys, cfg, result, root = mlflow_ui
     members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)
-    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    store = f"sqlite:///{root}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # not a registry an earlier test set
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
