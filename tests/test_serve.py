@@ -146,7 +146,7 @@ def test_sampling_follows_temperature_and_seed(served):
 
 
 def test_streaming_gives_the_same_answer_in_pieces(served):
-    client, models, keys = served.client, served.models, served.keys
+    client, keys = served.client, served.keys
     full = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16,
                                           extra_body={"palm": {"weights": HUMOR}})
     chunks = list(client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16, stream=True,
