@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,8 @@ def build_project(k: int, tmp: Path) -> Path:
     for member, adapter in zip(portfolio.members, adapters):
         (tmp / member.path).mkdir(parents=True)
         adapter.rename(tmp / member.path / "adapter")
-    schema.write(tmp / "portfolio.json", replace(portfolio, base_model_path=str(base)))
+    prepare_base_model(str(base), tmp / "models" / "base")  # the portfolio's project: its base.json
+    schema.write(tmp / "portfolio.json", portfolio)
     return tmp / "portfolio.json"
 
 

@@ -2,19 +2,23 @@
 
 What a person browsing MLflow finds (the naming scheme, documented in docs/tracking.md):
 
+- `<prefix>-<task>-base`: one version per base model (found by its `weights_sha256` tag), the
+  base model itself, logged with the transformers flavor. Members reference it by its
+  `models:/` URI, never by a path, so a copy of the project and its store needs nothing outside it.
 - `<prefix>-<task>-member`: one version per portfolio member. The version holds the LoRA
-  adapter, logged with the transformers flavor and `base_model_path` (the local base model
-  directory), so `mlflow.transformers.load_model(uri)` rebuilds base + adapter offline. Tags:
+  adapter, logged with the transformers flavor; tag `base_model_uri` names the base's version,
+  and `mlflow.transformers.load_model(uri, base_model_path=<that version's model/ directory>)`
+  rebuilds base + adapter offline (`load_member` does it). Tags:
   `member_key`, `w.<trait>`, `value.<trait>`, `se.<trait>`, `share` (of sampled users),
   `share_simplex`, `portfolio_id`, `portfolios` (every portfolio it has been in), `certified`,
   `in_production`; the description says the same in words, with the certificate.
 - `<prefix>-<task>-portfolio`: one version per portfolio: a small pyfunc whose artifact is
-  portfolio.json (with each member's registered model URI) and whose `predict` maps a
+  portfolio.json (with each member's registered model URI and the base's) and whose `predict` maps a
   DataFrame of trait weights to a member by the project's one routing rule (core.routing). Tags: `portfolio_id`,
   `certified`, `eps`, `delta`, `members`. Alias `production` = the current certified
   portfolio whose members pass the quality gate and whose certificate the evidence does not
   contradict (Portfolio.blockers); any other gets alias `candidate` and never moves `production`.
-- Runs: `member-<key[:10]>` (only when the member's training run is not in the store; then the
+- Runs: `base-<sha[:10]>` (the base model's), `member-<key[:10]>` (only when the member's training run is not in the store; then the
   model goes into the training run) and `portfolio-<id[:10]>` (params, certificate and coverage
   metrics, portfolio.json, plots/).
 
@@ -69,7 +73,7 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
         self.z = float(portfolio.get("z", 0.0))
         self.values = np.array([[m["values"][t] for t in self.traits] for m in self.members])
         self.std_errors = np.array([[m["std_errors"][t] for t in self.traits] for m in self.members])
-        self.base_path = portfolio.get("base_model_path")
+        self.base_uri = portfolio.get("base_model_uri")
         self.adapters = {m["key"]: context.artifacts["adapter_" + m["key"]] for m in self.members
                          if "adapter_" + m["key"] in context.artifacts}
         self._model = None  # loaded at the first prompt: routing alone needs no torch
@@ -82,10 +86,14 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
             from peft import PeftModel
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+            # The base is a registered model version of the same store (the transformers flavor's
+            # layout: weights in model/, tokenizer in components/tokenizer); a local store hands
+            # back its own directory, nothing is copied.
+            base_dir = mlflow.artifacts.download_artifacts(self.base_uri)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir + "/components/tokenizer")
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(base_dir + "/model", dtype=torch.float32)
             keys = list(self.adapters)
             model = PeftModel.from_pretrained(base, self.adapters[keys[0]], adapter_name="member_" + keys[0])
             for key in keys[1:]:
@@ -148,6 +156,10 @@ def _one_line(exc: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def base_model_name(cfg: PalmConfig) -> str:
+    return f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-base"
+
+
 def member_model_name(cfg: PalmConfig) -> str:
     return f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
 
@@ -159,8 +171,8 @@ def portfolio_model_name(cfg: PalmConfig) -> str:
 def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     """Register every member of root/portfolio.json and the portfolio itself; move aliases.
 
-    Returns {"portfolio_id", "portfolio_version", "member_versions", "created", "alias",
-    "warning"}: `created` counts new runs + logged models + model versions (0 on a re-run).
+    Returns {"portfolio_id", "portfolio_version", "member_versions", "base_version", "created",
+    "alias", "warning"}: `created` counts new runs + logged models + model versions (0 on a re-run).
     """
     from mlflow import MlflowClient
 
@@ -180,7 +192,7 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
         _check_reachable(uri)
         experiment_id = setup_mlflow(cfg, root)
         client = MlflowClient()
-        for name in (member_model_name(cfg), portfolio_model_name(cfg)):
+        for name in (base_model_name(cfg), member_model_name(cfg), portfolio_model_name(cfg)):
             _ensure_registered_model(client, name, cfg)
     except StoreNotWritableError:
         raise  # names the file already; what it would add (the URI) says less
@@ -193,14 +205,16 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
         ) from exc
 
     counter = {"created": 0}
+    base_version = _register_base(client, cfg, experiment_id, paths, base_path, counter)
+    base_uri = f"models:/{base_model_name(cfg)}/{base_version}"
     shares = simplex_shares(portfolio, cfg.coverage.share_lattice)
     member_versions = {
         m.key: _register_member(client, cfg, experiment_id, portfolio, m, policies[m.key], base_path,
-                                shares[m.key], counter)
+                                base_uri, shares[m.key], counter)
         for m in portfolio.members
     }
     portfolio_version = _register_portfolio_version(
-        client, cfg, experiment_id, paths, portfolio, member_versions, counter)
+        client, cfg, experiment_id, paths, portfolio, member_versions, base_uri, counter)
 
     name = portfolio_model_name(cfg)
     warning = None
@@ -220,10 +234,89 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
         "portfolio_id": portfolio.id,
         "portfolio_version": portfolio_version,
         "member_versions": member_versions,
+        "base_version": base_version,
         "created": counter["created"],
         "alias": alias,
         "warning": warning,
     }
+
+
+# --- the base model ----------------------------------------------------------------------------
+
+
+def _register_base(client, cfg, experiment_id, paths: Paths, base_path: Path, counter) -> str:
+    """The base model's version of `<prefix>-<task>-base`: found by its `weights_sha256` tag,
+    else logged (weights and tokenizer, transformers flavor) and registered. Done once per base
+    model: every later portfolio's members reference the same version."""
+    import mlflow
+
+    name, info = base_model_name(cfg), base_info(paths.base)
+    sha = info["weights_sha256"]
+    version = _find_version(client, name, "weights_sha256", sha)
+    if version is None:
+        model_uri = _find_logged_model(client, "weights_sha256", sha) or _log_base_model(
+            client, experiment_id, paths, info, base_path, counter)
+        version = mlflow.register_model(model_uri, name, tags={"weights_sha256": sha})
+        client.update_model_version(name, version.version, description=(
+            f"### PALM base model `{info.get('name')}` (weights sha256 `{sha[:16]}`)\n\n"
+            f"The model every member of `{member_model_name(cfg)}` is a LoRA adapter of; from "
+            f"`base_model: {info.get('source')}`. Load offline: "
+            f"`mlflow.transformers.load_model(\"models:/{name}/{version.version}\")`."))
+        counter["created"] += 1
+    return str(version.version)
+
+
+def _log_base_model(client, experiment_id, paths: Paths, info: dict, base_path: Path, counter) -> str:
+    """Run `base-<sha[:10]>` holding the base model (fp32 safetensors and its tokenizer)."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from palm_tasks.llm.models import load_tokenizer
+
+    sha = info["weights_sha256"]
+    run = _find_run(client, experiment_id, "weights_sha256", sha)
+    if run is None:
+        run = client.create_run(experiment_id, run_name=f"base-{sha[:10]}",
+                                tags={"weights_sha256": sha, **lineage_tags(paths.root)})
+        client.log_batch(run.info.run_id, params=[
+            mlflow.entities.Param(k, str(v)[:6000]) for k, v in
+            {"source": info.get("source"), "name": info.get("name"), "weights_sha256": sha}.items()])
+        counter["created"] += 1
+    # loaded, not passed as a directory: MLflow 3.17's local-checkpoint path fails on the
+    # transformers in use (AttributeError in build_flavor_config_from_local_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with mlflow.start_run(run_id=run.info.run_id):
+        logged = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": load_tokenizer(base_path)},
+            name="base", task="text-generation",
+            pip_requirements=_pip_requirements("torch", "transformers", "accelerate", "safetensors",
+                                               "tokenizers"),
+            tags={"weights_sha256": sha})
+    counter["created"] += 1
+    return logged.model_uri
+
+
+def registered_base_dir(base_uri: str) -> Path:
+    """The local directory of a registered base model version (the transformers flavor's
+    layout: `model/` holds the weights, `components/tokenizer/` the tokenizer). A local store
+    hands back its own directory; a remote one downloads it once per call."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(base_uri))
+
+
+def load_member(member_uri: str):
+    """The member's text-generation pipeline (base + LoRA adapter) from the registry alone: the
+    base comes from the version its `base_model_uri` tag names, not from a path on disk."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name, _, version = member_uri.removeprefix("models:/").partition("/")
+    base_uri = MlflowClient().get_model_version(name, version).tags.get("base_model_uri")
+    if not base_uri:
+        raise LookupError(f"{member_uri} has no base_model_uri tag: register it again (palm stage register)")
+    return mlflow.transformers.load_model(member_uri, base_model_path=str(registered_base_dir(base_uri) / "model"))
 
 
 # --- members ---------------------------------------------------------------------------------
@@ -249,7 +342,7 @@ def _check_same_base(portfolio: Portfolio, policies: dict[str, Policy], base: di
 
 
 def _register_member(client, cfg, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,
-                     base_path, share_simplex: float, counter) -> str:
+                     base_path, base_uri: str, share_simplex: float, counter) -> str:
     """The member's model version: found by its `member_key` tag, else logged and registered.
 
     A member shared with an earlier portfolio keeps its version; only its portfolio tags and
@@ -261,17 +354,18 @@ def _register_member(client, cfg, experiment_id, portfolio: Portfolio, member: M
     version = _find_version(client, name, "member_key", key)
     if version is None:
         model_uri = _find_logged_model(client, "member_key", key) or _log_member_model(
-            client, experiment_id, portfolio, member, policy, base_path, counter)
+            client, experiment_id, portfolio, member, policy, base_path, base_uri, counter)
         version = mlflow.register_model(model_uri, name, tags={"member_key": key})
         counter["created"] += 1
     earlier = [p for p in version.tags.get("portfolios", "").split(",") if p]
     portfolios = [p for p in earlier if p != portfolio.id] + [portfolio.id]
     tags = _member_tags(portfolio, member, portfolios, share_simplex)
+    tags["base_model_uri"] = base_uri
     tags.setdefault("in_production", version.tags.get("in_production", "false"))
     for tag, value in tags.items():
         if version.tags.get(tag) != value:
             client.set_model_version_tag(name, version.version, tag, value)
-    description = _member_description(cfg, portfolio, member, base_path, version.version, share_simplex)
+    description = _member_description(cfg, portfolio, member, base_uri, version.version, share_simplex)
     if version.description != description:
         client.update_model_version(name, version.version, description=description)
     return str(version.version)
@@ -300,21 +394,22 @@ def _member_tags(portfolio: Portfolio, member: Member, portfolios: list[str], sh
     return tags
 
 
-def _member_description(cfg, portfolio: Portfolio, member: Member, base_path: Path, version,
+def _member_description(cfg, portfolio: Portfolio, member: Member, base_uri: str, version,
                         share_simplex: float) -> str:
     """Markdown for the MLflow UI: what the member was trained for and how well it does."""
     rows = "\n".join(f"| {t} | {w:.3f} | {v:.3f} ± {se:.3f} |" for t, w, v, se in
                      zip(portfolio.traits, member.weights, member.value.mean, member.value.se))
     return (
         f"### PALM member `{member.key[:10]}` ({cfg.task})\n\n"
-        f"LoRA adapter of the base model at `{base_path}`, trained with reward weights w.\n\n"
+        f"LoRA adapter of the base model `{base_uri}`, trained with reward weights w.\n\n"
         f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
         f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
         f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
         f"1/{cfg.coverage.share_lattice}): the weights for which the routing rule chooses this member.\n\n"
         f"{_certificate_text(portfolio)}\n\n"
-        f"Load offline: `mlflow.transformers.load_model(\"models:/{member_model_name(cfg)}/"
-        f"{version}\")` (reads the base model from the path above)."
+        f"Load offline: `palm_tasks.registry.load_member(\"models:/{member_model_name(cfg)}/{version}\")`, "
+        f"or with MLflow alone `mlflow.transformers.load_model(\"models:/{member_model_name(cfg)}/{version}\", "
+        f"base_model_path=mlflow.artifacts.download_artifacts(\"{base_uri}\") + \"/model\")`."
     )
 
 
@@ -350,7 +445,7 @@ def _evidence_text(portfolio: Portfolio) -> str:
 
 
 def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,
-                      base_path, counter) -> str:
+                      base_path, base_uri: str, counter) -> str:
     """Log base + LoRA adapter with the transformers flavor; only the adapter is stored.
 
     The model goes into the member's training run when the store has it, else into a new run
@@ -378,7 +473,9 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
             transformers_model=_load_peft_pipeline_parts(base_path, adapter_dir),
             name="member",
             task="text-generation",
-            base_model_path=str(base_path),
+            # MLflow records a directory here: the registered base's, inside this store (a copied
+            # store's reader passes its own, as load_member does from the base_model_uri tag)
+            base_model_path=str(registered_base_dir(base_uri) / "model"),
             pip_requirements=_pip_requirements("torch", "transformers", "peft", "accelerate",
                                                "safetensors", "tokenizers"),
             tags={"member_key": key},
@@ -435,7 +532,7 @@ def _mark_production_members(client, cfg, member_versions: dict) -> None:
 
 
 def _register_portfolio_version(client, cfg, experiment_id, paths: Paths, portfolio: Portfolio,
-                                member_versions, counter) -> str:
+                                member_versions, base_uri: str, counter) -> str:
     """The portfolio's model version: found by its `portfolio_id` tag, else logged."""
     import mlflow
 
@@ -443,7 +540,7 @@ def _register_portfolio_version(client, cfg, experiment_id, paths: Paths, portfo
     version = _find_version(client, name, "portfolio_id", pid)
     if version is None:
         model_uri = _find_logged_model(client, "portfolio_id", pid) or _log_portfolio_model(
-            client, cfg, experiment_id, paths, portfolio, member_versions, counter)
+            client, cfg, experiment_id, paths, portfolio, member_versions, base_uri, counter)
         tags = {"portfolio_id": pid, "certified": str(portfolio.certificate.certified).lower(),
                 "eps": str(portfolio.eps), "delta": str(portfolio.delta),
                 "members": ",".join(m.key for m in portfolio.members)}
@@ -471,16 +568,17 @@ def _portfolio_description(cfg, portfolio: Portfolio, member_versions: dict) -> 
     )
 
 
-def registered_copy(portfolio: Portfolio, paths: Paths, member_name: str, member_versions: dict) -> Portfolio:
-    """The portfolio as the registry stores it: each member's model URI, the base model's path."""
-    return replace(portfolio, base_model_path=str(resolve_base_model(paths.base)), members=tuple(
+def registered_copy(portfolio: Portfolio, member_name: str, member_versions: dict, base_uri: str) -> Portfolio:
+    """The portfolio as the registry stores it: each member's model URI and the base model's,
+    no local path (the copy must work in any checkout of the project)."""
+    return replace(portfolio, base_model_uri=base_uri, members=tuple(
         replace(m, model_version=member_versions[m.key],
                 model_uri=f"models:/{member_name}/{member_versions[m.key]}")
         for m in portfolio.members))
 
 
 def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Portfolio, member_versions,
-                         counter) -> str:
+                         base_uri: str, counter) -> str:
     """Run `portfolio-<id[:10]>` with params, metrics, artifacts and the router pyfunc."""
     import mlflow
     import pandas as pd
@@ -494,7 +592,7 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
         run = client.create_run(experiment_id, run_name=f"portfolio-{pid[:10]}",
                                 tags={"portfolio_id": pid, **lineage_tags(paths.root)})
         counter["created"] += 1
-    routed = registered_copy(portfolio, paths, member_model_name(cfg), member_versions)
+    routed = registered_copy(portfolio, member_model_name(cfg), member_versions, base_uri)
     traits = list(portfolio.traits)
     with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
         if is_new:
@@ -517,7 +615,7 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
                             ColSpec("double", "value"), ColSpec("string", "answer", required=False)]),
             params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
         # Each member's adapter ships with the portfolio (about 10 MB each); the base model is
-        # referenced by its path (base_model_path in portfolio.json), as the member versions do.
+        # referenced by its registered version (base_model_uri in portfolio.json), as the members do.
         adapters = {f"adapter_{m.key}": str(paths.root / m.path / ADAPTER_DIR) for m in portfolio.members}
         info = mlflow.pyfunc.log_model(
             name="portfolio",

@@ -575,7 +575,7 @@ class Portfolio:
     evidence: dict = field(default_factory=dict)  # the evidence audit: worst evidence gap, where, against what
     gate: dict = field(default_factory=dict)  # the quality gate: passed, each member's figures, reasons
     base_model_sha256: str | None = None  # the base model every member's adapter belongs to
-    base_model_path: str | None = None  # set in the registered copy
+    base_model_uri: str | None = None  # set in the registered copy: models:/<prefix>-<task>-base/<version>
 
     @property
     def member_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -620,8 +620,8 @@ class Portfolio:
                "evidence": self.evidence, "gate": self.gate,
                "oracle": self.oracle.to_json(), "soup_rows": self.soup_rows.to_json(),
                "base_model_sha256": self.base_model_sha256}
-        if self.base_model_path:
-            out["base_model_path"] = self.base_model_path
+        if self.base_model_uri:
+            out["base_model_uri"] = self.base_model_uri
         return out
 
     @classmethod
@@ -671,7 +671,7 @@ class Portfolio:
                    coverage=_figures(_optional_object(data, "coverage"), "coverage.", _COVERAGE_FIGURES),
                    evidence=evidence, gate=_gate(_optional_object(data, "gate")),
                    base_model_sha256=_optional_string(data.get("base_model_sha256"), "base_model_sha256"),
-                   base_model_path=_optional_string(data.get("base_model_path"), "base_model_path"))
+                   base_model_uri=_optional_string(data.get("base_model_uri"), "base_model_uri"))
 
 
 # What the readers of a portfolio format as numbers (console, registry, coverage stage): checked

@@ -3,6 +3,12 @@ the run of each alignment job (registry.py holds the registered models).
 
 The tracking URI in params.yaml is relative to the project directory (`sqlite:///mlruns/...`),
 so it is resolved against the project root here; artifacts go to `mlruns/artifacts`.
+
+MLflow records every artifact location in the store as an absolute path. A copied project
+(`cp -r`, a backup restored elsewhere) would then read and write its artifacts in the original
+project's `mlruns/`. `relocate_store` makes the store's locations relative to the project in
+effect: a location under another directory's `mlruns/` is moved to this project's `mlruns/`
+when the store is opened (docs/tracking.md, "A registry that travels").
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ def tracking_uri(cfg: PalmConfig, root: Path, create: bool = True) -> str:
         _check_sqlite_file(db)
         if create:
             db.parent.mkdir(parents=True, exist_ok=True)
+            relocate_store(db, root)
         return prefix + quote(str(db)) + sep + query
     if scheme in ("", "file"):
         # A file store path: the same rule as SQLite, nothing is written outside the project.
@@ -60,6 +67,84 @@ def tracking_uri(cfg: PalmConfig, root: Path, create: bool = True) -> str:
         for candidate in {path, unquote(path)}:  # MLflow decodes file paths (url2pathname)
             inside_project(root, candidate, KEY, shown=uri)
     return uri
+
+
+# Where MLflow keeps artifact locations: (table, column). Experiments hand theirs down to their
+# runs and logged models; a model version's source and storage location point into those.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                    ("model_versions", "source"))
+MLRUNS = "mlruns"
+
+
+def relocate_store(db: Path, root: Path) -> dict[str, str]:
+    """Move the store's artifact locations that lie in another directory's `mlruns/` to this
+    project's `mlruns/`; returns {old prefix: new prefix} of what was moved (empty: nothing).
+
+    The store of a copied project still names the original's directory in every location (MLflow
+    writes them absolute), so without this a run logged in the copy would write its artifacts
+    into the original project, and the copy's models would load the original's files. The rule
+    keeps locations relative to the project: `<X>/mlruns/<rest>` becomes `<root>/mlruns/<rest>`
+    for every X that is not this project, in one transaction. Locations outside any `mlruns/`
+    (a configured remote artifact store) are left alone. A store opened read-only is left as it
+    is (it cannot be written, so nothing is written into the other project either).
+    """
+    import sqlite3
+    from urllib.parse import unquote, urlsplit
+
+    if not db.is_file():
+        return {}
+    here = (Path(root).resolve() / MLRUNS)
+    try:
+        con = sqlite3.connect(f"file:{quote_uri_path(db)}?mode=rw", uri=True, timeout=30,
+                              isolation_level=None)
+    except sqlite3.Error:
+        return {}
+    try:
+        try:
+            locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
+        except sqlite3.DatabaseError:  # a store MLflow has not created its tables in yet
+            return {}
+        moves = {}
+        for location in locations:
+            if not isinstance(location, str):
+                continue
+            is_uri = location.startswith("file:")
+            if not (is_uri or location.startswith("/")):
+                continue  # a remote store (s3://, mlflow-artifacts:/ ...): not a path of ours
+            cut = location.rfind("/" + MLRUNS + "/")
+            end = cut + len(MLRUNS) + 1 if cut >= 0 else (
+                len(location) if location.endswith("/" + MLRUNS) else -1)
+            if end < 0:
+                continue
+            old = location[:end]
+            old_dir = Path(unquote(urlsplit(old).path) if is_uri else old)
+            if old_dir == here:
+                continue
+            moves[old] = here.as_uri() if is_uri else str(here)
+        if not moves:
+            return {}
+        con.execute("BEGIN IMMEDIATE")
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for old, new in moves.items():
+            for table, column in LOCATION_COLUMNS:
+                if table in tables:
+                    # old itself, or old followed by '/': never a sibling such as mlruns-old/
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                (new, len(old) + 1, old, len(old) + 1, old + "/"))
+        con.execute("COMMIT")
+        return moves
+    except sqlite3.DatabaseError as exc:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        if "readonly" in str(exc) or getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            return {}
+        if "locked" in str(exc):
+            return {}  # a writer holds it: the next open moves them
+        raise
+    finally:
+        con.close()
 
 
 def _check_sqlite_file(db: Path) -> None:

@@ -62,7 +62,7 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
     portfolio = json.loads((root / "portfolio.json").read_text())
     members = _files(root, "models/members")
     base = _files(root, "models/base")
-
+    store_before = _files(root, "mlruns")
 
     clone = tmp_path / "clone"
     _run(tmp_path, "git", "clone", "-q", str(root), str(clone))
@@ -91,6 +91,31 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
         assert re.fullmatch(r"[0-9a-f]{64}", run.data.tags["dvc_lock_sha256"])
     (rewards_run,) = [r for r in clone_runs if r.info.run_name == "rewards"]
     assert rewards_run.data.tags["dvc_lock_sha256"] == committed  # the dvc.lock it started from
+
+    # the clone's registry is its own: every location in its store lies in its mlruns/, and its
+    # registered portfolio answers with the base model registered there (no path into the original)
+    import pandas as pd
+
+    from palm_tasks.registry import portfolio_model_name
+    from palm_tasks.tracking import LOCATION_COLUMNS
+
+    assert _files(root, "mlruns") == store_before, "the clone wrote into the original project"
+    import sqlite3
+
+    con = sqlite3.connect(clone / "mlruns" / "mlflow.db")
+    locations = [row[0] for table, column in LOCATION_COLUMNS
+                 for row in con.execute(f"SELECT {column} FROM {table}") if str(row[0]).startswith(("file:", "/"))]
+    con.close()
+    assert locations and all(str((clone / "mlruns").resolve()) in loc or (clone / "mlruns").resolve().as_uri() in loc
+                             for loc in locations), locations
+    latest = max(clone_client.search_model_versions(f"name = '{portfolio_model_name(clone_cfg)}'"),
+                 key=lambda v: int(v.version))
+    mlflow.set_tracking_uri(tracking_uri(clone_cfg, clone))
+    mlflow.set_registry_uri(tracking_uri(clone_cfg, clone))
+    answer = mlflow.pyfunc.load_model(f"models:/{portfolio_model_name(clone_cfg)}/{latest.version}").predict(
+        pd.DataFrame([{t: 1 / 3 for t in clone_cfg.traits} | {"prompt": "Tell me a joke"}]),
+        params={"max_new_tokens": 4})["answer"][0]
+    assert isinstance(answer, str)
 
     # A retraining run (a stricter brevity reward) records its outputs in dvc.lock, so
     # `dvc repro` afterwards reproduces it: everything is up to date, nothing is trained.

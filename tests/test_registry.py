@@ -16,9 +16,12 @@ from palm_tasks.config import parse_config  # noqa: E402
 from palm_tasks.paths import Paths  # noqa: E402
 from palm_tasks.registry import (  # noqa: E402
     RegistryUnavailableError,
+    base_model_name,
+    load_member,
     member_model_name,
     portfolio_model_name,
     register_portfolio,
+    registered_base_dir,
 )
 from palm_tasks.stages.coverage import build  # noqa: E402
 
@@ -75,8 +78,9 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert result["alias"] == "production" and result["warning"] is None
     assert result["portfolio_id"] == first.id
     assert set(result["member_versions"]) == set(keys[:3])
-    # 3 logged adapters (into the members' training runs) + 3 versions; 1 portfolio run + model + version
-    assert result["created"] == 9
+    # the base (run, logged model, version); 3 logged adapters (into the members' training runs)
+    # + 3 versions; 1 portfolio run + model + version
+    assert result["created"] == 3 + 6 + 3
 
     client = MlflowClient()
     members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)
@@ -174,11 +178,22 @@ def test_registered_member_loads_offline_and_generates(project, cfg):
 
     from peft import PeftModel
 
-    pipe = mlflow.transformers.load_model(uri)
-    assert isinstance(pipe.model, PeftModel)
-    out = pipe("Tell me a joke", max_new_tokens=4, do_sample=False)
-    assert out[0]["generated_text"].startswith("Tell me a joke")
-    assert MlflowClient().get_registered_model(member_model_name(cfg)).description
+    # the base is a registered version of its own, named by the member's tag; its weights are
+    # in the store (a copy of the project needs no path outside it)
+    client = MlflowClient()
+    base_uri = client.get_model_version(member_model_name(cfg), result["member_versions"][keys[1]]).tags[
+        "base_model_uri"]
+    assert base_uri == f"models:/{base_model_name(cfg)}/{result['base_version']}"
+    base_files = {p.name for p in registered_base_dir(base_uri).rglob("*") if p.is_file()}
+    assert {"model.safetensors", "tokenizer.json"} <= base_files
+    for pipe in (load_member(uri), mlflow.transformers.load_model(uri)):
+        assert isinstance(pipe.model, PeftModel)
+        out = pipe("Tell me a joke", max_new_tokens=4, do_sample=False)
+        assert out[0]["generated_text"].startswith("Tell me a joke")
+    assert client.get_registered_model(member_model_name(cfg)).description
+    # one base version for every portfolio on this base: registering again adds none
+    assert register_portfolio(cfg, root)["base_version"] == result["base_version"]
+    assert len(client.search_model_versions(f"name = '{base_model_name(cfg)}'")) == 1
 
 
 def test_missing_adapter_and_unreachable_store_explain_what_to_do(project, cfg, tmp_path,

@@ -38,10 +38,21 @@ def common_args(device: str, seed: int) -> dict:
                 gradient_checkpointing=False)  # small models: memory is not the constraint, time is
 
 
+def tokenizer_dir(base_path: Path) -> Path:
+    """Where the base model's tokenizer is: beside its weights, or, for a base model read from
+    the MLflow registry (the transformers flavor keeps weights in model/ and the tokenizer in
+    components/tokenizer/), in the sibling directory."""
+    base_path = Path(base_path)
+    flavor = base_path.parent / "components" / "tokenizer"
+    if not (base_path / "tokenizer_config.json").is_file() and (flavor / "tokenizer_config.json").is_file():
+        return flavor
+    return base_path
+
+
 def load_tokenizer(base_path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(base_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

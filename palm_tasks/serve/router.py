@@ -198,12 +198,15 @@ class Router:
         return found[0].parent
 
     def base_model_path(self) -> Path:
-        """The base model the adapters belong to (local project first, then the registry's note)."""
+        """The base model the adapters belong to: the local project's, else the registered
+        version the portfolio names (base_model_uri), read from the registry."""
         if self.root is not None and (self.root / "models" / "base" / "base.json").is_file():
             from palm_tasks.llm.base_model import resolve_base_model
 
             return resolve_base_model(self.root / "models" / "base")
-        if self.portfolio.base_model_path:
-            return Path(self.portfolio.base_model_path)
-        raise FileNotFoundError("no base model: neither <root>/models/base nor base_model_path "
+        if self.portfolio.base_model_uri:
+            from palm_tasks.registry import registered_base_dir
+
+            return registered_base_dir(self.portfolio.base_model_uri) / "model"
+        raise FileNotFoundError("no base model: neither <root>/models/base nor base_model_uri "
                                 "in the registered portfolio")

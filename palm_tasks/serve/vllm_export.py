@@ -19,6 +19,7 @@ from palm_tasks.serve.api import MEMBER_PREFIX
 @dataclass(frozen=True)
 class VllmExport:
     base_model: Path
+    tokenizer: Path  # the base model's directory, or the registry's components/tokenizer beside it
     served_model_name: str
     lora_modules: dict[str, Path]  # member name -> adapter directory
     max_lora_rank: int
@@ -27,7 +28,8 @@ class VllmExport:
 
     @property
     def argv(self) -> list[str]:
-        return ["vllm", "serve", str(self.base_model), "--served-model-name", self.served_model_name,
+        tokenizer = [] if self.tokenizer == self.base_model else ["--tokenizer", str(self.tokenizer)]
+        return ["vllm", "serve", str(self.base_model), *tokenizer, "--served-model-name", self.served_model_name,
                 "--host", self.host, "--port", str(self.port), "--enable-lora",
                 "--max-loras", str(len(self.lora_modules)), "--max-lora-rank", str(self.max_lora_rank),
                 "--lora-modules", *(f"{name}={path}" for name, path in self.lora_modules.items())]
@@ -50,7 +52,7 @@ class VllmExport:
 def vllm_export(router, host: str = "127.0.0.1", port: int = 8000, served_model_name: str = "palm-base") -> VllmExport:
     """The vLLM command for the router's portfolio: every member's adapter (local, or downloaded
     from the registry) and the base model they belong to."""
-    from palm_tasks.llm.models import verify_member
+    from palm_tasks.llm.models import tokenizer_dir, verify_member
 
     modules, ranks = {}, []
     for member in router.members:
@@ -62,4 +64,4 @@ def vllm_export(router, host: str = "127.0.0.1", port: int = 8000, served_model_
     base = Path(router.base_model_path()).resolve()
     # vLLM accepts ranks from a fixed list; the smallest that holds every adapter
     rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))
-    return VllmExport(base, served_model_name, modules, rank, host, port)
+    return VllmExport(base, tokenizer_dir(base).resolve(), served_model_name, modules, rank, host, port)
