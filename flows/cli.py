@@ -159,6 +159,8 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
     from palm_tasks.serve.members import MAX_NEW_TOKENS, MemberModels
     from palm_tasks.serve.router import WeightsError, parse_weights
 
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # before opening anything: nothing is touched
+        return _fail(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS}", 2)
     try:
         parse_weights(args.weights, cfg.traits)
         router = _router(args, cfg)
@@ -167,8 +169,6 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
         return _fail(str(exc), 2)
     except LookupError as exc:
         return _fail(str(exc), 1)
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        return _fail(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS}", 2)
     # loads (and first checks) the member's adapter: a damaged one is the only line printed
     models = MemberModels(router.base_model_path(), {route.member_key: router.adapter_dir(route.member_key)})
     if route.normalized:

@@ -63,6 +63,25 @@ def one_line(message: str) -> bool:
     return "\n" not in message.strip() and "Traceback" not in message and 0 < len(message) < 1500
 
 
+def attempt(surface: str, case: str, call, refusals=(Exception,), clean=lambda exc: one_line(str(exc)),
+            accepted=lambda result: ("accepted wrongly", "accepted")) -> str:
+    """Run `call()` and record its verdict (returned): an exception of `refusals` is a clean
+    error when `clean(exc)` holds (else a traceback), any other exception a traceback; a result
+    is judged by `accepted(result)` -> (verdict, detail)."""
+    try:
+        result = call()
+    except refusals as exc:
+        verdict = "clean error" if clean(exc) else "traceback"
+        record(surface, verdict, case, str(exc))
+        return verdict
+    except Exception as exc:  # noqa: BLE001 (what the suite is looking for)
+        record(surface, "traceback", case, f"{type(exc).__name__}: {exc}")
+        return "traceback"
+    verdict, detail = accepted(result)
+    record(surface, verdict, case, detail)
+    return verdict
+
+
 # --- the schema's own cases ------------------------------------------------------------------------
 
 # Integer fields that are not sizes: a huge value is no allocation, so it may be accepted.
@@ -168,24 +187,17 @@ def with_value(key: str, value) -> dict:
 
 def judge_params(surface: str, key: str, value, expect: str, load) -> str:
     """Run `load` (which validates the params) and record the verdict; returns it."""
-    case = f"{key} = {str(value)[:60]!r}"
-    try:
-        cfg = load()
-    except ConfigError as exc:
+    def named(exc) -> bool:
         message = str(exc)
-        named = key in message or (key.startswith("rewards.models") and "rewards.models" in message)
-        verdict = "clean error" if one_line(message) and named else "traceback"
-        record(surface, verdict, case, message)
-        return verdict
-    except Exception as exc:  # noqa: BLE001 (what the suite is looking for)
-        record(surface, "traceback", case, f"{type(exc).__name__}: {exc}")
-        return "traceback"
-    if expect == "refuse":
-        record(surface, "accepted wrongly", case, "accepted")
-        return "accepted wrongly"
-    verdict = "accepted" if isinstance(cfg, PalmConfig) else "traceback"
-    record(surface, verdict, case)
-    return verdict
+        return one_line(message) and (key in message or (key.startswith("rewards.models")
+                                                          and "rewards.models" in message))
+
+    def judged(cfg):
+        if expect == "refuse":
+            return "accepted wrongly", "accepted"
+        return ("accepted" if isinstance(cfg, PalmConfig) else "traceback"), ""
+
+    return attempt(surface, f"{key} = {str(value)[:60]!r}", load, ConfigError, named, judged)
 
 
 @pytest.mark.parametrize("section", sorted({k.split(".")[0] for k, _, _ in SCHEMA_CASES}))
@@ -234,15 +246,8 @@ def test_hostile_yaml_texts(tmp_path, name):
     else:
         path.write_text(YAML_TEXTS[name])
     before = path.read_bytes()
-    try:
-        load_config(path)
-    except ConfigError as exc:
-        record("params (YAML text)", "clean error" if one_line(str(exc)) and str(path) in str(exc) else "traceback",
-               name, str(exc))
-    except Exception as exc:  # noqa: BLE001
-        record("params (YAML text)", "traceback", name, f"{type(exc).__name__}: {exc}")
-    else:
-        record("params (YAML text)", "accepted wrongly", name, "accepted")
+    attempt("params (YAML text)", name, lambda: load_config(path), ConfigError,
+            lambda exc: one_line(str(exc)) and str(path) in str(exc))
     if path.read_bytes() != before:
         record("params (YAML text)", "data lost", name, "loading changed the file")
 
@@ -414,17 +419,14 @@ def test_trait_weights_from_the_config_traits():
     numbers = ["nan", "inf", "-inf", "-1", "1e309", "1e-320", "0", "0x10", "1_0", " 1", "", "1e999999", "٣"]
     texts = [",".join(f"{t}={n if t == bad else 1}" for t in traits) for bad in traits for n in numbers]
     texts += ["", ",,,", "=", "safety", "safety=1=2", "safety=1,safety=1", "zz=1", "\x00=1", "s" * 10_000]
-    for text in texts:
-        try:
-            w, _ = parse_weights(text, traits)
-        except WeightsError as exc:  # the CLI cuts a long message (it may quote 100 KB of input)
-            ok = "\n" not in str(exc) and str(exc).startswith("weights")
-            record("trait weights", "clean error" if ok else "traceback", text, str(exc))
-        except Exception as exc:  # noqa: BLE001
-            record("trait weights", "traceback", text, f"{type(exc).__name__}: {exc}")
-        else:
-            ok = len(w) == len(traits) and all(math.isfinite(x) and x >= 0 for x in w) and abs(sum(w) - 1) < 1e-9
-            record("trait weights", "accepted" if ok else "accepted wrongly", text, str(w))
+    def on_the_simplex(result):
+        w, _ = result
+        ok = len(w) == len(traits) and all(math.isfinite(x) and x >= 0 for x in w) and abs(sum(w) - 1) < 1e-9
+        return ("accepted" if ok else "accepted wrongly"), str(w)
+
+    for text in texts:  # the CLI cuts a long message (it may quote 100 KB of input): no length limit
+        attempt("trait weights", text, lambda: parse_weights(text, traits), WeightsError,
+                lambda exc: "\n" not in str(exc) and str(exc).startswith("weights"), on_the_simplex)
 
 
 # --- a member's files: the adapter, member.json, checksums.json --------------------------------------
@@ -467,25 +469,20 @@ def test_every_damage_to_a_member_file_is_named(finished, tmp_path):
             else:
                 target.write_bytes(damaged)
             case = f"{rel} {how}"
-            try:
+
+            def status_problems():
                 with open(os.devnull, "w") as sink, _stdout_to(sink):
-                    problems = print_status(cfg, root)
-            except Exception as exc:  # noqa: BLE001
-                record("member files", "traceback", f"status: {case}", f"{type(exc).__name__}: {exc}")
-            else:
+                    return print_status(cfg, root)
+
+            def named_once(problems):  # palm status lists what is wrong instead of raising
                 named = [p for p in problems if "m0" in p and "palm run" in p]
-                record("member files", "clean error" if len(named) == 1 else "accepted wrongly",
-                       f"status: {case}", "; ".join(problems))
+                return ("clean error" if len(named) == 1 else "accepted wrongly"), "; ".join(problems)
+
+            attempt("member files", f"status: {case}", status_problems, (), accepted=named_once)
             if rel.startswith("adapter/"):
-                try:
-                    verify_member(member / "adapter", "m0")
-                except ArtifactError as exc:
-                    ok = one_line(str(exc)) and "member m0" in str(exc) and str(member) in str(exc)
-                    record("member files", "clean error" if ok else "traceback", f"verify: {case}", str(exc))
-                except Exception as exc:  # noqa: BLE001
-                    record("member files", "traceback", f"verify: {case}", f"{type(exc).__name__}: {exc}")
-                else:
-                    record("member files", "accepted wrongly", f"verify: {case}", "accepted")
+                attempt("member files", f"verify: {case}", lambda: verify_member(member / "adapter", "m0"),
+                        ArtifactError, lambda exc: one_line(str(exc)) and "member m0" in str(exc)
+                        and str(member) in str(exc))
 
 
 class _stdout_to:
@@ -595,18 +592,10 @@ def test_every_leaf_of_a_portfolio_damaged(finished, tmp_path):
             path.write_text(text)
             case = f"{'/'.join(map(str, leaf))} {how}"
             must_refuse = routing_reads(leaf) and how != "huge" and not (leaf[-1] == "key" and how == "a string")
-            try:
-                router = Router.from_portfolio(path)
-                route = router.route("safety=1,humor=1,brevity=1")
-            except (ArtifactError, ValueError, LookupError, FileNotFoundError, KeyError) as exc:
-                ok = one_line(str(exc)) and (isinstance(exc, ArtifactError) and str(path) in str(exc)
-                                             or not isinstance(exc, ArtifactError))
-                record("portfolio.json", "clean error" if ok else "traceback", case, str(exc))
-            except Exception as exc:  # noqa: BLE001
-                record("portfolio.json", "traceback", case, f"{type(exc).__name__}: {exc}")
-            else:
-                record("portfolio.json", "accepted wrongly" if must_refuse else "accepted", case,
-                       f"routed to {route.member_key}")
+            attempt("portfolio.json", case, lambda: Router.from_portfolio(path).route("safety=1,humor=1,brevity=1"),
+                    (ArtifactError, ValueError, LookupError, FileNotFoundError, KeyError),
+                    lambda exc: one_line(str(exc)) and (not isinstance(exc, ArtifactError) or str(path) in str(exc)),
+                    lambda route: ("accepted wrongly" if must_refuse else "accepted", f"routed to {route.member_key}"))
             if path.read_text() != text:
                 record("portfolio.json", "data lost", case, "routing changed the file")
 
@@ -631,17 +620,14 @@ def test_every_damage_to_the_mlflow_store_is_named_and_nothing_is_replaced(finis
         db = root / "mlruns" / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         db.write_bytes(content)
-        try:
+
+        def checked():
             tracking_uri(cfg, root, create=False)
             check_store_writable(cfg, root)
-        except (ConfigError, StoreNotWritableError) as exc:
-            ok = one_line(str(exc)) and str(db) in str(exc)
-            record("MLflow store", "clean error" if ok else "traceback", how, str(exc))
-        except Exception as exc:  # noqa: BLE001
-            record("MLflow store", "traceback", how, f"{type(exc).__name__}: {exc}")
-        else:
-            whole = _sqlite_whole(db)
-            record("MLflow store", "accepted" if whole else "accepted wrongly", how)
+
+        attempt("MLflow store", how, checked, (ConfigError, StoreNotWritableError),
+                lambda exc: one_line(str(exc)) and str(db) in str(exc),
+                lambda _: ("accepted" if _sqlite_whole(db) else "accepted wrongly", ""))
         if db.read_bytes() != content:
             record("MLflow store", "data lost", how, "the check changed the database file")
         shutil.rmtree(root)
@@ -658,14 +644,7 @@ def test_every_damage_to_the_mlflow_store_is_named_and_nothing_is_replaced(finis
             db.symlink_to(outside)
         else:
             os.mkfifo(db)
-        try:
-            tracking_uri(cfg, root, create=False)
-        except ConfigError as exc:
-            record("MLflow store", "clean error" if one_line(str(exc)) else "traceback", how, str(exc))
-        except Exception as exc:  # noqa: BLE001
-            record("MLflow store", "traceback", how, f"{type(exc).__name__}: {exc}")
-        else:
-            record("MLflow store", "accepted wrongly", how, "accepted")
+        attempt("MLflow store", how, lambda: tracking_uri(cfg, root, create=False), ConfigError)
         if outside.read_bytes() != original:
             record("MLflow store", "data lost", how, "the file outside changed")
         shutil.rmtree(root)

@@ -204,9 +204,9 @@ class Router:
             from palm_tasks.llm.base_model import resolve_base_model
 
             return resolve_base_model(self.root / "models" / "base")
-        if self.portfolio.base_model_uri:
-            from palm_tasks.registry import registered_base_dir
+        if self.portfolio.base_model_uri:  # the transformers flavor's layout: weights in model/
+            import mlflow
 
-            return registered_base_dir(self.portfolio.base_model_uri) / "model"
+            return Path(mlflow.artifacts.download_artifacts(self.portfolio.base_model_uri)) / "model"
         raise FileNotFoundError("no base model: neither <root>/models/base nor base_model_uri "
                                 "in the registered portfolio")
