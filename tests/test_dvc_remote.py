@@ -1,6 +1,7 @@
-"""Checkpoints travel with DVC: `dvc repro`, `dvc push` to a local remote, `git clone` and
-`dvc pull` elsewhere give the same portfolio with no retraining; every MLflow run carries the
-git commit and dvc.lock hash it came from."""
+"""Checkpoints travel with DVC: `dvc repro` runs every stage and a second one nothing, `dvc push`
+to a local remote, `git clone` and `dvc pull` elsewhere give the same portfolio with no
+retraining, the clone's MLflow store is its own; every MLflow run carries the git commit and
+dvc.lock hash it came from; a changed param reruns only what depends on it."""
 
 import configparser
 import hashlib
@@ -54,7 +55,14 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
     _run(root, "dvc", "remote", "modify", "local", "url", str(tmp_path / "store"))
     _run(root, "git", "add", "-A")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
-    _run(root, "dvc", "repro")
+    out = _run(root, "dvc", "repro")
+    for stage in ("rewards", "grid", "align", "soups", "coverage", "register", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    assert (root / "dvc.lock").is_file() and (root / "portfolio.json").is_file()
+    assert "up to date" in _run(root, "dvc", "repro")  # a second repro is a no-op
+    assert "Data and pipelines are up to date" in _run(root, "dvc", "status")
+    metrics = _run(root, "dvc", "metrics", "show", "--json")
+    assert "portfolio_size" in metrics and "grid_size_bound" in metrics
     _run(root, "git", "add", "dvc.lock")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
     _run(root, "dvc", "push")
@@ -149,3 +157,10 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
         assert re.fullmatch(r"[0-9a-f]{64}|none", run.data.tags["dvc_lock_sha256"])
     (rewards_run,) = [r for r in runs if r.info.run_name == "rewards"]
     assert rewards_run.data.tags["dvc_lock_sha256"] == "none"  # the first stage: no dvc.lock yet
+
+    # a changed test lattice reruns coverage (and what depends on it), not the rewards stage
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["coverage"]["test_lattice"] = 12
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(root, "dvc", "repro")
+    assert "Running stage 'coverage'" in out and "Running stage 'rewards'" not in out

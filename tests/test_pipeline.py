@@ -2,7 +2,6 @@
 tiny model, real MLflow (SQLite in a temporary project), real DVC."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,32 +168,3 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert len(shared) >= 3 and coarse["reused"] == len(shared)
     assert coarse["trained"] == coarse["jobs"] - len(shared)
     assert all(_member_files(root)[k] == before[k] for k in shared)
-
-
-def test_dvc_repro_then_nothing_to_do(tmp_path, tiny_model):
-    root = make_project(tmp_path / "project", tiny_model)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def run(*cmd):
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
-
-    run("git", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
-    out = run("dvc", "repro")
-    for stage in ("rewards", "grid", "align", "soups", "coverage", "register"):
-        assert f"Running stage '{stage}'" in out
-    assert (root / "dvc.lock").is_file() and (root / "portfolio.json").is_file()
-    assert "up to date" in run("dvc", "repro")  # a second repro is a no-op
-    assert "Data and pipelines are up to date" in run("dvc", "status")
-    metrics = run("dvc", "metrics", "show", "--json")
-    assert "portfolio_size" in metrics and "grid_size_bound" in metrics
-    # a changed tolerance re-runs coverage (and what depends on it), not the reward stage
-    run("dvc", "repro", "--dry")  # still valid
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["coverage"]["test_lattice"] = 12
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    out = run("dvc", "repro")
-    assert "Running stage 'coverage'" in out and "Running stage 'rewards'" not in out
