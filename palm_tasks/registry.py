@@ -276,17 +276,17 @@ def _log_base_model(client, experiment_id, paths: Paths, info: dict, base_path: 
 
     sha = info["weights_sha256"]
     run = _find_run(client, experiment_id, "weights_sha256", sha)
-    if run is None:
+    is_new = run is None
+    if is_new:
         run = client.create_run(experiment_id, run_name=f"base-{sha[:10]}",
                                 tags={"weights_sha256": sha, **lineage_tags(paths.root)})
-        client.log_batch(run.info.run_id, params=[
-            mlflow.entities.Param(k, str(v)[:6000]) for k, v in
-            {"source": info.get("source"), "name": info.get("name"), "weights_sha256": sha}.items()])
         counter["created"] += 1
     # loaded, not passed as a directory: MLflow 3.17's local-checkpoint path fails on the
     # transformers in use (AttributeError in build_flavor_config_from_local_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     with mlflow.start_run(run_id=run.info.run_id):
+        if is_new:
+            mlflow.log_params({"source": info.get("source"), "name": info.get("name"), "weights_sha256": sha})
         logged = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": load_tokenizer(base_path)},
             name="base", task="text-generation",

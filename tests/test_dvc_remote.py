@@ -114,8 +114,8 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
     locations = [row[0] for table, column in LOCATION_COLUMNS
                  for row in con.execute(f"SELECT {column} FROM {table}") if str(row[0]).startswith(("file:", "/"))]
     con.close()
-    assert locations and all(str((clone / "mlruns").resolve()) in loc or (clone / "mlruns").resolve().as_uri() in loc
-                             for loc in locations), locations
+    own = (clone / "mlruns").resolve()
+    assert locations and all(loc.startswith((own.as_uri() + "/", str(own) + "/")) for loc in locations), locations
     latest = max(clone_client.search_model_versions(f"name = '{portfolio_model_name(clone_cfg)}'"),
                  key=lambda v: int(v.version))
     mlflow.set_tracking_uri(tracking_uri(clone_cfg, clone))
