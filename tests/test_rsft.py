@@ -141,3 +141,37 @@ def test_min_relevance_keeps_only_on_topic_answers():
     answers = [["Paris is the capital of France.", "I like turtles and bananas very much."]]
     on = rsft.on_topic(["What is the capital of France?"], answers, 0.4)
     assert on.tolist() == [[True, False]]
+
+
+def test_answer_only_loss_is_trls_loss(tiny_model, tmp_path):
+    """The SFT loss that projects only the answer's positions is TRL's loss (the mean negative
+    log-likelihood of the answer tokens) with the same gradients, on a batch TRL built."""
+    import datasets
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from palm_tasks.llm.models import chat, common_args, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = rsft.lora_model(tiny_model, T, "cpu", 0)
+    for name, p in model.named_parameters():  # B starts at 0: make the adapter's gradients all matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    data = datasets.Dataset.from_list([{"prompt": chat(p), "completion": [{"role": "assistant", "content": a}]}
+                                       for p, a in zip(PROMPTS, ["a b c d e", "Paris.", "Light scatters."])])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, **common_args("cpu", 0))
+    trainer = rsft._completion_loss_trainer(SFTTrainer)(model=model, args=args, train_dataset=data,
+                                                       processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt masked, answer not
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(trainer, model, dict(batch))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, ours_grads = loss_and_grads(type(trainer).compute_loss)
+    trls, trls_grads = loss_and_grads(SFTTrainer.compute_loss)
+    assert ours > 0 and ours == pytest.approx(trls, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours_grads, trls_grads))
