@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from trl import SFTTrainer
+    import trl
 
     import oracle_methods
     from palm_tasks.config import TrainingConfig
@@ -68,7 +68,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
               "model": "SmolLM2-135M-Instruct", "device": "cpu", "pairs": len(pairs), "epochs": t.epochs,
               "batch": t.batch, "lora_rank": t.lora_rank, "losses": rows, "speedup": round(speedup, 3),
-              "trl": SFTTrainer.__module__.split(".")[0] + " " + __import__("trl").__version__}
+              "trl": trl.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
