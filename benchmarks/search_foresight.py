@@ -76,12 +76,13 @@ def main():
               "trainings/k* | size | size/k* | certified | true worst slack |")
     print(header)
     for name, front, eps, delta in fronts(args.max_d):
-        r = {"front": name, "eps": eps, "delta": delta, **foresight(front, eps, delta)}
+        r = {"front": name, "d": front.d, "eps": eps, "delta": delta, **foresight(front, eps, delta)}
         rows.append(r)
         print(f"| {name} | {eps}, {delta} | {r['k_star']} | {r['cover_size']} ({r['scale']}) | {r['added']} | "
               f"{r['trainings']} | {r['trainings_over_k']} | {r['size']} | {r['size_over_k']} | "
               f"{r['certified']} | {r['true_worst_slack']} |", flush=True)
-    over = [r for r in rows if r["front"].split("d=")[1] in ("3", "4") and r["trainings_over_k"] > TRAIN_TARGET]
+    target_rows = [r for r in rows if r["d"] in (3, 4)]
+    over = [r for r in target_rows if r["trainings_over_k"] > TRAIN_TARGET]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, python {platform.python_version()}",
             "lattices": {str(d): list(r) for d, r in RES.items()}, "scales": list(SCALES)}
@@ -97,7 +98,7 @@ def main():
               f"{r['added']} | {r['trainings']} | {r['trainings_over_k']} | {r['size']} | {r['size_over_k']} | "
               f"{r['certified']} | {r['true_worst_slack']} |" for r in rows]
     lines += ["", f"Fronts at d = 3-4 where even foresight trains more than {TRAIN_TARGET} k*: "
-              f"{len(over)} of {sum(r['front'].split('d=')[1] in ('3', '4') for r in rows)}"
+              f"{len(over)} of {len(target_rows)}"
               + (": " + ", ".join(f"{r['front']} ({r['trainings_over_k']})" for r in over) if over else ".")]
     (args.out_dir / "search_foresight.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out_dir / 'search_foresight.md'}")

@@ -9,7 +9,7 @@ training.batch, LoRA r = 8 on every linear layer): 64 training prompts of the as
 each with one answer the base model sampled (temperature 1, 24 tokens, seed 0). Each loss trains
 a fresh adapter from the same seed on the same pairs; the round's wall seconds and its last loss
 are reported. TRL's loss projects every position through the LM head in vocabulary chunks; the
-answer-only loss (palm_tasks.llm.rsft._completion_loss_trainer) projects the answer's positions
+answer-only loss (palm_tasks.llm.rsft.answer_only_trainer) projects the answer's positions
 only, with one matrix product. The two last losses agree to float precision.
 """
 
@@ -53,15 +53,13 @@ def main() -> None:
     pairs = list(zip(train_prompts, answers))
 
     rows = {}
-    real = rsft._completion_loss_trainer
-    for name, trainer in (("trl", lambda cls: cls), ("answer_only", real)):
-        rsft._completion_loss_trainer = trainer  # sft() builds its trainer through this hook
+    for name in ("trl", "answer_only"):
         model = rsft.lora_model(base, t, "cpu", 0)
         started = time.time()
-        loss = rsft.sft(model, tokenizer, pairs, t, "cpu", 0, args.workdir / "sft_loss_work")
+        loss = rsft.sft(model, tokenizer, pairs, t, "cpu", 0, args.workdir / "sft_loss_work",
+                        answer_only_loss=name == "answer_only")
         rows[name] = {"round_seconds": round(time.time() - started, 2), "last_loss": loss}
         print(f"{name}: {rows[name]['round_seconds']} s a round, last loss {loss:.6f}")
-    rsft._completion_loss_trainer = real
     speedup = rows["trl"]["round_seconds"] / rows["answer_only"]["round_seconds"]
     print(f"answer-only loss: {speedup:.2f}x faster")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),

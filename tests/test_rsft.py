@@ -160,8 +160,7 @@ def test_answer_only_loss_is_trls_loss(tiny_model, tmp_path):
     data = datasets.Dataset.from_list([{"prompt": chat(p), "completion": [{"role": "assistant", "content": a}]}
                                        for p, a in zip(PROMPTS, ["a b c d e", "Paris.", "Light scatters."])])
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, **common_args("cpu", 0))
-    trainer = rsft._completion_loss_trainer(SFTTrainer)(model=model, args=args, train_dataset=data,
-                                                       processing_class=tokenizer)
+    trainer = rsft.answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt masked, answer not
 

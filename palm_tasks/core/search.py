@@ -25,8 +25,8 @@ trains 2.3-5.3x the minimum cover k* and returns 1.2-2.8x k* members at d = 3-4:
 certificate's U is built from the oracle rows' tangent planes, and making it tight enough costs
 trainings that the exact OPT of the floor does not need: handed the best cover of at most
 1.25 k* members in advance, the search still trains 2.3-4.6x k* to certify it at d = 3-4
-(benchmarks/search_foresight.py), so no proposal rule alone reaches 2 k*. Consolidation (consolidate=k, off by
-default) trades trainings for size: once certified, a set cover over predicted policies at a
+(benchmarks/search_foresight.py), so no proposal rule alone reaches 2 k*. Consolidation
+(consolidate=k, off by default) trades trainings for size: once certified, a set cover over predicted policies at a
 lattice of weights names new weights where one policy could replace several members; they are
 trained (source "consolidate"), the search certifies again, and result() prunes.
 

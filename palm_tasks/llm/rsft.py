@@ -10,8 +10,8 @@ iteration / ReST / RAFT); it stays near the base because it only ever imitates i
 Why it is the CPU default: on SmolLM2-135M (2 cores, w = humor, 64 training prompts, 8 samples
 at temperature 1, 2 epochs of LoRA r = 8 SFT at lr 2e-3 in batches of 8 per round), humor on 32
 held-out prompts went 0.295 (base) -> 0.328 -> 0.373 -> 0.441 in 3 rounds, level with best-of-8
-of the base (0.443), in 8.3 training minutes (SFT 105 s with TRL's loss, sampling and scoring 90 s a round): the
-sampling is batched generation without gradients and the SFT sees 64 short sequences, where a
+of the base (0.443), in 8.3 training minutes (SFT 105 s with TRL's loss, sampling and scoring
+90 s a round): the sampling is batched generation without gradients and the SFT sees 64 short sequences, where a
 GRPO step pays both for every group. benchmarks/oracle_methods.py measures both methods.
 
 Round 1 can reuse the base model's sample pool (`first_round`), saving one sampling pass per job.
@@ -19,6 +19,7 @@ Round 1 can reuse the base model's sample pool (`first_round`), saving one sampl
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 import warnings
@@ -83,8 +84,9 @@ def sample(model, tokenizer, rewards, prompts: list[str], t: TrainingConfig, see
 
 
 def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, device: str, seed: int,
-        work_dir: Path) -> float | None:
-    """Fine-tune the adapter of `model` in place on (prompt, answer) pairs; -> the last logged loss."""
+        work_dir: Path, answer_only_loss: bool = True) -> float | None:
+    """Fine-tune the adapter of `model` in place on (prompt, answer) pairs; -> the last logged loss.
+    answer_only_loss=False: TRL's own loss path (the same loss, slower; benchmarks/sft_loss.py)."""
     import datasets
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -104,16 +106,17 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, devic
             **common_args(device, seed),
         )
         # model is already a PeftModel, so no peft_config: the same adapter keeps training
-        trainer = _completion_loss_trainer(SFTTrainer)(model=model, args=args, train_dataset=data,
-                                                      processing_class=tokenizer)
+        trainer_class = answer_only_trainer() if answer_only_loss else SFTTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # it prints every raw log dict
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return float(losses[-1]) if losses else None
 
 
-def _completion_loss_trainer(sft_trainer):
-    """SFTTrainer whose loss sends only the answer's positions through the LM head.
+@functools.cache
+def answer_only_trainer():
+    """TRL's SFTTrainer with a loss that sends only the answer's positions through the LM head.
 
     TRL's own loss projects every position (system prompt and question included) through the
     LM head in vocabulary chunks, and without Triton (on a CPU) those chunks took 43% of an SFT
@@ -125,8 +128,9 @@ def _completion_loss_trainer(sft_trainer):
     """
     import torch
     import torch.nn.functional as F
+    from trl import SFTTrainer
 
-    class CompletionLossTrainer(sft_trainer):
+    class AnswerOnlyLossTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             causal_lm = self.accelerator.unwrap_model(model).get_base_model()
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder, LoRA layers in it
@@ -139,7 +143,7 @@ def _completion_loss_trainer(sft_trainer):
             loss = F.cross_entropy(logits, labels[answer], reduction="sum") / torch.as_tensor(tokens).clamp(min=1)
             return (loss, None) if return_outputs else loss
 
-    return CompletionLossTrainer
+    return AnswerOnlyLossTrainer
 
 
 def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
