@@ -2,8 +2,8 @@
 
 Flows take the params.yaml path and the project root (plain strings, so the Prefect UI shows
 them and a deployment can pass them). Stages that run jobs get the one job runner (flows/jobs.py).
-A stage flow run by `palm stage` (or the pipeline, for all its stages at the end) records what it
-did in dvc.lock (`record_in_dvc`), so `dvc status` agrees with `palm` (docs/pipeline.md).
+A stage flow of the pipeline run by `palm stage` (or the pipeline, for all its stages at the end)
+records what it did in dvc.lock (`record_in_dvc`), so `dvc status` agrees with `palm` (docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prefect import flow
 from flows.jobs import job_runner
 from palm_tasks.config import load_config
 from palm_tasks.log import warn
-from palm_tasks.stages import STAGES, Stage
+from palm_tasks.stages import PIPELINE, STAGES, Stage
 
 
 def run_stage(stage: Stage, params: str, root: str) -> dict:
@@ -73,7 +73,8 @@ def record_in_dvc(root: str | Path, names: list[str], params: str | None = None)
 def _stage_flow(stage: Stage):
     def stage_flow(params: str = "params.yaml", root: str = ".", record: bool = True) -> dict:
         result = run_stage(stage, params, root)
-        if record:  # the pipeline records all its stages at once, after the last
+        # the pipeline records all its stages at once, after the last; evaluate is no DVC stage
+        if record and stage in PIPELINE:
             record_in_dvc(root, [stage.name], params)
         return result
 
