@@ -213,7 +213,9 @@ class RewardsConfig(Section):
 
     brevity_max_words: int = Field(30, ge=1, description="brevity = 1 - min(max(words - brevity_full_words, 0) / "
                                    "(brevity_max_words - brevity_full_words), 1)")
-    brevity_full_words: int = Field(0, ge=0, description="answers of at most this many words score brevity 1 "
+    # 8, not 0: without a plateau three words score best, next to the two-word cliff where an
+    # answer is degenerate, and the brevity row slid over it (docs/rewards.md)
+    brevity_full_words: int = Field(8, ge=0, description="answers of at most this many words score brevity 1 "
                                     "(less than brevity_max_words; 0: no plateau; docs/rewards.md)")
     humor_test_fraction: float = Field(0.25, gt=0, lt=1, description="held-out fraction of the humor "
                                                                      "classifier's data, in (0, 1)")
