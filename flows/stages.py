@@ -2,8 +2,9 @@
 
 Flows take the params.yaml path and the project root (plain strings, so the Prefect UI shows
 them and a deployment can pass them). Stages that run jobs get the one job runner (flows/jobs.py).
-A stage flow of the pipeline run by `palm stage` (or the pipeline, for all its stages at the end)
-records what it did in dvc.lock (`record_in_dvc`), so `dvc status` agrees with `palm` (docs/pipeline.md).
+A stage flow of the pipeline run by `palm stage` (or the pipeline, for all its stages at the
+end) records what it did in dvc.lock (`record_in_dvc`), so `dvc status` agrees with `palm`
+(docs/pipeline.md).
 """
 
 from __future__ import annotations

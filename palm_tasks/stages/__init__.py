@@ -6,9 +6,10 @@
 Each stage module has `run(cfg, root, run_jobs=None) -> metrics` and declares what it reads and
 writes: PARAMS (params.yaml keys or sections), DEPS (files other stages write), OUTS, METRICS and
 PLOTS, and RUNS_JOBS (whether it takes the orchestrator's job runner; without one it runs jobs
-in this process). The Prefect stage flows (flows/stages.py) and the CLI's stage names are derived
-from `STAGES`, and the stages of dvc.yaml from `PIPELINE` (tests/test_stages.py checks them). A stage module is imported
-only when its stage is used, so importing one stage never imports the others.
+in this process). The Prefect stage flows (flows/stages.py) and the CLI's stage names are
+derived from `STAGES`, and the stages of dvc.yaml from `PIPELINE` (tests/test_stages.py checks
+them). A stage module is imported only when its stage is used, so importing one stage never
+imports the others.
 """
 
 from __future__ import annotations
