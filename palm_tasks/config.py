@@ -104,11 +104,12 @@ class SearchConfig(Section):
         "lazy", description="lazy (PALM's lazy search) | coarse (extremes + lattice of step 1/coarse_divisions) "
                             "| grid (whole PALM grid) | uniform (k spread weights) | random (k Dirichlet(1) "
                             "weights)")
-    max_trainings: int = Field(5, ge=1, description="training budget of the align stage (repairs included)")
+    max_trainings: int = Field(10, ge=1, description="training budget of the align stage (repairs included); "
+                               "the search stops sooner once certified (docs/default-run.md)")
     coarse_divisions: int = Field(2, ge=1, description="coarse: lattice of step 1/coarse_divisions (2: extremes "
                                                        "and midpoints)")
     k: int = Field(6, ge=1, description="uniform / random: number of weight vectors")
-    max_repairs: int = Field(1, ge=0, description="lazy: retrainings of a row beaten beyond "
+    max_repairs: int = Field(2, ge=0, description="lazy: retrainings of a row beaten beyond "
                              "coverage.z_significant se by the evidence (0: no repair); they count "
                              "against max_trainings")
 
@@ -117,7 +118,7 @@ class DataConfig(Section):
     """prompts: the split into training and held-out evaluation prompts"""
 
     n_train: int = Field(64, ge=1, description="training prompts")
-    n_eval: int = Field(256, ge=1, description="held-out evaluation prompts")
+    n_eval: int = Field(384, ge=1, description="held-out evaluation prompts")
     split_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the prompt split (null: seed); "
                                    "a new value = a new data version")
 
@@ -180,9 +181,9 @@ class EvaluationConfig(Section):
     """value vector of a member: mean ± se of each reward"""
 
     # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
-    n_prompts: int = Field(256, ge=1, description="held-out prompts scored (at most data.n_eval); se's are "
+    n_prompts: int = Field(384, ge=1, description="held-out prompts scored (at most data.n_eval); se's are "
                                                   "over prompts, so prompts buy precision and answers per prompt less")
-    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt (2 x 256 = 512 answers)")
+    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt (2 x 384 = 768 answers)")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
     batch_size: int = Field(128, ge=1, description="answers generated per forward pass")

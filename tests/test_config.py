@@ -82,7 +82,7 @@ def test_job_key_sections_keep_their_fields():
         "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": None, "temperature": 1.0, "beta": 0.0}
     assert EvaluationConfig().model_dump() == {
-        "n_prompts": 256, "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
+        "n_prompts": 384, "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
 
 
 def test_training_learning_rate_defaults_by_method():
