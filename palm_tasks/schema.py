@@ -679,7 +679,7 @@ class Portfolio:
 _COVERAGE_FIGURES = ("max_multiplicative_gap", "mean_multiplicative_gap", "max_additive_gap",
                      "mean_additive_gap", "users_mean_multiplicative_gap", "usage_perplexity")
 _EVIDENCE_FIGURES = ("min_relevance", "worst_gap", "worst_gap_se", "worst_evidence", "worst_portfolio_value",
-                     "mean_gap", "share_beyond_eps", "share_bon_is_evidence")
+                     "mean_gap", "share_beyond_eps", "share_bon_is_evidence", "evidence_eps")
 _CONTRADICTION_FIGURES = ("portfolio_value", "evidence", "shortfall", "se")
 _GATE_FIGURES = ("degenerate_share", "relevance")
 

@@ -143,6 +143,9 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert ev["worst_gap"] >= evidence_gaps(P, E).max() - 1e-5  # files hold 6 decimals
     assert ev["worst_against"].startswith(("best-of-2", "policy "))
     assert coverage["worst_evidence_gap"] == pytest.approx(ev["worst_gap"])
+    eps_needed = np.maximum(1 - (P + cfg.coverage.delta) / E, 0).max()
+    assert ev["evidence_eps"] >= eps_needed - 1e-5 and ev["evidence_eps"] <= ev["worst_gap"] + 1e-9
+    assert coverage["evidence_eps"] == pytest.approx(ev["evidence_eps"])
     assert set(portfolio.gate["members"]) == {e.key for e in portfolio.members}
 
     # palm status shows the members and the portfolio

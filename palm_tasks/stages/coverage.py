@@ -41,7 +41,8 @@ RUNS_JOBS = False
 # metrics/coverage.json, what `dvc metrics show` tabulates; every other figure `run` returns is in
 # portfolio.json (certificate, conservative_certificate, coverage, evidence, oracle_check, gate)
 METRIC_KEYS = ("portfolio_size", "pool_size", "soups_in_portfolio", "certified", "max_eps", "max_delta",
-               "conservative_certified", "worst_evidence_gap", "mean_evidence_gap", "evidence_contradicts",
+               "conservative_certified", "worst_evidence_gap", "mean_evidence_gap", "evidence_eps",
+               "evidence_contradicts",
                "oracle_rows_beaten", "gate_passed", "production", "max_multiplicative_gap",
                "mean_multiplicative_gap", "usage_perplexity")
 RELATIVE_TO = ("the alignment oracle checked against the evidence: at each training weight OPT is "
@@ -67,8 +68,9 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
         f"and best-of-{figures['best_of_n']})")
     ev = portfolio.evidence
     say(f"coverage: worst evidence gap {ev['worst_gap']:.4f} at w = {ev['worst_weight']} against "
-        f"{ev['worst_against']} (mean {ev['mean_gap']:.4f}, {ev['test_weights']} test weights); "
-        f"largest se of a value {figures['max_value_se']:.4f}")
+        f"{ev['worst_against']} (mean {ev['mean_gap']:.4f}, {ev['test_weights']} test weights); at delta "
+        f"{c.delta} the evidence asks for eps {ev['evidence_eps']:.4f} (the certificate reaches "
+        f"{figures['max_eps']:.4f}); largest se of a value {figures['max_value_se']:.4f}")
     for reason in portfolio.blockers():
         warn(f"coverage: not for production: {reason}")
     if figures["oracle_rows_beaten"]:
@@ -169,7 +171,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         "conservative_max_delta": float(noisy.max_delta),
         "oracle_rows_beaten": check.n_beaten, "oracle_max_shortfall": float(check.shortfall.max(initial=0.0)),
         "best_of_n": audit.get("best_of_n", 0), "worst_evidence_gap": audit.get("worst_gap", 0.0),
-        "mean_evidence_gap": audit.get("mean_gap", 0.0),
+        "mean_evidence_gap": audit.get("mean_gap", 0.0), "evidence_eps": audit.get("evidence_eps", 0.0),
         "evidence_contradicts": bool(audit.get("contradicted", False)),
         "gate_passed": bool(gate["passed"]), "gate_excluded": len(gate["excluded"]),
         "max_value_se": float(SE.max(initial=0.0)),
@@ -233,6 +235,11 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
 
     i = int(np.argmax(gaps))
     c = cfg.coverage
+    # The gap above is the delta = 0 figure (the paper's). The certificate's max eps is reached at
+    # delta, so the evidence's counterpart is the smallest eps with P >= (1 - eps) E - delta.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps_needed = np.where(ev.value > 0, np.maximum(1.0 - (portfolio_values + c.delta) / ev.value, 0.0), 0.0)
+    k = int(np.argmax(eps_needed))
     # The certificate promises P >= (1 - eps) OPT - delta; E <= OPT, so P below (1 - eps) E - delta
     # by more than the se of the difference contradicts it.
     shortfall = (1 - c.eps) * ev.value - c.delta - portfolio_values
@@ -245,11 +252,14 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
            "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
            "share_beyond_eps": float((gaps > c.eps).mean()),
            "share_bon_is_evidence": float((ev.source < 0).mean()),
+           "evidence_eps": float(eps_needed[k]), "evidence_eps_weight": where(k),
+           "evidence_eps_against": against(k),
            "contradicted": contradicted,
            "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
                  f"measured policy and best-of-{samples.n} sampling from the base{on_topic} (same eval "
                  "prompts, same sampler); contradicted = somewhere P(w) < (1 - eps) E(w) - delta by more than "
-                 "the se of the difference"}
+                 "the se of the difference; evidence_eps = the smallest eps with P(w) >= (1 - eps) E(w) - delta "
+                 "at every test weight, to compare with the certificate's max eps"}
     if contradicted:
         out["contradiction"] = {"weight": where(j), "portfolio_value": float(portfolio_values[j]),
                                 "evidence": float(ev.value[j]), "against": against(j),
