@@ -97,9 +97,10 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     coverage = result["coverage"]  # every figure; metrics/coverage.json holds the main ones
     assert json.loads((root / "metrics" / "coverage.json").read_text()) == {
         k: coverage[k] for k in ("portfolio_size", "pool_size", "soups_in_portfolio", "certified", "max_eps",
-                                 "max_delta", "conservative_certified", "worst_evidence_gap", "mean_evidence_gap", "evidence_eps",
-                                 "evidence_contradicts", "oracle_rows_beaten", "gate_passed", "production",
-                                 "max_multiplicative_gap", "mean_multiplicative_gap", "usage_perplexity")}
+                                 "max_delta", "conservative_certified", "worst_evidence_gap", "mean_evidence_gap",
+                                 "evidence_eps", "evidence_contradicts", "oracle_rows_beaten", "gate_passed",
+                                 "production", "max_multiplicative_gap", "mean_multiplicative_gap",
+                                 "usage_perplexity")}
     assert coverage["portfolio_size"] == len(portfolio.members)
     # the alignment-oracle check: every trained member at its own weight against every candidate
     everyone = np.array([m.values for m in members.values()])
