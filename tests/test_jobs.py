@@ -37,13 +37,13 @@ def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
     # gained a method (rsft), warm starts and repair attempts (every reward's version changed in
     # the same commit, so no old job was valid anyway), and when the defaults became 3 rsft rounds
     # at lr 2e-3 and batches of 128 answers (with a new sampler), when rsft gained
-    # min_relevance, and when it became 0.3 with 256 eval prompts x 2 answers; an accidental
-    # change re-trains every job.
+    # min_relevance, when it became 0.3 with 256 eval prompts x 2 answers, and when evaluation
+    # became 384 prompts x 2 answers; an accidental change re-trains every job.
     default = parse_config({})
     s = JobSpec(traits=("safety", "humor", "brevity"), weights=(1.0, 0.0, 0.0), base_model_sha256="b" * 64,
                 reward_versions=("s1", "h1", "b1"), data_sha256="d" * 64,
                 training=default.training.model_dump(), evaluation=default.evaluation.model_dump())
-    assert s.key == "d5c8e73754683b23"
+    assert s.key == "a1a5d1504e25ed1d"
 
 
 @pytest.fixture(scope="module")
