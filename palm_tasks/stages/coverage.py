@@ -236,9 +236,9 @@ def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict
     i = int(np.argmax(gaps))
     c = cfg.coverage
     # The gap above is the delta = 0 figure (the paper's). The certificate's max eps is reached at
-    # delta, so the evidence's counterpart is the smallest eps with P >= (1 - eps) E - delta.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eps_needed = np.where(ev.value > 0, np.maximum(1.0 - (portfolio_values + c.delta) / ev.value, 0.0), 0.0)
+    # delta, so the evidence's counterpart is the smallest eps with P >= (1 - eps) E - delta,
+    # which is the gap of P + delta.
+    eps_needed = np.maximum(evidence_gaps(portfolio_values + c.delta, ev.value), 0.0)
     k = int(np.argmax(eps_needed))
     # The certificate promises P >= (1 - eps) OPT - delta; E <= OPT, so P below (1 - eps) E - delta
     # by more than the se of the difference contradicts it.
