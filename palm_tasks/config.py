@@ -337,6 +337,10 @@ class CompareConfig(Section):
                                                          "from coverage.test_lattice")
     random_seed_offset: int = Field(1, ge=1, description="random portfolios use seed + random_seed_offset + s, "
                                                          "never the test users' draws")
+    concentrated_alpha: float = Field(0.1, gt=0, lt=1, description="user populations: the concentrated users "
+                                                                   "(near the corners) are Dirichlet(alpha), alpha < 1")
+    centred_alpha: float = Field(10.0, gt=1, le=1e6, description="user populations: the centred users (near "
+                                                                  "(1/d, ..., 1/d)) are Dirichlet(alpha), alpha > 1")
 
 
 class PalmConfig(Section):

@@ -11,6 +11,9 @@ from conftest import make_project
 from palm_tasks import coverage as cov
 from palm_tasks import grid as gridlib
 from palm_tasks.core import metrics as E
+from palm_tasks.core import simplex
+from palm_tasks.core.evidence import best_of_n
+from palm_tasks.schema import load_samples
 from palm_tasks.report import evaluation as report
 
 
@@ -53,6 +56,57 @@ def test_best_subset_and_gap_summary():
     assert E.gap_summary(R, [0, 1, 2], lattice, users)["max_additive_gap"] == 0.0
 
 
+def test_gaps_against_a_reference_value_per_test_weight():
+    R = np.array([[1.0, 0.0], [0.0, 1.0]])
+    w = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    g = E.gaps(R, [0], w, reference=[0.8, 0.8, 0.8])  # best-of-N worth 0.8 everywhere
+    # w1: member 1.0 beats the reference; w2: 0.5 against max(0.5, 0.8); w3: 0 against max(1, 0.8)
+    assert g.multiplicative == pytest.approx([0.0, 1 - 0.5 / 0.8, 1.0])
+    assert g.additive == pytest.approx([0.0, 0.3, 1.0])
+    assert E.gaps(R, [0, 1], w, reference=[0.0, 0.8, 0.0]).max_multiplicative == pytest.approx(1 - 0.5 / 0.8)
+    with pytest.raises(ValueError, match="one finite value per test weight"):
+        E.gaps(R, [0], w, reference=[0.8, 0.8])
+    with pytest.raises(ValueError, match="one finite value per test weight"):
+        E.gaps(R, [0], w, reference=[0.8, np.nan, 0.8])
+
+
+def test_user_populations_are_where_their_names_say():
+    pops = simplex.user_populations(3, 2000, 7, 0.1, 10.0)
+    assert list(pops) == ["dirichlet_1", "concentrated", "centred", "mixture"]
+    for name, users in pops.items():
+        assert users.shape == (2000, 3) and (users >= 0).all(), name
+        assert np.allclose(users.sum(axis=1), 1.0), name
+    assert np.array_equal(pops["dirichlet_1"], gridlib.dirichlet_users(3, 2000, 7))  # coverage's users
+    top = {name: users.max(axis=1).mean() for name, users in pops.items()}
+    # concentrated users put most weight on one trait, centred ones spread it, the mixture between
+    assert top["concentrated"] > 0.85 and top["centred"] < 0.55
+    assert top["centred"] < top["dirichlet_1"] < top["concentrated"]
+    assert top["centred"] < top["mixture"] < top["concentrated"]
+    again = simplex.user_populations(3, 2000, 7, 0.1, 10.0)
+    assert all(np.array_equal(pops[n], again[n]) for n in pops)
+    other = simplex.user_populations(3, 2000, 8, 0.1, 10.0)
+    assert not np.array_equal(pops["mixture"], other["mixture"])
+    # a population's draws do not depend on another's alpha
+    assert np.array_equal(simplex.user_populations(3, 50, 7, 0.2, 10.0)["centred"],
+                          simplex.user_populations(3, 50, 7, 0.1, 10.0)["centred"])
+
+
+def test_gap_summary_per_population_against_a_reference():
+    R = np.array([[1.0, 0.0], [0.0, 1.0]])
+    lattice = gridlib.simplex_lattice(2, 10)
+    pops = {"left": np.array([[0.9, 0.1], [1.0, 0.0]]), "right": np.array([[0.1, 0.9], [0.2, 0.8]])}
+    s = E.gap_summary(R, [0], lattice, pops["left"], populations=pops)
+    assert s["left_worst_gap"] == pytest.approx(0.0) and s["left_mean_gap"] == pytest.approx(0.0)
+    assert s["right_worst_gap"] == pytest.approx(1 - 0.1 / 0.9)
+    assert s["right_mean_gap"] == pytest.approx(np.mean([1 - 0.1 / 0.9, 1 - 0.2 / 0.8]))
+    assert s["right_mean_gap_se"] > 0
+    flat = E.gap_summary(R, [0], lattice, pops["left"], reference=lambda w: np.full(len(w), 0.95),
+                         populations=pops)
+    # against a best-of-N worth 0.95 everywhere the left users (value 0.9, 1.0) fall short too
+    assert flat["left_worst_gap"] == pytest.approx(1 - 0.9 / 0.95)
+    assert flat["max_multiplicative_gap"] >= s["max_multiplicative_gap"]
+
+
 def test_spread_subset_starts_at_extremes_and_perplexity_se():
     points = gridlib.simplex_lattice(3, 4)
     chosen = E.spread_subset(points, 4)
@@ -90,6 +144,20 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     assert lines[1].endswith("beaten by random.")
     md = report.render_report(out, ["g.png"])
     assert "Alignment-oracle check" not in md  # no check in out: nothing said
+    assert "Evidence check" not in md and "Simulated user populations" not in md
+    pop = {"dirichlet_1_mean_gap": 0.02, "dirichlet_1_mean_gap_se": 0.003, "dirichlet_1_worst_gap": 0.09}
+    with_pops = {**out, "populations": {"names": ["dirichlet_1"], "users_each": 10, "concentrated_alpha": 0.1,
+                                        "centred_alpha": 10.0, "are": "dirichlet_1: Dirichlet(1)"},
+                 "results": {**out["results"], "uniform": {"1": {**row(0.2, 1), **pop}, "2": row(0.15, 2)}}}
+    md_pops = report.render_report(with_pops, ["g.png"])
+    assert "### Dirichlet(1) users" in md_pops and "| uniform grid | 0.0200 ± 0.0030 / 0.0900 |  |" in md_pops
+    ec = {"checked": 5, "beaten": 2, "beaten_by_best_of_n": 1, "z": 2.0,
+          "worst": {"key": "k1", "weights": [0.0, 1.0, 0.0], "shortfall": 0.05, "se": 0.01,
+                    "by": "best-of-8 of the base"}}
+    text = " ".join(report.evidence_reading({**out, "evidence_check": ec}))
+    assert "2 of the 5 trained policies fall short" in text and "(1 of them beaten by best-of-N" in text
+    assert "k1 at (0.00, 1.00, 0.00), by 0.0500 ± 0.0100 against best-of-8 of the base" in text
+    assert "none of the 5" in " ".join(report.evidence_reading({**out, "evidence_check": {**ec, "beaten": 0}}))
     beaten = {"checked": 4, "beaten": 2, "beaten_beyond_2_se": 1, "max_shortfall": 0.2, "mean_shortfall": 0.06,
               "worst": {"weights": [0.0, 0.5, 0.5], "shortfall": 0.2, "z": 3.0,
                         "beaten_by_weights": [0.5, 0.0, 0.5]}}
@@ -160,22 +228,37 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert set(out["results"]["uniform"]["2"]["members"]) <= set(keys[:3])
     assert out["results"]["centroid"]["1"]["members"] == out["results"]["uniform"]["1"]["members"]
 
-    # gaps against the reference pool, on the lattice and the users
+    # gaps against the evidence (the reference pool and best-of-N of the base's sample pool), and
+    # against the pool alone, on the lattice and the users
     cfg = load_config(p)
     R = np.array([members[k].values for k in keys])
-    test = np.vstack([gridlib.simplex_lattice(3, cfg.coverage.test_lattice),
-                      gridlib.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)])
+    users = gridlib.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)
+    test = np.vstack([gridlib.simplex_lattice(3, cfg.coverage.test_lattice), users])
+    samples = load_samples(root)
+    bon = best_of_n(samples.scores, test, samples.on_topic(cfg.training.min_relevance))[0]
+    bon_at_test = np.einsum("md,md->m", test, bon)
+    assert out["test_weights"]["best_of_n"] == samples.n and "best-of-" in out["test_weights"]["relative_to"]
     assert max(out["results"][m]["1"]["max_multiplicative_gap"] for m in ("uniform", "random", "centroid")) > 0
     for method, k in (("palm_lazy", "1"), ("palm_lazy", "2"), ("uniform", "2")):
         row = out["results"][method][k]
         idx = [keys.index(key) for key in row["members"]]
-        assert row["max_multiplicative_gap"] == pytest.approx(cov.gaps(R, idx, test).max_multiplicative)
+        assert row["pool_max_multiplicative_gap"] == pytest.approx(cov.gaps(R, idx, test).max_multiplicative)
+        against_evidence = cov.gaps(R, idx, test, reference=bon_at_test).max_multiplicative
+        assert row["max_multiplicative_gap"] == pytest.approx(against_evidence)
+        assert row["max_multiplicative_gap"] >= row["pool_max_multiplicative_gap"] - 1e-12
+        # the Dirichlet(1) population is the users above; the others are their own draws
+        assert row["dirichlet_1_worst_gap"] <= row["max_multiplicative_gap"] + 1e-12
+        for name in ("dirichlet_1", "concentrated", "centred", "mixture"):
+            assert 0 <= row[f"{name}_mean_gap"] <= row[f"{name}_worst_gap"] + 1e-12
         assert 0 <= row["distinct_n"] <= 1 and row["embedding_dispersion"] >= 0
+    ec = out["evidence_check"]
+    assert ec["checked"] == len(dirs) and 0 <= ec["beaten_by_best_of_n"] <= ec["beaten"] <= ec["checked"]
+    assert ("worst" in ec) == (ec["beaten"] > 0)
     # the correctness reward scored every eval completion of a trained member (TRL trained on it too)
     scored = [json.loads(line) for line in (members[keys[0]].path / "completions.jsonl").read_text().splitlines()]
     assert scored and all(r["rewards"]["correctness"] in (0.0, 1.0) for r in scored)
-    assert out["results"]["oracle"]["all"]["max_multiplicative_gap"] == 0.0
-    assert out["results"]["oracle"]["all"]["max_additive_gap"] == 0.0
+    whole = out["results"]["oracle"]["all"]  # the whole pool: no gap to itself, best-of-N may still beat it
+    assert whole["pool_max_multiplicative_gap"] == 0.0 and whole["max_multiplicative_gap"] >= 0.0
     # the alignment-oracle check covers the trained policies (not the soup), against the whole pool
     oc = out["oracle_check"]
     assert oc["checked"] == len(dirs) and 0 <= oc["beaten"] <= oc["checked"]
@@ -197,4 +280,6 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     mlflow.set_tracking_uri(tracking_uri(cfg, root))
     runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment],
                               filter_string="tags.`palm.stage` = 'evaluate'")
-    assert len(runs) == 1 and runs.iloc[0]["metrics.oracle.kall.max_multiplicative_gap"] == 0.0
+    assert len(runs) == 1 and runs.iloc[0]["metrics.oracle.kall.pool_max_multiplicative_gap"] == 0.0
+    assert "## Simulated user populations" in report and "concentrated users" in report
+    assert "Evidence check:" in report

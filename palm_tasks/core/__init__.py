@@ -20,11 +20,12 @@ from palm_tasks.core.prune import prune, set_cover
 from palm_tasks.core.routing import GuaranteeBound, route, usage_shares
 from palm_tasks.core.search import SAME_WEIGHT, LazySearch, SearchResult, lazy_search
 from palm_tasks.core.simplex import (check_d, check_tolerances, check_weights, dirichlet_users,
-                                     extreme_weights, random_weights, simplex_lattice, uniform_weights)
+                                     extreme_weights, random_weights, simplex_lattice, uniform_weights,
+                                     user_populations)
 
 __all__ = [
     "check_d", "check_tolerances", "check_weights", "extreme_weights", "simplex_lattice",
-    "uniform_weights", "dirichlet_users", "random_weights",
+    "uniform_weights", "dirichlet_users", "random_weights", "user_populations",
     "grid_levels", "grid_size_bound", "palm_grid", "snap_to_grid",
     "TOL", "RELATIVE_TO", "Certificate", "UpperBound", "certify", "corner_weights", "upper_bounds",
     "pessimistic", "eps_at",

@@ -58,8 +58,11 @@ def _best(test_weights, values, chunk=262_144):
     return out
 
 
-def gaps(values, members, test_weights):
-    """Gaps of the portfolio values[members] against the best of all values, per test weight."""
+def gaps(values, members, test_weights, reference=None):
+    """Gaps of the portfolio values[members] against the best of all values, per test weight.
+
+    reference (m,): a value reachable at each test weight besides the rows, e.g. best-of-N of
+    the base (core.evidence); OPT_est is then the evidence E(w) of theory section 8."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 2 or not np.isfinite(values).all():
         raise ValueError(f"values must be a finite (n, d) array, got shape {values.shape}")
@@ -70,6 +73,12 @@ def gaps(values, members, test_weights):
     P = _best(T, values[members])
     others = np.setdiff1d(np.arange(len(values)), members)
     opt = np.maximum(P, _best(T, values[others])) if others.size else P
+    if reference is not None:
+        reference = np.asarray(reference, float).reshape(-1)
+        if reference.shape != (len(T),) or not np.isfinite(reference).all():
+            raise ValueError(f"reference must hold one finite value per test weight ({len(T)}), "
+                             f"got shape {reference.shape}")
+        opt = np.maximum(opt, reference)
     with np.errstate(divide="ignore", invalid="ignore"):
         mult = np.where(opt > 0, 1.0 - P / opt, 0.0)
     return Gaps(multiplicative=mult, additive=opt - P)
@@ -82,19 +91,31 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndarray,
-                users: np.ndarray) -> dict:
+                users: np.ndarray, reference=None, populations=None) -> dict:
     """Gaps of ref_values[members] against the best of ref_values: max over lattice and users,
-    mean over the users with its standard error (the users are a sample)."""
-    g_all = gaps(ref_values, members, np.vstack([lattice, users]))
-    g_users = gaps(ref_values, members, users)
+    mean over the users with its standard error (the users are a sample).
+
+    reference: a function test weights (m, d) -> a value reachable at each (best-of-N of the
+    base), so the gaps are against the evidence E(w) (theory section 8) instead of the pool only.
+    populations: {name: users (n, d)} -> per population the mean gap (with se) and the worst,
+    keys `<name>_mean_gap`, `<name>_mean_gap_se`, `<name>_worst_gap` (multiplicative)."""
+    def at(weights):
+        return gaps(ref_values, members, weights, None if reference is None else reference(weights))
+
+    g_all, g_users = at(np.vstack([lattice, users])), at(users)
     mult_mean, mult_se = mean_se(g_users.multiplicative)
     add_mean, add_se = mean_se(g_users.additive)
-    return {"max_multiplicative_gap": g_all.max_multiplicative,
-            "max_additive_gap": g_all.max_additive,
-            "mean_multiplicative_gap": mult_mean,
-            "mean_multiplicative_gap_se": mult_se,
-            "mean_additive_gap": add_mean,
-            "mean_additive_gap_se": add_se}
+    out = {"max_multiplicative_gap": g_all.max_multiplicative,
+           "max_additive_gap": g_all.max_additive,
+           "mean_multiplicative_gap": mult_mean,
+           "mean_multiplicative_gap_se": mult_se,
+           "mean_additive_gap": add_mean,
+           "mean_additive_gap_se": add_se}
+    for name, weights in (populations or {}).items():
+        g = at(weights).multiplicative
+        out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean_se(g)
+        out[f"{name}_worst_gap"] = float(g.max())
+    return out
 
 
 def greedy_order(values: np.ndarray, k: int, selection_weights: np.ndarray) -> list[int]:

@@ -121,6 +121,35 @@ def dirichlet_users(d, k, seed, alpha=1.0):
     return np.random.default_rng(seed).dirichlet(np.full(d, float(alpha)), size=int(k))
 
 
+# The simulated user populations of `user_populations`, in report order.
+POPULATIONS = ("dirichlet_1", "concentrated", "centred", "mixture")
+
+
+def user_populations(d, k, seed, concentrated_alpha, centred_alpha):
+    """Simulated users, k of each population (docs/theory.md section 7), as weightings of the
+    traits the way PersonalLLM samples users of reward models:
+
+    - dirichlet_1: Dirichlet(1), uniform on the simplex (the users of the coverage stage, the
+      same draws: `dirichlet_users(d, k, seed)`);
+    - concentrated: Dirichlet(concentrated_alpha) with alpha < 1, most weight on one trait, users
+      near the corners;
+    - centred: Dirichlet(centred_alpha) with alpha > 1, users near (1/d, ..., 1/d);
+    - mixture: each user from one of the three above, chosen with equal probability.
+
+    Every population has its own random stream (seed, i), so adding one changes no other.
+    """
+    d, k = check_d(d), int(k)
+    alphas = {"dirichlet_1": 1.0, "concentrated": float(concentrated_alpha), "centred": float(centred_alpha)}
+    out = {"dirichlet_1": dirichlet_users(d, k, seed)}
+    for i, name in enumerate(("concentrated", "centred"), start=1):
+        out[name] = np.random.default_rng([seed, i]).dirichlet(np.full(d, alphas[name]), size=k)
+    rng = np.random.default_rng([seed, 3])
+    component = rng.integers(0, 3, size=k)
+    draws = np.stack([rng.dirichlet(np.full(d, a), size=k) for a in alphas.values()])  # (3, k, d)
+    out["mixture"] = draws[component, np.arange(k)]
+    return out
+
+
 def random_weights(d, k, seed):
     """k Dirichlet(1) weights (uniform on the simplex): the random-portfolio baseline."""
     return dirichlet_users(d, k, seed, alpha=1.0)

@@ -20,15 +20,21 @@ For k = 1..compare.k_max each method proposes a portfolio of (at most) k policie
 - soups: Rewarded Soups, the d specialists (trained) interpolated in weight space with the k
   mixing weights of simplex.uniform_weights: d trainings, k evaluations (a vertex is the
   specialist itself);
-- oracle: the best policy of the reference pool for each test weight (an upper reference).
+- oracle: the whole reference pool, the best policy for each test weight (an upper reference;
+  best-of-N of the base can still beat it).
 
 "Best k of a pool" is PALM's pruning with a size limit (metrics.best_subset): greedy forward
 selection on the PALM grid points (or a simplex lattice of step 1/compare.selection_lattice when
 the grid is too large), gaps measured against the pool's own best, so it uses nothing the method
 did not train. Every policy is a job run through `run_jobs`: a weight vector shared by two
 methods is trained once, and finished jobs of the align stage are reused. The reference pool is
-every policy of every method; gaps are relative to its best, on a simplex lattice plus
-Dirichlet(1) users (coverage.test_lattice, coverage.test_users, seed).
+every policy of every method. Gaps are against the evidence (docs/theory.md section 8): at each
+test weight the better of the reference pool's best and best-of-N sampling from the base (the
+sample pool, data/samples), on a simplex lattice plus Dirichlet(1) users (coverage.test_lattice,
+coverage.test_users, seed); the pool-only figure is kept beside it. Four simulated user
+populations (core.simplex.user_populations: Dirichlet(1), concentrated near the corners, centred,
+a mixture; coverage.test_users each) get their mean and worst gap. The evidence check lists the
+trained policies that the evidence beats at their own weight beyond compare's z (coverage.z_significant).
 """
 
 from __future__ import annotations
@@ -159,13 +165,20 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
     lattice = simplex.simplex_lattice(d, c.test_lattice)
     users = simplex.dirichlet_users(d, c.test_users, cfg.seed)
+    populations = simplex.user_populations(d, c.test_users, cfg.seed, cmp_.concentrated_alpha, cmp_.centred_alpha)
+    samples = schema.load_samples(root)
+    bon = BestOfN(samples, cfg.training.min_relevance)
+    evidence_check = check_against_evidence(ref, bon, c.z_significant)
     texts = {p.key: _completions(p.path) for p in ref}
     embeddings = _embed(texts)
 
     def measure(portfolio: list[Policy], trainings: int) -> dict:
         idx = sorted({index[p.key] for p in portfolio})
+        pool_only = metrics.gap_summary(R, idx, lattice, users)
         row = {"size": len(idx), "trainings": trainings, "members": [ref_keys[i] for i in idx],
-               **metrics.gap_summary(R, idx, lattice, users)}
+               **metrics.gap_summary(R, idx, lattice, users, reference=bon, populations=populations),
+               "pool_max_multiplicative_gap": pool_only["max_multiplicative_gap"],
+               "pool_mean_multiplicative_gap": pool_only["mean_multiplicative_gap"]}
         row["usage_perplexity"], row["usage_perplexity_se"] = metrics.perplexity_with_se(
             R, idx, users, cmp_.bootstrap, cfg.seed)
         row["distinct_n"] = metrics.distinct_n([t for i in idx for t in texts[ref_keys[i]]], cmp_.distinct_n)
@@ -174,8 +187,13 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
     results = {method: {str(k): _over_seeds([measure(p, t) for p, t in runs]) for k, runs in by_k.items()}
                for method, by_k in portfolios.items()}
+    everything = list(range(len(ref)))
+    pool_only = metrics.gap_summary(R, everything, lattice, users)  # 0 by construction: the check of that
     results["oracle"] = {"all": {"size": len(ref), "trainings": len(ref), "members": ref_keys,
-                                 **metrics.gap_summary(R, list(range(len(ref))), lattice, users)}}
+                                 **metrics.gap_summary(R, everything, lattice, users, reference=bon,
+                                                       populations=populations),
+                                 "pool_max_multiplicative_gap": pool_only["max_multiplicative_gap"],
+                                 "pool_mean_multiplicative_gap": pool_only["mean_multiplicative_gap"]}}
 
     made_now = sum(k not in finished_before for k in ref_keys)
     out = {
@@ -186,10 +204,19 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                            "reused": len(ref) - made_now},
         "test_weights": {"lattice": int(len(lattice)), "users": int(len(users)),
                          "lattice_step": f"1/{c.test_lattice}", "users_seed": cfg.seed,
-                         "relative_to": "the best of the reference pool (every policy of every method) "
-                                        "per test weight; max over lattice and users, means over users"},
+                         "relative_to": f"the evidence: per test weight the better of the reference pool's "
+                                        f"best (every policy of every method) and best-of-{samples.n} sampling "
+                                        f"from the base{bon.on_topic}; max over lattice and users, means "
+                                        f"over users (pool_*: against the reference pool only)",
+                         "best_of_n": samples.n},
+        "populations": {"names": list(populations), "users_each": c.test_users,
+                        "concentrated_alpha": cmp_.concentrated_alpha, "centred_alpha": cmp_.centred_alpha,
+                        "are": "dirichlet_1: Dirichlet(1); concentrated: Dirichlet(concentrated_alpha), near "
+                               "the corners; centred: Dirichlet(centred_alpha), near the centre; mixture: each "
+                               "user from one of the three with equal probability"},
         "selection_weights": int(len(selection)),
         "oracle_check": check.to_dict(),
+        "evidence_check": evidence_check,
         "results": results,
         "seconds": round(time.time() - started, 1),
     }
@@ -209,6 +236,60 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     log_evaluation_run(cfg, root, out, [report_file, *pictures])
     say(f"evaluate: {len(ref)} policies in the reference pool ({made_now} made now), "
         f"report in {report_file} ({out['seconds']:.0f}s)")
+    return out
+
+
+class BestOfN:
+    """test weights (m, d) -> w . R_BoN(w), best-of-N sampling from the base among on-topic answers
+    (schema.SamplePool.best_of_n, as the coverage stage's evidence). Memoized by the weights: every
+    portfolio is measured on the same test sets."""
+
+    def __init__(self, samples: schema.SamplePool, min_relevance: float):
+        self.samples, self.min_relevance = samples, min_relevance
+        self.on_topic = f" among answers with relevance >= {min_relevance:g}" if min_relevance > 0 else ""
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    def values_and_se(self, weights) -> tuple[np.ndarray, np.ndarray]:
+        from palm_tasks.core.evidence import scalar
+
+        mean, _, scalar_se = self.samples.best_of_n(weights, self.min_relevance)
+        return scalar(weights, mean), scalar_se
+
+    def __call__(self, weights) -> np.ndarray:
+        weights = np.ascontiguousarray(weights, float)
+        key = weights.tobytes()
+        if key not in self._cache:
+            self._cache[key] = self.values_and_se(weights)[0]
+        return self._cache[key]
+
+
+def check_against_evidence(ref: list[Policy], bon: BestOfN, z: float) -> dict:
+    """The trained policies the evidence beats at their own weight (docs/theory.md section 9):
+    E(w_j) - w_j . R_j beyond z se, E the better of every policy of the reference pool and
+    best-of-N of the base."""
+    from palm_tasks.core.evidence import beaten_rows, evidence
+
+    trained = [p for p in ref if p.kind == "trained"]
+    # candidates: the trained rows first, in order, so candidate j is row j (never beaten by itself)
+    candidates = trained + [p for p in ref if p.kind != "trained"]
+    out = {"checked": len(trained), "beaten": 0, "beaten_by_best_of_n": 0, "z": z,
+           "is": f"trained policies whose own-weight value falls short of the evidence (every policy of the "
+                 f"reference pool and best-of-{bon.samples.n} of the base{bon.on_topic}) by more than z se"}
+    if not trained:
+        return out
+    W = np.array([p.weights for p in trained])
+    bon_value, bon_se = bon.values_and_se(W)
+    ev = evidence(W, np.array([p.values for p in candidates]), np.array([p.std_errors for p in candidates]),
+                  bon_value, bon_se)
+    check = beaten_rows(W, np.array([p.values for p in trained]), np.array([p.std_errors for p in trained]), ev, z)
+    out["beaten"] = int(check.beaten.sum())
+    out["beaten_by_best_of_n"] = int((check.beaten & (check.by < 0)).sum())
+    if check.beaten.any():
+        j = int(np.argmax(np.where(check.beaten, check.shortfall, -np.inf)))
+        by = int(check.by[j])
+        out["worst"] = {"key": trained[j].key, "weights": list(trained[j].weights),
+                        "shortfall": float(check.shortfall[j]), "se": float(check.se[j]),
+                        "by": f"best-of-{bon.samples.n} of the base" if by < 0 else f"policy {candidates[by].key}"}
     return out
 
 
