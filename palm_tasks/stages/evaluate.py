@@ -15,7 +15,8 @@ For k = 1..compare.k_max each method proposes a portfolio of (at most) k policie
   farthest-point spread of the grid, extremes first, when the grid is larger: "capped"), then
   the best k of them;
 - uniform: the k evenly spread weights of simplex.uniform_weights;
-- random: k Dirichlet(1) weights, for compare.random_seeds seeds (mean ± standard error);
+- random: k Dirichlet(1) weights, for compare.random_seeds seeds (mean ± standard error); a
+  seed draws k_max weights once and its portfolio of size k is the first k (nested);
 - centroid: one policy trained at (1/d, ..., 1/d), k = 1 only;
 - soups: Rewarded Soups, the d specialists (trained) interpolated in weight space with the k
   mixing weights of simplex.uniform_weights: d trainings, k evaluations (a vertex is the
@@ -127,7 +128,10 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         portfolios["uniform"] = {k: [(train(simplex.uniform_weights(d, k)), k)] for k in ks}
     if "random" in methods:
         say(f"evaluate: random baseline, {len(seeds)} seeds")
-        portfolios["random"] = {k: [(train(simplex.random_weights(d, k, s)), k) for s in seeds] for k in ks}
+        # Per seed, k_max Dirichlet(1) draws and the portfolio of size k is the first k of them:
+        # each is still k independent draws, and a seed costs k_max trainings, not k_max (k_max + 1) / 2.
+        draws = {s: simplex.random_weights(d, max(ks), s) for s in seeds}
+        portfolios["random"] = {k: [(train(draws[s][:k]), k) for s in seeds] for k in ks}
     if "centroid" in methods:
         portfolios["centroid"] = {1: [(train([[1.0 / d] * d]), 1)]}
     if "soups" in methods:
