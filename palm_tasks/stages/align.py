@@ -83,13 +83,15 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     return metrics
 
 
-def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1) -> list[Policy]:
+def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1,
+                store: str = "models/members") -> list[Policy]:
     """Ask, train, tell until the search is done; the rows' policies (`initial`, the search's
     initial rows, first), then in the order they were first trained; a repaired row holds the
     better of its trainings.
 
     Each round asks the search for up to `workers` weights (runner.workers; docs/search.md,
-    parallel proposals), runs them through run_jobs at once and tells each result."""
+    parallel proposals), runs them through run_jobs at once and tells each result. `store`: where
+    new policies go (the evaluate stage keeps its own)."""
     rows: list[Policy] = list(initial)
     while batch := search.ask_batch(workers):
         pending = search.pending_all[:len(batch)]
@@ -98,9 +100,10 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
             if todo["source"] == "repair":
                 row, by = todo["row"], todo["by"]
                 start = rows[by] if by >= 0 else rows[row]
-                jobs.append(Job.train(w, init_from=paths.relative(start.path), attempt=search.repairs[row] + 1))
+                jobs.append(Job.train(w, store=store, init_from=paths.relative(start.path),
+                                      attempt=search.repairs[row] + 1))
             else:
-                jobs.append(Job.train(w))
+                jobs.append(Job.train(w, store=store))
         policies = run_jobs(jobs)
         for w, todo, policy in zip(batch, pending, policies):
             step = search.tell(w, policy.values, policy.std_errors)

@@ -10,7 +10,8 @@ Writes: models/evaluation/{members,soups}/ (its own job stores: what align did n
 
 For k = 1..compare.k_max each method proposes a portfolio of (at most) k policies:
 
-- palm_lazy: the lazy search (search.max_trainings), then the best k of its pool;
+- palm_lazy: the align stage's lazy search (search.max_trainings, best-of-N in its bound, beaten
+  rows repaired up to search.max_repairs times), then the best k of its rows;
 - palm_grid: policies trained on the PALM grid, at most compare.grid_budget of them (a
   farthest-point spread of the grid, extremes first, when the grid is larger: "capped"), then
   the best k of them;
@@ -57,9 +58,11 @@ from palm_tasks.log import say
 from palm_tasks.paths import Paths
 from palm_tasks.report import evaluation as report
 from palm_tasks.schema import Policy
+from palm_tasks.stages.align import reference as align_reference
+from palm_tasks.stages.align import search_loop
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
-          "coverage", "compare")
+          "coverage", "compare", "runner.workers")  # runner.workers: PALM's weights per round, as in align
 DEPS = ("portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
         "models/soups")
 OUTS = ("models/evaluation", "reports", "metrics/evaluate.details.json")
@@ -89,19 +92,29 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
     pools: dict[str, list[Policy]] = {}  # method -> its trained policies (palm methods)
     notes: dict[str, str] = {}
+    samples = schema.load_samples(root)
+    bon = BestOfN(samples, cfg.training.min_relevance)
+    lazy_trainings = 0
     if "palm_lazy" in methods:
-        say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings})")
-        search = LazySearch(d, c.eps, c.delta, cfg.search.max_trainings, z=c.z)
-        pools["palm_lazy"] = []
-        while (w := search.ask()) is not None:
-            (policy,) = train([w])
-            search.tell(w, policy.values, policy.std_errors)
-            pools["palm_lazy"].append(policy)
+        # The align stage's search, as the product runs it: best-of-N in the certificate's bound,
+        # beaten rows repaired (warm-started retraining), parallel proposals per runner.workers.
+        say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings}, {cfg.search.max_repairs} "
+            "repairs per row)")
+        search = LazySearch(d, c.eps, c.delta, cfg.search.max_trainings, z=c.z,
+                            reference=align_reference(samples, cfg.training.min_relevance),
+                            max_repairs=cfg.search.max_repairs, z_significant=c.z_significant)
+        rows = search_loop(search, run_jobs, paths, workers=cfg.runner.workers,
+                           store=paths.relative(paths.evaluation_members))
+        for policy in rows:  # a repaired row holds its better policy: the other methods share that
+            trained[tuple(np.round(np.asarray(policy.weights, float), 9))] = policy
+        pools["palm_lazy"] = rows
         result = search.result()
-        notes["palm_lazy"] = (f"lazy search stopped: {result.stopped} after {result.trainings} trainings; "
+        lazy_trainings = result.trainings
+        notes["palm_lazy"] = (f"lazy search stopped: {result.stopped} after {result.trainings} trainings "
+                              f"({sum(search.repairs)} of them repairs, {len(result.beaten)} row(s) still beaten by the evidence); "
                               f"its pruned portfolio has {len(result.members)} member(s) and is "
                               f"{'' if result.certificate.certified else 'not '}certified at eps = {c.eps}, "
-                              f"delta = {c.delta}")
+                              f"delta = {c.delta} against the evidence")
     grid_info = None
     omitted: dict[str, str] = {}
     if "palm_grid" in methods and c.delta == 0:
@@ -165,13 +178,12 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         if method in pools:
             pool = list({p.key: p for p in pools[method]}.values())
             order = metrics.greedy_order(np.array([p.values for p in pool]), min(cmp_.k_max, len(pool)), selection)
-            portfolios[method] = {k: [([pool[j] for j in sorted(order[:k])], len(pool))] for k in ks}
+            spent = lazy_trainings if method == "palm_lazy" else len(pool)  # repairs are trainings too
+            portfolios[method] = {k: [([pool[j] for j in sorted(order[:k])], spent)] for k in ks}
 
     lattice = simplex.simplex_lattice(d, c.test_lattice)
     users = simplex.dirichlet_users(d, c.test_users, cfg.seed)
     populations = simplex.user_populations(d, c.test_users, cfg.seed, cmp_.concentrated_alpha, cmp_.centred_alpha)
-    samples = schema.load_samples(root)
-    bon = BestOfN(samples, cfg.training.min_relevance)
     evidence_check = check_against_evidence(ref, bon, c.z_significant)
     texts = {p.key: _completions(p.path) for p in ref}
     embeddings = _embed(texts)
