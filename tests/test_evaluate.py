@@ -151,6 +151,11 @@ def test_tables_reading_and_simplex_plot(tmp_path):
                  "results": {**out["results"], "uniform": {"1": {**row(0.2, 1), **pop}, "2": row(0.15, 2)}}}
     md_pops = report.render_report(with_pops, ["g.png"])
     assert "### Dirichlet(1) users" in md_pops and "| uniform grid | 0.0200 ± 0.0030 / 0.0900 |  |" in md_pops
+    assert "Against the reference pool only" not in md  # no pool-only figures in these rows
+    pool_only = {**out, "results": {**out["results"], "uniform": {
+        "1": {**row(0.2, 1), "pool_max_multiplicative_gap": 0.125}, "2": row(0.15, 2)}}}
+    md_pool = report.render_report(pool_only, ["g.png"])
+    assert "Against the reference pool only" in md_pool and "| uniform grid | 0.1250 | - |" in md_pool
     ec = {"checked": 5, "beaten": 2, "beaten_by_best_of_n": 1, "z": 2.0,
           "worst": {"key": "k1", "weights": [0.0, 1.0, 0.0], "shortfall": 0.05, "se": 0.01,
                     "by": "best-of-8 of the base"}}
