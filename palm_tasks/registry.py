@@ -428,14 +428,9 @@ def _certificate_text(portfolio: Portfolio) -> str:
 
 
 def _evidence_text(portfolio: Portfolio) -> str:
-    ev, gate, lines = portfolio.evidence, portfolio.gate, []
-    if ev:
-        lines.append(f"Against the evidence (best-of-{ev['best_of_n']} sampling from the base and every "
-                     f"measured policy, on {ev['test_weights']} test weights): worst gap "
-                     f"{ev['worst_gap']:.4f} ± {ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} "
-                     f"against {ev['worst_against']}; mean {ev['mean_gap']:.4f}"
-                     + (f"; at delta {portfolio.delta} it asks for eps {ev['evidence_eps']:.4f}"
-                        if "evidence_eps" in ev else "") + ".")
+    gate, lines = portfolio.gate, []
+    if portfolio.evidence:
+        lines.append(portfolio.evidence_summary())
     if gate:
         lines.append(f"Quality gate ({'passed' if gate.get('passed') else 'FAILED'}): " + "; ".join(
             f"`{k[:10]}` {g.get('degenerate_share', float('nan')):.1%} degenerate answers, relevance "

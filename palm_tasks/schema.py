@@ -603,6 +603,19 @@ class Portfolio:
                        f"{c.get('shortfall', float('nan')):.4f} ± {c.get('se', float('nan')):.4f}")
         return out
 
+    def evidence_summary(self) -> str:
+        """The evidence audit in one sentence, as the run summary and the registry description
+        both say it; empty for a portfolio without an audit (docs/evidence.md)."""
+        ev = self.evidence
+        if not ev:
+            return ""
+        return (f"Against the evidence (best-of-{ev['best_of_n']} sampling from the base and every measured "
+                f"policy, on {ev['test_weights']} test weights): worst gap {ev['worst_gap']:.4f} ± "
+                f"{ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} against {ev['worst_against']}; mean "
+                f"{ev['mean_gap']:.4f}" + ("; it contradicts the certificate" if ev.get("contradicted") else "")
+                + (f"; at delta {self.delta} it asks for eps {ev['evidence_eps']:.4f}" if "evidence_eps" in ev else "")
+                + ".")
+
     def member(self, key: str) -> Member:
         for m in self.members:
             if m.key == key:

@@ -126,7 +126,11 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     portfolio_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-portfolio"
     alias = "candidate" if portfolio.blockers() else "production"
     assert result["register"]["alias"] == alias
-    assert client.get_model_version_by_alias(portfolio_model, alias).tags["portfolio_id"] == portfolio.id
+    registered = client.get_model_version_by_alias(portfolio_model, alias)
+    assert registered.tags["portfolio_id"] == portfolio.id
+    # the registry and the run summary say the evidence audit in the portfolio's one sentence
+    assert portfolio.evidence_summary().startswith("Against the evidence (best-of-")
+    assert portfolio.evidence_summary() in registered.description
 
     # the evidence audit: best-of-N of the base's sample pool and every measured policy, at every
     # test weight; recomputed here on the lattice (the audit also covers the test users)
@@ -154,6 +158,15 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert status.returncode == 0
     shown = status.stdout
     assert portfolio.id in shown and all(k in shown for k in pool.keys)
+    # the run summary says the same evidence sentence as the registry
+    import contextlib
+    import io
+
+    from palm_tasks.report.console import print_summary
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        print_summary(cfg, root)
+    assert "Against the evidence (best-of-" in " ".join(printed.getvalue().split())
 
     # a second run trains nothing and registers nothing new
     before = _member_files(root)

@@ -61,15 +61,8 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
         f"multiplicative max {cov['max_multiplicative_gap']:.4f} mean {cov['mean_multiplicative_gap']:.4f}, "
         f"additive max {cov['max_additive_gap']:.4f} mean {cov['mean_additive_gap']:.4f}; "
         f"usage perplexity {cov['usage_perplexity']:.2f}.")
-    ev = portfolio.evidence
-    if ev:
-        console.print(
-            f"Against the evidence (best-of-{ev['best_of_n']} of the base and every measured policy): worst gap "
-            f"{ev['worst_gap']:.4f} ± {ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} against "
-            f"{ev['worst_against']}; mean {ev['mean_gap']:.4f}"
-            + (" [red](contradicts the certificate)[/]" if ev.get("contradicted") else "")
-            + (f"; at delta {portfolio.delta} it asks for eps {ev['evidence_eps']:.4f}" if "evidence_eps" in ev else "")
-            + ".")
+    if portfolio.evidence:
+        console.print(portfolio.evidence_summary())
     se = max([s for m in portfolio.members for s in m.value.se], default=0.0)
     console.print(f"Largest standard error of a member's value: {se:.4f}.")
     for reason in portfolio.blockers():
