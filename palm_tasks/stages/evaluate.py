@@ -101,7 +101,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings}, {cfg.search.max_repairs} "
             "repairs per row)")
         search = LazySearch(d, c.eps, c.delta, cfg.search.max_trainings, z=c.z,
-                            reference=align_reference(samples, cfg.training.min_relevance),
+                            reference=bon.values_and_se,
                             max_repairs=cfg.search.max_repairs, z_significant=c.z_significant)
         rows = search_loop(search, run_jobs, paths, workers=cfg.runner.workers,
                            store=paths.relative(paths.evaluation_members))
@@ -261,15 +261,10 @@ class BestOfN:
     portfolio is measured on the same test sets."""
 
     def __init__(self, samples: schema.SamplePool, min_relevance: float):
-        self.samples, self.min_relevance = samples, min_relevance
+        self.samples = samples
+        self.values_and_se = align_reference(samples, min_relevance)  # W -> (w . R_BoN(w), its se)
         self.on_topic = f" among answers with relevance >= {min_relevance:g}" if min_relevance > 0 else ""
         self._cache: dict[bytes, np.ndarray] = {}
-
-    def values_and_se(self, weights) -> tuple[np.ndarray, np.ndarray]:
-        from palm_tasks.core.evidence import scalar
-
-        mean, _, scalar_se = self.samples.best_of_n(weights, self.min_relevance)
-        return scalar(weights, mean), scalar_se
 
     def __call__(self, weights) -> np.ndarray:
         weights = np.ascontiguousarray(weights, float)
