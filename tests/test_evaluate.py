@@ -56,6 +56,33 @@ def test_best_subset_and_gap_summary():
     assert E.gap_summary(R, [0, 1, 2], lattice, users)["max_additive_gap"] == 0.0
 
 
+def test_worst_gap_se_at_the_worst_weight():
+    R = np.array([[0.8, 0.2], [0.3, 0.9]])
+    SE = np.array([[0.03, 0.01], [0.02, 0.04]])
+    w = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    # member 0 alone: worst at w = (0, 1), 0.2 against row 1's 0.9
+    se = E.worst_gap_se(R, SE, [0], w)
+    assert se == pytest.approx(np.hypot(0.01 / 0.9, 0.2 * 0.04 / 0.9 ** 2))
+    # best-of-N worth 0.95 ± 0.005 at every weight: the worst is still at (0, 1), now against 0.95
+    ref, ref_se = np.full(3, 0.95), np.full(3, 0.005)
+    se_ref = E.worst_gap_se(R, SE, [0], w, ref, ref_se)
+    assert se_ref == pytest.approx(np.hypot(0.01 / 0.95, 0.2 * 0.005 / 0.95 ** 2))
+    assert E.worst_gap_se(R, SE, [0, 1], w) == 0.0  # the pool is its own best: no gap, no noise
+    with pytest.raises(ValueError, match="shaped like values"):
+        E.worst_gap_se(R, SE[:1], [0], w)
+    with pytest.raises(ValueError, match="go together"):
+        E.worst_gap_se(R, SE, [0], w, ref)
+    lattice, users = gridlib.simplex_lattice(2, 10), gridlib.dirichlet_users(2, 50, 0)
+    s = E.gap_summary(R, [0], lattice, users, std_errors=SE)
+    assert s["max_multiplicative_gap_se"] == pytest.approx(E.worst_gap_se(R, SE, [0], np.vstack([lattice, users])))
+    s = E.gap_summary(R, [0], lattice, users, reference=lambda W: np.full(len(W), 0.95), std_errors=SE,
+                      reference_se=lambda W: np.full(len(W), 0.005))
+    assert s["max_multiplicative_gap_se"] == pytest.approx(se_ref)
+    assert "max_multiplicative_gap_se" not in E.gap_summary(R, [0], lattice, users)  # no se's given
+    with pytest.raises(ValueError, match="go together"):
+        E.gap_summary(R, [0], lattice, users, reference=lambda W: np.full(len(W), 0.95), std_errors=SE)
+
+
 def test_gaps_against_a_reference_value_per_test_weight():
     R = np.array([[1.0, 0.0], [0.0, 1.0]])
     w = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
@@ -137,11 +164,17 @@ def test_tables_reading_and_simplex_plot(tmp_path):
     lines = report.reading(out)
     assert "k = 1" in lines[0] and "uniform grid" in lines[0] and "beaten by uniform grid" in lines[0]
     assert "k = 2" in lines[1] and "not beaten" in lines[1]
+    assert lines[1].endswith("ahead of uniform grid by more than 2 se.")  # no se measured: any lead counts
+    noisy = {m: {k: {**r, "max_multiplicative_gap_se": 0.04} for k, r in by_k.items()}
+             for m, by_k in out["results"].items()}
+    lines = report.reading({**out, "results": noisy})  # 0.1 and 0.05 apart; 2 se = 2 x 0.057
+    assert "beaten by uniform grid (within 2 se)" in lines[0]
+    assert lines[1].endswith("not beaten by a baseline, ahead of no baseline by more than 2 se.")
     seeds = {"1": {**row(0.25, 1), "max_multiplicative_gap_seed_se": 0.1},
              "2": {**row(0.05, 2), "max_multiplicative_gap_seed_se": 0.01}}
     lines = report.reading({**out, "methods": ["palm_lazy", "random"], "results": {**out["results"], "random": seeds}})
-    assert "beaten by random (by less than its se over seeds)" in lines[0]
-    assert lines[1].endswith("beaten by random.")
+    assert "beaten by random (within 2 se)" in lines[0]  # 0.05 apart, its se over seeds 0.1
+    assert "beaten by random, ahead of no baseline" in lines[1]  # 0.05 apart, se 0.01
     md = report.render_report(out, ["g.png"])
     assert "Alignment-oracle check" not in md  # no check in out: nothing said
     assert "Evidence check" not in md and "Simulated user populations" not in md
@@ -168,7 +201,10 @@ def test_tables_reading_and_simplex_plot(tmp_path):
                         "beaten_by_weights": [0.5, 0.0, 0.5]}}
     text = " ".join(report.oracle_reading({**out, "oracle_check": beaten}))
     assert "2 of the 4 trained policies are beaten" in text and "(1 by more than two" in text
-    assert "(0.00, 0.50, 0.50) against the one at (0.50, 0.00, 0.50)" in text
+    assert "(0.00, 0.50, 0.50) against the policy at (0.50, 0.00, 0.50)" in text
+    by_soup = {**beaten, "worst": {**beaten["worst"], "beaten_by_kind": "soup"}}
+    text_soup = " ".join(report.oracle_reading({**out, "oracle_check": by_soup}))
+    assert "against the soup of the specialists mixed at (0.50, 0.00, 0.50)" in text_soup
     assert "contradicts the assumption" in text
     text = " ".join(report.oracle_reading({**out, "oracle_check": {**beaten, "beaten_beyond_2_se": 0}}))
     assert "within evaluation noise" in text

@@ -84,6 +84,36 @@ def gaps(values, members, test_weights, reference=None):
     return Gaps(multiplicative=mult, additive=opt - P)
 
 
+def worst_gap_se(values, std_errors, members, test_weights, reference=None, reference_se=None) -> float:
+    """Standard error of the worst multiplicative gap 1 - P(w*)/E(w*) over test_weights, at the
+    weight w* where it is reached (theory section 8): the delta method on the member's value P and
+    the best value E there (a row of the pool, or the reference when that is higher), taken as
+    independent. Both are means over the same prompts and correlate positively, so this se is on
+    the large side; it does not count that w* was chosen as the worst (a max of noisy gaps is
+    biased up). 0 where the worst gap is 0 (the member is the best there).
+
+    reference, reference_se (m,): a value reachable at each test weight and its se (best-of-N)."""
+    V, S = np.asarray(values, float), np.asarray(std_errors, float)
+    if S.shape != V.shape or not np.isfinite(S).all() or (S < 0).any():
+        raise ValueError(f"std_errors must be finite, >= 0 and shaped like values {V.shape}, got {S.shape}")
+    if (reference is None) != (reference_se is None):
+        raise ValueError("reference and reference_se go together")
+    T = check_weights(np.atleast_2d(test_weights), V.shape[1])
+    g = gaps(V, members, T, reference)
+    t = int(np.argmax(g.multiplicative))
+    if g.multiplicative[t] <= 0:
+        return 0.0
+    w, at_w = T[t], V @ T[t]
+    members = np.unique(np.asarray(members, dtype=int))
+    m = members[np.argmax(at_w[members])]
+    j = int(np.argmax(at_w))
+    best, best_se = at_w[j], float(np.sqrt(((w * S[j]) ** 2).sum()))
+    if reference is not None and float(reference[t]) > best:
+        best, best_se = float(reference[t]), float(reference_se[t])
+    value, value_se = at_w[m], float(np.sqrt(((w * S[m]) ** 2).sum()))
+    return float(np.sqrt((value_se / best) ** 2 + (value * best_se / best ** 2) ** 2))
+
+
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error std(ddof=1) / sqrt(n) (0 for a single value)."""
     xs = np.asarray(xs, float)
@@ -91,18 +121,22 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndarray,
-                users: np.ndarray, reference=None, populations=None) -> dict:
+                users: np.ndarray, reference=None, populations=None, std_errors=None,
+                reference_se=None) -> dict:
     """Gaps of ref_values[members] against the best of ref_values: max over lattice and users,
     mean over the users with its standard error (the users are a sample).
 
     reference: a function test weights (m, d) -> a value reachable at each (best-of-N of the
     base), so the gaps are against the evidence E(w) (theory section 8) instead of the pool only.
     populations: {name: users (n, d)} -> per population the mean gap (with se) and the worst,
-    keys `<name>_mean_gap`, `<name>_mean_gap_se`, `<name>_worst_gap` (multiplicative)."""
+    keys `<name>_mean_gap`, `<name>_mean_gap_se`, `<name>_worst_gap` (multiplicative).
+    std_errors (n, d) of ref_values, with reference_se (a function like reference) when reference
+    is given: adds `max_multiplicative_gap_se`, the worst gap's se at its weight (worst_gap_se)."""
     def at(weights):
         return gaps(ref_values, members, weights, None if reference is None else reference(weights))
 
-    g_all, g_users = at(np.vstack([lattice, users])), at(users)
+    test = np.vstack([lattice, users])
+    g_all, g_users = at(test), at(users)
     mult_mean, mult_se = mean_se(g_users.multiplicative)
     add_mean, add_se = mean_se(g_users.additive)
     out = {"max_multiplicative_gap": g_all.max_multiplicative,
@@ -111,6 +145,11 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
            "mean_multiplicative_gap_se": mult_se,
            "mean_additive_gap": add_mean,
            "mean_additive_gap_se": add_se}
+    if std_errors is not None:
+        if (reference is None) != (reference_se is None):
+            raise ValueError("gap_summary: with std_errors, reference and reference_se go together")
+        at_test = (reference(test), reference_se(test)) if reference is not None else (None, None)
+        out["max_multiplicative_gap_se"] = worst_gap_se(ref_values, std_errors, members, test, *at_test)
     for name, weights in (populations or {}).items():
         g = at(weights).multiplicative
         out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean_se(g)

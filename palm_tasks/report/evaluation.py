@@ -133,17 +133,28 @@ def reading(out: dict) -> list[str]:
         winners = [LABELS[m] for m, v in at_k.items() if v <= best + 1e-12]
         line = f"- k = {k}: lowest worst-case multiplicative gap {best:.4f} by {', '.join(winners)}"
         if "palm_lazy" in at_k:
-            beaten = []
-            for m in rivals:
-                if m in at_k and at_k[m] < at_k["palm_lazy"] - 1e-12:
-                    se = res[m][str(k)].get("max_multiplicative_gap_seed_se")  # random: over seeds
-                    close = se and at_k["palm_lazy"] - at_k[m] < se
-                    beaten.append(LABELS[m] + (" (by less than its se over seeds)" if close else ""))
+            palm, beaten, ahead = at_k["palm_lazy"], [], []
+            for m in (m for m in rivals if m in at_k):
+                se = float(np.hypot(_worst_se(res[m][str(k)]), _worst_se(res["palm_lazy"][str(k)])))
+                if at_k[m] < palm - 1e-12:
+                    beaten.append(LABELS[m] + (" (within 2 se)" if palm - at_k[m] < 2 * se else ""))
+                elif at_k[m] - palm > 2 * se:
+                    ahead.append(LABELS[m])
             size = res["palm_lazy"][str(k)]["size"]
-            line += (f"; PALM lazy ({size} policies) {at_k['palm_lazy']:.4f}"
-                     + (f", beaten by {', '.join(beaten)}" if beaten else ", not beaten by a baseline"))
+            line += (f"; PALM lazy ({size} policies) {palm:.4f}"
+                     + (f", beaten by {', '.join(beaten)}" if beaten else ", not beaten by a baseline")
+                     + (f", ahead of {', '.join(ahead)} by more than 2 se" if ahead else
+                        ", ahead of no baseline by more than 2 se"))
         lines.append(line + ".")
     return lines
+
+
+def _worst_se(row: dict) -> float:
+    """The se of a row's worst gap: at its weight, or over seeds for random (0 if not measured)."""
+    return float(row.get("max_multiplicative_gap_se", row.get("max_multiplicative_gap_seed_se")) or 0.0)
+
+
+BEATER = {"trained": "the policy trained at", "soup": "the soup of the specialists mixed at"}
 
 
 def oracle_reading(out: dict) -> list[str]:
@@ -160,8 +171,9 @@ def oracle_reading(out: dict) -> list[str]:
     return [f"Alignment-oracle check: {oc['beaten']} of the {oc['checked']} trained policies are beaten "
             f"at their own training weight by another policy of the pool ({significant} by more than two "
             f"standard errors); the largest shortfall is {worst['shortfall']:.4f} ({worst['z']:.1f} se), "
-            f"the policy trained at {fmt(worst['weights'])} against the one at "
-            f"{fmt(worst['beaten_by_weights'])} (mean shortfall "
+            f"the policy trained at {fmt(worst['weights'])} against "
+            f"{BEATER.get(worst.get('beaten_by_kind'), 'the policy at')} {fmt(worst['beaten_by_weights'])} "
+            f"(mean shortfall "
             f"{oc['mean_shortfall']:.4f}). "
             + ("Every shortfall beyond two standard errors contradicts the assumption PALM's certificate "
                "and lazy search rest on (each trained policy optimal at its weight): the certificate holds "
@@ -182,8 +194,10 @@ def render_report(out: dict, pictures: list[str]) -> str:
         f"({tw['lattice']} weights) and {tw['users']} Dirichlet(1) users (seed {tw['users_seed']}). "
         f"Reference pool: {pool['size']} policies ({pool['new_in_this_run']} trained or, for soups, "
         f"evaluated in this run; {pool['reused']} reused from the job cache). Standard errors (±) are over the users for mean "
-        f"gaps, a bootstrap of the users for usage perplexity, and over {len(out['random_seeds'])} seeds "
-        f"for the random baseline. The evaluation took {out['seconds']:.0f} s.",
+        f"gaps, a bootstrap of the users for usage perplexity, over {len(out['random_seeds'])} seeds for "
+        f"the random baseline, and for a worst gap its se at the weight where it is reached (the delta "
+        f"method on the two values there, over the evaluation prompts). The evaluation took "
+        f"{out['seconds']:.0f} s.",
         "",
     ]
     for method, note in out["notes"].items():

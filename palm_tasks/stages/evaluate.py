@@ -168,7 +168,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     # every policy of every method, distinct, in order: trained ones, then soups
     ref = list({p.key: p for p in [*trained.values(), *soups.values()]}.values())
     ref_keys = [p.key for p in ref]
-    R = np.array([p.values for p in ref])
+    R, SE = np.array([p.values for p in ref]), np.array([p.std_errors for p in ref])
     index = {p.key: i for i, p in enumerate(ref)}
     oracle_rows = np.array([p.kind == "trained" for p in ref])  # soups are candidates, not oracle rows
     check = metrics.oracle_check([p.weights for p in ref], R, [p.std_errors for p in ref], oracle_rows,
@@ -188,13 +188,18 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     texts = {p.key: _completions(p.path) for p in ref}
     embeddings = _embed(texts)
 
+    def against_evidence(idx: list[int]) -> dict:
+        """The gaps of ref[idx] against the evidence, and the worst and mean against the pool only."""
+        pool_only = metrics.gap_summary(R, idx, lattice, users, std_errors=SE)
+        return {**metrics.gap_summary(R, idx, lattice, users, reference=bon, populations=populations,
+                                      std_errors=SE, reference_se=bon.se),
+                **{f"pool_{name}": pool_only[name] for name in
+                   ("max_multiplicative_gap", "max_multiplicative_gap_se", "mean_multiplicative_gap")}}
+
     def measure(portfolio: list[Policy], trainings: int) -> dict:
         idx = sorted({index[p.key] for p in portfolio})
-        pool_only = metrics.gap_summary(R, idx, lattice, users)
         row = {"size": len(idx), "trainings": trainings, "members": [ref_keys[i] for i in idx],
-               **metrics.gap_summary(R, idx, lattice, users, reference=bon, populations=populations),
-               "pool_max_multiplicative_gap": pool_only["max_multiplicative_gap"],
-               "pool_mean_multiplicative_gap": pool_only["mean_multiplicative_gap"]}
+               **against_evidence(idx)}
         row["usage_perplexity"], row["usage_perplexity_se"] = metrics.perplexity_with_se(
             R, idx, users, cmp_.bootstrap, cfg.seed)
         row["distinct_n"] = metrics.distinct_n([t for i in idx for t in texts[ref_keys[i]]], cmp_.distinct_n)
@@ -203,13 +208,9 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
     results = {method: {str(k): _over_seeds([measure(p, t) for p, t in runs]) for k, runs in by_k.items()}
                for method, by_k in portfolios.items()}
-    everything = list(range(len(ref)))
-    pool_only = metrics.gap_summary(R, everything, lattice, users)  # 0 by construction: the check of that
+    # the whole pool: 0 against the pool by construction, the floor of every method against the evidence
     results["oracle"] = {"all": {"size": len(ref), "trainings": len(ref), "members": ref_keys,
-                                 **metrics.gap_summary(R, everything, lattice, users, reference=bon,
-                                                       populations=populations),
-                                 "pool_max_multiplicative_gap": pool_only["max_multiplicative_gap"],
-                                 "pool_mean_multiplicative_gap": pool_only["mean_multiplicative_gap"]}}
+                                 **against_evidence(list(range(len(ref))))}}
 
     made_now = sum(k not in finished_before for k in ref_keys)
     out = {
@@ -231,7 +232,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                                "the corners; centred: Dirichlet(centred_alpha), near the centre; mixture: each "
                                "user from one of the three with equal probability"},
         "selection_weights": int(len(selection)),
-        "oracle_check": check.to_dict(),
+        "oracle_check": _named(check.to_dict(), ref),
         "evidence_check": evidence_check,
         "results": results,
         "seconds": round(time.time() - started, 1),
@@ -257,21 +258,27 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
 class BestOfN:
     """test weights (m, d) -> w . R_BoN(w), best-of-N sampling from the base among on-topic answers
-    (schema.SamplePool.best_of_n, as the coverage stage's evidence). Memoized by the weights: every
-    portfolio is measured on the same test sets."""
+    (schema.SamplePool.best_of_n, as the coverage stage's evidence); `se` gives its standard errors.
+    Memoized by the weights: every portfolio is measured on the same test sets."""
 
     def __init__(self, samples: schema.SamplePool, min_relevance: float):
         self.samples = samples
         self.values_and_se = align_reference(samples, min_relevance)  # W -> (w . R_BoN(w), its se)
         self.on_topic = f" among answers with relevance >= {min_relevance:g}" if min_relevance > 0 else ""
-        self._cache: dict[bytes, np.ndarray] = {}
+        self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
-    def __call__(self, weights) -> np.ndarray:
+    def _at(self, weights) -> tuple[np.ndarray, np.ndarray]:
         weights = np.ascontiguousarray(weights, float)
         key = weights.tobytes()
         if key not in self._cache:
-            self._cache[key] = self.values_and_se(weights)[0]
+            self._cache[key] = self.values_and_se(weights)
         return self._cache[key]
+
+    def __call__(self, weights) -> np.ndarray:
+        return self._at(weights)[0]
+
+    def se(self, weights) -> np.ndarray:
+        return self._at(weights)[1]
 
 
 def check_against_evidence(ref: list[Policy], bon: BestOfN, z: float) -> dict:
@@ -319,6 +326,16 @@ def selection_weights(cfg: PalmConfig) -> np.ndarray:
     if c.delta > 0 and gridlib.grid_size_bound(d, c.eps, c.delta) <= MAX_SELECTION_WEIGHTS:
         return gridlib.palm_grid(d, c.eps, c.delta)
     return simplex.simplex_lattice(d, cfg.compare.selection_lattice)
+
+
+def _named(oracle_check: dict, ref: list[Policy]) -> dict:
+    """The oracle check with its worst case's beater named: key and kind (a soup is a mixture, not a
+    policy trained at that weight)."""
+    worst = oracle_check.get("worst")
+    if worst:
+        by = ref[worst["beaten_by_row"]]
+        worst["beaten_by_key"], worst["beaten_by_kind"] = by.key, by.kind
+    return oracle_check
 
 
 def _over_seeds(rows: list[dict]) -> dict:
