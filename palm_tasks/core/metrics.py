@@ -145,11 +145,10 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
            "mean_multiplicative_gap_se": mult_se,
            "mean_additive_gap": add_mean,
            "mean_additive_gap_se": add_se}
-    if std_errors is not None:
-        if (reference is None) != (reference_se is None):
-            raise ValueError("gap_summary: with std_errors, reference and reference_se go together")
-        at_test = (reference(test), reference_se(test)) if reference is not None else (None, None)
-        out["max_multiplicative_gap_se"] = worst_gap_se(ref_values, std_errors, members, test, *at_test)
+    if std_errors is not None:  # worst_gap_se refuses a reference without its se
+        out["max_multiplicative_gap_se"] = worst_gap_se(
+            ref_values, std_errors, members, test, None if reference is None else reference(test),
+            None if reference_se is None else reference_se(test))
     for name, weights in (populations or {}).items():
         g = at(weights).multiplicative
         out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean_se(g)

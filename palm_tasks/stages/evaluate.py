@@ -171,7 +171,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     R, SE = np.array([p.values for p in ref]), np.array([p.std_errors for p in ref])
     index = {p.key: i for i, p in enumerate(ref)}
     oracle_rows = np.array([p.kind == "trained" for p in ref])  # soups are candidates, not oracle rows
-    check = metrics.oracle_check([p.weights for p in ref], R, [p.std_errors for p in ref], oracle_rows,
+    check = metrics.oracle_check([p.weights for p in ref], R, SE, oracle_rows,
                                  z_significant=c.z_significant)
     selection = selection_weights(cfg)
     for method in ("palm_lazy", "palm_grid"):
