@@ -132,6 +132,15 @@ def test_gap_summary_per_population_against_a_reference():
     # against a best-of-N worth 0.95 everywhere the left users (value 0.9, 1.0) fall short too
     assert flat["left_worst_gap"] == pytest.approx(1 - 0.9 / 0.95)
     assert flat["max_multiplicative_gap"] >= s["max_multiplicative_gap"]
+    assert "left_worst_gap_se" not in flat  # no std_errors given: no se claimed
+    SE = np.array([[0.02, 0.01], [0.01, 0.03]])
+    noisy = E.gap_summary(R, [0], lattice, pops["left"], populations=pops, std_errors=SE)
+    # each population's worst gap carries the se at its own worst user, not the lattice's worst weight
+    for name, users in pops.items():
+        assert noisy[f"{name}_worst_gap_se"] == pytest.approx(E.worst_gap_se(R, SE, [0], users)), name
+    assert noisy["left_worst_gap_se"] == 0.0  # member 0 is the best for every left user
+    assert noisy["right_worst_gap_se"] > 0
+    assert noisy["right_worst_gap_se"] != pytest.approx(noisy["max_multiplicative_gap_se"])
 
 
 def test_spread_subset_starts_at_extremes_and_perplexity_se():
@@ -184,6 +193,9 @@ def test_tables_reading_and_simplex_plot(tmp_path):
                  "results": {**out["results"], "uniform": {"1": {**row(0.2, 1), **pop}, "2": row(0.15, 2)}}}
     md_pops = report.render_report(with_pops, ["g.png"])
     assert "### Dirichlet(1) users" in md_pops and "| uniform grid | 0.0200 ± 0.0030 / 0.0900 |  |" in md_pops
+    pop_se = {**with_pops, "results": {**out["results"], "uniform": {
+        "1": {**row(0.2, 1), **pop, "dirichlet_1_worst_gap_se": 0.011}, "2": row(0.15, 2)}}}
+    assert "| uniform grid | 0.0200 ± 0.0030 / 0.0900 ± 0.0110 |  |" in report.render_report(pop_se, ["g.png"])
     assert "Against the reference pool only" not in md  # no pool-only figures in these rows
     pool_only = {**out, "results": {**out["results"], "uniform": {
         "1": {**row(0.2, 1), "pool_max_multiplicative_gap": 0.125}, "2": row(0.15, 2)}}}

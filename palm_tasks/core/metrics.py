@@ -131,7 +131,8 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
     populations: {name: users (n, d)} -> per population the mean gap (with se) and the worst,
     keys `<name>_mean_gap`, `<name>_mean_gap_se`, `<name>_worst_gap` (multiplicative).
     std_errors (n, d) of ref_values, with reference_se (a function like reference) when reference
-    is given: adds `max_multiplicative_gap_se`, the worst gap's se at its weight (worst_gap_se)."""
+    is given: adds `max_multiplicative_gap_se`, the worst gap's se at its weight (worst_gap_se),
+    and `<name>_worst_gap_se` per population."""
     def at(weights):
         return gaps(ref_values, members, weights, None if reference is None else reference(weights))
 
@@ -153,6 +154,10 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
         g = at(weights).multiplicative
         out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean_se(g)
         out[f"{name}_worst_gap"] = float(g.max())
+        if std_errors is not None:
+            out[f"{name}_worst_gap_se"] = worst_gap_se(
+                ref_values, std_errors, members, weights, None if reference is None else reference(weights),
+                None if reference_se is None else reference_se(weights))
     return out
 
 

@@ -84,7 +84,7 @@ def population_table(out: dict, population: str) -> str:
             if row is None or f"{population}_mean_gap" not in row:
                 cells.append("")
                 continue
-            cells.append(f"{_fmt(row, f'{population}_mean_gap')} / {row[f'{population}_worst_gap']:.4f}")
+            cells.append(f"{_fmt(row, f'{population}_mean_gap')} / {_fmt(row, f'{population}_worst_gap')}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,7 +97,8 @@ def populations_section(out: dict) -> list[str]:
              f"{pops['users_each']} users of each population, weights over the traits as in PersonalLLM: "
              f"{pops['are']} (concentrated alpha {pops['concentrated_alpha']:g}, centred alpha "
              f"{pops['centred_alpha']:g}). Each cell: mean multiplicative gap against the evidence ± its se "
-             f"over the users / the worst gap among them.", ""]
+             f"over the users / the worst gap among them ± its se at that user's weight (the values' evaluation "
+             f"noise; for random, the spread over seeds).", ""]
     for name in pops["names"]:
         parts += [f"### {POPULATION_LABELS.get(name, name)}", "", population_table(out, name), ""]
     return parts
