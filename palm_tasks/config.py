@@ -331,8 +331,9 @@ class CompareConfig(Section):
         description="palm_lazy (lazy search) | palm_grid (PALM grid) | uniform | random (Dirichlet(1)) "
                     "| centroid (k = 1) | soups (Rewarded Soups)")
     distinct_n: int = Field(2, ge=1, description="output diversity: distinct-n over the members' responses")
-    bootstrap: int = Field(200, ge=0, description="bootstrap resamples of the users for the se of usage "
-                                                  "perplexity (< 2: no se)")
+    bootstrap: int = Field(200, ge=0, description="bootstrap draws: resamples of the users for the se of "
+                                                  "usage perplexity, and of the values' evaluation noise "
+                                                  "for the se of mean gaps (< 2: neither)")
     selection_lattice: int = Field(15, ge=1, description="PALM grid too large: 'best k of a pool' selects on "
                                                          "a lattice of step 1/selection_lattice; must differ "
                                                          "from coverage.test_lattice")

@@ -83,6 +83,43 @@ def test_worst_gap_se_at_the_worst_weight():
         E.gap_summary(R, [0], lattice, users, reference=lambda W: np.full(len(W), 0.95), std_errors=SE)
 
 
+def test_mean_gap_noise_se_is_the_values_noise_that_more_users_do_not_average_away():
+    R = np.array([[0.5, 0.5], [0.2, 0.3]])
+    quiet = np.zeros_like(R)
+    few, many = gridlib.dirichlet_users(2, 20, 0), gridlib.dirichlet_users(2, 2000, 0)
+    flat, flat_se = (lambda W: np.ones(len(W))), (lambda W: np.full(len(W), 0.1))
+    # exact values, exact reference: no noise to carry
+    assert E.mean_gap_noise_se(R, quiet, [0], many, flat(many), np.zeros(len(many))) == (0.0, 0.0)
+    # member 0 is worth 0.5 everywhere against best-of-N 1 ± 0.1 shared by all weights:
+    # the delta method gives 0.5 / 1^2 x 0.1 = 0.05 for the mean multiplicative gap, 0.1 for the additive
+    for users in (few, many):
+        mult, add = E.mean_gap_noise_se(R, quiet, [0], users, flat(users), flat_se(users), draws=2000)
+        assert mult == pytest.approx(0.05, rel=0.1) and add == pytest.approx(0.1, rel=0.1)
+    # against the pool: the member's own noise, the same for every user, moves the mean as much
+    SE = np.array([[0.0, 0.0], [0.05, 0.05]])
+    # 1 - P1(w)/0.5 with P1(w) = w . (0.2 + 0.05 z1, 0.3 + 0.05 z2): the mean over users moves by
+    # 0.05 (z1 mean(w1) + z2 mean(w2)), mean(w) = (0.5, 0.5), so its sd is 0.05 x sqrt(0.5) / 0.5
+    mult, _ = E.mean_gap_noise_se(R, SE, [1], many, draws=2000)
+    assert mult == pytest.approx(0.05 * np.sqrt(0.5) / 0.5, rel=0.1)
+    assert E.mean_gap_noise_se(R, SE, [1], many, seed=3) == E.mean_gap_noise_se(R, SE, [1], many, seed=3)
+    assert E.mean_gap_noise_se(R, SE, [1], many, draws=1) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="shaped like values"):
+        E.mean_gap_noise_se(R, SE[:1], [1], many)
+    with pytest.raises(ValueError, match="go together"):
+        E.mean_gap_noise_se(R, SE, [1], many, flat(many))
+    # gap_summary's mean-gap se: the users' se alone without std_errors, both combined with them
+    lattice = gridlib.simplex_lattice(2, 10)
+    users_only = E.gap_summary(R, [1], lattice, many)
+    both = E.gap_summary(R, [1], lattice, many, std_errors=SE, noise_draws=2000)
+    noise = E.mean_gap_noise_se(R, SE, [1], many, draws=2000)
+    assert both["mean_multiplicative_gap_se"] == pytest.approx(np.hypot(users_only["mean_multiplicative_gap_se"],
+                                                                         noise[0]))
+    assert both["mean_multiplicative_gap_se"] > 5 * users_only["mean_multiplicative_gap_se"]  # 2000 users
+    assert both["mean_additive_gap_se"] == pytest.approx(np.hypot(users_only["mean_additive_gap_se"], noise[1]))
+    assert E.gap_summary(R, [1], lattice, many, std_errors=SE, noise_draws=0)["mean_multiplicative_gap_se"] \
+        == users_only["mean_multiplicative_gap_se"]
+
+
 def test_gaps_against_a_reference_value_per_test_weight():
     R = np.array([[1.0, 0.0], [0.0, 1.0]])
     w = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])

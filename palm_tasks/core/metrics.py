@@ -84,6 +84,16 @@ def gaps(values, members, test_weights, reference=None):
     return Gaps(multiplicative=mult, additive=opt - P)
 
 
+def _values_with_se(values, std_errors, reference, reference_se) -> tuple[np.ndarray, np.ndarray]:
+    """values and their std_errors as float arrays, checked; a reference comes with its se."""
+    V, S = np.asarray(values, float), np.asarray(std_errors, float)
+    if S.shape != V.shape or not np.isfinite(S).all() or (S < 0).any():
+        raise ValueError(f"std_errors must be finite, >= 0 and shaped like values {V.shape}, got {S.shape}")
+    if (reference is None) != (reference_se is None):
+        raise ValueError("reference and reference_se go together")
+    return V, S
+
+
 def worst_gap_se(values, std_errors, members, test_weights, reference=None, reference_se=None) -> float:
     """Standard error of the worst multiplicative gap 1 - P(w*)/E(w*) over test_weights, at the
     weight w* where it is reached (theory section 8): the delta method on the member's value P and
@@ -93,11 +103,7 @@ def worst_gap_se(values, std_errors, members, test_weights, reference=None, refe
     biased up). 0 where the worst gap is 0 (the member is the best there).
 
     reference, reference_se (m,): a value reachable at each test weight and its se (best-of-N)."""
-    V, S = np.asarray(values, float), np.asarray(std_errors, float)
-    if S.shape != V.shape or not np.isfinite(S).all() or (S < 0).any():
-        raise ValueError(f"std_errors must be finite, >= 0 and shaped like values {V.shape}, got {S.shape}")
-    if (reference is None) != (reference_se is None):
-        raise ValueError("reference and reference_se go together")
+    V, S = _values_with_se(values, std_errors, reference, reference_se)
     T = check_weights(np.atleast_2d(test_weights), V.shape[1])
     g = gaps(V, members, T, reference)
     t = int(np.argmax(g.multiplicative))
@@ -114,6 +120,30 @@ def worst_gap_se(values, std_errors, members, test_weights, reference=None, refe
     return float(np.sqrt((value_se / best) ** 2 + (value * best_se / best ** 2) ** 2))
 
 
+def mean_gap_noise_se(values, std_errors, members, weights, reference=None, reference_se=None,
+                      draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Standard errors of the mean multiplicative and additive gap over `weights` that come from
+    the evaluation noise of the values (theory section 8), by a parametric bootstrap: each draw
+    moves every value by its se times an independent normal and the reference by its se times
+    one normal shared by all weights (best-of-N at nearby weights comes from the same answers, so
+    its errors move together; sharing is the cautious choice), then takes the mean gaps again.
+
+    The users' own sampling is not in it (mean_se over the gaps gives that); every user sees the
+    same noisy values, so this part does not shrink with more users. draws < 2: (0, 0)."""
+    if draws < 2:
+        return 0.0, 0.0
+    V, S = _values_with_se(values, std_errors, reference, reference_se)
+    W = check_weights(np.atleast_2d(weights), V.shape[1])
+    rng = np.random.default_rng(seed)
+    mult, add = np.empty(draws), np.empty(draws)
+    for b in range(draws):
+        ref = None if reference is None else (np.asarray(reference, float)
+                                              + np.asarray(reference_se, float) * rng.standard_normal())
+        g = gaps(V + S * rng.standard_normal(V.shape), members, W, ref)
+        mult[b], add[b] = g.multiplicative.mean(), g.additive.mean()
+    return float(mult.std(ddof=1)), float(add.std(ddof=1))
+
+
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error std(ddof=1) / sqrt(n) (0 for a single value)."""
     xs = np.asarray(xs, float)
@@ -122,9 +152,10 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
 
 def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndarray,
                 users: np.ndarray, reference=None, populations=None, std_errors=None,
-                reference_se=None) -> dict:
+                reference_se=None, noise_draws: int = 200, seed: int = 0) -> dict:
     """Gaps of ref_values[members] against the best of ref_values: max over lattice and users,
-    mean over the users with its standard error (the users are a sample).
+    mean over the users with its standard error (the users are a sample; with std_errors also the
+    values' evaluation noise, mean_gap_noise_se with noise_draws and seed, combined in quadrature).
 
     reference: a function test weights (m, d) -> a value reachable at each (best-of-N of the
     base), so the gaps are against the evidence E(w) (theory section 8) instead of the pool only.
@@ -136,10 +167,19 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
     def at(weights):
         return gaps(ref_values, members, weights, None if reference is None else reference(weights))
 
+    def noise_se(weights) -> tuple[float, float]:
+        if std_errors is None:
+            return 0.0, 0.0
+        return mean_gap_noise_se(ref_values, std_errors, members, weights,
+                                 None if reference is None else reference(weights),
+                                 None if reference_se is None else reference_se(weights), noise_draws, seed)
+
     test = np.vstack([lattice, users])
     g_all, g_users = at(test), at(users)
     mult_mean, mult_se = mean_se(g_users.multiplicative)
     add_mean, add_se = mean_se(g_users.additive)
+    mult_noise, add_noise = noise_se(users)
+    mult_se, add_se = float(np.hypot(mult_se, mult_noise)), float(np.hypot(add_se, add_noise))
     out = {"max_multiplicative_gap": g_all.max_multiplicative,
            "max_additive_gap": g_all.max_additive,
            "mean_multiplicative_gap": mult_mean,
@@ -152,7 +192,8 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
             None if reference_se is None else reference_se(test))
     for name, weights in (populations or {}).items():
         g = at(weights).multiplicative
-        out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean_se(g)
+        mean, users_se = mean_se(g)
+        out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean, float(np.hypot(users_se, noise_se(weights)[0]))
         out[f"{name}_worst_gap"] = float(g.max())
         if std_errors is not None:
             out[f"{name}_worst_gap_se"] = worst_gap_se(

@@ -190,9 +190,10 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
 
     def against_evidence(idx: list[int]) -> dict:
         """The gaps of ref[idx] against the evidence, and the worst and mean against the pool only."""
-        pool_only = metrics.gap_summary(R, idx, lattice, users, std_errors=SE)
+        pool_only = metrics.gap_summary(R, idx, lattice, users, std_errors=SE, noise_draws=0)  # no mean se kept
         return {**metrics.gap_summary(R, idx, lattice, users, reference=bon, populations=populations,
-                                      std_errors=SE, reference_se=bon.se),
+                                      std_errors=SE, reference_se=bon.se, noise_draws=cmp_.bootstrap,
+                                      seed=cfg.seed),
                 **{f"pool_{name}": pool_only[name] for name in
                    ("max_multiplicative_gap", "max_multiplicative_gap_se", "mean_multiplicative_gap")}}
 
