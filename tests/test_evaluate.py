@@ -238,6 +238,22 @@ def test_tables_reading_and_simplex_plot(tmp_path):
         "1": {**row(0.2, 1), "pool_max_multiplicative_gap": 0.125}, "2": row(0.15, 2)}}}
     md_pool = report.render_report(pool_only, ["g.png"])
     assert "Against the reference pool only" in md_pool and "| uniform grid | 0.1250 | - |" in md_pool
+    audit = {"members": ["a", "b"], "certified": True, "eps": 0.05, "delta": 0.02, "test_weights": 1021,
+             "evidence_eps": 0.031, "evidence_eps_weight": {"a": 0.31, "b": 0.69},
+             "evidence_eps_against": "best-of-8 of the base", "contradicted": False}
+    line = report.certificate_reading({**out, "certificate_audit": audit})[0]
+    assert "its 2-member portfolio, certified by the lazy search at eps = 0.05, delta = 0.02" in line
+    assert "all 1,021 test weights for eps = 0.0310 (the tightest at (0.31, 0.69), against best-of-8" in line
+    assert line.endswith("**the promise holds against the evidence**.")
+    broken = report.certificate_reading({**out, "certificate_audit": {**audit, "evidence_eps": 0.09,
+                                                                       "contradicted": True}})[0]
+    assert broken.endswith("**the evidence contradicts the promise** by more than the se of the difference.")
+    noisy = report.certificate_reading({**out, "certificate_audit": {**audit, "evidence_eps": 0.06}})[0]
+    assert noisy.endswith("above eps = 0.05, within the se of the difference (not a contradiction).")
+    loose = report.certificate_reading({**out, "certificate_audit": {**audit, "certified": False,
+                                                                      "evidence_eps": 0.09, "contradicted": True}})[0]
+    assert "not certified by the lazy search" in loose and "promise" not in loose
+    assert report.certificate_reading(out) == []  # no lazy search ran: nothing said
     ec = {"checked": 5, "beaten": 2, "beaten_by_best_of_n": 1, "z": 2.0,
           "worst": {"key": "k1", "weights": [0.0, 1.0, 0.0], "shortfall": 0.05, "se": 0.01,
                     "by": "best-of-8 of the base"}}
@@ -341,6 +357,15 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
         for name in ("dirichlet_1", "concentrated", "centred", "mixture"):
             assert 0 <= row[f"{name}_mean_gap"] <= row[f"{name}_worst_gap"] + 1e-12
         assert 0 <= row["distinct_n"] <= 1 and row["embedding_dispersion"] >= 0
+    # PALM's own (eps, delta) promise checked at every test weight against the whole evidence:
+    # the smallest eps with P >= (1 - eps) E - delta, E the better of every policy and best-of-N
+    audit = out["certificate_audit"]
+    idx = [keys.index(key) for key in audit["members"]]
+    assert audit["test_weights"] == len(test) and audit["eps"] == cfg.coverage.eps
+    P, E_ = (test @ R[idx].T).max(axis=1), np.maximum(bon_at_test, (test @ R.T).max(axis=1))
+    need = np.where(E_ > 0, 1 - (P + cfg.coverage.delta) / np.where(E_ > 0, E_, 1.0), 0.0)  # E = 0: no gap
+    assert audit["evidence_eps"] == pytest.approx(max(0.0, need.max()))
+    assert isinstance(audit["certified"], bool) and isinstance(audit["contradicted"], bool)
     ec = out["evidence_check"]
     assert ec["checked"] == len(dirs) and 0 <= ec["beaten_by_best_of_n"] <= ec["beaten"] <= ec["checked"]
     assert ("worst" in ec) == (ec["beaten"] > 0)
@@ -373,3 +398,4 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert len(runs) == 1 and runs.iloc[0]["metrics.oracle.kall.pool_max_multiplicative_gap"] == 0.0
     assert "## Simulated user populations" in report and "concentrated users" in report
     assert "Evidence check:" in report
+    assert f"PALM's certificate against the evidence: its {len(idx)}-member portfolio" in report

@@ -121,6 +121,29 @@ def evidence_reading(out: dict) -> list[str]:
             f"baselines' portfolios are judged against it."]
 
 
+def certificate_reading(out: dict) -> list[str]:
+    """PALM's (eps, delta) promise for its own portfolio, checked against the evidence at every
+    test weight: the smallest eps that keeps P(w) >= (1 - eps) E(w) - delta everywhere."""
+    a = out.get("certificate_audit")
+    if not a:
+        return []
+    at = ", ".join(f"{x:.2f}" for x in a["evidence_eps_weight"].values())
+    n = len(a["members"])
+    head = (f"PALM's certificate against the evidence: its {n}-member portfolio, "
+            f"{'certified' if a['certified'] else 'not certified'} by the lazy search at eps = {a['eps']:g}, "
+            f"delta = {a['delta']:g}, keeps P(w) >= (1 - eps) E(w) - delta at all {a['test_weights']:,} test "
+            f"weights for eps = {a['evidence_eps']:.4f} (the tightest at ({at}), against {a['evidence_eps_against']})")
+    if not a["certified"]:
+        verdict = ""  # no promise to hold or break
+    elif a["evidence_eps"] <= a["eps"]:
+        verdict = ": **the promise holds against the evidence**"
+    elif a["contradicted"]:
+        verdict = ": **the evidence contradicts the promise** by more than the se of the difference"
+    else:
+        verdict = f": above eps = {a['eps']:g}, within the se of the difference (not a contradiction)"
+    return [head + verdict + "."]
+
+
 def reading(out: dict) -> list[str]:
     """Who wins at which k, from the numbers."""
     res, lines = out["results"], []
@@ -214,6 +237,7 @@ def render_report(out: dict, pictures: list[str]) -> str:
     parts += populations_section(out)
     parts += ["## Gap versus size", ""] + [f"![{p}]({p})" for p in pictures] + [""]
     parts += ["## Reading", ""] + reading(out) + [""] + oracle_reading(out) + [""] + evidence_reading(out) + [
+        ""] + certificate_reading(out) + [
         "",
         f"The paper reports that {PAPER}. Those figures come from the paper's own models and rewards, "
         f"at a different model scale from this run's; ours are measured here, on this project's base "

@@ -58,6 +58,7 @@ from palm_tasks.log import say
 from palm_tasks.paths import Paths
 from palm_tasks.report import evaluation as report
 from palm_tasks.schema import Policy
+from palm_tasks.stages import coverage as coverage_stage
 from palm_tasks.stages.align import reference as align_reference
 from palm_tasks.stages.align import search_loop
 
@@ -95,6 +96,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     samples = schema.load_samples(root)
     bon = BestOfN(samples, cfg.training.min_relevance)
     lazy_trainings = 0
+    lazy_portfolio: tuple[list[Policy], bool] | None = None  # PALM's pruned portfolio, certified or not
     if "palm_lazy" in methods:
         # The align stage's search, as the product runs it: best-of-N in the certificate's bound,
         # beaten rows repaired (warm-started retraining), parallel proposals per runner.workers.
@@ -110,6 +112,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         pools["palm_lazy"] = rows
         result = search.result()
         lazy_trainings = result.trainings
+        lazy_portfolio = ([rows[m] for m in result.members], bool(result.certificate.certified))
         notes["palm_lazy"] = (f"lazy search stopped: {result.stopped} after {result.trainings} trainings "
                               f"({sum(search.repairs)} of them repairs, {len(result.beaten)} row(s) still beaten by the evidence); "
                               f"its pruned portfolio has {len(result.members)} member(s) and is "
@@ -213,6 +216,19 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     results["oracle"] = {"all": {"size": len(ref), "trainings": len(ref), "members": ref_keys,
                                  **against_evidence(list(range(len(ref))))}}
 
+    certificate_audit = None
+    if lazy_portfolio is not None:
+        # PALM's promise, P(w) >= (1 - eps) E(w) - delta, checked where the search never looked:
+        # every test weight, against every policy of every method and best-of-N (the coverage
+        # stage's audit of the production portfolio, here on the comparison's pool)
+        members, certified = lazy_portfolio
+        idx = np.array(sorted({index[p.key] for p in members}))
+        audit = coverage_stage.evidence_audit(cfg, np.vstack([lattice, users]), R, SE, idx, samples, ref_keys)
+        certificate_audit = {"members": [ref_keys[i] for i in idx], "certified": certified, "eps": c.eps,
+                             "delta": c.delta, **{name: audit[name] for name in (
+                                 "test_weights", "evidence_eps", "evidence_eps_weight", "evidence_eps_against",
+                                 "contradicted")}}
+
     made_now = sum(k not in finished_before for k in ref_keys)
     out = {
         "task": cfg.task, "traits": cfg.traits, "d": d, "eps": c.eps, "delta": c.delta,
@@ -234,6 +250,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                                "user from one of the three with equal probability"},
         "selection_weights": int(len(selection)),
         "oracle_check": _named(check.to_dict(), ref),
+        "certificate_audit": certificate_audit,
         "evidence_check": evidence_check,
         "results": results,
         "seconds": round(time.time() - started, 1),
