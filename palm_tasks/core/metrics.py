@@ -193,7 +193,8 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
     for name, weights in (populations or {}).items():
         g = at(weights).multiplicative
         mean, users_se = mean_se(g)
-        out[f"{name}_mean_gap"], out[f"{name}_mean_gap_se"] = mean, float(np.hypot(users_se, noise_se(weights)[0]))
+        out[f"{name}_mean_gap"] = mean
+        out[f"{name}_mean_gap_se"] = float(np.hypot(users_se, noise_se(weights)[0]))
         out[f"{name}_worst_gap"] = float(g.max())
         if std_errors is not None:
             out[f"{name}_worst_gap_se"] = worst_gap_se(

@@ -97,8 +97,8 @@ def populations_section(out: dict) -> list[str]:
              f"{pops['users_each']} users of each population, weights over the traits as in PersonalLLM: "
              f"{pops['are']} (concentrated alpha {pops['concentrated_alpha']:g}, centred alpha "
              f"{pops['centred_alpha']:g}). Each cell: mean multiplicative gap against the evidence ± its se "
-             f"(users and evaluation noise) / the worst gap among them ± its se at that user's weight (the values' evaluation "
-             f"noise; for random, the spread over seeds).", ""]
+             f"(users and evaluation noise) / the worst gap among them ± its se at that user's weight "
+             f"(the values' evaluation noise; for random, the spread over seeds).", ""]
     for name in pops["names"]:
         parts += [f"### {POPULATION_LABELS.get(name, name)}", "", population_table(out, name), ""]
     return parts
@@ -217,10 +217,11 @@ def render_report(out: dict, pictures: list[str]) -> str:
         f"Gaps are against {tw['relative_to']}. Test weights: a simplex lattice of step {tw['lattice_step']} "
         f"({tw['lattice']} weights) and {tw['users']} Dirichlet(1) users (seed {tw['users_seed']}). "
         f"Reference pool: {pool['size']} policies ({pool['new_in_this_run']} trained or, for soups, "
-        f"evaluated in this run; {pool['reused']} reused from the job cache). Standard errors (±) are for mean gaps the users' "
-        f"sampling and the values' evaluation noise together, a bootstrap of the users for usage perplexity, over {len(out['random_seeds'])} seeds for "
-        f"the random baseline, and for a worst gap its se at the weight where it is reached (the delta "
-        f"method on the two values there, over the evaluation prompts). The evaluation took "
+        f"evaluated in this run; {pool['reused']} reused from the job cache). Standard errors (±) are for "
+        f"mean gaps the users' sampling and the values' evaluation noise together, a bootstrap of the "
+        f"users for usage perplexity, over {len(out['random_seeds'])} seeds for the random baseline, and "
+        f"for a worst gap its se at the weight where it is reached (the delta method on the two values "
+        f"there, over the evaluation prompts). The evaluation took "
         f"{out['seconds']:.0f} s.",
         "",
     ]
