@@ -164,32 +164,41 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
     std_errors (n, d) of ref_values, with reference_se (a function like reference) when reference
     is given: adds `max_multiplicative_gap_se`, the worst gap's se at its weight (worst_gap_se),
     and `<name>_worst_gap_se` per population."""
+    def evidence(weights):
+        """(reference, its se) at weights, each None when not given."""
+        return (None if reference is None else reference(weights),
+                None if reference_se is None else reference_se(weights))
+
     def at(weights):
-        return gaps(ref_values, members, weights, None if reference is None else reference(weights))
+        return gaps(ref_values, members, weights, evidence(weights)[0])
+
+    noise: dict[bytes, tuple[float, float]] = {}  # the Dirichlet(1) population is `users` again
 
     def noise_se(weights) -> tuple[float, float]:
         if std_errors is None:
             return 0.0, 0.0
-        return mean_gap_noise_se(ref_values, std_errors, members, weights,
-                                 None if reference is None else reference(weights),
-                                 None if reference_se is None else reference_se(weights), noise_draws, seed)
+        key = np.ascontiguousarray(weights, float).tobytes()
+        if key not in noise:
+            noise[key] = mean_gap_noise_se(ref_values, std_errors, members, weights, *evidence(weights),
+                                           noise_draws, seed)
+        return noise[key]
+
+    def worst_se(weights) -> float:  # worst_gap_se refuses a reference without its se
+        return worst_gap_se(ref_values, std_errors, members, weights, *evidence(weights))
 
     test = np.vstack([lattice, users])
     g_all, g_users = at(test), at(users)
     mult_mean, mult_se = mean_se(g_users.multiplicative)
     add_mean, add_se = mean_se(g_users.additive)
     mult_noise, add_noise = noise_se(users)
-    mult_se, add_se = float(np.hypot(mult_se, mult_noise)), float(np.hypot(add_se, add_noise))
     out = {"max_multiplicative_gap": g_all.max_multiplicative,
            "max_additive_gap": g_all.max_additive,
            "mean_multiplicative_gap": mult_mean,
-           "mean_multiplicative_gap_se": mult_se,
+           "mean_multiplicative_gap_se": float(np.hypot(mult_se, mult_noise)),
            "mean_additive_gap": add_mean,
-           "mean_additive_gap_se": add_se}
-    if std_errors is not None:  # worst_gap_se refuses a reference without its se
-        out["max_multiplicative_gap_se"] = worst_gap_se(
-            ref_values, std_errors, members, test, None if reference is None else reference(test),
-            None if reference_se is None else reference_se(test))
+           "mean_additive_gap_se": float(np.hypot(add_se, add_noise))}
+    if std_errors is not None:
+        out["max_multiplicative_gap_se"] = worst_se(test)
     for name, weights in (populations or {}).items():
         g = at(weights).multiplicative
         mean, users_se = mean_se(g)
@@ -197,9 +206,7 @@ def gap_summary(ref_values: np.ndarray, members: Sequence[int], lattice: np.ndar
         out[f"{name}_mean_gap_se"] = float(np.hypot(users_se, noise_se(weights)[0]))
         out[f"{name}_worst_gap"] = float(g.max())
         if std_errors is not None:
-            out[f"{name}_worst_gap_se"] = worst_gap_se(
-                ref_values, std_errors, members, weights, None if reference is None else reference(weights),
-                None if reference_se is None else reference_se(weights))
+            out[f"{name}_worst_gap_se"] = worst_se(weights)
     return out
 
 
