@@ -275,12 +275,7 @@ def _log_base_model(client, experiment_id, paths: Paths, info: dict, base_path: 
     from palm_tasks.llm.models import load_tokenizer
 
     sha = info["weights_sha256"]
-    run = _find_run(client, experiment_id, "weights_sha256", sha)
-    is_new = run is None
-    if is_new:
-        run = client.create_run(experiment_id, run_name=f"base-{sha[:10]}",
-                                tags={"weights_sha256": sha, **lineage_tags(paths.root)})
-        counter["created"] += 1
+    run, is_new = _tagged_run(client, experiment_id, "weights_sha256", sha, f"base-{sha[:10]}", paths.root, counter)
     # loaded, not passed as a directory: MLflow 3.17's local-checkpoint path fails on the
     # transformers in use (AttributeError in build_flavor_config_from_local_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -452,13 +447,8 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
 
     key, adapter_dir = member.key, policy.path / ADAPTER_DIR
     training_run = policy.training.get("mlflow_run_id")
-    run = (_run_if_exists(client, training_run) if training_run else None) or _find_run(
-        client, experiment_id, "member_key", key)
-    is_new = run is None
-    if is_new:
-        run = client.create_run(experiment_id, run_name=f"member-{key[:10]}",
-                                tags={"member_key": key, **lineage_tags(adapter_dir)})
-        counter["created"] += 1
+    run, is_new = _tagged_run(client, experiment_id, "member_key", key, f"member-{key[:10]}", adapter_dir, counter,
+                              found=_run_if_exists(client, training_run) if training_run else None)
     with mlflow.start_run(run_id=run.info.run_id):
         if is_new:
             mlflow.log_params({f"w.{t}": w for t, w in zip(portfolio.traits, member.weights)})
@@ -583,12 +573,7 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     pid = portfolio.id
-    run = _find_run(client, experiment_id, "portfolio_id", pid)
-    is_new = run is None
-    if is_new:
-        run = client.create_run(experiment_id, run_name=f"portfolio-{pid[:10]}",
-                                tags={"portfolio_id": pid, **lineage_tags(paths.root)})
-        counter["created"] += 1
+    run, is_new = _tagged_run(client, experiment_id, "portfolio_id", pid, f"portfolio-{pid[:10]}", paths.root, counter)
     routed = registered_copy(portfolio, member_model_name(cfg), member_versions, base_uri)
     traits = list(portfolio.traits)
     with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
@@ -663,6 +648,18 @@ def _find_logged_model(client, tag: str, value: str) -> str | None:
 def _find_run(client, experiment_id: str, tag: str, value: str):
     found = client.search_runs([experiment_id], f"tags.{tag} = '{value}'", max_results=1)
     return found[0] if found else None
+
+
+def _tagged_run(client, experiment_id: str, tag: str, value: str, run_name: str, lineage_of: Path, counter,
+                found=None):
+    """(run, is_new): the run tagged `tag = value` (or `found`), created with the lineage tags of
+    `lineage_of` when there is none, so that registering twice reuses the same runs."""
+    run = found or _find_run(client, experiment_id, tag, value)
+    if run is not None:
+        return run, False
+    run = client.create_run(experiment_id, run_name=run_name, tags={tag: value, **lineage_tags(lineage_of)})
+    counter["created"] += 1
+    return run, True
 
 
 def _run_if_exists(client, run_id: str):
