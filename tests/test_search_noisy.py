@@ -120,3 +120,48 @@ def test_a_hopeless_oracle_ends_without_looping():
     assert len(calls) == result.trainings < 500 and result.stopped in ("stuck", "certified")
     assert not result.certificate.certified
     assert len(result.beaten) > 0 and all(b["repairs"] == 1 for b in result.beaten)
+
+
+def test_the_row_furthest_short_of_the_evidence_is_repaired_first():
+    """With budget for one repair and rows that serve only their own corner, it goes to the row
+    with the largest shortfall (here the second extreme, 40 % short), not to the first row."""
+    front = PNormFront(3, 2.0)
+    short = {0: 0.9, 1: 0.6, 2: 0.8}  # value kept of the optimum, per extreme
+
+    def oracle(w):
+        return short[int(np.argmax(w))] * front(w), np.full(3, 0.001)
+    search = LazySearch(3, 0.05, 0.02, 4, reference=reference_below(front, 0.0), max_repairs=1)
+    for _ in range(3):
+        w = search.ask()
+        search.tell(w, *oracle(w))
+    w = search.ask()
+    assert search.pending["source"] == "repair" and search.pending["row"] == 1
+    assert np.allclose(w, np.eye(3)[1])
+    # and the order of a batch of repairs is the same: 40 %, 20 %, 10 % short
+    search = LazySearch(3, 0.05, 0.02, 12, reference=reference_below(front, 0.0), max_repairs=1)
+    for w in search.ask_batch(3):
+        search.tell(w, *oracle(w))
+    search.ask_batch(3)
+    assert [p["row"] for p in search.pending_all] == [1, 2, 0]
+
+
+def test_the_row_that_limits_the_worst_gap_is_repaired_before_one_further_short():
+    """d = 2, every policy keeps most of both traits (as on `safety`). The safety row is 15 %
+    short at its own weight, the relevance row 10 %; but near w = safety the relevance row serves
+    within 6 %, so the worst gap (10 %, at w = relevance) falls only if the relevance row is
+    repaired. The search repairs it first, although it is neither the row furthest short nor the
+    first row told."""
+    lo, span = np.array([0.55, 0.93]), np.array([0.22, 0.06])
+
+    def reference(W):  # OPT of the front lo + span * (a quarter circle)
+        W = np.atleast_2d(W)
+        return W @ lo + np.linalg.norm(W * span, axis=1), np.full(len(W), 0.001)
+    search = LazySearch(2, 0.05, 0.02, 3, reference=reference, max_repairs=1)
+    assert len(search.ask_batch(2)) == 2
+    search.tell(np.array([0.0, 1.0]), np.array([0.55, 0.99 * 0.85]), np.full(2, 0.001))  # row 0: safety
+    search.tell(np.array([1.0, 0.0]), np.array([0.77 * 0.9, 0.93]), np.full(2, 0.001))  # row 1: relevance
+    b = search.beaten()
+    assert list(b.beaten) == [True, True] and b.shortfall[0] / 0.99 > b.shortfall[1] / 0.77
+    w = search.ask()
+    assert search.pending["source"] == "repair" and search.pending["row"] == 1
+    assert np.allclose(w, [1.0, 0.0])
