@@ -18,8 +18,8 @@ Best-of-N evidence is OPT(w) itself (se 0.005), as if sampling the base reached 
 - "largest shortfall": the largest relative shortfall 1 - w_j . R_j / E(w_j) at the row's own
   weight first;
 - "worst gap after repair" (the search's rule, LazySearch._repair_order): first the row whose
-  repair, assumed to close its shortfall at its own weight and change nothing else, would leave
-  the pool's worst gap against the evidence lowest.
+  repair would leave the pool's worst gap against the evidence lowest, predicted as the mean of
+  the two models (the row scaled up, or lifted along its own weight only).
 
 Per front and budget, over the same seeds (the same draws for every order): the pool's worst
 multiplicative gap against OPT over dense test weights (mean ± se over seeds), the search's rule

@@ -211,13 +211,14 @@ class LazySearch:
         """Beaten rows, the one whose repair would lower the pool's worst gap against the evidence
         most first (ties: the larger relative shortfall at its own weight, then the earlier row).
 
-        A repair is assumed to close row j's shortfall at w_j and change nothing else: R_j moves
-        by shortfall_j w_j / |w_j|^2, the smallest move that does it (w . R_j rises by
-        shortfall_j (w . w_j) / |w_j|^2 at every w; for a corner, only its trait rises). The worst gap
-        1 - max_i w . R_i / E(w), E the evidence, is taken over a lattice of the simplex and the
-        trained weights. The row furthest short at its own weight is not always the one that
-        limits the worst gap: a row that also serves many other weights may be
-        (benchmarks/repair_order.py)."""
+        What a repair does to row j's other traits is unknown; the measured ones lie between two
+        models, and the predicted worst gap is the mean of the two: the repair closes the shortfall
+        at w_j and changes nothing else (R_j moves by shortfall_j w_j / |w_j|^2, the smallest move
+        that does it: a corner row gains in its own trait only), or it scales the whole row by
+        E(w_j) / w_j . R_j. The worst gap 1 - max_i w . R_i / E(w), E the evidence, is taken over
+        a lattice of the simplex and the trained weights. The row furthest short at its own
+        weight is not always the one that limits the worst gap: a row that also serves many
+        other weights may be (benchmarks/repair_order.py)."""
         rows = np.flatnonzero(b.beaten)
         if len(rows) < 2:
             return rows
@@ -228,13 +229,18 @@ class LazySearch:
         test = np.vstack([simplex_lattice(self.d, _REPAIR_LATTICE.get(self.d, 8)), tw])
         values = test @ tv.T
         evidence_at = np.maximum(self._reference(test)[0], values.max(axis=1))
-        worst_after = []
-        for j in rows:
+
+        def worst_gap(j, column):
             lifted = values.copy()
-            lifted[:, j] += b.shortfall[j] * (test @ tw[j]) / (tw[j] @ tw[j])
+            lifted[:, j] = column
             gap = np.divide(evidence_at - lifted.max(axis=1), evidence_at, out=np.zeros(len(test)),
                             where=evidence_at > 0)
-            worst_after.append(round(float(gap.max()), 12))  # rounded: float noise is no preference
+            return float(gap.max())
+        worst_after = []
+        for j in rows:
+            along_w = worst_gap(j, values[:, j] + b.shortfall[j] * (test @ tw[j]) / (tw[j] @ tw[j]))
+            scaled = worst_gap(j, values[:, j] * target[j] / own[j]) if own[j] > 0 else along_w
+            worst_after.append(round(0.5 * (along_w + scaled), 12))  # rounded: float noise is no preference
         return rows[np.lexsort((-relative[rows], np.array(worst_after)))]
 
     def _budget_left(self):
