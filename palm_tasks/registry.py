@@ -645,18 +645,15 @@ def _find_logged_model(client, tag: str, value: str) -> str | None:
     return ready[0].model_uri if ready else None
 
 
-def _find_run(client, experiment_id: str, tag: str, value: str):
-    found = client.search_runs([experiment_id], f"tags.{tag} = '{value}'", max_results=1)
-    return found[0] if found else None
-
-
 def _tagged_run(client, experiment_id: str, tag: str, value: str, run_name: str, lineage_of: Path, counter,
                 found=None):
     """(run, is_new): the run tagged `tag = value` (or `found`), created with the lineage tags of
     `lineage_of` when there is none, so that registering twice reuses the same runs."""
-    run = found or _find_run(client, experiment_id, tag, value)
-    if run is not None:
-        return run, False
+    if found is None:
+        runs = client.search_runs([experiment_id], f"tags.{tag} = '{value}'", max_results=1)
+        found = runs[0] if runs else None
+    if found is not None:
+        return found, False
     run = client.create_run(experiment_id, run_name=run_name, tags={tag: value, **lineage_tags(lineage_of)})
     counter["created"] += 1
     return run, True
