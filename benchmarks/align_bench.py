@@ -42,7 +42,7 @@ def prepare(model: str, workdir: Path) -> Path:
     """A project for `model` whose rewards stage has run (done once, then reused)."""
     import yaml
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.llm.base_model import build_tiny_model
     from palm_tasks.stages import STAGES
 
@@ -81,7 +81,7 @@ def one_pipeline(root: Path) -> dict:
     import mlflow
     import trl  # noqa: F401  (both sides import the libraries before the clock starts)
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import Job, JobContext, run_job
     from palm_tasks.llm import value
 
@@ -124,7 +124,7 @@ def one_plain(root: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from palm_tasks.llm.base_model import resolve_base_model
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.llm.prompts import read_prompts
     from palm_tasks.llm.rewards import build_rewards
 
@@ -193,7 +193,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def bench(model: str, reps: int, workdir: Path) -> dict:
     root = prepare(model, workdir)
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
 
     cfg = load_config(root / "params.yaml")
     runs = {"pipeline": [], "plain": []}

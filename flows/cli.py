@@ -31,7 +31,8 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO
                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}.items():
     os.environ.setdefault(_var, _value)
 
-from palm_tasks.config import ConfigError, PalmConfig, load_config  # noqa: E402
+from palm_tasks.config import ConfigError, PalmConfig
+from palm_tasks.params_yaml import load_config
 from palm_tasks.lock import ProjectLockedError  # noqa: E402
 from palm_tasks.report.console import print_status, print_summary  # noqa: E402
 from palm_tasks.schema import ArtifactError  # noqa: E402

@@ -16,7 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runners import job_resources, task_runner
-from palm_tasks.config import PalmConfig, load_config
+from palm_tasks.config import PalmConfig
+from palm_tasks.params_yaml import load_config
 from palm_tasks.jobs import Job, RunJobs, run_job
 from palm_tasks.log import progress
 from palm_tasks.schema import Policy

@@ -15,7 +15,8 @@ from prefect import flow
 from flows.jobs import job_runner
 from flows.stages import STAGE_FLOWS
 from palm_tasks import retrain, schema
-from palm_tasks.config import ConfigError, load_config
+from palm_tasks.config import ConfigError
+from palm_tasks.params_yaml import load_config
 from palm_tasks.lock import project_lock
 from palm_tasks.paths import Paths
 from palm_tasks.tracking import log_retrain_run

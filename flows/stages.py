@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.jobs import job_runner
-from palm_tasks.config import load_config
+from palm_tasks.params_yaml import load_config
 from palm_tasks.log import warn
 from palm_tasks.stages import PIPELINE, STAGES, Stage
 

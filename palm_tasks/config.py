@@ -1,71 +1,33 @@
-"""One validated configuration, loaded from params.yaml.
+"""The pipeline's settings: one validated configuration, every knob with its default and help.
 
-Every knob of the pipeline lives in params.yaml and nowhere else. `load_config` validates the
-whole file before any work starts; a bad value raises `ConfigError` whose message names the
-key, the value given and what is allowed, so the CLI can print one line and exit non-zero.
-
-The models below are the one source of the defaults and their documentation: every field has
-a `description`, every section a docstring, and params.yaml is generated from them:
-
-    python -m palm_tasks.config > params.yaml         # regenerate
-    python -m palm_tasks.config --check params.yaml   # exit 1 naming the first differing line
+Every knob of the pipeline lives in params.yaml and nowhere else. The models below are the one
+source of the defaults and their documentation: every field has a `description`, every section a
+docstring. `parse_config` validates a whole params mapping before any work starts; a bad value
+raises `ConfigError` whose message names the key, the value given and what is allowed, so the
+CLI can print one line and exit non-zero. Sizes that would not fit are refused by
+palm_tasks/limits.py; reading params.yaml and generating it from these models is
+palm_tasks/params_yaml.py (`load_config`, `python -m palm_tasks.params_yaml > params.yaml`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import inspect
-import math
 import re
 import reprlib
-import sys
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from palm_tasks.llm.rewards import TRAITS as KNOWN_TRAITS
-from palm_tasks.llm.rewards import check_reward_model_dir
+from palm_tasks.limits import MAX_SEED, check_sizes, count
+from palm_tasks.traits import BUILTIN_TRAITS as KNOWN_TRAITS
+from palm_tasks.traits import TASK_TRAITS, check_reward_model_dir
 
-# Each task's prompt set (palm_tasks/prompts.py) and the traits it is meant for; `traits`
-# defaults to the task's when params.yaml leaves it out (or sets it to null).
-TASK_TRAITS = {
-    "assistant": ["safety", "humor", "brevity"],
-    "gsm": ["correctness", "brevity"],
-    "arithmetic": ["correctness", "brevity"],
-    "safety": ["relevance", "safety"],
-}
 COMPARE_METHODS = ("palm_lazy", "palm_grid", "uniform", "random", "centroid", "soups")
 # json_schema_extra key of a field: comment lines params.yaml shows under the field (an example)
 YAML_COMMENTS = "yaml_comments"
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding, sklearn and torch take seeds in [0, 2**32 - 1]
 
-# What a valid params.yaml may ask the pipeline to build, checked before anything is allocated
-# (a value far beyond these fails later with a memory error or runs for days):
-MAX_GRID_POINTS = 20_000_000  # the grid stage enumerates the PALM grid; d = 5 at eps 0.1, delta 0.05
-# (a bound of 17 million, 10 million points, about 400 MB) still fits (docs/guarantee.md)
-GRID_BYTES_PER_COORDINATE = 8  # measured: about 8 d bytes per grid point while enumerating
-MAX_WEIGHT_VECTORS = 10_000  # search.k, compare.k_max: farthest-point sampling is quadratic in k
-MAX_LATTICE_POINTS = 1_000_000  # any simplex lattice (test, share, selection, coarse)
-MAX_AUDIT_BYTES = 4 * 2**30  # the evidence audit scores every answer of the sample pool at every
-# test weight: test weights x evaluation prompts x (2 best_of + d) float64
-MAX_JOB_BYTES = 16 * 2**30  # what one job's tensors may take: a LoRA adapter with its gradients and
-# Adam state, or the key/value cache and logits of a batch of answers being generated
-MAX_ANSWERS = 1_000_000  # answers sampled and scored at once (a measurement, a round of rsft)
-MAX_BATCH = 4096  # any batch size: answers per forward pass, SFT examples, reward-model inputs
-MAX_PROMPTS = 100_000  # data.n_train, data.n_eval (the tasks ship far fewer; the rewards stage says how many)
-MAX_COUNT = 1_000_000  # rounds, epochs, steps, trainings, seeds, soups, retries: each is a loop
-MAX_BOOTSTRAP_DRAWS = 200_000_000  # compare.bootstrap x test weights: users drawn for the se of perplexity
-MAX_WORKERS = 256  # runner.workers: a local Dask cluster starts one process per worker
-MAX_RETRY_DELAY = 86_400.0  # runner.retry_delay_seconds: a day (time.sleep overflows near 1e308)
-# The base model's shape when params.yaml names the packaged SmolLM2-135M-Instruct (a local model
-# directory's config.json is read instead): what the memory estimates above are computed from.
-SMOLLM2_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-                 "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-                 "max_position_embeddings": 8192}
-PROMPT_TOKENS = 256  # room for the chat template and the prompt in a generation's cache estimate
+
 
 
 class ConfigError(ValueError):
@@ -453,173 +415,15 @@ class PalmConfig(Section):
 
     @model_validator(mode="after")
     def _sizes_fit(self):
-        """Refuse what would not fit before anything is allocated: one line naming the key and
-        what it would need."""
-        d, c = self.d, self.coverage
-        if c.delta > 0:
-            from palm_tasks.core.grid import grid_size_upper
-
-            points = grid_size_upper(d, c.eps, c.delta)
-            if points > MAX_GRID_POINTS:
-                raise ValueError(
-                    f"coverage.eps = {c.eps}, coverage.delta = {c.delta}: the PALM grid for d = {d} has up "
-                    f"to {_count(points)} points ({_gib(points * GRID_BYTES_PER_COORDINATE * d)} "
-                    f"to build); at most {MAX_GRID_POINTS:,} are allowed: use a larger eps or delta")
-        for key, k in (("search.k", self.search.k), ("compare.k_max", self.compare.k_max)):
-            if k > MAX_WEIGHT_VECTORS:
-                raise ValueError(f"{key} = {k}: {_count(k)} weight vectors; at most {MAX_WEIGHT_VECTORS:,} "
-                                 "(choosing evenly spread weights takes time quadratic in their number)")
-        for key, n in (("coverage.test_lattice", c.test_lattice), ("coverage.share_lattice", c.share_lattice),
-                       ("compare.selection_lattice", self.compare.selection_lattice),
-                       ("search.coarse_divisions", self.search.coarse_divisions)):
-            points = math.comb(n + d - 1, d - 1)
-            if points > MAX_LATTICE_POINTS:
-                raise ValueError(f"{key} = {n}: a simplex lattice of step 1/{n} has {_count(points)} points "
-                                 f"for d = {d}; at most {MAX_LATTICE_POINTS:,}")
-        weights = math.comb(c.test_lattice + d - 1, d - 1) + c.test_users
-        audit = 8 * weights * self.evaluation.n_prompts * (2 * self.evidence.best_of + d)
-        if audit > MAX_AUDIT_BYTES:
-            raise ValueError(
-                f"coverage.test_users = {c.test_users}: {_count(weights)} test weights (users and lattice) x "
-                f"{self.evaluation.n_prompts} evaluation prompts x {self.evidence.best_of} answers need "
-                f"{_gib(audit)} for the evidence audit; at most {MAX_AUDIT_BYTES // 2**30} GiB: use fewer test users")
-        self._jobs_fit(weights)
+        """Refuse what would not fit before anything is allocated (palm_tasks/limits.py)."""
+        check_sizes(self)
         return self
-
-    def _jobs_fit(self, test_weights: int) -> None:
-        """What one job, one measurement or one comparison would hold or loop over: refused
-        naming the key and the size it would need (called by _sizes_fit)."""
-        t, ev, cmp_, r, d = self.training, self.evaluation, self.compare, self.runner, self.d
-        for key, n, limit, what in (
-                ("data.n_train", self.data.n_train, MAX_PROMPTS, "prompts"),
-                ("data.n_eval", self.data.n_eval, MAX_PROMPTS, "prompts"),
-                ("evaluation.batch_size", ev.batch_size, MAX_BATCH, "answers per forward pass"),
-                ("training.batch_size", t.batch, MAX_BATCH, "examples per step"),
-                ("training.num_generations", t.num_generations, MAX_BATCH, "completions per prompt"),
-                *((f"rewards.models.{name}.batch_size", m.batch_size, MAX_BATCH, "completions per forward pass")
-                  for name, m in self.rewards.models.items()),
-                ("training.rounds", t.rounds, MAX_COUNT, "rounds"),
-                ("training.epochs", t.epochs, MAX_COUNT, "epochs"),
-                ("training.steps", t.steps, MAX_COUNT, "steps"),
-                ("search.max_trainings", self.search.max_trainings, MAX_WEIGHT_VECTORS, "trainings"),
-                ("search.max_repairs", self.search.max_repairs, MAX_WEIGHT_VECTORS, "repairs"),
-                ("compare.random_seeds", cmp_.random_seeds, MAX_WEIGHT_VECTORS, "seeds, each a portfolio"),
-                ("compare.grid_budget", cmp_.grid_budget, MAX_WEIGHT_VECTORS, "trainings"),
-                ("compare.distinct_n", cmp_.distinct_n, 64, "words per n-gram"),
-                ("soups.max_soups", self.soups.max_soups, MAX_WEIGHT_VECTORS, "soups"),
-                ("evidence.chunk_prompts", self.evidence.chunk_prompts, MAX_PROMPTS, "prompts per chunk"),
-                ("runner.workers", r.workers, MAX_WORKERS, "workers (a local cluster starts a process each)"),
-                ("runner.retries", r.retries, 100, "retries")):
-            if n > limit:
-                raise ValueError(f"{key} = {_count(n)}: {_count(n)} {what}; at most {limit:,}")
-        if r.retry_delay_seconds > MAX_RETRY_DELAY:
-            raise ValueError(f"runner.retry_delay_seconds = {r.retry_delay_seconds:g}: a wait of "
-                             f"{r.retry_delay_seconds / 86_400:.3g} days; at most {MAX_RETRY_DELAY:,.0f} s")
-        points = math.comb(self.soups.divisions + d - 1, d - 1)
-        if points > MAX_LATTICE_POINTS:
-            raise ValueError(f"soups.divisions = {self.soups.divisions}: a simplex lattice of step "
-                             f"1/{self.soups.divisions} has {_count(points)} points for d = {d}; "
-                             f"at most {MAX_LATTICE_POINTS:,}")
-        for key, prompts, per_prompt, per_key in (
-                ("training.samples_per_prompt", self.data.n_train, t.samples_per_prompt, "data.n_train"),
-                ("evaluation.samples_per_prompt", ev.n_prompts, ev.samples_per_prompt, "evaluation.n_prompts")):
-            if prompts * per_prompt > MAX_ANSWERS:
-                raise ValueError(f"{key} = {_count(per_prompt)}: {per_key} = {prompts:,} prompts x "
-                                 f"{_count(per_prompt)} = {_count(prompts * per_prompt)} answers to sample and "
-                                 f"score at once; at most {MAX_ANSWERS:,}")
-        draws = cmp_.bootstrap * test_weights
-        if draws > MAX_BOOTSTRAP_DRAWS:
-            raise ValueError(f"compare.bootstrap = {_count(cmp_.bootstrap)}: {_count(cmp_.bootstrap)} resamples "
-                             f"of {test_weights:,} test weights = {_count(draws)} draws; at most "
-                             f"{MAX_BOOTSTRAP_DRAWS:,}: use fewer resamples")
-        # A job trains with seed + its repair attempt, and rsft's SFT rounds with that + the
-        # round; the trainer seeds numpy's legacy generator, which takes 32-bit seeds only.
-        offset = self.search.max_repairs + t.rounds
-        if self.seed + offset > MAX_SEED:
-            raise ValueError(f"seed = {self.seed}: training seeds go up to seed + search.max_repairs + "
-                             f"training.rounds = {_count(self.seed + offset)}; at most {MAX_SEED} (numpy's "
-                             f"seeding in the trainer takes 32-bit seeds): use seed <= {MAX_SEED - offset}")
-        shape = _model_shape(self.base_model)
-        context = shape["max_position_embeddings"]
-        for key, tokens in (("evaluation.max_new_tokens", ev.max_new_tokens),
-                            ("training.max_completion_length", t.max_completion_length)):
-            if tokens > context:
-                raise ValueError(f"{key} = {_count(tokens)}: answers of {_count(tokens)} tokens; the base model "
-                                 f"reads at most {context:,} (max_position_embeddings)")
-        kv_per_token = 2 * shape["num_hidden_layers"] * shape["hidden_size"] * 4 \
-            * shape["num_key_value_heads"] // max(shape["num_attention_heads"], 1)  # fp32 keys and values
-        for key, batch, tokens in (("evaluation.batch_size", ev.batch_size, ev.max_new_tokens),
-                                   ("evaluation.batch_size", ev.batch_size, t.max_completion_length),
-                                   ("training.batch_size", t.batch, t.max_completion_length)):
-            need = batch * ((PROMPT_TOKENS + tokens) * kv_per_token + shape["vocab_size"] * 4)
-            if need > MAX_JOB_BYTES:
-                raise ValueError(f"{key} = {batch:,} answers of up to {PROMPT_TOKENS} + {tokens:,} tokens: "
-                                 f"{_gib(need)} of key/value cache and logits to generate them; at most "
-                                 f"{MAX_JOB_BYTES // 2**30} GiB")
-        h, i = shape["hidden_size"], shape["intermediate_size"]
-        kv = h * shape["num_key_value_heads"] // max(shape["num_attention_heads"], 1)
-        # target_modules all-linear: q, k, v, o, gate, up, down; a rank-r adapter on an (in, out)
-        # matrix has r (in + out) parameters, each with a gradient and two Adam moments (fp32)
-        per_rank = shape["num_hidden_layers"] * (7 * h + 2 * kv + 3 * i)
-        if t.lora_rank > h:
-            raise ValueError(f"training.lora_rank = {_count(t.lora_rank)}: more than the base model's hidden "
-                             f"size {h:,} (a LoRA update of rank above it is no smaller than the full "
-                             f"matrix); {_count(t.lora_rank * per_rank)} adapter parameters, "
-                             f"{_gib(16 * t.lora_rank * per_rank)} to train")
-        if 16 * t.lora_rank * per_rank > MAX_JOB_BYTES:
-            raise ValueError(f"training.lora_rank = {t.lora_rank:,}: {_count(t.lora_rank * per_rank)} adapter "
-                             f"parameters, {_gib(16 * t.lora_rank * per_rank)} to train; at most "
-                             f"{MAX_JOB_BYTES // 2**30} GiB")
 
     @property
     def d(self) -> int:
         return len(self.traits)
 
 
-def _model_shape(base_model: str) -> dict[str, int]:
-    """The base model's sizes the estimates of _jobs_fit use: SmolLM2-135M's, or a local
-    model's config.json where it gives a positive integer (its other keys stay SmolLM2's)."""
-    import json
-
-    shape = dict(SMOLLM2_SHAPE)
-    if base_model == "smollm2":
-        return shape
-    try:
-        config = json.loads((Path(base_model).expanduser() / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return shape  # _base_model_is_a_model has said what is wrong with it
-    if isinstance(config, dict):
-        config = {**config.get("text_config", {}), **config} if isinstance(config.get("text_config"), dict) \
-            else config
-        for key in shape:
-            value = config.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                shape[key] = value
-    return shape
-
-
-def _count(n) -> str:
-    """A count for a message: 1,234,567 or, past 15 digits, about 10^k."""
-    if n == math.inf:
-        return "infinitely many"
-    n = int(n)
-    if n < 10**15:
-        return f"{n:,}"
-    # the exponent from the bit length: str(n) fails past 4,300 digits
-    digits = int(n.bit_length() * math.log10(2))
-    return f"about 10^{digits if 10**digits <= n else digits - 1}"
-
-
-def _gib(nbytes) -> str:
-    """Memory for a message: about 1.5 GiB."""
-    if nbytes == math.inf:
-        return "unbounded memory"
-    nbytes = int(nbytes)
-    return f"about {nbytes / 2**30:.3g} GiB" if nbytes < 10**18 else f"{_count(nbytes // 2**30)} GiB"
-
-
-# Values in error messages are shown cut short: a value can be huge (a long list, a deep
-# structure), and its full repr would cost more memory than the file it came from.
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
@@ -647,11 +451,11 @@ def _shown(value) -> str:
     try:
         return _SHORT.repr(value)
     except ValueError:
-        return f"an integer of {_count(abs(value)).removeprefix('about 10^')}-odd digits" \
+        return f"an integer of {count(abs(value)).removeprefix('about 10^')}-odd digits" \
             if isinstance(value, int) else "a value too large to show"
 
 
-def _cut(line: str) -> str:
+def cut_message(line: str) -> str:
     return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE] + "..."
 
 
@@ -665,179 +469,7 @@ def parse_config(data: dict | None, source: str = "params.yaml") -> PalmConfig:
         return PalmConfig.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()  # a list of 10,000 bad items gives 10,000: show the first few
-        lines = [_cut(_describe(e)) for e in errors[:MAX_PROBLEMS]]
+        lines = [cut_message(_describe(e)) for e in errors[:MAX_PROBLEMS]]
         if len(errors) > MAX_PROBLEMS:
             lines.append(f"and {len(errors) - MAX_PROBLEMS:,} more problems")
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
-
-
-class _Refused(Exception):
-    """YAML that is well formed but not accepted in params.yaml, and where it is."""
-
-    def __init__(self, problem: str, mark):
-        super().__init__(problem)
-        self.problem, self.mark = problem, mark
-
-
-class _ParamsLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without anchors and aliases: a few hundred bytes of nested aliases (a
-    "billion laughs") expand to a value whose every use (validating it, showing it in an error)
-    costs gigabytes. params.yaml never needs them, so they are refused before anything expands."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if event.anchor is not None:  # &name on a node, or *name (an AliasEvent)
-            raise _Refused(f"YAML anchors and aliases (&{event.anchor}, *{event.anchor}) are not "
-                           "allowed; write the value out", event.start_mark)
-        if getattr(event, "tag", None) is not None:  # !!set, !!binary, !!python/...: plain values only
-            raise _Refused(f"YAML tags ({event.tag}) are not allowed; write a plain value", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def _check_unique_keys(node, path: tuple = ()) -> None:
-    """_Refused at the first key given twice in one mapping (YAML would keep the last silently)."""
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is not None:
-                if key == "<<" and key_node.tag == "tag:yaml.org,2002:merge":
-                    raise _Refused("YAML merge keys (<<) are not allowed; write the keys out", key_node.start_mark)
-                if key in seen:
-                    raise _Refused(f"duplicate key {'.'.join((*path, key))!r}; give each key once",
-                                   key_node.start_mark)
-                seen.add(key)
-            _check_unique_keys(value_node, (*path, str(key)))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_unique_keys(item, (*path, str(i)))
-
-
-def _read_yaml(text: str):
-    """The YAML document in `text`, refusing anchors, aliases and duplicate keys (_Refused)."""
-    loader = _ParamsLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_unique_keys(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def load_config(path: str | Path = "params.yaml") -> PalmConfig:
-    """Read and validate params.yaml."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file (run palm from the project directory)")
-    try:
-        data = _read_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except _Refused as exc:
-        raise ConfigError(f"{path}: {exc.problem} (line {exc.mark.line + 1}, column {exc.mark.column + 1})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be params.yaml") from None
-    except ValueError as exc:  # a scalar YAML reads but Python refuses: an integer of 5,000 digits
-        raise ConfigError(f"{path}: a value cannot be read ({_cut(' '.join(str(exc).split())[:200])})") from None
-    except yaml.YAMLError as exc:
-        # One line, as the CLI prints it: what is wrong and where.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_config(data, str(path))
-
-
-# ------------------------------------------------------------------ params.yaml, generated
-PARAMS_HEADER = (
-    "Generated from palm_tasks/config.py: edit the defaults there, then python -m palm_tasks.config > params.yaml",
-    "Try a setting without editing this file:  dvc exp run -S coverage.eps=0.1",
-)
-COMMENT_COLUMN = 37  # where the help comments of params.yaml start (0-based)
-
-
-def _doc(model: type[BaseModel]) -> str:
-    """A section's docstring (first paragraph) on one line."""
-    return " ".join(inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].split())
-
-
-def _yaml_value(value) -> str:
-    """A default in YAML flow style: [a, b], {}, null, 0.001, sqlite:///x."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1_000_000)
-    return text.removesuffix("\n").removesuffix("\n...")  # a scalar ends its document with "..."
-
-
-def _line(indent: str, key: str, value: str, comment: str | None) -> str:
-    if not comment:
-        raise ValueError(f"{key}: no description to write as its params.yaml comment")
-    text = f"{indent}{key}:" + (f" {value}" if value else "")
-    return f"{text:<{COMMENT_COLUMN - 2}}  # {comment}"
-
-
-def _field_lines(indent: str, key: str, field, value) -> list[str]:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    return ([_line(indent, key, _yaml_value(value), field.description)]
-            + [f"{indent}#   {line}" for line in extra.get(YAML_COMMENTS, [])])
-
-
-def _is_section(field) -> bool:
-    return isinstance(field.annotation, type) and issubclass(field.annotation, Section)
-
-
-def generate_params() -> str:
-    """params.yaml of the defaults: each key with its description as a comment, in field order."""
-    defaults = PalmConfig().model_dump()
-    lines = [f"# {line}" for line in (_doc(PalmConfig), *PARAMS_HEADER)] + [""]
-    for name, field in PalmConfig.model_fields.items():
-        if _is_section(field):
-            section = field.annotation
-            lines += ["", _line("", name, "", _doc(section))]
-            lines += [line for key, sub in section.model_fields.items()
-                      for line in _field_lines("  ", key, sub, defaults[name][key])]
-        else:
-            lines += _field_lines("", name, field, defaults[name])
-    return "\n".join(lines) + "\n"
-
-
-def check_params(path: str | Path = "params.yaml") -> str | None:
-    """None when the file is exactly the generated text, else one line naming the first difference."""
-    path = Path(path)
-    fix = "defaults are edited in palm_tasks/config.py, then: python -m palm_tasks.config > params.yaml"
-    try:
-        actual = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"{path}: cannot be read ({type(exc).__name__}); {fix}"
-    expected = generate_params()
-    if actual == expected:
-        return None
-    want, got = expected.splitlines(keepends=True), actual.splitlines(keepends=True)
-    i = next(i for i in range(max(len(want), len(got)))
-             if i >= len(want) or i >= len(got) or want[i] != got[i])
-    w, g = (lines[i].removesuffix("\n") if i < len(lines) else None for lines in (want, got))
-    if w == g:
-        return f"{path}:{i + 1}: line ending differs from the generated text; {fix}"
-    shown = [repr(x) if x is not None else "end of file" for x in (w, g)]
-    return f"{path}:{i + 1}: expected {shown[0]}, found {shown[1]}; {fix}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m palm_tasks.config",
-        description="Print params.yaml generated from the config defaults, or check a file against it.")
-    parser.add_argument("--check", metavar="PATH",
-                        help="exit 1 with one line naming the first line where PATH differs, 0 when equal")
-    args = parser.parse_args(argv)
-    if args.check is None:
-        sys.stdout.write(generate_params())
-        return 0
-    problem = check_params(args.check)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from palm_tasks.config import PalmConfig
+from palm_tasks.hashing import file_sha256
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import ArtifactError, Policy, ValueVector
@@ -136,14 +137,6 @@ RunJobs = Callable[[list[Job]], list[Policy]]
 
 
 # ----------------------------------------------------------------------------- the store
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def store_policy(tmp: Path, final: Path, policy: Policy, prompts, completions, scores) -> Policy:

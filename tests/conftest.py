@@ -83,7 +83,7 @@ def make_project(dest: Path, tiny_model: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory, tiny_model) -> Path:
     """A tiny project whose rewards and grid stages have run; copy it (copy_project) to use it."""
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.stages import STAGES
 
     root = make_project(tmp_path_factory.mktemp("prepared") / "project", tiny_model)
@@ -123,7 +123,7 @@ def trained_project(prepared: Path, dest: Path, k: int, **sections):
     from dataclasses import replace
 
     from palm_tasks import schema
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.paths import Paths
     from palm_tasks.schema import ValueVector
     from palm_tasks.stages import STAGES
@@ -144,7 +144,7 @@ def trained_project(prepared: Path, dest: Path, k: int, **sections):
 def build_registered_project(prepared: Path, dest: Path, prefix: str):
     """A project with three trained specialists in a certified portfolio chosen by the real
     coverage stage and registered by the real register stage: (root, keys, cfg, result)."""
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.stages import STAGES
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)

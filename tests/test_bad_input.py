@@ -13,8 +13,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from palm_tasks.config import ConfigError, PalmConfig, load_config, parse_config
-from palm_tasks.grid import check_weights
+from palm_tasks.config import ConfigError, PalmConfig, parse_config
+from palm_tasks.params_yaml import load_config
+from palm_tasks.core.simplex import check_weights
 from palm_tasks.serve.router import WeightsError, parse_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palm_tasks.config import (ConfigError, EvaluationConfig, PalmConfig, RewardModelConfig, Section,
-                               TrainingConfig, check_params, generate_params, load_config, parse_config)
+from palm_tasks.config import ConfigError, EvaluationConfig, PalmConfig, RewardModelConfig, Section, TrainingConfig, parse_config
+from palm_tasks.params_yaml import check_params, generate_params, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [f.annotation for f in PalmConfig.model_fields.values()
@@ -62,7 +62,7 @@ def test_check_names_the_first_differing_line(tmp_path):
 
 
 def test_check_command_exit_status(tmp_path):
-    cmd = [sys.executable, "-m", "palm_tasks.config", "--check"]
+    cmd = [sys.executable, "-m", "palm_tasks.params_yaml", "--check"]
     ok = subprocess.run([*cmd, str(ROOT / "params.yaml")], capture_output=True, text=True, cwd=ROOT,
                         timeout=120)
     assert ok.returncode == 0 and ok.stderr == ""
@@ -70,7 +70,7 @@ def test_check_command_exit_status(tmp_path):
     stale.write_text(generate_params().replace("  k_max: 7 ", "  k_max: 5 "))
     bad = subprocess.run([*cmd, str(stale)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "k_max: 5" in bad.stderr
-    printed = subprocess.run([sys.executable, "-m", "palm_tasks.config"], capture_output=True, text=True,
+    printed = subprocess.run([sys.executable, "-m", "palm_tasks.params_yaml"], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
     assert printed.returncode == 0 and printed.stdout == generate_params()
 

@@ -48,7 +48,7 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
                                                                    prefect_harness):
     import mlflow
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.tracking import tracking_uri
 
     root = make_project(tmp_path / "project", tiny_model)

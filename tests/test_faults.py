@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import make_project
-from palm_tasks.config import load_config, parse_config
+from palm_tasks.config import parse_config
+from palm_tasks.params_yaml import load_config
 
 pytestmark = pytest.mark.slow
 

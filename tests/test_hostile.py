@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from palm_tasks.config import ConfigError, load_config, parse_config
+from palm_tasks.config import ConfigError, parse_config
+from palm_tasks.params_yaml import load_config
 from palm_tasks.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from palm_tasks.config import ConfigError, PalmConfig, Section, load_config, parse_config
+from palm_tasks.config import ConfigError, PalmConfig, Section, parse_config
+from palm_tasks.params_yaml import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -448,7 +449,7 @@ def _mutations(data: bytes) -> dict[str, bytes | None]:
 def test_every_damage_to_a_member_file_is_named(finished, tmp_path):
     """Each file of a real member, damaged each way: `palm status` (print_status) names the
     member, generate and serve (verify_member) refuse naming it; nothing is accepted."""
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.llm.models import verify_member
     from palm_tasks.report.console import print_status
     from palm_tasks.schema import ArtifactError

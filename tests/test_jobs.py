@@ -49,7 +49,7 @@ def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory, prepared_project):
     from conftest import copy_project
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
 
     root = copy_project(prepared_project, tmp_path_factory.mktemp("jobs") / "project")
     return run_job(load_config(root / "params.yaml"), root, Job.train([0.25, 0.25, 0.5]))

@@ -37,7 +37,7 @@ def test_a_copied_project_writes_only_into_its_own_store_and_loads_from_it(regis
     import mlflow
     import pandas as pd
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.registry import load_member, member_model_name, portfolio_model_name
     from palm_tasks.stages import STAGES
     from palm_tasks.tracking import tracking_uri

@@ -26,7 +26,7 @@ def unbeatable_evidence(root):
 
 
 def test_a_run_killed_during_a_repair_resumes_with_the_repairs_only(prepared_project, tmp_path, monkeypatch):
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.llm import train as train_module
     from palm_tasks.schema import load_pool
     from palm_tasks.stages import STAGES

@@ -43,7 +43,7 @@ def test_a_run_killed_mid_align_resumes_without_retraining(prepared_project, tmp
     import mlflow
     from prefect.settings import PREFECT_API_URL
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.tracking import tracking_uri
 
     root = copy_project(prepared_project, tmp_path / "project",

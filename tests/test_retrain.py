@@ -32,7 +32,7 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
 
     from flows.pipeline import pipeline
     from flows.retrain import retrain_flow
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
     from palm_tasks.registry import portfolio_model_name
     from palm_tasks.schema import load_pool

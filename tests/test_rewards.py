@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import pyjokes
 
+from palm_tasks.llm import humor as humor_classifier
 from palm_tasks.llm import rewards as R
 
 # Held-out accuracy of the humor classifier. Measured over seeds 0-9 (156 held-out texts each):
@@ -45,9 +46,9 @@ def test_humor_classifier_trains_and_ranks_jokes_above_facts(reward_dir):
     assert metrics["humor"]["heldout_accuracy"] > MIN_HUMOR_ACCURACY
     assert metrics["humor"]["n_test"] > 100 and not metrics["humor"]["reused"]
     files = sorted(p.name for p in (directory / "humor").iterdir())
-    assert files == [R.HUMOR_WEIGHTS_FILE, R.HUMOR_META_FILE]  # safetensors + json only
-    meta = json.loads((directory / "humor" / R.HUMOR_META_FILE).read_text())
-    assert meta["seed"] == 0 and meta["recipe_version"] == R.HUMOR_RECIPE_VERSION
+    assert files == [humor_classifier.HUMOR_WEIGHTS_FILE, humor_classifier.HUMOR_META_FILE]  # safetensors + json only
+    meta = json.loads((directory / "humor" / humor_classifier.HUMOR_META_FILE).read_text())
+    assert meta["seed"] == 0 and meta["recipe_version"] == humor_classifier.HUMOR_RECIPE_VERSION
 
     humor = R.HumorReward(directory / "humor")
     joke = pyjokes.get_jokes(language="en", category="neutral")[0]
@@ -120,7 +121,7 @@ def test_unknown_trait_and_missing_or_corrupt_classifier(tmp_path, reward_dir):
     with pytest.raises(FileNotFoundError, match="classifier.safetensors.*rewards stage"):
         R.build_rewards(["humor"], tmp_path)
     shutil.copytree(reward_dir[0] / "humor", tmp_path / "humor")
-    (tmp_path / "humor" / R.HUMOR_WEIGHTS_FILE).write_bytes(b"not safetensors")
+    (tmp_path / "humor" / humor_classifier.HUMOR_WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="classifier.safetensors.*corrupt"):
         R.HumorReward(tmp_path / "humor")
 
@@ -229,7 +230,7 @@ def test_reward_model_declarations_are_checked_in_params(reward_models, tmp_path
 
 def test_an_alignment_job_trains_with_a_reward_model(reward_models, prepared_project, tmp_path):
     from conftest import copy_project
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import Job, run_job
     from palm_tasks.stages import STAGES
 

@@ -16,7 +16,7 @@ def test_two_jobs_on_a_local_dask_cluster_of_two_workers(prepared_project, tmp_p
     import mlflow
 
     from flows.stages import STAGE_FLOWS
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
     from palm_tasks.schema import load_pool
     from palm_tasks.tracking import tracking_uri

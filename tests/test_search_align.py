@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import copy_project
 
-from palm_tasks.core.floor import PNormFront
+from support.fronts import PNormFront
 from palm_tasks.core.search import LazySearch, lazy_search
 from palm_tasks.paths import Paths
 from palm_tasks.stages import align
@@ -77,7 +77,7 @@ class Stop(Exception):
 
 @pytest.mark.slow
 def test_the_align_stage_asks_runner_workers_weights_per_round(prepared_project, tmp_path, monkeypatch):
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
 
     root = copy_project(prepared_project, tmp_path / "project", runner={"workers": 2},
                         search={"mode": "lazy", "max_trainings": 6})

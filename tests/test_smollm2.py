@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from palm_tasks.config import load_config
+from palm_tasks.params_yaml import load_config
 from palm_tasks.jobs import Job, find_finished, run_job
 from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
 from palm_tasks.llm.models import generate, load_policy

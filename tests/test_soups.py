@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import make_project
-from palm_tasks.config import load_config
+from palm_tasks.params_yaml import load_config
 from palm_tasks.llm import soups as S
 from palm_tasks.schema import load_soups
 

@@ -19,11 +19,12 @@ and benchmarks that need a real (if meaningless) causal LM in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+from palm_tasks.hashing import files_sha256
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_INFO = "base.json"
@@ -56,13 +57,7 @@ def weights_hash(model_dir: Path) -> str:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(files)
 
 
 def convert_smollm2(out_dir: Path) -> None:

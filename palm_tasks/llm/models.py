@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from palm_tasks.hashing import file_sha256
 from palm_tasks.log import progress
 
 
@@ -81,7 +82,6 @@ def verify_member(adapter_dir: Path, key: str | None = None) -> None:
     header promises. The second check covers an adapter without checksums (one downloaded
     from the registry); without either, a truncated adapter fails deep in safetensors with an
     error that names no member."""
-    import hashlib
     import json
 
     from palm_tasks.schema import ArtifactError
@@ -108,11 +108,7 @@ def verify_member(adapter_dir: Path, key: str | None = None) -> None:
             path = member / rel
             if not path.is_file():
                 raise damaged(path, "is missing")
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != digest:
+            if file_sha256(path) != digest:
                 raise damaged(path, "does not match its checksum (damaged or changed since training)")
     for path in sorted(adapter_dir.glob("*.safetensors")):
         problem = _safetensors_problem(path)

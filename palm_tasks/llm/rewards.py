@@ -31,20 +31,17 @@ batched.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from palm_tasks.llm.embeddings import EMBEDDING_MODEL_NAME, embed, embedding_model  # noqa: F401 (re-exported)
+from palm_tasks.hashing import file_sha256, files_sha256
+from palm_tasks.llm.embeddings import embed
+from palm_tasks.llm.humor import (HUMOR_RECIPE_VERSION, HUMOR_WEIGHTS_FILE, current_classifier,
+                                   train_humor_classifier)
 from palm_tasks.llm.validity import valid
+from palm_tasks.traits import RM_NORMALIZATIONS, check_reward_model_dir, reward_model_weights
 
-HUMOR_RECIPE_VERSION = "humor-clf-v1"  # bump when the humor training data or recipe changes
-HUMOR_WEIGHTS_FILE = "classifier.safetensors"
-HUMOR_META_FILE = "meta.json"
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
 VALIDITY_VERSION = "valid-v1"  # bump when palm_tasks/llm/validity.py's rule changes
 _GATED = ("; a degenerate answer (empty, chat roles or template fragments only, or 1-2 words "
           "without a digit) scores 0")
@@ -193,129 +190,6 @@ class RelevanceReward(Reward):
 # --------------------------------------------------------------------------- humor
 
 
-def _chatterbot_english() -> Path:
-    from palm_tasks.llm.prompts import package_dir
-
-    return package_dir("chatterbot_corpus") / "data" / "english"
-
-
-# humor.yml answers to "Tell me a joke" that are not jokes
-_HUMOR_YML_NON_JOKES = ("I'm a not a comedian. Why don't you check out a joke?",)
-
-
-def humor_training_texts(fortunes_dir: Path = FORTUNES_DIR) -> tuple[dict[str, list[str]], list[str]]:
-    """Positives by source and the pool of plain (negative) answers, deduplicated.
-
-    Positives: pyjokes one-liners (English, all categories); chatterbot humor.yml answers to
-    "Tell me a joke" (minus the non-jokes); Debian fortunes of <= 200 characters if
-    ``fortunes_dir`` exists (optional; at most as many as pyjokes so they do not dominate).
-    Negatives: answers of >= 4 words from every other chatterbot category.
-    """
-    import pyjokes
-
-    positives = {"pyjokes": [" ".join(j.split()) for j in pyjokes.get_jokes(language="en", category="all")]}
-    humor = yaml.safe_load((_chatterbot_english() / "humor.yml").read_text(encoding="utf-8"))
-    positives["chatterbot_humor"] = [
-        " ".join(answer.split())
-        for question, *answers in humor["conversations"]
-        if question.strip().lower() == "tell me a joke"
-        for answer in answers
-        if " ".join(answer.split()) not in _HUMOR_YML_NON_JOKES
-    ]
-    positives["fortunes"] = _fortunes(fortunes_dir, limit=len(positives["pyjokes"]))
-
-    negatives = []
-    for path in sorted(_chatterbot_english().glob("*.yml")):
-        if path.stem == "humor":
-            continue
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conversation in data.get("conversations") or []:
-            negatives += [" ".join(a.split()) for a in conversation[1::2] if isinstance(a, str)]
-    negatives = [a for a in negatives if len(a.split()) >= 4]
-
-    seen: set[str] = set()
-    positives = {src: _unseen(texts, seen) for src, texts in positives.items()}
-    return positives, _unseen(negatives, seen)
-
-
-def _unseen(texts: list[str], seen: set[str]) -> list[str]:
-    kept = []
-    for text in texts:
-        if text and text.lower() not in seen:
-            seen.add(text.lower())
-            kept.append(text)
-    return kept
-
-
-def _fortunes(fortunes_dir: Path, limit: int) -> list[str]:
-    """Short fortunes (plain files, '%'-separated; offensive 'off/' subdirectory skipped)."""
-    if not Path(fortunes_dir).is_dir():
-        return []
-    texts = []
-    for path in sorted(Path(fortunes_dir).iterdir()):
-        if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8"):
-            for entry in path.read_text(encoding="utf-8", errors="ignore").split("\n%\n"):
-                entry = " ".join(entry.strip("%\n ").split())
-                if 20 <= len(entry) <= 200:
-                    texts.append(entry)
-    if len(texts) > limit:
-        keep = np.sort(np.random.default_rng(0).choice(len(texts), size=limit, replace=False))
-        texts = [texts[i] for i in keep]
-    return texts
-
-
-def train_humor_classifier(out_dir: Path, seed: int, test_fraction: float,
-                           fortunes_dir: Path = FORTUNES_DIR) -> dict:
-    """Train the joke classifier; write out_dir/classifier.safetensors + meta.json.
-
-    Classes are balanced by subsampling the larger one (seeded); a stratified held-out split
-    of ``test_fraction`` measures accuracy. Only numpy arrays (coef, intercept) are saved, as
-    safetensors: nothing is pickled. Returns the metadata (held-out accuracy, sizes, seed...).
-    """
-    from safetensors.numpy import save_file
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    positives_by_source, negatives = humor_training_texts(fortunes_dir)
-    positives = [t for texts in positives_by_source.values() for t in texts]
-    negatives_available = len(negatives)
-    rng = np.random.default_rng(seed)
-    n_per_class = min(len(positives), len(negatives))
-    positives = [positives[i] for i in np.sort(rng.choice(len(positives), n_per_class, replace=False))]
-    negatives = [negatives[i] for i in np.sort(rng.choice(len(negatives), n_per_class, replace=False))]
-    texts = positives + negatives
-    labels = np.array([1] * n_per_class + [0] * n_per_class)
-
-    x_train, x_test, y_train, y_test = train_test_split(
-        embed(texts), labels, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    classifier = LogisticRegression(C=1.0, max_iter=2000).fit(x_train, y_train)
-    heldout_accuracy = float(classifier.score(x_test, y_test))
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"coef": classifier.coef_.reshape(-1).astype(np.float64),
-         "intercept": classifier.intercept_.reshape(1).astype(np.float64)},
-        str(out_dir / HUMOR_WEIGHTS_FILE),
-    )
-    meta = {
-        "recipe_version": HUMOR_RECIPE_VERSION,
-        "seed": seed,
-        "embedding_model": EMBEDDING_MODEL_NAME,
-        "heldout_accuracy": heldout_accuracy,
-        "train_accuracy": float(classifier.score(x_train, y_train)),
-        "n_train": int(len(y_train)),
-        "n_test": int(len(y_test)),
-        "n_per_class": int(n_per_class),
-        "positives_available": {src: len(t) for src, t in positives_by_source.items()},
-        "negatives_available": negatives_available,
-        "test_fraction": test_fraction,
-    }
-    (out_dir / HUMOR_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
-
-
 @functools.lru_cache(maxsize=8)
 def _load_humor_classifier(weights_path: str, mtime_ns: int) -> tuple[np.ndarray, float, str]:
     """(coef, intercept, sha256) of a saved classifier; the mtime keys the cache to the file."""
@@ -328,7 +202,7 @@ def _load_humor_classifier(weights_path: str, mtime_ns: int) -> tuple[np.ndarray
         raise ValueError(f"humor classifier file {weights_path} is unreadable or corrupt: {error}") from error
     if coef.shape != (384,) or not np.all(np.isfinite(coef)) or not np.isfinite(intercept):
         raise ValueError(f"humor classifier file {weights_path} is corrupt: coef shape {coef.shape}")
-    digest = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()
+    digest = file_sha256(Path(weights_path))
     return coef, intercept, digest
 
 
@@ -391,46 +265,10 @@ class ReadabilityReward(Reward):
 
 # --------------------------------------------------------------------------- local HF reward models
 
-RM_NORMALIZATIONS = ("sigmoid", "softmax", "minmax")
-
-
-def check_reward_model_dir(path: Path, label: int, normalize: str) -> dict:
-    """The config.json of a local sequence-classification reward model, after checking what
-    params.yaml declares about it. ValueError says what is wrong (read before any work)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"no such directory {path}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json (not a Hugging Face model directory)")
-    if not _rm_weight_files(path):
-        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        raise ValueError(f"{path} has no *.safetensors weights" + (
-            f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to "
-            "safetensors)" if pickled else ""))
-    config = json.loads((path / "config.json").read_text())
-    n_labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
-    if not 0 <= label < n_labels:
-        raise ValueError(f"label = {label} but the model at {path} has {n_labels} output(s) "
-                         f"(labels 0..{n_labels - 1})")
-    if normalize == "softmax" and n_labels < 2:
-        raise ValueError(f"normalize = softmax needs at least 2 outputs; the model at {path} has {n_labels}")
-    return config
-
-
-def _rm_weight_files(path: Path) -> list[Path]:
-    return sorted(Path(path).glob("*.safetensors"))
-
-
 @functools.lru_cache(maxsize=8)
 def _weights_digest(path: str, stamp: tuple) -> str:
     """sha256 over the model's safetensors files; `stamp` (names, sizes, mtimes) keys the cache."""
-    h = hashlib.sha256()
-    for f in _rm_weight_files(Path(path)):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(reward_model_weights(Path(path)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -478,7 +316,7 @@ class HFRewardModel(Reward):
             raise ValueError(f"reward model {name!r}: {error}") from None
         self.name, self.path, self.label, self.normalize = name, Path(path), int(label), normalize
         self.lo, self.hi, self.batch_size, self.device = lo, hi, int(batch_size), device
-        files = _rm_weight_files(self.path)
+        files = reward_model_weights(self.path)
         stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         self.weights_sha256 = _weights_digest(str(self.path), stamp)
         settings = f"{label}-{normalize}" + (f"-{lo}-{hi}" if normalize == "minmax" else "")
@@ -559,7 +397,7 @@ REWARD_CLASSES: dict[str, type[Reward]] = {
     "readability": ReadabilityReward,
     "correctness": CorrectnessReward,
 }
-TRAITS = tuple(REWARD_CLASSES)  # the built-in traits; params.yaml rewards.models declares more
+TRAITS = tuple(REWARD_CLASSES)  # = palm_tasks.traits.BUILTIN_TRAITS (tests/test_house.py); rewards.models declares more
 
 
 def _check_traits(traits: list[str], models=()) -> None:
@@ -592,17 +430,6 @@ def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 
     return rewards
 
 
-def _humor_is_current(humor_dir: Path, seed: int, test_fraction: float) -> dict | None:
-    try:
-        meta = json.loads((humor_dir / HUMOR_META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (meta.get("recipe_version") == HUMOR_RECIPE_VERSION and meta.get("seed") == seed
-            and meta.get("test_fraction") == test_fraction and (humor_dir / HUMOR_WEIGHTS_FILE).is_file()):
-        return meta
-    return None
-
-
 def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=(), *,
                     humor_test_fraction: float) -> dict:
     """Train what ``traits`` need (the humor classifier) unless an up-to-date one exists
@@ -612,7 +439,7 @@ def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=(), *
     metrics: dict[str, dict] = {}
     if "humor" in traits:
         humor_dir = Path(reward_dir) / "humor"
-        meta = _humor_is_current(humor_dir, seed, humor_test_fraction)
+        meta = current_classifier(humor_dir, seed, humor_test_fraction)
         reused = meta is not None
         if meta is None:
             meta = train_humor_classifier(humor_dir, seed, humor_test_fraction)
