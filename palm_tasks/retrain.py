@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks import schema
+from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
-from palm_tasks.core.search import LazySearch
 from palm_tasks.jobs import Job, JobContext, RunJobs, find_finished
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.schema import ArtifactError, Pool, Portfolio
-from palm_tasks.stages.align import reference, search_loop
+from palm_tasks.search_loop import search_from_config, search_loop
 
 
 @dataclass(frozen=True)
@@ -103,15 +103,7 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
     kept = run_jobs([Job.evaluate(paths.relative(p.path)) for p in kept]) if kept else []
     out.reevaluated = {p.key: p.values for p in kept}
 
-    initial = {}
-    if kept:
-        initial = {"initial_weights": np.array([p.weights for p in kept]),
-                   "initial_values": np.array([p.values for p in kept]),
-                   "initial_std_errors": np.array([p.std_errors for p in kept])}
-    search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                        z=cfg.coverage.z, reference=reference(schema.load_samples(root), cfg.training.min_relevance),
-                        max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant,
-                        **initial)
+    search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance), initial=kept)
     started = time.time()
     rows = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers)
     new = [p for p in rows if p.key not in {k.key for k in kept}]

@@ -180,8 +180,9 @@ def test_the_audit_reports_the_gap_and_the_eps_the_evidence_asks_for_at_delta():
     # with se 0; the one member is (0.5, 0.5). At w = (1, 0): E = 1, P = 0.5, gap 0.5, and at
     # delta 0.02 the member needs eps = 1 - (0.5 + 0.02) / 1 = 0.48.
     from palm_tasks.config import parse_config
+    from palm_tasks.audit import evidence_audit
+    from palm_tasks.best_of_n import BestOfN
     from palm_tasks.schema import SamplePool
-    from palm_tasks.stages.coverage import evidence_audit
 
     cfg = parse_config({"traits": ["safety", "humor"], "coverage": {"eps": 0.05, "delta": 0.02},
                         "training": {"min_relevance": 0}})
@@ -191,13 +192,14 @@ def test_the_audit_reports_the_gap_and_the_eps_the_evidence_asks_for_at_delta():
                          completions=(("x", "y"),) * 4, scores=scores, relevance=np.ones((4, 2)))
     test = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
     R, SE = np.array([[0.5, 0.5]]), np.zeros((1, 2))
-    audit = evidence_audit(cfg, test, R, SE, np.array([0]), samples, ["member"])
+    bon = BestOfN(samples, cfg.training.min_relevance)
+    audit = evidence_audit(cfg, test, R, SE, np.array([0]), bon, ["member"])
     assert audit["worst_gap"] == pytest.approx(0.5) and audit["worst_weight"] == {"safety": 1.0, "humor": 0.0}
     assert audit["evidence_eps"] == pytest.approx(0.48)
     assert audit["evidence_eps_against"].startswith("best-of-2")
     assert audit["contradicted"] and audit["share_beyond_eps"] == pytest.approx(2 / 3)
     # a member at best-of-2 everywhere but (0.5, 0.5): there E = 0.5 is the member itself
     audit = evidence_audit(cfg, test, np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros((2, 2)), np.array([0, 1]),
-                           samples, ["s", "h"])
+                           bon, ["s", "h"])
     assert audit["worst_gap"] == pytest.approx(0.0) and audit["evidence_eps"] == pytest.approx(0.0)
     assert not audit["contradicted"]

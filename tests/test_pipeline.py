@@ -40,7 +40,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     import mlflow
 
     from flows.pipeline import pipeline
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
     from palm_tasks.schema import load_pool
     from palm_tasks.schema import load_portfolio
@@ -134,6 +134,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
 
     # the evidence audit: best-of-N of the base's sample pool and every measured policy, at every
     # test weight; recomputed here on the lattice (the audit also covers the test users)
+    from palm_tasks.best_of_n import BestOfN
     from palm_tasks.core.evidence import evidence_gaps, scalar
     from palm_tasks.core.simplex import simplex_lattice
     from palm_tasks.schema import load_samples
@@ -142,7 +143,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     ev = portfolio.evidence
     assert ev["best_of_n"] == samples.n == cfg.evidence.best_of
     lattice = simplex_lattice(3, cfg.coverage.test_lattice)
-    bon = scalar(lattice, samples.best_of_n(lattice, cfg.training.min_relevance)[0])
+    bon = scalar(lattice, BestOfN(samples, cfg.training.min_relevance).vectors(lattice)[0])
     E = np.maximum((lattice @ everyone.T).max(axis=1), bon)
     P = (lattice @ np.array([e.value.mean for e in portfolio.members]).T).max(axis=1)
     assert ev["worst_gap"] >= evidence_gaps(P, E).max() - 1e-5  # files hold 6 decimals

@@ -10,7 +10,8 @@ from conftest import copy_project
 
 
 def test_sample_pool_is_the_rewards_stage_output(prepared_project):
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
+    from palm_tasks.best_of_n import BestOfN
     from palm_tasks.core.evidence import best_of_n
     from palm_tasks.llm.validity import relevance
     from palm_tasks.schema import load_samples
@@ -30,7 +31,7 @@ def test_sample_pool_is_the_rewards_stage_output(prepared_project):
     tau = max(float(np.median(pool.relevance)), 1e-6)  # > 0: 0 means "every answer"
     on = pool.on_topic(tau)
     assert on.tolist() == (pool.relevance >= tau).tolist() and pool.on_topic(0.0) is None
-    assert pool.best_of_n(np.eye(cfg.d), tau)[0].tolist() == best_of_n(pool.scores, np.eye(cfg.d), on)[0].tolist()
+    assert BestOfN(pool, tau).vectors(np.eye(cfg.d))[0].tolist() == best_of_n(pool.scores, np.eye(cfg.d), on)[0].tolist()
     train = load_samples(prepared_project, "train")  # rsft (the default method): every job's round 1
     assert train.scores.shape == (cfg.data.n_train, cfg.training.samples_per_prompt, cfg.d)
     # best-of-N in metrics/rewards.details.json (and its values in metrics/rewards.json) is the pool's
@@ -47,7 +48,7 @@ def test_sample_pool_is_the_rewards_stage_output(prepared_project):
 def test_the_rewards_stage_reuses_its_pool_when_only_the_on_topic_rule_changes(prepared_project, tmp_path, monkeypatch):
     """min_relevance re-runs the rewards stage (best-of-N in its metrics) but does not decide the
     answers: the pool is reused, not sampled again; a new sampling temperature samples again."""
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.llm import models
     from palm_tasks.schema import load_samples
     from palm_tasks.stages import STAGES
@@ -106,7 +107,7 @@ def test_the_gate_keeps_a_degenerate_member_out_of_production(prepared_project, 
     them, the portfolio says why, and the register stage does not move `production`."""
     import mlflow
 
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.schema import load_portfolio
     from palm_tasks.stages import STAGES
     from palm_tasks.tracking import tracking_uri

@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks import schema
+from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import simplex
-from palm_tasks.core.search import LazySearch
 from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.jobs import Job, RunJobs, remove_half_written, run_here
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
-from palm_tasks.schema import Policy, Pool
+from palm_tasks.schema import Pool
+from palm_tasks.search_loop import search_from_config, search_loop
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
           "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant",
@@ -49,9 +50,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     finished_before = {p.name for p in paths.members.glob("*")} if paths.members.is_dir() else set()
     history = {}
     if cfg.search.mode == "lazy":
-        search = LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings,
-                            z=cfg.coverage.z, reference=reference(schema.load_samples(root), cfg.training.min_relevance),
-                            max_repairs=cfg.search.max_repairs, z_significant=cfg.coverage.z_significant)
+        search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance))
         policies = search_loop(search, run_jobs, paths, workers=cfg.runner.workers)
         still = search.result().beaten
         history = {"stopped": search.stopped, "steps": search.history, "beaten": still,
@@ -81,50 +80,6 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     write_metrics(root, METRICS[0], metrics, details=metrics)  # mode and stopped: details only
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")
     return metrics
-
-
-def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1,
-                store: str = "models/members") -> list[Policy]:
-    """Ask, train, tell until the search is done; the rows' policies (`initial`, the search's
-    initial rows, first), then in the order they were first trained; a repaired row holds the
-    better of its trainings.
-
-    Each round asks the search for up to `workers` weights (runner.workers; docs/search.md,
-    parallel proposals), runs them through run_jobs at once and tells each result. `store`: where
-    new policies go (the evaluate stage keeps its own)."""
-    rows: list[Policy] = list(initial)
-    while batch := search.ask_batch(workers):
-        pending = search.pending_all[:len(batch)]
-        jobs = []
-        for w, todo in zip(batch, pending):
-            if todo["source"] == "repair":
-                row, by = todo["row"], todo["by"]
-                start = rows[by] if by >= 0 else rows[row]
-                jobs.append(Job.train(w, store=store, init_from=paths.relative(start.path),
-                                      attempt=search.repairs[row] + 1))
-            else:
-                jobs.append(Job.train(w, store=store))
-        policies = run_jobs(jobs)
-        for w, todo, policy in zip(batch, pending, policies):
-            step = search.tell(w, policy.values, policy.std_errors)
-            if todo["source"] != "repair":
-                rows.append(policy)
-            elif step["kept"] == "new":
-                rows[todo["row"]] = policy
-            step["key"] = policy.key
-    return rows
-
-
-def reference(pool: schema.SamplePool, min_relevance: float):
-    """w -> (w . R_BoN(w), its se) from the base's sample pool on the eval prompts, best-of-N
-    among the answers at least min_relevance on topic (training.min_relevance)."""
-    from palm_tasks.core.evidence import scalar
-
-    def at(W):
-        mean, _, scalar_se = pool.best_of_n(W, min_relevance)
-        return scalar(W, mean), scalar_se
-
-    return at
 
 
 def _fmt(x) -> str:

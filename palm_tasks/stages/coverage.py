@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks import schema
+from palm_tasks.audit import evidence_audit
+from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import metrics, routing, simplex
 from palm_tasks.core.certificate import certify
@@ -84,18 +86,14 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
     """(portfolio, coverage figures, gap rows of the lattice, test weights) for a pool of trained
     policies and soups; `members` (row indices into trained + soups) skips the pruning; `samples`
     (the base's sample pool on the eval prompts) brings the evidence in."""
-    from palm_tasks.core.evidence import scalar
-
     c = cfg.coverage
     pool = list(trained) + list(soups)
     oracle = np.array([True] * len(trained) + [False] * len(soups))
     W = np.array([p.weights for p in pool])
     R = np.array([p.value.mean for p in pool])
     SE = np.array([p.value.se for p in pool])
-    ref = ref_se = None
-    if samples is not None:
-        bon_mean, _, ref_se = samples.best_of_n(W, cfg.training.min_relevance)
-        ref = scalar(W, bon_mean)
+    bon = None if samples is None else BestOfN(samples, cfg.training.min_relevance)
+    ref, ref_se = (None, None) if bon is None else bon(W)
 
     def reference(z):
         return None if ref is None else ref + z * ref_se
@@ -136,7 +134,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         "users_mean_multiplicative_gap": gap_users.mean_multiplicative,
         "usage_perplexity": float(metrics.usage_perplexity(R, members, users, std_errors=SE, z=c.z)),
     }
-    audit = evidence_audit(cfg, test, R, SE, members, samples, [p.key for p in pool])
+    audit = evidence_audit(cfg, test, R, SE, members, bon, [p.key for p in pool])
     if ref is not None:  # the router's bound uses it as the certificate does
         audit["reference_at_oracle"] = {"values": ref[oracle].round(6).tolist(),
                                         "std_errors": ref_se[oracle].round(6).tolist()}
@@ -206,65 +204,6 @@ def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
     return {"rule": {"max_degenerate_share": g.max_degenerate_share,
                      "min_relevance_ratio": g.min_relevance_ratio},
             "base": base, "members": out}
-
-
-def evidence_audit(cfg: PalmConfig, test, R, SE, members, samples, keys) -> dict:
-    """The portfolio against the evidence at every test weight (docs/theory.md section 8):
-    E(w) = max(every measured policy, best-of-N of the base), gap 1 - P(w) / E(w)."""
-    from palm_tasks.core.evidence import evidence, evidence_gaps, scalar
-
-    if samples is None:
-        return {}
-    bon_mean, _, bon_se = samples.best_of_n(test, cfg.training.min_relevance)
-    ev = evidence(test, R, SE, scalar(test, bon_mean), bon_se)
-    portfolio_values = (test @ R[members].T).max(axis=1)
-    gaps = evidence_gaps(portfolio_values, ev.value)
-    # se of the gap: the evidence's and the member's se, relative to E
-    best_member = members[(test @ R[members].T).argmax(axis=1)]
-    p_se = np.einsum("md,md->m", test, SE[best_member])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gap_se = np.where(ev.value > 0, np.sqrt(ev.se ** 2 + p_se ** 2) / ev.value, 0.0)
-    tau = cfg.training.min_relevance
-    on_topic = f" among answers with relevance >= {tau:g}" if tau > 0 else ""
-
-    def against(i):
-        return f"best-of-{samples.n} of the base{on_topic}" if ev.source[i] < 0 else f"policy {keys[ev.source[i]]}"
-
-    def where(i):
-        return dict(zip(cfg.traits, np.round(test[i], 4).tolist()))
-
-    i = int(np.argmax(gaps))
-    c = cfg.coverage
-    # The gap above is the delta = 0 figure (the paper's). The certificate's max eps is reached at
-    # delta, so the evidence's counterpart is the smallest eps with P >= (1 - eps) E - delta,
-    # which is the gap of P + delta.
-    eps_needed = np.maximum(evidence_gaps(portfolio_values + c.delta, ev.value), 0.0)
-    k = int(np.argmax(eps_needed))
-    # The certificate promises P >= (1 - eps) OPT - delta; E <= OPT, so P below (1 - eps) E - delta
-    # by more than the se of the difference contradicts it.
-    shortfall = (1 - c.eps) * ev.value - c.delta - portfolio_values
-    shortfall_se = np.sqrt(((1 - c.eps) * ev.se) ** 2 + p_se ** 2)
-    j = int(np.argmax(shortfall - shortfall_se))
-    contradicted = bool(shortfall[j] > shortfall_se[j])
-    out = {"best_of_n": samples.n, "min_relevance": tau, "test_weights": int(len(test)),
-           "worst_gap": float(gaps[i]), "worst_gap_se": float(gap_se[i]), "worst_weight": where(i),
-           "worst_against": against(i), "worst_evidence": float(ev.value[i]),
-           "worst_portfolio_value": float(portfolio_values[i]), "mean_gap": float(gaps.mean()),
-           "share_beyond_eps": float((gaps > c.eps).mean()),
-           "share_bon_is_evidence": float((ev.source < 0).mean()),
-           "evidence_eps": float(eps_needed[k]), "evidence_eps_weight": where(k),
-           "evidence_eps_against": against(k),
-           "contradicted": contradicted,
-           "is": "1 - P(w) / E(w) with P the best member's mean value and E(w) the larger of every "
-                 f"measured policy and best-of-{samples.n} sampling from the base{on_topic} (same eval "
-                 "prompts, same sampler); contradicted = somewhere P(w) < (1 - eps) E(w) - delta by more than "
-                 "the se of the difference; evidence_eps = the smallest eps with P(w) >= (1 - eps) E(w) - delta "
-                 "at every test weight, to compare with the certificate's max eps"}
-    if contradicted:
-        out["contradiction"] = {"weight": where(j), "portfolio_value": float(portfolio_values[j]),
-                                "evidence": float(ev.value[j]), "against": against(j),
-                                "shortfall": float(shortfall[j]), "se": float(shortfall_se[j])}
-    return out
 
 
 def portfolio_id(member_keys, eps: float, delta: float, z: float) -> str:

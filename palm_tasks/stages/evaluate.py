@@ -48,19 +48,18 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks import schema
+from palm_tasks.audit import check_against_evidence, evidence_audit
+from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import metrics, simplex
-from palm_tasks.core.search import LazySearch
 from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.jobs import Job, RunJobs, run_here
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
 from palm_tasks.report import evaluation as report
 from palm_tasks.schema import Policy
-from palm_tasks.stages import coverage as coverage_stage
-from palm_tasks.stages.align import reference as align_reference
-from palm_tasks.stages.align import search_loop
+from palm_tasks.search_loop import search_from_config, search_loop
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
           "coverage", "compare", "runner.workers")  # runner.workers: PALM's weights per round, as in align
@@ -102,9 +101,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         # beaten rows repaired (warm-started retraining), parallel proposals per runner.workers.
         say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings}, {cfg.search.max_repairs} "
             "repairs per row)")
-        search = LazySearch(d, c.eps, c.delta, cfg.search.max_trainings, z=c.z,
-                            reference=bon.values_and_se,
-                            max_repairs=cfg.search.max_repairs, z_significant=c.z_significant)
+        search = search_from_config(cfg, bon)
         rows = search_loop(search, run_jobs, paths, workers=cfg.runner.workers,
                            store=paths.relative(paths.evaluation_members))
         for policy in rows:  # a repaired row holds its better policy: the other methods share that
@@ -194,7 +191,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     def against_evidence(idx: list[int]) -> dict:
         """The gaps of ref[idx] against the evidence, and the worst and mean against the pool only."""
         pool_only = metrics.gap_summary(R, idx, lattice, users, std_errors=SE, noise_draws=0)  # no mean se kept
-        return {**metrics.gap_summary(R, idx, lattice, users, reference=bon, populations=populations,
+        return {**metrics.gap_summary(R, idx, lattice, users, reference=bon.value, populations=populations,
                                       std_errors=SE, reference_se=bon.se, noise_draws=cmp_.bootstrap,
                                       seed=cfg.seed),
                 **{f"pool_{name}": pool_only[name] for name in
@@ -223,7 +220,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         # stage's audit of the production portfolio, here on the comparison's pool)
         members, certified = lazy_portfolio
         idx = np.array(sorted({index[p.key] for p in members}))
-        audit = coverage_stage.evidence_audit(cfg, np.vstack([lattice, users]), R, SE, idx, samples, ref_keys)
+        audit = evidence_audit(cfg, np.vstack([lattice, users]), R, SE, idx, bon, ref_keys)
         certificate_audit = {"members": [ref_keys[i] for i in idx], "certified": certified, "eps": c.eps,
                              "delta": c.delta, **{name: audit[name] for name in (
                                  "test_weights", "evidence_eps", "evidence_eps_weight", "evidence_eps_against",
@@ -271,61 +268,6 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     log_evaluation_run(cfg, root, out, [report_file, *pictures])
     say(f"evaluate: {len(ref)} policies in the reference pool ({made_now} made now), "
         f"report in {report_file} ({out['seconds']:.0f}s)")
-    return out
-
-
-class BestOfN:
-    """test weights (m, d) -> w . R_BoN(w), best-of-N sampling from the base among on-topic answers
-    (schema.SamplePool.best_of_n, as the coverage stage's evidence); `se` gives its standard errors.
-    Memoized by the weights: every portfolio is measured on the same test sets."""
-
-    def __init__(self, samples: schema.SamplePool, min_relevance: float):
-        self.samples = samples
-        self.values_and_se = align_reference(samples, min_relevance)  # W -> (w . R_BoN(w), its se)
-        self.on_topic = f" among answers with relevance >= {min_relevance:g}" if min_relevance > 0 else ""
-        self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _at(self, weights) -> tuple[np.ndarray, np.ndarray]:
-        weights = np.ascontiguousarray(weights, float)
-        key = weights.tobytes()
-        if key not in self._cache:
-            self._cache[key] = self.values_and_se(weights)
-        return self._cache[key]
-
-    def __call__(self, weights) -> np.ndarray:
-        return self._at(weights)[0]
-
-    def se(self, weights) -> np.ndarray:
-        return self._at(weights)[1]
-
-
-def check_against_evidence(ref: list[Policy], bon: BestOfN, z: float) -> dict:
-    """The trained policies the evidence beats at their own weight (docs/theory.md section 9):
-    E(w_j) - w_j . R_j beyond z se, E the better of every policy of the reference pool and
-    best-of-N of the base."""
-    from palm_tasks.core.evidence import beaten_rows, evidence
-
-    trained = [p for p in ref if p.kind == "trained"]
-    # candidates: the trained rows first, in order, so candidate j is row j (never beaten by itself)
-    candidates = trained + [p for p in ref if p.kind != "trained"]
-    out = {"checked": len(trained), "beaten": 0, "beaten_by_best_of_n": 0, "z": z,
-           "is": f"trained policies whose own-weight value falls short of the evidence (every policy of the "
-                 f"reference pool and best-of-{bon.samples.n} of the base{bon.on_topic}) by more than z se"}
-    if not trained:
-        return out
-    W = np.array([p.weights for p in trained])
-    bon_value, bon_se = bon.values_and_se(W)
-    ev = evidence(W, np.array([p.values for p in candidates]), np.array([p.std_errors for p in candidates]),
-                  bon_value, bon_se)
-    check = beaten_rows(W, np.array([p.values for p in trained]), np.array([p.std_errors for p in trained]), ev, z)
-    out["beaten"] = int(check.beaten.sum())
-    out["beaten_by_best_of_n"] = int((check.beaten & (check.by < 0)).sum())
-    if check.beaten.any():
-        j = int(np.argmax(np.where(check.beaten, check.shortfall, -np.inf)))
-        by = int(check.by[j])
-        out["worst"] = {"key": trained[j].key, "weights": list(trained[j].weights),
-                        "shortfall": float(check.shortfall[j]), "se": float(check.se[j]),
-                        "by": f"best-of-{bon.samples.n} of the base" if by < 0 else f"policy {candidates[by].key}"}
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks import schema
+from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.log import say
@@ -173,7 +174,9 @@ def best_of_n_at_traits(cfg: PalmConfig, pool: schema.SamplePool) -> dict:
     """BoN_N at each trait's extreme weight and at the centroid: what any policy must reach
     (among on-topic answers when training.min_relevance > 0, as every certificate uses it)."""
     W = np.vstack([np.eye(cfg.d), np.full((1, cfg.d), 1.0 / cfg.d)])
-    mean, se, scalar_se = pool.best_of_n(W, cfg.training.min_relevance)
+    bon = BestOfN(pool, cfg.training.min_relevance)
+    mean, _ = bon.vectors(W)
+    scalar_se = bon.se(W)
     names = list(cfg.traits) + ["centroid"]
     return {"n": pool.n, "min_relevance": cfg.training.min_relevance,
             **{name: {"weights": w.round(4).tolist(), "value": float(w @ m), "se": float(s),
