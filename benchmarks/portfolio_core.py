@@ -15,20 +15,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.fronts
 from palm_tasks.core import certify, gaps, grid_size_bound, lazy_search, palm_grid  # noqa: E402
+from support.fronts import PNormFront  # noqa: E402
 
 EPS, DELTA = 0.05, 0.02
 OUT = Path(__file__).resolve().parent / "results" / "portfolio_core.json"
-
-
-def pnorm_front(p):
-    """Oracle for the positive part of the unit p-norm ball: the exact maximizer of w . v."""
-    q = p / (p - 1)
-
-    def best(w):
-        v = np.asarray(w, dtype=float) ** (q - 1)
-        return v / np.linalg.norm(v, ord=p)
-    return best
 
 
 def best_of(n, fn):
@@ -43,7 +35,7 @@ def best_of(n, fn):
 def bench_certify(d, n, target_s, seed=0):
     rng = np.random.default_rng(seed)
     W = rng.dirichlet(np.ones(d), n)
-    R = np.array([pnorm_front(2.0)(w) for w in W])
+    R = PNormFront(d, 2.0)(W)
     seconds, cert = best_of(3, lambda: certify(W, R, EPS, DELTA))
     return {"d": d, "policies": n, "seconds": round(seconds, 4), "target_s": target_s,
             "meets_target": seconds < target_s, "corner_weights": len(cert.corner_weights),
@@ -63,7 +55,7 @@ def bench_gaps(n_test=1_000_000, n_members=50, n_pool=100, d=3, seed=0):
 
 def bench_search(d, front="sphere", p=2.0):
     t = time.perf_counter()
-    result = lazy_search(pnorm_front(p), d, EPS, DELTA, max_trainings=500)
+    result = lazy_search(PNormFront(d, p), d, EPS, DELTA, max_trainings=500)
     seconds = time.perf_counter() - t
     t = time.perf_counter()
     grid = len(palm_grid(d, EPS, DELTA))

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from palm_tasks.core.floor import PNormFront  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.fronts
+from support.fronts import PNormFront  # noqa: E402
 from palm_tasks.core.search import LazySearch, lazy_search  # noqa: E402
 from palm_tasks.core.simplex import dirichlet_users, simplex_lattice  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Run from the repository root: python benchmarks/search_floor.py [--out-dir DIR] [--max-d D]
 
-For synthetic fronts with an exact oracle (palm_tasks/core/floor.py: spheres, p-norm balls with
+For synthetic fronts with an exact oracle (tests/support/fronts.py: spheres, p-norm balls with
 skewed scales, finite sets; d = 2 to 5) it computes the floor k*, the exact minimum
 (eps, delta)-cover over dense candidate and test weights (docs/theory.md section 11), and runs the
 lazy search with W = 1, 4 and 8 workers (ask_batch, section 12). Per front and W it prints:
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.fronts
 from palm_tasks.core.certificate import certify  # noqa: E402
-from palm_tasks.core.floor import FiniteFront, PNormFront, minimum_cover, true_worst_slack  # noqa: E402
+from support.fronts import FiniteFront, PNormFront, minimum_cover, true_worst_slack  # noqa: E402
 from palm_tasks.core.prune import prune  # noqa: E402
 from palm_tasks.core.search import lazy_search  # noqa: E402
 from palm_tasks.core.simplex import dirichlet_users, simplex_lattice  # noqa: E402

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.fronts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_floor import SIZE_TARGET, TRAIN_TARGET, fronts  # noqa: E402
 
-from palm_tasks.core.floor import minimum_cover, true_worst_slack  # noqa: E402
+from support.fronts import minimum_cover, true_worst_slack  # noqa: E402
 from palm_tasks.core.search import lazy_search  # noqa: E402
 from palm_tasks.core.simplex import simplex_lattice  # noqa: E402
 

@@ -31,6 +31,7 @@ member directory are read (TRL's `training_args.bin` is never shipped).
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -43,98 +44,13 @@ from palm_tasks.core import routing
 from palm_tasks.jobs import ADAPTER_DIR, CorruptPolicyError, load_policy
 from palm_tasks.llm.base_model import base_info, resolve_base_model
 from palm_tasks.paths import Paths
+from palm_tasks.portfolio_model import PortfolioRouter
+from palm_tasks.registry_text import (member_description, member_tags, portfolio_description,
+                                      portfolio_metrics, simplex_shares)
 from palm_tasks.schema import Member, Policy, Portfolio
 from palm_tasks.tracking import StoreNotWritableError, check_store_writable, lineage_tags, setup_mlflow, tracking_uri
 
 PRODUCTION, CANDIDATE = "production", "candidate"
-
-# The portfolio's pyfunc model, logged as code so that loading it never unpickles anything. It
-# reads only its own artifact (portfolio.json); its routing rule is palm_tasks.core.routing itself,
-# shipped with the model (code_paths: the pure numpy/scipy core), so it cannot drift from the router's.
-ROUTER_MODEL_SOURCE = '''\
-"""PALM portfolio: trait weights -> the member the project's routing rule chooses, and, given a
-prompt, that member's answer (one base model, every member's LoRA adapter on it)."""
-import json
-
-import mlflow
-import numpy as np
-import pandas as pd
-
-from palm_tasks.core.routing import normalize, pessimistic, route
-
-DEFAULT_NEW_TOKENS = 48
-
-
-class PortfolioRouter(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        portfolio = json.loads(open(context.artifacts["portfolio"]).read())
-        self.traits = portfolio["traits"]
-        self.members = portfolio["members"]
-        self.z = float(portfolio.get("z", 0.0))
-        self.values = np.array([[m["values"][t] for t in self.traits] for m in self.members])
-        self.std_errors = np.array([[m["std_errors"][t] for t in self.traits] for m in self.members])
-        self.base_uri = portfolio.get("base_model_uri")
-        self.adapters = {m["key"]: context.artifacts["adapter_" + m["key"]] for m in self.members
-                         if "adapter_" + m["key"] in context.artifacts}
-        self._model = None  # loaded at the first prompt: routing alone needs no torch
-
-    def _loaded(self):
-        # The same loading as palm serve (palm_tasks/serve/members.py), written out here because
-        # the model ships only palm_tasks.core: base in float32, each member a named adapter.
-        if self._model is None:
-            import torch
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            # The base is a registered model version of the same store (the transformers flavor's
-            # layout: weights in model/, tokenizer in components/tokenizer); a local store hands
-            # back its own directory, nothing is copied.
-            base_dir = mlflow.artifacts.download_artifacts(self.base_uri)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir + "/components/tokenizer")
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            base = AutoModelForCausalLM.from_pretrained(base_dir + "/model", dtype=torch.float32)
-            keys = list(self.adapters)
-            model = PeftModel.from_pretrained(base, self.adapters[keys[0]], adapter_name="member_" + keys[0])
-            for key in keys[1:]:
-                model.load_adapter(self.adapters[key], adapter_name="member_" + key)
-            self._model = (model.eval(), tokenizer)
-        return self._model
-
-    def _answer(self, key, prompt, max_new_tokens):
-        import torch
-
-        model, tokenizer = self._loaded()
-        model.set_adapter("member_" + key)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        frame = pd.DataFrame(model_input)
-        weights = normalize(frame[self.traits].to_numpy(dtype=float))
-        best = route(weights, self.values, self.std_errors, self.z)
-        P = pessimistic(self.values, self.std_errors, self.z)[best]
-        value = (weights * P).sum(axis=1)
-        out = pd.DataFrame({
-            "member_key": [self.members[i]["key"] for i in best],
-            "model_uri": [self.members[i]["model_uri"] for i in best],
-            "value": value,
-        })
-        if "prompt" in frame.columns:  # greedy answers of the routed members
-            n = int((params or {}).get("max_new_tokens", DEFAULT_NEW_TOKENS))
-            out["answer"] = [self._answer(self.members[i]["key"], p, n) if isinstance(p, str) and p.strip()
-                             else None for i, p in zip(best, frame["prompt"])]
-        return out
-
-
-mlflow.models.set_model(PortfolioRouter())
-'''
-
 
 def _core_package(into: Path) -> Path:
     """A copy of palm_tasks.core as a package of its own (what the pyfunc model ships)."""
@@ -354,86 +270,17 @@ def _register_member(client, cfg, experiment_id, portfolio: Portfolio, member: M
         counter["created"] += 1
     earlier = [p for p in version.tags.get("portfolios", "").split(",") if p]
     portfolios = [p for p in earlier if p != portfolio.id] + [portfolio.id]
-    tags = _member_tags(portfolio, member, portfolios, share_simplex)
+    tags = member_tags(portfolio, member, portfolios, share_simplex)
     tags["base_model_uri"] = base_uri
     tags.setdefault("in_production", version.tags.get("in_production", "false"))
     for tag, value in tags.items():
         if version.tags.get(tag) != value:
             client.set_model_version_tag(name, version.version, tag, value)
-    description = _member_description(cfg, portfolio, member, base_uri, version.version, share_simplex)
+    description = member_description(cfg, portfolio, member, member_model_name(cfg), base_uri, version.version,
+                                     share_simplex)
     if version.description != description:
         client.update_model_version(name, version.version, description=description)
     return str(version.version)
-
-
-def simplex_shares(portfolio: Portfolio, divisions: int) -> dict[str, float]:
-    """Each member's share of a simplex lattice: the weights it serves, by the routing rule."""
-    from palm_tasks.core.simplex import simplex_lattice
-
-    _, R, SE = portfolio.member_arrays
-    shares = routing.usage_shares(simplex_lattice(len(portfolio.traits), divisions), R, SE, portfolio.z)
-    return {m.key: float(s) for m, s in zip(portfolio.members, shares)}
-
-
-def _member_tags(portfolio: Portfolio, member: Member, portfolios: list[str], share_simplex: float) -> dict:
-    tags = {"member_key": member.key, "portfolio_id": portfolio.id,
-            "portfolios": ",".join(portfolios), "share": f"{member.share:.4f}",
-            "share_simplex": f"{share_simplex:.4f}",
-            "certified": str(portfolio.certificate.certified).lower()}
-    for t, w, v, se in zip(portfolio.traits, member.weights, member.value.mean, member.value.se):
-        tags[f"w.{t}"], tags[f"value.{t}"], tags[f"se.{t}"] = f"{w:.4f}", f"{v:.4f}", f"{se:.4f}"
-    tags["kind"] = member.kind
-    if member.kind == "soup":  # no training run: an interpolation of these members' adapters
-        tags["ingredients"] = ",".join(member.ingredients)
-        tags["lambdas"] = ",".join(f"{x:.4f}" for x in member.lambdas)
-    return tags
-
-
-def _member_description(cfg, portfolio: Portfolio, member: Member, base_uri: str, version,
-                        share_simplex: float) -> str:
-    """Markdown for the MLflow UI: what the member was trained for and how well it does."""
-    rows = "\n".join(f"| {t} | {w:.3f} | {v:.3f} ± {se:.3f} |" for t, w, v, se in
-                     zip(portfolio.traits, member.weights, member.value.mean, member.value.se))
-    return (
-        f"### PALM member `{member.key[:10]}` ({cfg.task})\n\n"
-        f"LoRA adapter of the base model `{base_uri}`, trained with reward weights w.\n\n"
-        f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
-        f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
-        f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
-        f"1/{cfg.coverage.share_lattice}): the weights for which the routing rule chooses this member.\n\n"
-        f"{_certificate_text(portfolio)}\n\n"
-        f"Load offline: `palm_tasks.registry.load_member(\"models:/{member_model_name(cfg)}/{version}\")`, "
-        f"or with MLflow alone `mlflow.transformers.load_model(\"models:/{member_model_name(cfg)}/{version}\", "
-        f"base_model_path=mlflow.artifacts.download_artifacts(\"{base_uri}\") + \"/model\")`."
-    )
-
-
-def _certificate_text(portfolio: Portfolio) -> str:
-    cert = portfolio.certificate
-    status = "**certified**" if cert.certified else "**not certified**"
-    return (
-        f"Portfolio `{portfolio.id[:10]}` ({len(portfolio.members)} members out of "
-        f"{len(portfolio.pool)} trained) is {status} for "
-        f"(eps = {portfolio.eps}, delta = {portfolio.delta}, z = {portfolio.z}): "
-        f"for every weight vector w some member reaches (1 - eps) * OPT(w) - delta, OPT relative "
-        f"to {cert.relative_to or 'the trained pool'}. Worst slack {cert.worst_slack}"
-        f"; reached eps = {cert.max_eps}, delta = {cert.max_delta}."
-        + _evidence_text(portfolio)
-    )
-
-
-def _evidence_text(portfolio: Portfolio) -> str:
-    gate, lines = portfolio.gate, []
-    if portfolio.evidence:
-        lines.append(portfolio.evidence_summary())
-    if gate:
-        lines.append(f"Quality gate ({'passed' if gate.get('passed') else 'FAILED'}): " + "; ".join(
-            f"`{k[:10]}` {g.get('degenerate_share', float('nan')):.1%} degenerate answers, relevance "
-            f"{g.get('relevance', float('nan')):.3f}" for k, g in (gate.get("members") or {}).items()) + ".")
-    blockers = portfolio.blockers()
-    if blockers:
-        lines.append("Not for production: " + "; ".join(blockers) + ".")
-    return "".join("\n\n" + line for line in lines)
 
 
 def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Member, policy: Policy,
@@ -533,26 +380,10 @@ def _register_portfolio_version(client, cfg, experiment_id, paths: Paths, portfo
                 "members": ",".join(m.key for m in portfolio.members)}
         version = mlflow.register_model(model_uri, name, tags=tags)
         client.update_model_version(name, version.version,
-                                    description=_portfolio_description(cfg, portfolio, member_versions))
+                                    description=portfolio_description(cfg, portfolio, member_model_name(cfg),
+                                                                                    member_versions))
         counter["created"] += 1
     return str(version.version)
-
-
-def _portfolio_description(cfg, portfolio: Portfolio, member_versions: dict) -> str:
-    rows = "\n".join(
-        f"| `{m.key[:10]}` | {member_versions[m.key]} | "
-        + " | ".join(f"{w:.2f}" for w in m.weights) + f" | {100 * m.share:.1f}% |"
-        for m in portfolio.members)
-    header = " | ".join(f"w.{t}" for t in portfolio.traits)
-    dashes = "|".join("---" for _ in portfolio.traits)
-    return (
-        f"### PALM portfolio `{portfolio.id[:10]}` ({cfg.task})\n\n"
-        f"{_certificate_text(portfolio)}\n\n"
-        f"| member | version of `{member_model_name(cfg)}` | {header} | users served |\n"
-        f"|---|---|{dashes}|---|\n{rows}\n\n"
-        "`mlflow.pyfunc.load_model(uri).predict(DataFrame of trait weights)` returns the member "
-        "the routing rule chooses for each row (best w . (values - z se)), its key and model URI."
-    )
 
 
 def registered_copy(portfolio: Portfolio, member_name: str, member_versions: dict, base_uri: str) -> Portfolio:
@@ -583,12 +414,11 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
                 "traits": ",".join(traits), "task": portfolio.task,
                 "members": ",".join(m.key for m in portfolio.members),
             })
-            mlflow.log_metrics(_portfolio_metrics(portfolio))
+            mlflow.log_metrics(portfolio_metrics(portfolio))
             mlflow.log_artifact(str(paths.portfolio))
             if paths.plots.is_dir():
                 mlflow.log_artifacts(str(paths.plots), "plots")
-        code = Path(tmp) / "portfolio_router.py"
-        code.write_text(ROUTER_MODEL_SOURCE)
+        code = Path(inspect.getsourcefile(PortfolioRouter))  # the model file itself (palm_tasks/portfolio_model.py)
         routed_path = Path(tmp) / "portfolio.json"
         routed_path.write_text(json.dumps(routed.to_json(), indent=2))
         signature = ModelSignature(
@@ -612,17 +442,6 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
         )
         counter["created"] += 1
     return info.model_uri
-
-
-def _portfolio_metrics(portfolio: Portfolio) -> dict:
-    """Certificate figures plus every number in the coverage summary."""
-    cert = portfolio.certificate
-    metrics = {"certified": float(cert.certified), "n_members": float(len(portfolio.members)),
-               "n_trained": float(len(portfolio.pool)), "certificate.worst_slack": cert.worst_slack,
-               "certificate.max_eps": cert.max_eps, "certificate.max_delta": cert.max_delta}
-    metrics.update({f"coverage.{k}": float(v) for k, v in portfolio.coverage.items()
-                    if isinstance(v, (int, float))})
-    return metrics
 
 
 # --- lookups ---------------------------------------------------------------------------------

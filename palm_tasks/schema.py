@@ -16,13 +16,13 @@ cannot be read as its type raises `ArtifactError`, which names the file and the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from palm_tasks.json_fields import boolean, integer, mapping, member_key, number, numbers, optional_mapping, optional_string, relative_path, required, sequence, string, strings, trait_numbers, what, wrong
 from palm_tasks.paths import Paths
 
 SCHEMA_VERSION = 1
@@ -41,133 +41,6 @@ def _by_trait(traits, x, digits: int = 6) -> dict[str, float]:
     return {t: round(float(v), digits) for t, v in zip(traits, x)}
 
 
-# ------------------------------------------------------------------------------ checked decoding
-# What reads an artifact checks each field's type here, so a damaged or hand-edited file is
-# refused with the field's name (`read` adds the file's) instead of failing later in a reader
-# (a list joined to a path, a string read as an object, a number routed to as a member key).
-
-
-def _what(x) -> str:
-    """The JSON type of a decoded value, for a message (the value itself may be huge)."""
-    if x is None:
-        return "null"
-    if isinstance(x, bool):
-        return "true/false"
-    if isinstance(x, (int, float)):
-        return "a number"
-    return {dict: "an object", list: "a list", tuple: "a list", str: "a string"}.get(type(x), type(x).__name__)
-
-
-def _wrong(where: str, expected: str, x) -> ArtifactError:
-    return ArtifactError(f"{where} is {_what(x)}, not {expected}")
-
-
-def _object(x, where: str) -> dict:
-    if not isinstance(x, dict):
-        raise _wrong(where, "an object", x)
-    return x
-
-
-def _optional_object(data: dict, key: str, where: str = "") -> dict:
-    """data[key] as an object; {} when it is absent or null."""
-    value = data.get(key)
-    return {} if value is None else _object(value, f"{where}{key}")
-
-
-def _list(x, where: str) -> list:
-    if not isinstance(x, (list, tuple)):  # a tuple: to_json's output read back without a file
-        raise _wrong(where, "a list", x)
-    return list(x)
-
-
-def _string(x, where: str, empty: bool = False) -> str:
-    if not isinstance(x, str):
-        raise _wrong(where, "a string", x)
-    if not x and not empty:
-        raise ArtifactError(f"{where} is an empty string")
-    return x
-
-
-def _optional_string(x, where: str) -> str | None:
-    return None if x is None else _string(x, where, empty=True)
-
-
-def _boolean(x, where: str) -> bool:
-    if not isinstance(x, bool):
-        raise _wrong(where, "true or false", x)
-    return x
-
-
-def _number(x, where: str, minimum: float | None = None, finite: bool = True) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise _wrong(where, "a number", x)
-    try:
-        value = float(x)
-    except OverflowError:  # an integer of hundreds of digits
-        raise ArtifactError(f"{where} is a number too large for a float") from None
-    if finite and not math.isfinite(value):
-        raise ArtifactError(f"{where} is {value}, not a finite number")
-    if minimum is not None and value < minimum:
-        raise ArtifactError(f"{where} is {value}, below {minimum}")
-    return value
-
-
-def _integer(x, where: str, minimum: int | None = None) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise _wrong(where, "an integer", x)
-    if minimum is not None and x < minimum:
-        raise ArtifactError(f"{where} is {x}, below {minimum}")
-    return x
-
-
-def _strings(x, where: str) -> tuple[str, ...]:
-    return tuple(_string(v, f"{where}[{i}]") for i, v in enumerate(_list(x, where)))
-
-
-def _numbers(x, where: str, n: int | None = None, minimum: float | None = None) -> tuple[float, ...]:
-    values = _list(x, where)
-    if n is not None and len(values) != n:
-        raise ArtifactError(f"{where} has {len(values)} numbers, not {n}")
-    return tuple(_number(v, f"{where}[{i}]", minimum) for i, v in enumerate(values))
-
-
-def _trait_numbers(traits, value, where: str, minimum: float | None = None) -> tuple[float, ...]:
-    """A per-trait value written either as {trait: x} (every trait, no other) or as a list in
-    trait order; finite numbers."""
-    if isinstance(value, dict):
-        missing = [t for t in traits if t not in value]
-        if missing:
-            raise ArtifactError(f"{where} has no {', '.join(missing)}")
-        unknown = [k for k in value if k not in traits]
-        if unknown:
-            raise ArtifactError(f"{where} names {len(unknown)} trait(s) the portfolio does not have")
-        return tuple(_number(value[t], f"{where}.{t}", minimum) for t in traits)
-    if not isinstance(value, (list, tuple)):
-        raise _wrong(where, "an object of trait: number", value)
-    return _numbers(value, where, len(traits), minimum)
-
-
-def _required(data: dict, key: str, where: str = ""):
-    if key not in data:
-        raise ArtifactError(f"{where}{key} is missing")
-    return data[key]
-
-
-def _relative_path(x, where: str) -> str:
-    """A path inside the project, as the stages write it (Paths.relative): relative, no `..`."""
-    path = _string(x, where)
-    parts = Path(path).parts
-    if "\x00" in path or Path(path).is_absolute() or ".." in parts:
-        raise ArtifactError(f"{where} is not a path inside the project")
-    return path
-
-
-def _member_key(x, where: str) -> str:
-    """A policy key: names a directory (models/members/<key>), so one path component."""
-    key = _string(x, where)
-    if "/" in key or "\\" in key or "\x00" in key or key in (".", ".."):
-        raise ArtifactError(f"{where} is not a policy key (one name, no path)")
-    return key
 
 
 @dataclass(frozen=True)
@@ -305,13 +178,6 @@ class SamplePool:
         may imitate and best-of-N may pick); None when min_relevance is 0 (every answer)."""
         return None if min_relevance <= 0 else self.relevance >= min_relevance
 
-    def best_of_n(self, weights, min_relevance: float = 0.0):
-        """BoN_N at each weight among the on-topic answers: core.evidence.best_of_n's
-        (mean (m, d), se (m, d), scalar se (m,))."""
-        from palm_tasks.core.evidence import best_of_n
-
-        return best_of_n(self.scores, weights, self.on_topic(min_relevance))
-
     def to_json(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "split": self.split, "traits": list(self.traits),
                 "reward_versions": list(self.reward_versions), "base_model_sha256": self.base_model_sha256,
@@ -438,25 +304,25 @@ class Certificate:
         """Every field checked (`where` names them in an error), weights of d numbers; `n_corners`
         is derived."""
         at = f"{where}."
-        data = _object(data, where)
-        out: dict[str, Any] = {k: _number(_required(data, k, at), at + k)
+        data = mapping(data, where)
+        out: dict[str, Any] = {k: number(required(data, k, at), at + k)
                                for k in ("eps", "delta", "z", "worst_slack", "max_eps", "max_delta")}
-        out["certified"] = _boolean(_required(data, "certified", at), at + "certified")
+        out["certified"] = boolean(required(data, "certified", at), at + "certified")
         if "worst_weight" in data:
-            out["worst_weight"] = _numbers(data["worst_weight"], at + "worst_weight", d)
-        out["corner_weights"] = tuple(_numbers(c, f"{at}corner_weights[{i}]", d)
-                                      for i, c in enumerate(_list(data.get("corner_weights", []),
+            out["worst_weight"] = numbers(data["worst_weight"], at + "worst_weight", d)
+        out["corner_weights"] = tuple(numbers(c, f"{at}corner_weights[{i}]", d)
+                                      for i, c in enumerate(sequence(data.get("corner_weights", []),
                                                                   at + "corner_weights")))
         if "slacks" in data:
-            out["slacks"] = _numbers(data["slacks"], at + "slacks", len(out["corner_weights"]))
-        out["members"] = tuple(_integer(m, f"{at}members[{i}]", 0)
-                               for i, m in enumerate(_list(data.get("members", []), at + "members")))
+            out["slacks"] = numbers(data["slacks"], at + "slacks", len(out["corner_weights"]))
+        out["members"] = tuple(integer(m, f"{at}members[{i}]", 0)
+                               for i, m in enumerate(sequence(data.get("members", []), at + "members")))
         if "n_oracle" in data:
-            out["n_oracle"] = _integer(data["n_oracle"], at + "n_oracle", 0)
+            out["n_oracle"] = integer(data["n_oracle"], at + "n_oracle", 0)
         if "tolerance" in data:
-            out["tolerance"] = _number(data["tolerance"], at + "tolerance", 0)
+            out["tolerance"] = number(data["tolerance"], at + "tolerance", 0)
         if "relative_to" in data:
-            out["relative_to"] = _string(data["relative_to"], at + "relative_to", empty=True)
+            out["relative_to"] = string(data["relative_to"], at + "relative_to", empty=True)
         return cls(**out)
 
 
@@ -491,29 +357,29 @@ class Member:
         """Every field checked (`where` names it in an error): a key is one name, a path stays
         inside the project, values and standard errors are finite, one per trait."""
         at = f"{where}."
-        data = _object(data, where)
+        data = mapping(data, where)
         kind = data.get("kind")
         if kind not in (None, "trained", "soup", "member"):  # 'member' before versioning
-            raise ArtifactError(f"{at}kind is {_what(kind) if not isinstance(kind, str) else 'a string'} "
+            raise ArtifactError(f"{at}kind is {what(kind) if not isinstance(kind, str) else 'a string'} "
                                 "other than trained or soup")
         kind = "soup" if kind == "soup" else "trained"
-        key = _member_key(_required(data, "key", at), at + "key")
+        key = member_key(required(data, "key", at), at + "key")
         path = data.get("path")
         path = (f"models/{'soups' if kind == 'soup' else 'members'}/{key}" if path is None
-                else _relative_path(path, at + "path"))
+                else relative_path(path, at + "path"))
         model_version = data.get("model_version")
         if isinstance(model_version, bool) or not isinstance(model_version, (str, int, type(None))):
-            raise _wrong(at + "model_version", "a version", model_version)
+            raise wrong(at + "model_version", "a version", model_version)
         return cls(key=key, kind=kind, path=path,
-                   weights=_trait_numbers(traits, _required(data, "weights", at), at + "weights"),
-                   value=ValueVector(_trait_numbers(traits, _required(data, "values", at), at + "values"),
-                                     _trait_numbers(traits, _required(data, "std_errors", at), at + "std_errors",
+                   weights=trait_numbers(traits, required(data, "weights", at), at + "weights"),
+                   value=ValueVector(trait_numbers(traits, required(data, "values", at), at + "values"),
+                                     trait_numbers(traits, required(data, "std_errors", at), at + "std_errors",
                                                     minimum=0),
-                                     _integer(data.get("n_eval", 0), at + "n_eval", 0)),
-                   share=_number(data.get("share", 0.0), at + "share", 0),
-                   ingredients=_strings(data.get("ingredients", []), at + "ingredients"),
-                   lambdas=_numbers(data.get("lambdas", []), at + "lambdas"),
-                   model_uri=_optional_string(data.get("model_uri"), at + "model_uri"),
+                                     integer(data.get("n_eval", 0), at + "n_eval", 0)),
+                   share=number(data.get("share", 0.0), at + "share", 0),
+                   ingredients=strings(data.get("ingredients", []), at + "ingredients"),
+                   lambdas=numbers(data.get("lambdas", []), at + "lambdas"),
+                   model_uri=optional_string(data.get("model_uri"), at + "model_uri"),
                    model_version=model_version)
 
 
@@ -540,14 +406,14 @@ class PolicyTable:
     def from_json(cls, data: dict, d: int | None = None, where: str = "table") -> "PolicyTable":
         """One row of d finite numbers per key in each of weights, values and std_errors."""
         at = f"{where}."
-        data = _object(data, where)
-        keys = _strings(_required(data, "keys", at), at + "keys")
+        data = mapping(data, where)
+        keys = strings(required(data, "keys", at), at + "keys")
         tables = []
         for k in ("weights", "values", "std_errors"):
-            rows = _list(_required(data, k, at), at + k)
+            rows = sequence(required(data, k, at), at + k)
             if len(rows) != len(keys):
                 raise ArtifactError(f"{at}{k} has {len(rows)} rows for {len(keys)} keys")
-            tables.append(tuple(_numbers(r, f"{at}{k}[{i}]", d, 0 if k == "std_errors" else None)
+            tables.append(tuple(numbers(r, f"{at}{k}[{i}]", d, 0 if k == "std_errors" else None)
                                 for i, r in enumerate(rows)))
         return cls(keys, *tables)
 
@@ -582,6 +448,20 @@ class Portfolio:
         """(weights, values, standard errors) of the members, one row each."""
         return (np.array([m.weights for m in self.members]), np.array([m.value.mean for m in self.members]),
                 np.array([m.value.se for m in self.members]))
+
+    def guarantee_bound(self):
+        """U(w) >= OPT(w) at any weight, built as the certificate builds it (core.routing
+        GuaranteeBound): the oracle rows, the soups that were candidates, and best-of-N at each
+        oracle row's weight when the evidence audit stored it."""
+        from palm_tasks.core.routing import GuaranteeBound
+
+        o, soups = self.oracle, self.soup_rows
+        ref = self.evidence.get("reference_at_oracle")
+        return GuaranteeBound(
+            np.array(o.weights), np.array(o.values), np.array(o.std_errors), self.z,
+            candidate_values=np.array(soups.values) if soups.keys else None,
+            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None,
+            reference=None if not ref else np.array(ref["values"]) + self.z * np.array(ref["std_errors"]))
 
     def blockers(self) -> list[str]:
         """Why this portfolio may not be promoted to production (empty: it may): it must be
@@ -642,15 +522,15 @@ class Portfolio:
         """Every field the readers use is checked here, with its name in the error (schema.read
         adds the file's): the router, `palm status`, the register stage and the server read a
         Portfolio and nothing else of portfolio.json."""
-        data = _object(data, "the portfolio")
+        data = mapping(data, "the portfolio")
         version = data.get("schema_version", 0)
         if isinstance(version, bool) or version not in (0, SCHEMA_VERSION):
             raise ArtifactError(f"schema_version {str(version)[:40]} is not {SCHEMA_VERSION}")
-        traits = _strings(_required(data, "traits"), "traits")
+        traits = strings(required(data, "traits"), "traits")
         if not traits or len(set(traits)) != len(traits):
             raise ArtifactError("traits is empty or names a trait twice")
         members = tuple(Member.from_json(m, traits, f"members[{i}]")
-                        for i, m in enumerate(_list(_required(data, "members"), "members")))
+                        for i, m in enumerate(sequence(required(data, "members"), "members")))
         if not members:
             raise ArtifactError("members is empty: the portfolio has no members")
         keys = [m.key for m in members]
@@ -668,23 +548,23 @@ class Portfolio:
         if "soup_rows" not in data and version != 0:
             raise ArtifactError("soup_rows is missing")
         soup_rows = data.get("soup_rows", {"keys": [], "weights": [], "values": [], "std_errors": []})
-        evidence = _evidence(_optional_object(data, "evidence"), len(oracle.keys))
-        return cls(id=_string(_required(data, "id"), "id"),
-                   task=_string(data.get("task", ""), "task", empty=True), traits=traits,
-                   eps=_number(_required(data, "eps"), "eps", 0), delta=_number(_required(data, "delta"), "delta", 0),
-                   z=_number(data.get("z", 0.0), "z", 0), members=members,
-                   certificate=Certificate.from_json(_required(data, "certificate"), len(traits)),
+        evidence = _evidence(optional_mapping(data, "evidence"), len(oracle.keys))
+        return cls(id=string(required(data, "id"), "id"),
+                   task=string(data.get("task", ""), "task", empty=True), traits=traits,
+                   eps=number(required(data, "eps"), "eps", 0), delta=number(required(data, "delta"), "delta", 0),
+                   z=number(data.get("z", 0.0), "z", 0), members=members,
+                   certificate=Certificate.from_json(required(data, "certificate"), len(traits)),
                    oracle=oracle,
                    soup_rows=PolicyTable.from_json(soup_rows, len(traits), "soup_rows"),
-                   pool=_strings(data.get("pool", []), "pool"),
-                   soups=_optional_object(data, "soups"),
-                   pool_certificate=_optional_object(data, "pool_certificate"),
-                   conservative_certificate=_optional_object(data, "conservative_certificate"),
-                   oracle_check=_optional_object(data, "oracle_check"),
-                   coverage=_figures(_optional_object(data, "coverage"), "coverage.", _COVERAGE_FIGURES),
-                   evidence=evidence, gate=_gate(_optional_object(data, "gate")),
-                   base_model_sha256=_optional_string(data.get("base_model_sha256"), "base_model_sha256"),
-                   base_model_uri=_optional_string(data.get("base_model_uri"), "base_model_uri"))
+                   pool=strings(data.get("pool", []), "pool"),
+                   soups=optional_mapping(data, "soups"),
+                   pool_certificate=optional_mapping(data, "pool_certificate"),
+                   conservative_certificate=optional_mapping(data, "conservative_certificate"),
+                   oracle_check=optional_mapping(data, "oracle_check"),
+                   coverage=_figures(optional_mapping(data, "coverage"), "coverage.", _COVERAGE_FIGURES),
+                   evidence=evidence, gate=_gate(optional_mapping(data, "gate")),
+                   base_model_sha256=optional_string(data.get("base_model_sha256"), "base_model_sha256"),
+                   base_model_uri=optional_string(data.get("base_model_uri"), "base_model_uri"))
 
 
 # What the readers of a portfolio format as numbers (console, registry, coverage stage): checked
@@ -700,10 +580,10 @@ _GATE_FIGURES = ("degenerate_share", "relevance")
 def _figures(data: dict, at: str, numbers=(), counts=("test_weights", "best_of_n")) -> dict:
     for k in numbers:
         if k in data:
-            _number(data[k], at + k, finite=False)
+            number(data[k], at + k, finite=False)
     for k in counts:
         if k in data:
-            _integer(data[k], at + k, 0)
+            integer(data[k], at + k, 0)
     return data
 
 
@@ -712,28 +592,28 @@ def _evidence(ev: dict, n_oracle: int) -> dict:
     best-of-N reference at each oracle row (the router's bound)."""
     _figures(ev, "evidence.", _EVIDENCE_FIGURES)
     if "contradicted" in ev:
-        _boolean(ev["contradicted"], "evidence.contradicted")
-    _figures(_optional_object(ev, "contradiction", "evidence."), "evidence.contradiction.", _CONTRADICTION_FIGURES)
-    ref = _optional_object(ev, "reference_at_oracle", "evidence.")
+        boolean(ev["contradicted"], "evidence.contradicted")
+    _figures(optional_mapping(ev, "contradiction", "evidence."), "evidence.contradiction.", _CONTRADICTION_FIGURES)
+    ref = optional_mapping(ev, "reference_at_oracle", "evidence.")
     if ref:
         at = "evidence.reference_at_oracle."
-        _numbers(_required(ref, "values", at), at + "values", n_oracle)
-        _numbers(_required(ref, "std_errors", at), at + "std_errors", n_oracle, minimum=0)
+        numbers(required(ref, "values", at), at + "values", n_oracle)
+        numbers(required(ref, "std_errors", at), at + "std_errors", n_oracle, minimum=0)
     return ev
 
 
 def _gate(gate: dict) -> dict:
     """portfolio.json's quality gate: passed, and each member's verdict, figures and reasons."""
     if "passed" in gate:
-        _boolean(gate["passed"], "gate.passed")
-    for key, verdict in _optional_object(gate, "members", "gate.").items():
+        boolean(gate["passed"], "gate.passed")
+    for key, verdict in optional_mapping(gate, "members", "gate.").items():
         at = f"gate.members.{key[:40]}"
-        verdict = _object(verdict, at)
+        verdict = mapping(verdict, at)
         _figures(verdict, at + ".", _GATE_FIGURES, counts=())
         if "passed" in verdict:
-            _boolean(verdict["passed"], at + ".passed")
+            boolean(verdict["passed"], at + ".passed")
         if "reasons" in verdict:
-            _strings(verdict["reasons"], at + ".reasons")
+            strings(verdict["reasons"], at + ".reasons")
     return gate
 
 

@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import linprog
 
-from palm_tasks.coverage import (TOL, certify, gaps, lazy_search, oracle_check, prune, set_cover,
-                                 usage_perplexity)
-from palm_tasks.grid import simplex_lattice
+from palm_tasks.core.certificate import TOL, certify
+from palm_tasks.core.metrics import gaps, oracle_check, usage_perplexity
+from palm_tasks.core.prune import prune, set_cover
+from palm_tasks.core.search import lazy_search
+from palm_tasks.core.simplex import simplex_lattice
 
 FAST = settings(max_examples=40, deadline=None)
 

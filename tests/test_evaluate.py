@@ -8,8 +8,6 @@ import pytest
 import yaml
 
 from conftest import make_project
-from palm_tasks import coverage as cov
-from palm_tasks import grid as gridlib
 from palm_tasks.core import metrics as E
 from palm_tasks.core import simplex
 from palm_tasks.core.evidence import best_of_n
@@ -39,18 +37,18 @@ def test_embedding_dispersion_is_mean_pairwise_cosine_distance():
 
 def test_best_subset_and_gap_summary():
     R = np.array([[1.0, 0.0], [0.0, 1.0], [0.55, 0.55], [0.5, 0.5]])
-    sel = gridlib.simplex_lattice(2, 10)
+    sel = simplex.simplex_lattice(2, 10)
     one = E.best_subset(R, 1, sel)
     assert one == [2]  # the balanced policy is the best single model
     assert E.best_subset(R, 3, sel) == [0, 1, 2]  # the dominated row is never needed
     assert E.best_subset(R, 9, sel) == [0, 1, 2, 3]  # at most the pool
     order = E.greedy_order(R, 9, sel)  # the best of each size is a prefix of one order
     assert all(sorted(order[:k]) == E.best_subset(R, k, sel) for k in range(1, 5))
-    lattice, users = gridlib.simplex_lattice(2, 10), gridlib.dirichlet_users(2, 50, 0)
+    lattice, users = simplex.simplex_lattice(2, 10), simplex.dirichlet_users(2, 50, 0)
     s = E.gap_summary(R, [2], lattice, users)
-    g = cov.gaps(R, [2], np.vstack([lattice, users]))
+    g = E.gaps(R, [2], np.vstack([lattice, users]))
     assert s["max_multiplicative_gap"] == pytest.approx(g.max_multiplicative) == pytest.approx(1 - 0.55)
-    gu = cov.gaps(R, [2], users)
+    gu = E.gaps(R, [2], users)
     assert s["mean_additive_gap"] == pytest.approx(gu.mean_additive)
     assert s["mean_additive_gap_se"] == pytest.approx(gu.additive.std(ddof=1) / np.sqrt(50))
     assert E.gap_summary(R, [0, 1, 2], lattice, users)["max_additive_gap"] == 0.0
@@ -72,7 +70,7 @@ def test_worst_gap_se_at_the_worst_weight():
         E.worst_gap_se(R, SE[:1], [0], w)
     with pytest.raises(ValueError, match="go together"):
         E.worst_gap_se(R, SE, [0], w, ref)
-    lattice, users = gridlib.simplex_lattice(2, 10), gridlib.dirichlet_users(2, 50, 0)
+    lattice, users = simplex.simplex_lattice(2, 10), simplex.dirichlet_users(2, 50, 0)
     s = E.gap_summary(R, [0], lattice, users, std_errors=SE)
     assert s["max_multiplicative_gap_se"] == pytest.approx(E.worst_gap_se(R, SE, [0], np.vstack([lattice, users])))
     s = E.gap_summary(R, [0], lattice, users, reference=lambda W: np.full(len(W), 0.95), std_errors=SE,
@@ -86,7 +84,7 @@ def test_worst_gap_se_at_the_worst_weight():
 def test_mean_gap_noise_se_is_the_values_noise_that_more_users_do_not_average_away():
     R = np.array([[0.5, 0.5], [0.2, 0.3]])
     quiet = np.zeros_like(R)
-    few, many = gridlib.dirichlet_users(2, 20, 0), gridlib.dirichlet_users(2, 2000, 0)
+    few, many = simplex.dirichlet_users(2, 20, 0), simplex.dirichlet_users(2, 2000, 0)
     flat, flat_se = (lambda W: np.ones(len(W))), (lambda W: np.full(len(W), 0.1))
     # exact values, exact reference: no noise to carry
     assert E.mean_gap_noise_se(R, quiet, [0], many, flat(many), np.zeros(len(many))) == (0.0, 0.0)
@@ -108,7 +106,7 @@ def test_mean_gap_noise_se_is_the_values_noise_that_more_users_do_not_average_aw
     with pytest.raises(ValueError, match="go together"):
         E.mean_gap_noise_se(R, SE, [1], many, flat(many))
     # gap_summary's mean-gap se: the users' se alone without std_errors, both combined with them
-    lattice = gridlib.simplex_lattice(2, 10)
+    lattice = simplex.simplex_lattice(2, 10)
     users_only = E.gap_summary(R, [1], lattice, many)
     both = E.gap_summary(R, [1], lattice, many, std_errors=SE, noise_draws=2000)
     noise = E.mean_gap_noise_se(R, SE, [1], many, draws=2000)
@@ -140,7 +138,7 @@ def test_user_populations_are_where_their_names_say():
     for name, users in pops.items():
         assert users.shape == (2000, 3) and (users >= 0).all(), name
         assert np.allclose(users.sum(axis=1), 1.0), name
-    assert np.array_equal(pops["dirichlet_1"], gridlib.dirichlet_users(3, 2000, 7))  # coverage's users
+    assert np.array_equal(pops["dirichlet_1"], simplex.dirichlet_users(3, 2000, 7))  # coverage's users
     top = {name: users.max(axis=1).mean() for name, users in pops.items()}
     # concentrated users put most weight on one trait, centred ones spread it, the mixture between
     assert top["concentrated"] > 0.85 and top["centred"] < 0.55
@@ -157,7 +155,7 @@ def test_user_populations_are_where_their_names_say():
 
 def test_gap_summary_per_population_against_a_reference():
     R = np.array([[1.0, 0.0], [0.0, 1.0]])
-    lattice = gridlib.simplex_lattice(2, 10)
+    lattice = simplex.simplex_lattice(2, 10)
     pops = {"left": np.array([[0.9, 0.1], [1.0, 0.0]]), "right": np.array([[0.1, 0.9], [0.2, 0.8]])}
     s = E.gap_summary(R, [0], lattice, pops["left"], populations=pops)
     assert s["left_worst_gap"] == pytest.approx(0.0) and s["left_mean_gap"] == pytest.approx(0.0)
@@ -181,14 +179,14 @@ def test_gap_summary_per_population_against_a_reference():
 
 
 def test_spread_subset_starts_at_extremes_and_perplexity_se():
-    points = gridlib.simplex_lattice(3, 4)
+    points = simplex.simplex_lattice(3, 4)
     chosen = E.spread_subset(points, 4)
     assert len(chosen) == 4 and np.allclose(chosen[:3], np.eye(3))
     assert len(E.spread_subset(points, 100)) == len(points)
     R = np.array([[1.0, 0.0], [0.0, 1.0]])
-    users = gridlib.dirichlet_users(2, 400, 0)
+    users = simplex.dirichlet_users(2, 400, 0)
     p, se = E.perplexity_with_se(R, [0, 1], users, 50, 0)
-    assert p == pytest.approx(cov.usage_perplexity(R, [0, 1], users)) and 1.9 < p <= 2.0
+    assert p == pytest.approx(E.usage_perplexity(R, [0, 1], users)) and 1.9 < p <= 2.0
     assert 0 < se < 0.05
     assert E.perplexity_with_se(R, [0], users, 50, 0) == (1.0, 0.0)
 
@@ -292,7 +290,7 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     import mlflow
 
     from flows.stages import STAGE_FLOWS
-    from palm_tasks.config import load_config
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
     from palm_tasks.tracking import tracking_uri
 
@@ -338,8 +336,8 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     # against the pool alone, on the lattice and the users
     cfg = load_config(p)
     R = np.array([members[k].values for k in keys])
-    users = gridlib.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)
-    test = np.vstack([gridlib.simplex_lattice(3, cfg.coverage.test_lattice), users])
+    users = simplex.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)
+    test = np.vstack([simplex.simplex_lattice(3, cfg.coverage.test_lattice), users])
     samples = load_samples(root)
     bon = best_of_n(samples.scores, test, samples.on_topic(cfg.training.min_relevance))[0]
     bon_at_test = np.einsum("md,md->m", test, bon)
@@ -348,8 +346,8 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     for method, k in (("palm_lazy", "1"), ("palm_lazy", "2"), ("uniform", "2")):
         row = out["results"][method][k]
         idx = [keys.index(key) for key in row["members"]]
-        assert row["pool_max_multiplicative_gap"] == pytest.approx(cov.gaps(R, idx, test).max_multiplicative)
-        against_evidence = cov.gaps(R, idx, test, reference=bon_at_test).max_multiplicative
+        assert row["pool_max_multiplicative_gap"] == pytest.approx(E.gaps(R, idx, test).max_multiplicative)
+        against_evidence = E.gaps(R, idx, test, reference=bon_at_test).max_multiplicative
         assert row["max_multiplicative_gap"] == pytest.approx(against_evidence)
         assert row["max_multiplicative_gap"] >= row["pool_max_multiplicative_gap"] - 1e-12
         # the Dirichlet(1) population is the users above; the others are their own draws

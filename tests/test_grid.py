@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from palm_tasks.grid import (check_weights, dirichlet_users, extreme_weights, grid_levels,
-                             grid_size_bound, palm_grid, random_weights, simplex_lattice,
-                             snap_to_grid, uniform_weights)
+from palm_tasks.core.grid import grid_levels, grid_size_bound, palm_grid, snap_to_grid
+from palm_tasks.core.simplex import (check_weights, dirichlet_users, extreme_weights, random_weights, simplex_lattice,
+                                     uniform_weights)
 
 FAST = settings(max_examples=25, deadline=None)
 

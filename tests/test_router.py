@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palm_tasks import coverage as cov
-from palm_tasks import grid as gridlib
+from palm_tasks.core import certificate, simplex
 from palm_tasks.serve.router import Router, WeightsError, parse_weights
 
 TRAITS = ["safety", "humor", "brevity"]
@@ -58,25 +57,25 @@ def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, z:
     from palm_tasks.stages.coverage import build
 
     rng = np.random.default_rng(seed)
-    W = np.vstack([np.eye(3), gridlib.random_weights(3, n - 3, seed)])
+    W = np.vstack([np.eye(3), simplex.random_weights(3, n - 3, seed)])
     R = np.clip(0.2 + 0.6 * W + 0.05 * rng.standard_normal(W.shape), 0, 1)
     SE = np.full_like(R, 0.01)
     root = Path(f"/nonexistent/project{seed}")
     cfg = parse_config({"coverage": {"eps": eps, "delta": delta, "z": z, "test_users": 100}})
     portfolio, *_ = build(cfg, Paths(root), synthetic_pool(root, W, R, SE), [])
     members = [int(k[1:]) for k in (m.key for m in portfolio.members)]
-    return portfolio, cov.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
+    return portfolio, certificate.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
 
 
 @pytest.mark.parametrize("seed, eps, z", [(0, 0.05, 0.0), (1, 0.3, 0.0), (2, 0.05, 1.0)])
 def test_route_bound_agrees_with_the_certificate(seed, eps, z):
     portfolio, cert = _portfolio(seed, eps=eps, z=z)
     router = Router(portfolio)
-    users = gridlib.dirichlet_users(3, 300, seed)
+    users = simplex.dirichlet_users(3, 300, seed)
     R = np.array([np.array(m.value.mean) - z * np.array(m.value.se) for m in portfolio.members])
     o = portfolio.oracle
     W, RO, SE = np.array(o.weights), np.array(o.values), np.array(o.std_errors)
-    upper = cov.upper_bounds(users, W, (W @ (RO + z * SE).T).max(axis=1))
+    upper = certificate.upper_bounds(users, W, (W @ (RO + z * SE).T).max(axis=1))
     for u, U in zip(users, upper):
         route = router.route(dict(zip(TRAITS, u)))
         best = int(np.argmax(R @ u))
@@ -102,7 +101,7 @@ def test_a_portfolio_file_without_oracle_rows_bounds_from_its_members():
     tight = Router(portfolio)
     assert loose.portfolio.oracle.keys == tuple(m.key for m in portfolio.members)
     assert len(tight.portfolio.oracle.keys) == 7
-    for u in gridlib.dirichlet_users(3, 50, 3):
+    for u in simplex.dirichlet_users(3, 50, 3):
         a, b = loose.route(dict(zip(TRAITS, u))), tight.route(dict(zip(TRAITS, u)))
         assert a.member_key == b.member_key
         assert a.opt_upper_bound >= b.opt_upper_bound - 1e-9  # fewer constraints: looser
@@ -112,7 +111,7 @@ def test_plots_show_the_portfolio(tmp_path):
     from palm_tasks.report.plots import write_plots
 
     portfolio, cert = _portfolio(4, n=6)
-    test = np.vstack([gridlib.simplex_lattice(3, 10), gridlib.dirichlet_users(3, 200, 0)])
+    test = np.vstack([simplex.simplex_lattice(3, 10), simplex.dirichlet_users(3, 200, 0)])
     files = {p.name for p in write_plots(portfolio, test, 0, tmp_path)}
     assert files == {f"{n}.{e}" for n in ("simplex_map", "gap_vs_size", "member_values")
                      for e in ("json", "png")}
@@ -126,7 +125,7 @@ def test_plots_show_the_portfolio(tmp_path):
     # the greedy PALM curve is never worse than a baseline of the same (or larger) size at k = 1
     assert curve[0]["palm"] <= min(curve[0]["uniform"], curve[0]["random"]) + 1e-12
     cells = json.loads((tmp_path / "simplex_map.json").read_text())
-    assert len(cells) == len(gridlib.simplex_lattice(3, 40))
+    assert len(cells) == len(simplex.simplex_lattice(3, 40))
     served = {c["member"] for c in cells}
     assert served <= {m.key[:10] for m in portfolio.members}
     assert max(c["eps_at_w"] for c in cells) <= cert.max_eps + 1e-6

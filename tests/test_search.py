@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 
 from palm_tasks.core.search import LazySearch, SearchResult, lazy_search
+from support.fronts import PNormFront
 
 
 def pnorm_oracle(p):
-    """Exact oracle of the positive part of the unit p-norm ball: argmax of w . v is v ~ w^(q-1)."""
-    q = p / (p - 1)
-
-    def best(w):
-        v = np.asarray(w, dtype=float) ** (q - 1)
-        return v / np.linalg.norm(v, ord=p)
-    return best
+    """Exact oracle of the positive part of the unit p-norm ball, for any d (support.fronts)."""
+    return lambda w: PNormFront(len(w), p)(w)
 
 
 def with_se(oracle, se):

@@ -1,10 +1,10 @@
-"""The floor (docs/theory.md section 11, palm_tasks/core/floor.py) and bad input to the search."""
+"""The floor (docs/theory.md section 11, tests/support/fronts.py) and bad input to the search."""
 from itertools import combinations
 
 import numpy as np
 import pytest
 
-from palm_tasks.core.floor import (FiniteFront, PNormFront, covers_matrix, minimum_cover,
+from support.fronts import (FiniteFront, PNormFront, covers_matrix, minimum_cover,
                                    true_worst_slack)
 from palm_tasks.core.search import LazySearch, lazy_search
 from palm_tasks.core.simplex import dirichlet_users, simplex_lattice

@@ -3,7 +3,7 @@ terminates. Soundness is checked against the exact OPT of the front, over dense 
 import numpy as np
 import pytest
 
-from palm_tasks.core.floor import PNormFront, true_worst_slack
+from support.fronts import PNormFront, true_worst_slack
 from palm_tasks.core.search import LazySearch, lazy_search
 from palm_tasks.core.simplex import dirichlet_users, simplex_lattice
 

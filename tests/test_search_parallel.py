@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from palm_tasks.core.floor import PNormFront
+from support.fronts import PNormFront
 from palm_tasks.core.search import SAME_WEIGHT, LazySearch, lazy_search
 
 from test_search import assert_same_result, run_ask_tell

@@ -155,3 +155,33 @@ def closure_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
     return out
+
+
+def _project_modules() -> set[str]:
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for top in ("palm_tasks", "flows") for p in (ROOT / top).rglob("*.py")}
+
+
+def test_no_stage_module_imports_another_stage():
+    # a stage reads what earlier stages wrote, never their code: shared work lives outside stages/
+    for name in STAGES:
+        module = f"palm_tasks.stages.{name}"
+        others = {f"palm_tasks.stages.{n}" for n in STAGES if n != name}
+        assert not imported(module) & others, f"{module} imports {sorted(imported(module) & others)}"
+
+
+def test_every_module_under_palm_tasks_is_used_by_the_product():
+    # the product's entry points: the `palm` command, `python -m palm_tasks.params_yaml`, and the
+    # stage modules, which palm_tasks.stages imports by name (importlib); a module no entry point
+    # reaches (a shim, a helper only tests use) has no place under palm_tasks/
+    roots = ["flows.cli", "palm_tasks.params_yaml", *(f"palm_tasks.stages.{n}" for n in STAGES)]
+    reached = set().union(*(closure(r) for r in roots))
+    unused = sorted(m for m in _project_modules() if m.startswith("palm_tasks") and m not in reached)
+    assert unused == [], f"modules under palm_tasks/ that no production code imports: {unused}"
+
+
+def test_the_traits_module_names_every_built_in_reward():
+    from palm_tasks.llm.rewards import REWARD_CLASSES
+    from palm_tasks.traits import BUILTIN_TRAITS
+
+    assert tuple(REWARD_CLASSES) == BUILTIN_TRAITS

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks.core import metrics, simplex
+from palm_tasks.core import metrics, routing, simplex
 from palm_tasks.schema import Portfolio
 
 SIMPLEX_MAP_DIVISIONS = 40  # lattice step 1/40: 861 weights
@@ -63,15 +63,14 @@ def simplex_map(portfolio: Portfolio, out_dir: Path) -> list[Path]:
     """Which member serves each weight (colour) and eps_w there (darker = larger)."""
     from matplotlib.colors import to_rgb
 
-    from palm_tasks.serve.router import Router
-
     traits = portfolio.traits
     lattice = simplex.simplex_lattice(3, SIMPLEX_MAP_DIVISIONS)
-    router = Router(portfolio)
-    routes = [router.route(dict(zip(traits, w))) for w in lattice]
-    index = {m.key: i for i, m in enumerate(portfolio.members)}
-    served = [index[r.member_key] for r in routes]
-    eps_w = np.array([r.eps_at_w for r in routes])
+    _, R, SE = portfolio.member_arrays
+    served = routing.route(lattice, R, SE, portfolio.z)  # the one routing rule, as every route
+    value = np.einsum("md,md->m", lattice, routing.pessimistic(R, SE, portfolio.z)[served])
+    bound = portfolio.guarantee_bound()
+    upper = np.maximum([bound(w) for w in lattice], value)  # U >= OPT >= any policy's value
+    eps_w = routing.eps_at(value, upper, portfolio.delta)
     rows = [{**{t: round(float(x), 4) for t, x in zip(traits, w)},
              "x": round(float(w[1] + w[2] / 2), 4), "y": round(float(w[2] * np.sqrt(3) / 2), 4),
              "member": portfolio.members[i].key[:10], "eps_at_w": round(float(e), 6)}

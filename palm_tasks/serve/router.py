@@ -102,13 +102,7 @@ class Router:
                 np.isfinite(self.values).all() and np.isfinite(self.std_errors).all()):
             raise ValueError(f"the members' values and standard errors must be finite, one per trait "
                              f"({', '.join(self.traits)}) for each of the {len(self.members)} members")
-        o, soups = portfolio.oracle, portfolio.soup_rows
-        ref = portfolio.evidence.get("reference_at_oracle")  # best-of-N at each oracle row's weight
-        self._upper_bound = routing.GuaranteeBound(
-            np.array(o.weights), np.array(o.values), np.array(o.std_errors), portfolio.z,
-            candidate_values=np.array(soups.values) if soups.keys else None,
-            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None,
-            reference=None if not ref else np.array(ref["values"]) + portfolio.z * np.array(ref["std_errors"]))
+        self._upper_bound = portfolio.guarantee_bound()
         self.certified = portfolio.certificate.certified
         self.eps, self.delta = portfolio.eps, portfolio.delta
         self.max_eps = portfolio.certificate.max_eps

@@ -1,4 +1,5 @@
-"""The floor: the smallest (eps, delta)-covering portfolio of a synthetic front (docs/theory.md section 11).
+"""Synthetic fronts with exact optima, for tests and benchmarks, and the floor: the smallest
+(eps, delta)-covering portfolio of such a front (docs/theory.md section 11).
 
 With an exact oracle (a front whose optimal policy for every weight is known) the smallest
 covering portfolio can be computed on finite sets: the candidates are the oracle's policies at a
@@ -15,7 +16,8 @@ Fronts (all values in [0, 1]^d):
   1/p + 1/q = 1, normalised to the unit p-norm.
 - `FiniteFront(points)`: a finite set of policies; the maximiser is the best point (ties: first).
 
-Pure numpy/scipy.
+Pure numpy/scipy. Not part of the product: it lives with the tests, and the benchmarks import it
+from here (benchmarks put tests/ on their path).
 """
 from dataclasses import dataclass
 

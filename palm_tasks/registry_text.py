@@ -1,0 +1,105 @@
+"""What a person browsing the MLflow registry reads of a member or a portfolio: its tags,
+description and metrics, in words and figures (palm_tasks/registry.py registers them)."""
+
+from __future__ import annotations
+
+from palm_tasks.core import routing
+from palm_tasks.schema import Member, Portfolio
+
+
+def simplex_shares(portfolio: Portfolio, divisions: int) -> dict[str, float]:
+    """Each member's share of a simplex lattice: the weights it serves, by the routing rule."""
+    from palm_tasks.core.simplex import simplex_lattice
+
+    _, R, SE = portfolio.member_arrays
+    shares = routing.usage_shares(simplex_lattice(len(portfolio.traits), divisions), R, SE, portfolio.z)
+    return {m.key: float(s) for m, s in zip(portfolio.members, shares)}
+
+
+def member_tags(portfolio: Portfolio, member: Member, portfolios: list[str], share_simplex: float) -> dict:
+    tags = {"member_key": member.key, "portfolio_id": portfolio.id,
+            "portfolios": ",".join(portfolios), "share": f"{member.share:.4f}",
+            "share_simplex": f"{share_simplex:.4f}",
+            "certified": str(portfolio.certificate.certified).lower()}
+    for t, w, v, se in zip(portfolio.traits, member.weights, member.value.mean, member.value.se):
+        tags[f"w.{t}"], tags[f"value.{t}"], tags[f"se.{t}"] = f"{w:.4f}", f"{v:.4f}", f"{se:.4f}"
+    tags["kind"] = member.kind
+    if member.kind == "soup":  # no training run: an interpolation of these members' adapters
+        tags["ingredients"] = ",".join(member.ingredients)
+        tags["lambdas"] = ",".join(f"{x:.4f}" for x in member.lambdas)
+    return tags
+
+
+def member_description(cfg, portfolio: Portfolio, member: Member, member_model: str, base_uri: str, version,
+                       share_simplex: float) -> str:
+    """Markdown for the MLflow UI: what the member was trained for and how well it does."""
+    rows = "\n".join(f"| {t} | {w:.3f} | {v:.3f} ± {se:.3f} |" for t, w, v, se in
+                     zip(portfolio.traits, member.weights, member.value.mean, member.value.se))
+    return (
+        f"### PALM member `{member.key[:10]}` ({cfg.task})\n\n"
+        f"LoRA adapter of the base model `{base_uri}`, trained with reward weights w.\n\n"
+        f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
+        f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
+        f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
+        f"1/{cfg.coverage.share_lattice}): the weights for which the routing rule chooses this member.\n\n"
+        f"{certificate_text(portfolio)}\n\n"
+        f"Load offline: `palm_tasks.registry.load_member(\"models:/{member_model}/{version}\")`, "
+        f"or with MLflow alone `mlflow.transformers.load_model(\"models:/{member_model}/{version}\", "
+        f"base_model_path=mlflow.artifacts.download_artifacts(\"{base_uri}\") + \"/model\")`."
+    )
+
+
+def certificate_text(portfolio: Portfolio) -> str:
+    cert = portfolio.certificate
+    status = "**certified**" if cert.certified else "**not certified**"
+    return (
+        f"Portfolio `{portfolio.id[:10]}` ({len(portfolio.members)} members out of "
+        f"{len(portfolio.pool)} trained) is {status} for "
+        f"(eps = {portfolio.eps}, delta = {portfolio.delta}, z = {portfolio.z}): "
+        f"for every weight vector w some member reaches (1 - eps) * OPT(w) - delta, OPT relative "
+        f"to {cert.relative_to or 'the trained pool'}. Worst slack {cert.worst_slack}"
+        f"; reached eps = {cert.max_eps}, delta = {cert.max_delta}."
+        + _evidence_text(portfolio)
+    )
+
+
+def _evidence_text(portfolio: Portfolio) -> str:
+    gate, lines = portfolio.gate, []
+    if portfolio.evidence:
+        lines.append(portfolio.evidence_summary())
+    if gate:
+        lines.append(f"Quality gate ({'passed' if gate.get('passed') else 'FAILED'}): " + "; ".join(
+            f"`{k[:10]}` {g.get('degenerate_share', float('nan')):.1%} degenerate answers, relevance "
+            f"{g.get('relevance', float('nan')):.3f}" for k, g in (gate.get("members") or {}).items()) + ".")
+    blockers = portfolio.blockers()
+    if blockers:
+        lines.append("Not for production: " + "; ".join(blockers) + ".")
+    return "".join("\n\n" + line for line in lines)
+
+
+def portfolio_description(cfg, portfolio: Portfolio, member_model: str, member_versions: dict) -> str:
+    rows = "\n".join(
+        f"| `{m.key[:10]}` | {member_versions[m.key]} | "
+        + " | ".join(f"{w:.2f}" for w in m.weights) + f" | {100 * m.share:.1f}% |"
+        for m in portfolio.members)
+    header = " | ".join(f"w.{t}" for t in portfolio.traits)
+    dashes = "|".join("---" for _ in portfolio.traits)
+    return (
+        f"### PALM portfolio `{portfolio.id[:10]}` ({cfg.task})\n\n"
+        f"{certificate_text(portfolio)}\n\n"
+        f"| member | version of `{member_model}` | {header} | users served |\n"
+        f"|---|---|{dashes}|---|\n{rows}\n\n"
+        "`mlflow.pyfunc.load_model(uri).predict(DataFrame of trait weights)` returns the member "
+        "the routing rule chooses for each row (best w . (values - z se)), its key and model URI."
+    )
+
+
+def portfolio_metrics(portfolio: Portfolio) -> dict:
+    """Certificate figures plus every number in the coverage summary."""
+    cert = portfolio.certificate
+    metrics = {"certified": float(cert.certified), "n_members": float(len(portfolio.members)),
+               "n_trained": float(len(portfolio.pool)), "certificate.worst_slack": cert.worst_slack,
+               "certificate.max_eps": cert.max_eps, "certificate.max_delta": cert.max_delta}
+    metrics.update({f"coverage.{k}": float(v) for k, v in portfolio.coverage.items()
+                    if isinstance(v, (int, float))})
+    return metrics
