@@ -193,21 +193,35 @@ def _dual_bound(w, G, h, lam):
     return float(lam @ h + np.clip(r, 0.0, None).sum())
 
 
+def _lp_duals(w, A, V):
+    """Multipliers (over the rows of [A; I]) proving U(w), from one HiGHS linear program."""
+    res = linprog(-w, A_ub=A, b_ub=V, bounds=(0, 1), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"upper-bound LP failed at w={w.tolist()}: {res.message}")
+    return -np.concatenate([res.ineqlin.marginals, res.upper.marginals])
+
+
 def _lp_bound(w, A, V):
     """U(w) by one HiGHS linear program, returned as its (proven) dual bound."""
     if len(A) == 0:
         return float(w.sum())  # only the box 0 <= v <= 1
-    res = linprog(-w, A_ub=A, b_ub=V, bounds=(0, 1), method="highs")
-    if res.status != 0:
-        raise RuntimeError(f"upper-bound LP failed at w={w.tolist()}: {res.message}")
     d = len(w)
     G = np.vstack([A, np.eye(d)])
-    lam = -np.concatenate([res.ineqlin.marginals, res.upper.marginals])
-    return _dual_bound(w, G, np.concatenate([V, np.ones(d)]), lam)
+    return _dual_bound(w, G, np.concatenate([V, np.ones(d)]), _lp_duals(w, A, V))
+
+
+BRUTE_FORCE_SUBSETS = 300  # fewer d-subsets of constraints than this: enumerate them (exact, no Qhull)
 
 
 def _polytope_vertices(G, h):
-    """Vertices of {G v <= h}, or None when it has no interior (then LPs are used instead)."""
+    """Vertices of {G v <= h}, or None when it has no interior (then LPs are used instead). A
+    small polytope (few constraints, low d: the certificates of a handful of rows) is enumerated
+    directly, which is exact and far cheaper than an LP and Qhull."""
+    from math import comb
+
+    if comb(len(G), G.shape[1]) <= BRUTE_FORCE_SUBSETS:
+        verts = _vertices_brute_force(np.column_stack([G, -h]))
+        return verts if len(verts) > G.shape[1] else None
     norms = np.linalg.norm(G, axis=1)
     # Chebyshev centre: the deepest interior point, to hand Qhull a strictly interior point
     res = linprog(np.append(np.zeros(G.shape[1]), -1.0), A_ub=np.column_stack([G, norms]),
@@ -237,14 +251,37 @@ class UpperBound:
         self.vertices = _polytope_vertices(self.G, self.h)
 
     def __call__(self, w) -> float:
+        return self.with_duals(w)[0]
+
+    def with_duals(self, w) -> tuple[float, np.ndarray, float]:
+        """(U(w), lam, rho): multipliers lam >= 0 of the oracle constraints and the rest rho of the
+        proof, so that U(w) <= lam . V' + rho for *any* right-hand side V' (the multipliers stay
+        dual feasible whatever V' is: docs/theory.md section 13 bounds U at the true values with
+        them). The bound returned is lam . V + rho."""
+        w = np.asarray(w, float)
+        n, d = len(self.A), len(w)
         if self.vertices is not None:
             v = self.vertices[np.argmax(self.vertices @ w)]
             active = self.h - self.G @ v <= 1e-9
-            lam, _ = nnls(self.G[active].T, w)
-            bound = _dual_bound(w, self.G[active], self.h[active], lam)
+            lam_active, _ = nnls(self.G[active].T, w)
+            lam = np.zeros(len(self.G))
+            lam[active] = lam_active
+            bound = _dual_bound(w, self.G, self.h, lam)
             if bound - w @ v <= TOL:
-                return bound
-        return _lp_bound(w, self.A, self.V)  # degenerate polytope: one LP (milliseconds)
+                return bound, *self._split(w, self.G, self.h, lam, n)
+        if n == 0:
+            return float(w.sum()), np.zeros(0), float(w.sum())  # only the box 0 <= v <= 1
+        G = np.vstack([self.A, np.eye(d)])  # degenerate polytope: one LP (milliseconds)
+        h = np.concatenate([self.V, np.ones(d)])
+        lam = np.clip(_lp_duals(w, self.A, self.V), 0.0, None)
+        return _dual_bound(w, G, h, lam), *self._split(w, G, h, lam, n)
+
+    @staticmethod
+    def _split(w, G, h, lam, n):
+        """(lam over the oracle rows, rho = the part of the dual bound that does not depend on V)."""
+        lam = np.clip(lam, 0.0, None)
+        r = w - G.T @ lam
+        return lam[:n].copy(), float(lam[n:] @ h[n:] + np.clip(r, 0.0, None).sum())
 
 
 def upper_bounds(weights, A, V):

@@ -29,13 +29,11 @@ def _se_of_scalar(weights, std_errors):
     return np.atleast_2d(np.asarray(weights, float)) @ np.asarray(std_errors, float).T
 
 
-def best_of_n(scores, weights, allowed=None):
-    """Value vectors of BoN_N at each weight: (mean (m, d), se (m, d), scalar se (m,)).
-
-    scores: (P, N, d) rewards of N base answers to each of P prompts; weights: (m, d).
-    k*(x, w) = argmax_k w . r(x, y_k) (ties: the first); R_BoN(w) = mean over prompts of
-    r(x, y_k*); its se is the std over prompts / sqrt(P), and the scalar se is that of
-    w . r(x, y_k*) over prompts (the traits of one answer are not independent).
+def chosen_answers(scores, weights, allowed=None):
+    """The scores (m, P, d) of the answer best-of-N picks for each prompt at each weight:
+    k*(x, w) = argmax_k w . r(x, y_k) (ties: the first). scores: (P, N, d) rewards of N base
+    answers to each of P prompts; weights: (m, d). A policy evaluated on the same prompts is
+    compared with it prompt by prompt (docs/theory.md section 13).
 
     allowed: (P, N) booleans, the answers the reference may pick (the on-topic ones, as the
     members are trained to give); a prompt with no allowed answer picks among all N, so the
@@ -57,11 +55,23 @@ def best_of_n(scores, weights, allowed=None):
             raise ValueError(f"allowed must have shape {S.shape[:2]}, got {A.shape}")
         A = A | ~A.any(axis=1, keepdims=True)  # a prompt with none allowed: all of its answers
         best = np.where(A[None], scalar, -np.inf).argmax(axis=2)
-    chosen = S[np.arange(P)[None, :], best]  # (m, P, d)
+    return S[np.arange(P)[None, :], best]  # (m, P, d)
+
+
+def best_of_n(scores, weights, allowed=None):
+    """Value vectors of BoN_N at each weight: (mean (m, d), se (m, d), scalar se (m,)).
+
+    R_BoN(w) = mean over prompts of r(x, y_k*) (`chosen_answers`); its se is the std over
+    prompts / sqrt(P), and the scalar se is that of w . r(x, y_k*) over prompts (the traits of
+    one answer are not independent).
+    """
+    W = np.atleast_2d(np.asarray(weights, float))
+    chosen = chosen_answers(scores, W, allowed)
+    P = chosen.shape[1]
     mean = chosen.mean(axis=1)
     ddof = 1 if P > 1 else 0
     se = chosen.std(axis=1, ddof=ddof) / np.sqrt(P)
-    scalar_se = np.take_along_axis(scalar, best[..., None], 2)[..., 0].std(axis=1, ddof=ddof) / np.sqrt(P)
+    scalar_se = np.einsum("mpd,md->mp", chosen, W).std(axis=1, ddof=ddof) / np.sqrt(P)
     return mean, se, scalar_se
 
 

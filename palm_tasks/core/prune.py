@@ -83,3 +83,36 @@ def prune(train_weights, values, eps, delta, method="greedy", std_errors=None, z
         elements = np.vstack([elements, new_el[coverable]])
         upper = np.concatenate([upper, new_up[coverable]])
     return rows
+
+
+def prune_paired(paired, train_weights, tables, oracle=None, candidates=None, method="greedy", max_rounds=100):
+    """prune() at confidence (docs/theory.md section 13): row m covers corner c when the paired
+    cover decision (c, m) holds (core.paired.PairedEvidence). Elements start as the corners of
+    the full candidate set; the chosen subset's failing corners are added until it certifies at
+    confidence, or nothing covers them (then the cover of what can be covered is returned, as
+    prune() does)."""
+    W = np.atleast_2d(np.asarray(train_weights, float))
+    n = len(W)
+    allowed = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
+    if allowed.shape != (n,) or not allowed.any():
+        raise ValueError(f"candidates must be a boolean mask of shape ({n},) with a True")
+    rows = np.flatnonzero(allowed)
+    full = paired.certificate(W, tables, oracle, members=rows)
+    alpha = full.split.each
+    elements = full.corner_weights
+    for _ in range(max_rounds):
+        covers = paired.covers(W, tables, oracle, elements, allowed, alpha)
+        chosen = set_cover(covers, method)
+        if len(chosen) == 0:  # nothing covers anything confidently: the single best row at the centroid
+            R = paired.means(tables)
+            chosen = np.array([int(rows[np.argmax(R[rows].sum(axis=1))])])
+        cert = paired.certificate(W, tables, oracle, members=chosen)
+        if cert.certified:
+            return chosen
+        new = cert.corner_weights[cert.slacks > 0]
+        new = new[[not (np.abs(elements - c).max(axis=1) <= 1e-12).any() for c in new]]  # not yet elements
+        coverable = paired.covers(W, tables, oracle, new, allowed, alpha).any(axis=0) if len(new) else []
+        if not np.any(coverable):  # the routed members fail where others would hold: keep every row
+            return rows if full.certified else chosen
+        elements = np.vstack([elements, new[coverable]])
+    return rows

@@ -60,9 +60,9 @@ from scipy.optimize import LinearConstraint, linprog, milp
 
 from palm_tasks.core.certificate import (TOL, Certificate, UpperBound, certify, check_values, check_z,
                                          oracle_constraints)
-from palm_tasks.core.evidence import beaten_rows, evidence
+from palm_tasks.core.evidence import Beaten, beaten_rows, evidence
 from palm_tasks.core.grid import snap_to_grid
-from palm_tasks.core.prune import prune
+from palm_tasks.core.prune import prune, prune_paired
 from palm_tasks.core.simplex import check_d, check_tolerances, check_weights, simplex_lattice
 
 SAME_WEIGHT = 1e-12  # two training weights closer than this (max-norm) are the same weight
@@ -113,6 +113,21 @@ class SearchResult:
         }
 
 
+def check_table(scores, d):
+    """A per-prompt table: finite rewards in [0, 1], shape (prompts >= 1, d)."""
+    table = np.asarray(scores, dtype=float)
+    if table.ndim != 2 or table.shape[1] != d or len(table) < 1:
+        raise ValueError(f"per-prompt scores must have shape (prompts, {d}), got {table.shape}")
+    if not np.isfinite(table).all() or (table < 0).any() or (table > 1).any():
+        raise ValueError("per-prompt scores must be finite rewards in [0, 1]")
+    return table
+
+
+def _table_se(table):
+    """The se of a table's mean over its prompts (0 for one prompt)."""
+    return table.std(axis=0, ddof=1) / np.sqrt(len(table)) if len(table) > 1 else np.zeros(table.shape[1])
+
+
 def _already(w, trained):
     return any(np.abs(t - w).max() <= SAME_WEIGHT for t in trained)
 
@@ -139,7 +154,8 @@ class LazySearch:
 
     def __init__(self, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
                  initial_weights=None, initial_values=None, initial_std_errors=None,
-                 reference=None, max_repairs=0, z_significant=2.0, consolidate=0):
+                 reference=None, max_repairs=0, z_significant=2.0, consolidate=0, paired=None,
+                 initial_tables=None):
         self.d = check_d(d)
         self.eps, self.delta = check_tolerances(eps, delta)
         self.z = check_z(z)
@@ -163,6 +179,17 @@ class LazySearch:
             if initial_std_errors is not None:
                 self.SE = list(check_values(np.atleast_2d(initial_std_errors), len(self.W), self.d,
                                             "initial_std_errors"))
+        # paired (core.paired.PairedEvidence): values are per-prompt tables, told with tell(scores=...);
+        # the certificate, beaten rows and pruning are paired decisions at confidence (section 13)
+        self.paired, self.tables = paired, []
+        if paired is not None:
+            if self.W and (initial_tables is None or len(initial_tables) != len(self.W)):
+                raise ValueError("with paired evidence, initial rows need initial_tables (one per row)")
+            self.tables = [np.asarray(t, float) for t in (initial_tables or [])]
+            self.R = [t.mean(axis=0) for t in self.tables]
+            self.SE = [_table_se(t) for t in self.tables]
+            if self.W:
+                self.with_se = True
         if not self.W and self.max_trainings <= 0:
             raise ValueError("nothing to certify: max_trainings is 0 and no initial weights were given")
         self.with_se = (initial_std_errors is not None) if self.W else None  # None: the first tell decides
@@ -192,7 +219,16 @@ class LazySearch:
         return np.asarray(values, float).reshape(len(W)), np.asarray(se, float).reshape(len(W))
 
     def beaten(self):
-        """core.evidence.Beaten of every row (None without a reference or rows)."""
+        """core.evidence.Beaten of every row (None without a reference or rows). With paired
+        evidence: a row is beaten when its paired decision holds (core.paired), se is the
+        half-width of the difference's interval."""
+        if self.paired is not None and self.W:
+            decisions = self.paired.beaten(np.array(self.W), self.tables)
+            by = np.array([dec.rows[1] if len(dec.rows) > 1 else -1 for dec in decisions])
+            return Beaten(shortfall=np.array([max(dec.estimate, 0.0) for dec in decisions]),
+                          se=np.array([(dec.upper - dec.lower) / 2 for dec in decisions]),
+                          beaten=np.array([dec.status == "holds" for dec in decisions]), by=by,
+                          z=float("nan"))
         if self.reference is None or not self.W:
             return None
         tw, tv, tse = self._arrays()
@@ -270,7 +306,7 @@ class LazySearch:
         tw, tv, tse = self._arrays()
         ref = self._reference(tw)
         reference = None if ref is None else ref[0] + self.z * ref[1]
-        cert = certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z, reference=reference)
+        cert = self._certify(tw, tv, tse, reference)
         if cert.certified and not self._asked and not out and not self._planned and self.consolidate > 0:
             self.consolidate -= 1
             self._planned = self._consolidation_plan(cert, tw, tv, tse, reference)
@@ -358,6 +394,40 @@ class LazySearch:
         if len(chosen) >= len(members):
             return []
         return [cand[i - len(low)].copy() for i in chosen if i >= len(low)]
+
+    def _certify(self, tw, tv, tse, reference):
+        """The certificate of every row told: paired at confidence, or on the values (z se)."""
+        if self.paired is not None:
+            return self.paired.certificate(tw, self.tables)
+        return certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z, reference=reference)
+
+    def update(self, row, scores) -> None:
+        """A row measured on more prompts (paired evidence): its per-prompt table grows."""
+        if self.paired is None:
+            raise ValueError("update() takes per-prompt scores: the search has no paired evidence")
+        table = check_table(scores, self.d)
+        self.tables[row] = table
+        self.R[row], self.SE[row] = table.mean(axis=0), _table_se(table)
+
+    def evaluation_needed(self) -> dict[int, int]:
+        """{row: prompts} to measure before the next proposal (paired evidence; section 13): the
+        rows of the certificate's open cover decisions, each to the next planned look beyond the
+        decision's prompts. Empty without paired evidence, when a cover decision fails (a
+        training is needed, not more prompts) or when every open decision is at the cap."""
+        if self.paired is None or not self.W or self._asked:
+            return {}
+        cert = self.paired.certificate(np.array(self.W), self.tables)
+        covers = [dec for dec in cert.decisions if dec.kind == "cover"]
+        if any(dec.status == "fails" for dec in covers):
+            return {}
+        need: dict[int, int] = {}
+        for dec in covers:
+            if dec.open and not dec.at_cap:
+                target = self.paired.looks.next_after(dec.n)
+                for r in dec.rows:
+                    if len(self.tables[r]) < target:
+                        need[r] = max(need.get(r, 0), target)
+        return need
 
     def _worst_corner(self, cert, known):
         """(weight, source, slack) at the corner of largest positive slack whose weight (its grid
@@ -450,10 +520,18 @@ class LazySearch:
             self.rounds += 1
         return [a[0].copy() for a in self._asked[:n]]
 
-    def tell(self, weights, values, std_errors=None) -> dict:
+    def tell(self, weights, values=None, std_errors=None, scores=None) -> dict:
         """Record the measured value vector (and std errors) of the policy trained for a pending
         weight (from ask() or ask_batch(), any order); returns the history step (step, weight,
-        source, worst_slack_before)."""
+        source, worst_slack_before). With paired evidence, `scores` is the policy's per-prompt
+        table (prompts, d) and values and std errors are its mean and se."""
+        if self.paired is not None:
+            if scores is None:
+                raise ValueError("with paired evidence, tell() needs the policy's per-prompt scores")
+            table = check_table(scores, self.d)
+            values, std_errors = table.mean(axis=0), _table_se(table)
+        elif scores is not None:
+            raise ValueError("per-prompt scores are told only to a search with paired evidence")
         if not self._asked:
             raise ValueError("tell() without a pending ask(): call ask() and tell its weight")
         given = np.asarray(weights, dtype=float)
@@ -484,12 +562,16 @@ class LazySearch:
                 self.R[row] = values_row
                 if has_se:
                     self.SE[row] = se
+                if self.paired is not None:
+                    self.tables[row] = table
             step.update(row=row, by=by, kept="new" if better else "old")
         else:
             self.W.append(w)
             self.R.append(values_row)
             if has_se:
                 self.SE.append(se)
+            if self.paired is not None:
+                self.tables.append(table)
             self.repairs.append(0)
         self.history.append(step)
         return step
@@ -503,10 +585,14 @@ class LazySearch:
             tw, tv, tse = self._arrays()
             ref = self._reference(tw)
             reference = None if ref is None else ref[0] + self.z * ref[1]
-            members = prune(tw, tv, self.eps, self.delta, method=self.prune_method, std_errors=tse, z=self.z,
-                            reference=reference)
-            final = certify(tw, tv, self.eps, self.delta, members=members, std_errors=tse, z=self.z,
-                            reference=reference)
+            if self.paired is not None:
+                members = prune_paired(self.paired, tw, self.tables, method=self.prune_method)
+                final = self.paired.certificate(tw, self.tables, members=members)
+            else:
+                members = prune(tw, tv, self.eps, self.delta, method=self.prune_method, std_errors=tse,
+                                z=self.z, reference=reference)
+                final = certify(tw, tv, self.eps, self.delta, members=members, std_errors=tse, z=self.z,
+                                reference=reference)
             b = self.beaten()
             beaten = [] if b is None else [
                 {"row": int(j), "weight": tw[j].tolist(), "shortfall": float(b.shortfall[j]),
