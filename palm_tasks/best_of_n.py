@@ -6,13 +6,18 @@ its beaten-row test, the coverage stage's certificate and audit, the evaluate st
 the rewards stage's record all call it. At weights W it gives w . R_BoN(w) and its se
 (`__call__`), or the value vectors (`vectors`); it picks among the on-topic answers
 (training.min_relevance), as members are trained to give, and memoizes by the weights.
+`paired_evidence` hands its per-prompt answers to the paired decisions (core.paired) with the
+settings of params.yaml.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from palm_tasks.config import PalmConfig
+from palm_tasks.core.confidence import Looks
 from palm_tasks.core.evidence import best_of_n, scalar
+from palm_tasks.core.paired import PairedEvidence
 from palm_tasks.schema import SamplePool
 
 
@@ -57,3 +62,16 @@ class BestOfN:
         """(R_BoN(w) (m, d), its per-trait se (m, d)) at each weight."""
         mean, se, _ = self._at(weights)
         return mean, se
+
+
+def paired_evidence(cfg: PalmConfig, bon: BestOfN) -> PairedEvidence:
+    """The paired decisions of params.yaml (docs/theory.md section 13): best-of-N's per-prompt
+    answers from the base's sample pool, the tolerances, coverage.alpha, and the planned looks
+    (at a policy's first measurement, evaluation.min_prompts in whole chunks, then after every
+    evaluation.chunk_prompts more, up to the cap)."""
+    ev, samples = cfg.evaluation, bon.samples
+    cap = min(ev.n_prompts, len(samples.prompts))
+    chunk = min(ev.chunk_prompts, cap)
+    first = min(ev.first_prompts, cap) // chunk * chunk
+    return PairedEvidence(samples.scores, samples.on_topic(bon.min_relevance), cfg.coverage.eps, cfg.coverage.delta,
+                          cfg.coverage.alpha, Looks(chunk, cap, first))

@@ -45,16 +45,13 @@ class CoverageConfig(Section):
 
     eps: float = Field(0.05, gt=0, lt=1, description="multiplicative tolerance, in (0, 1)")
     delta: float = Field(0.02, ge=0, description="additive tolerance, >= 0")
-    z: float = Field(0.0, ge=0, description="certificate used for pruning and production: values -/+ z "
-                                            "standard errors (0: the means)")
-    z_conservative: float = Field(1.0, ge=0, description="z of a second, conservative certificate reported "
-                                                         "beside it")
+    alpha: float = Field(0.05, gt=0, lt=1, description="error of the certificate: it states (eps, delta) covering "
+                         "with confidence 1 - alpha (split over its decisions; also the error of beaten-row "
+                         "calls and of the evidence audit), in (0, 1)")
     test_lattice: int = Field(20, ge=1, description="test weights: a simplex lattice of step 1/test_lattice "
                                                     "(plus the test users)")
     test_users: int = Field(1000, ge=1, description="test weights: this many Dirichlet(1) users, drawn with seed "
                                                      "(plus the test lattice)")
-    z_significant: float = Field(2.0, ge=0, description="a beaten oracle row counts as significant beyond this "
-                                                        "many standard errors")
     share_lattice: int = Field(30, ge=1, description="each member's share of the simplex is measured on a "
                                                      "lattice of step 1/share_lattice (registry descriptions "
                                                      "and tags)")
@@ -73,7 +70,7 @@ class SearchConfig(Section):
                                                        "and midpoints)")
     k: int = Field(6, ge=1, description="uniform / random: number of weight vectors")
     max_repairs: int = Field(2, ge=0, description="lazy: retrainings of a row beaten beyond "
-                             "coverage.z_significant se by the evidence (0: no repair); they count "
+                             "confidence by the evidence (a paired decision, 0: no repair); they count "
                              "against max_trainings")
 
 
@@ -141,15 +138,36 @@ class TrainingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """value vector of a member: mean ± se of each reward"""
+    """value vector of a policy: its per-prompt rewards on the evaluation prompts, measured in chunks
+    while a decision needs them (docs/evidence.md)"""
 
-    # model_dump() is hashed into job keys: adding, removing or renaming a field re-keys every job
-    n_prompts: int = Field(384, ge=1, description="held-out prompts scored (at most data.n_eval); se's are "
-                                                  "over prompts, so prompts buy precision and answers per prompt less")
-    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt (2 x 384 = 768 answers)")
+    n_prompts: int = Field(384, ge=1, description="the cap: a policy is measured on at most this many held-out "
+                           "prompts (at most data.n_eval); se's are over prompts, so prompts buy precision and "
+                           "answers per prompt less")
+    chunk_prompts: int = Field(32, ge=1, description="prompts per chunk; decisions are looked at after each chunk "
+                               "(their error is split over the planned looks, up to n_prompts)")
+    min_prompts: int = Field(64, ge=1, description="prompts every trained policy is measured on at once (a "
+                             "whole number of chunks, rounded up); more only where a decision hinges on them")
+    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
     batch_size: int = Field(128, ge=1, description="answers generated per forward pass")
+
+    def answers_key(self) -> dict:
+        """What decides the answers of a chunk (not the cap, not how many are measured at once)."""
+        return self.model_dump(exclude={"n_prompts", "min_prompts"})
+
+    @property
+    def first_prompts(self) -> int:
+        """min_prompts rounded up to whole chunks, at most the cap."""
+        return min(-(-self.min_prompts // self.chunk_prompts) * self.chunk_prompts, self.n_prompts)
+
+    @model_validator(mode="after")
+    def _chunks_fit(self):
+        if self.chunk_prompts > self.n_prompts:
+            raise ValueError(f"evaluation.chunk_prompts = {self.chunk_prompts} is more than the cap "
+                             f"evaluation.n_prompts = {self.n_prompts}: the cap must hold at least one chunk")
+        return self
 
 
 class RewardModelConfig(Section):

@@ -36,12 +36,12 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.hashing import file_sha256
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
-from palm_tasks.schema import ArtifactError, Policy, ValueVector
+from palm_tasks import scores
+from palm_tasks.schema import ArtifactError, Policy
 
 MEMBER_FILE = "member.json"
 CHECKSUMS = "checksums.json"
 ADAPTER_DIR = "adapter"
-EVALUATIONS = "evaluations"
 SOUP_RECIPE = "soup-lora-cat-v1"  # bump when the way adapters are mixed changes
 # What a job's result depends on (params.yaml): every stage that runs jobs lists these in dvc.yaml.
 JOB_PARAMS = ("task", "traits", "seed", "device", "data", "training", "evaluation", "rewards")
@@ -70,7 +70,6 @@ class JobSpec:
     reward_versions: tuple[str, ...]
     data_sha256: str
     training: dict = field(hash=False)
-    evaluation: dict = field(hash=False)
     seed: int = 0
     init_from: str = ""  # key of the policy whose adapter the job starts from ("" : a fresh adapter)
     attempt: int = 0  # 0 for a first training; a repair's attempt k trains with seed + k
@@ -85,8 +84,7 @@ class JobSpec:
 
 def soup_key(ingredient_keys: Sequence[str], lambdas, cfg: PalmConfig) -> str:
     payload = {"recipe": SOUP_RECIPE, "ingredients": list(ingredient_keys),
-               "lambdas": [round(float(x), 9) for x in lambdas],
-               "evaluation": cfg.evaluation.model_dump(), "seed": cfg.seed}
+               "lambdas": [round(float(x), 9) for x in lambdas], "seed": cfg.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -101,6 +99,7 @@ class Job:
     lambdas: tuple[float, ...] = ()  # soup
     policy: str | None = None  # evaluate: the policy's directory; train: the policy to start from
     attempt: int = 0  # train: 0, or the repair attempt (docs/theory.md section 9)
+    prompts: int = 0  # evaluate: measure the policy on at least this many evaluation prompts
 
     @classmethod
     def train(cls, weights, store: str = "models/members", init_from: str | None = None,
@@ -114,8 +113,10 @@ class Job:
                    lambdas=tuple(float(x) for x in lambdas))
 
     @classmethod
-    def evaluate(cls, policy_dir: str) -> "Job":
-        return cls("evaluate", policy=policy_dir)
+    def evaluate(cls, policy_dir: str, prompts: int, store: str = "models/members") -> "Job":
+        """Measure a stored policy on at least `prompts` prompts; `store` is the running stage's
+        job store: a policy outside it keeps its new chunks in <store>/../scores (scores.chunk_dirs)."""
+        return cls("evaluate", store, policy=policy_dir, prompts=int(prompts))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +131,7 @@ class Job:
             return f"train w={_fmt(self.weights)}{more}"
         if self.kind == "soup":
             return f"soup lambda={_fmt(self.lambdas)}"
-        return f"evaluate {Path(self.policy or '').name}"
+        return f"evaluate {Path(self.policy or '').name} on {self.prompts} prompts"
 
 
 RunJobs = Callable[[list[Job]], list[Policy]]
@@ -139,21 +140,23 @@ RunJobs = Callable[[list[Job]], list[Policy]]
 # ----------------------------------------------------------------------------- the store
 
 
-def store_policy(tmp: Path, final: Path, policy: Policy, prompts, completions, scores) -> Policy:
-    """Finish a policy directory written under `tmp` (its adapter is there): the answers,
-    member.json and checksums, then one rename into `final`, so a reader sees all or nothing."""
+def store_policy(tmp: Path, final: Path, policy: Policy, chunks) -> Policy:
+    """Finish a policy directory written under `tmp` (its adapter and its first measured chunks
+    are there): the answers, member.json and checksums, then one rename into `final`, so a
+    reader sees all or nothing. The chunks under evaluations/ carry their own checksums."""
     with open(tmp / "completions.jsonl", "w") as fh:
-        for p, c, s in zip(prompts, completions, scores):
-            fh.write(json.dumps({"prompt": p, "completion": c,
-                                 "rewards": dict(zip(policy.traits, np.round(s, 6).tolist()))}) + "\n")
-    (tmp / MEMBER_FILE).write_text(json.dumps(policy.to_json(), indent=2))
+        for chunk in chunks:
+            for p, c, s in zip(chunk.prompts, chunk.completions, chunk.rewards):
+                fh.write(json.dumps({"prompt": p, "completion": c,
+                                     "rewards": dict(zip(policy.traits, np.round(s, 6).tolist()))}) + "\n")
+    (tmp / MEMBER_FILE).write_text(json.dumps(replace(policy, scores=None).to_json(), indent=2))
     sums = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name != CHECKSUMS}
+            if p.is_file() and p.name != CHECKSUMS and p.relative_to(tmp).parts[0] != scores.EVALUATIONS}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return load_policy(final)
+    return replace(load_policy(final), scores=policy.scores)
 
 
 def load_policy(path: Path, verify: bool = True) -> Policy:
@@ -262,8 +265,7 @@ class JobContext:
         w = check_weights(np.asarray(weights, float), self.cfg.d)
         return JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
                        base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
-                       data_sha256=self.data_sha, training=self.cfg.training.model_dump(),
-                       evaluation=self.cfg.evaluation.model_dump(), seed=self.cfg.seed,
+                       data_sha256=self.data_sha, training=self.cfg.training.model_dump(), seed=self.cfg.seed,
                        init_from=init_from, attempt=int(attempt))
 
     def first_round(self):
@@ -280,20 +282,34 @@ class JobContext:
         return [list(c) for c in pool.completions], pool.scores
 
     def evaluation_key(self) -> str:
-        """Hash of everything that determines an evaluation (not a training)."""
+        """Hash of everything that decides a chunk's answers and rewards (not a training, not
+        the cap or how many prompts are measured at once): tables of one key are comparable."""
         payload = {"traits": list(self.cfg.traits), "base_model_sha256": self.base_sha,
                    "reward_versions": list(self.reward_versions), "eval_sha256": self.eval_sha,
-                   "evaluation": self.cfg.evaluation.model_dump(), "seed": self.cfg.seed}
+                   "evaluation": self.cfg.evaluation.answers_key(), "seed": self.cfg.seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def measure(self, model, tokenizer):
-        """(value, prompts, completions, scores, quality) of a policy on the eval prompts."""
-        from palm_tasks.llm.validity import answer_quality
-        from palm_tasks.llm.value import evaluate
+    def measured(self, policy: Policy, store: Path, prompts: int) -> Policy:
+        """`policy` with its table at the current evaluation key on at least `prompts` prompts:
+        the chunks found, the rest measured (the model loaded only if some are missing). Chunks of
+        a policy outside `store` go to <store>/../scores (scores.chunk_dirs)."""
+        home = None if Path(policy.path).resolve().parent == Path(store).resolve() else Path(store).parent / "scores"
+        dirs, write_dir = scores.chunk_dirs(policy.path, policy.key, self.evaluation_key(), home)
+        wanted = -(-min(prompts, self.cap) // self.cfg.evaluation.chunk_prompts)
+        chunks = scores.read_chunks(dirs, self.evaluation_key(), wanted)
+        if len(chunks) < wanted:
+            from palm_tasks.llm.models import load_policy as load_model
 
-        value, prompts, completions, scores = evaluate(model, tokenizer, self.rewards, self.eval_prompts,
-                                                       self.cfg.evaluation, self.cfg.seed)
-        return value, prompts, completions, scores, answer_quality(prompts, completions)
+            model, tokenizer = load_model(self.base_path, policy.adapter, self.device)
+            return policy.with_scores(scores.measure(self, model, tokenizer, dirs, write_dir, prompts,
+                                                     label=policy.key[:10]))
+        return policy.with_scores(scores.table_of(chunks, self.cfg.traits, self.evaluation_key(),
+                                                  self.cfg.evaluation.samples_per_prompt))
+
+    @property
+    def cap(self) -> int:
+        """The most evaluation prompts a policy is measured on."""
+        return min(self.cfg.evaluation.n_prompts, len(self.eval_prompts))
 
 
 def run_job(cfg: PalmConfig, root: Path, job: Job, ctx: JobContext | None = None) -> Policy:
@@ -322,9 +338,10 @@ def _train(ctx: JobContext, job: Job) -> Policy:
     spec, paths = ctx.spec(job.weights, start.key if start else "", job.attempt), ctx.paths
     store = paths.root / job.store
     done = find_finished(paths.members, spec.key) or find_finished(store, spec.key)
+    first = ctx.cfg.evaluation.first_prompts
     if done is not None:
         say(f"align: {spec.key} w={_fmt(spec.weights)} finished earlier, reused")
-        return done
+        return ctx.measured(done, store, first)
     t = ctx.cfg.training
     how = f"{t.rounds} rsft rounds" if t.method == "rsft" else f"{t.steps} GRPO steps"
     if start:
@@ -341,29 +358,34 @@ def _train(ctx: JobContext, job: Job) -> Policy:
             init_adapter=start.adapter if start else None)
         model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
         train_seconds = time.time() - started
-        value, prompts, completions, scores, quality = ctx.measure(model, tokenizer)
+        chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
+        table = scores.measure(ctx, model, tokenizer, [chunks_dir], chunks_dir, first, label=spec.key[:10])
         final = history[-1] if history else {}
-        policy = Policy(key=spec.key, kind="trained", traits=spec.traits, weights=spec.weights, value=value,
-                        quality=quality,
+        policy = Policy(key=spec.key, kind="trained", traits=spec.traits, weights=spec.weights, value=table.value,
+                        quality=dict(table.quality), scores=table,
                         training={"job": asdict(spec), "method": t.method, "device": ctx.device,
                                   "train_seconds": round(train_seconds, 2),
                                   "total_seconds": round(time.time() - started, 2),
                                   "final_reward": final.get("reward", final.get("kept_reward")),
                                   "history": history if t.method == "rsft" else [],
                                   "mlflow_run_id": run.run_id,
+                                  "eval_key": ctx.evaluation_key(),
                                   "worker": {"host": socket.gethostname(), "pid": os.getpid()}})
-        policy = store_policy(tmp, store / spec.key, policy, prompts, completions, scores)
+        policy = store_policy(tmp, store / spec.key, policy, scores.read_chunks([chunks_dir], ctx.evaluation_key()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         run.fail()
         raise
     run.finish(policy, t.rounds if t.method == "rsft" else t.steps)
-    say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)}, "
-        f"{quality['degenerate_share']:.1%} degenerate answers, in {policy.training['total_seconds']:.0f}s")
+    value = policy.value
+    say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)} on {table.prompts} prompts, "
+        f"{table.quality['degenerate_share']:.1%} degenerate answers, in {policy.training['total_seconds']:.0f}s")
     return policy
 
 
 def _soup(ctx: JobContext, job: Job) -> Policy:
+    """A Rewarded-Soups candidate: the specialists' adapters mixed, measured up to the cap (a
+    soup is evaluated, not trained: nothing decides how far it is measured but the cap)."""
     from palm_tasks.llm.models import load_policy as load_model
     from palm_tasks.llm.soups import mix_adapters
 
@@ -374,49 +396,36 @@ def _soup(ctx: JobContext, job: Job) -> Policy:
     done = find_finished(ctx.paths.soups, key, redo) or find_finished(store, key, redo)
     if done is not None:
         say(f"soups: {key} lambda={_fmt(job.lambdas)} finished earlier, reused")
-        return done
+        return ctx.measured(done, store, ctx.cap)
     tmp = _workdir(store, key)
     started = time.time()
     try:
         mix_adapters([m.adapter for m in ingredients], job.lambdas, tmp / ADAPTER_DIR)
         model, tokenizer = load_model(ctx.base_path, tmp / ADAPTER_DIR, ctx.device)
-        value, prompts, completions, scores, quality = ctx.measure(model, tokenizer)
+        chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
+        table = scores.measure(ctx, model, tokenizer, [chunks_dir], chunks_dir, ctx.cap, label=key[:10])
         # sum_i lambda_i w_i: where the soup is meant to sit, not a weight it was trained for
         weights = np.sum([lam * m.w for lam, m in zip(job.lambdas, ingredients)], axis=0)
         policy = Policy(key=key, kind="soup", traits=tuple(ctx.cfg.traits),
-                        weights=tuple(float(x) for x in weights), value=value, quality=quality,
-                        ingredients=tuple(m.key for m in ingredients), lambdas=job.lambdas,
-                        training={"recipe": SOUP_RECIPE, "evaluation": ctx.cfg.evaluation.model_dump(),
+                        weights=tuple(float(x) for x in weights), value=table.value, quality=dict(table.quality),
+                        scores=table, ingredients=tuple(m.key for m in ingredients), lambdas=job.lambdas,
+                        training={"recipe": SOUP_RECIPE, "eval_key": ctx.evaluation_key(),
                                   "seed": ctx.cfg.seed, "device": ctx.device,
                                   "base_model_sha256": ingredients[0].base_model_sha256,
                                   "total_seconds": round(time.time() - started, 2)})
-        policy = store_policy(tmp, store / key, policy, prompts, completions, scores)
+        policy = store_policy(tmp, store / key, policy, scores.read_chunks([chunks_dir], ctx.evaluation_key()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"soups: {key} lambda={_fmt(job.lambdas)} value {_fmt(value.mean)} ± {_fmt(value.se)}")
+    say(f"soups: {key} lambda={_fmt(job.lambdas)} value {_fmt(policy.value.mean)} ± {_fmt(policy.value.se)}")
     return policy
 
 
 def _evaluate(ctx: JobContext, job: Job) -> Policy:
-    """The policy with its value under the current rewards and eval prompts (stored once)."""
-    from palm_tasks.llm.models import load_policy as load_model
-
+    """The policy measured on at least job.prompts prompts under the current rewards and eval
+    prompts (its chunks found, the missing ones measured)."""
     policy = load_policy(ctx.paths.root / job.policy)
-    path = policy.path / EVALUATIONS / f"{ctx.evaluation_key()}.json"
-    if not path.is_file():
-        model, tokenizer = load_model(ctx.base_path, policy.adapter, ctx.device)
-        value, *_, quality = ctx.measure(model, tokenizer)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"eval_key": path.stem, "traits": list(ctx.cfg.traits),
-                                   "values": list(value.mean), "std_errors": list(value.se),
-                                   "n_eval": value.n, "quality": quality}, indent=2))
-        tmp.replace(path)
-    data = json.loads(path.read_text())
-    policy = policy.with_value(ValueVector(tuple(data["values"]), tuple(data["std_errors"]),
-                                           int(data.get("n_eval", policy.value.n))))
-    return replace(policy, quality=data.get("quality") or policy.quality)
+    return ctx.measured(policy, ctx.paths.root / job.store, job.prompts)
 
 
 def _fmt(x) -> str:

@@ -51,7 +51,7 @@ class Paths:
 
     # --- coverage stage
     @property
-    def portfolio(self) -> Path:  # schema.Portfolio
+    def portfolio(self) -> Path:  # portfolio.Portfolio
         return self.root / "portfolio.json"
 
     # --- evaluate stage: its own job stores, so it never changes another stage's output

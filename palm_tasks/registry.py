@@ -47,7 +47,8 @@ from palm_tasks.paths import Paths
 from palm_tasks.portfolio_model import PortfolioRouter
 from palm_tasks.registry_text import (member_description, member_tags, portfolio_description,
                                       portfolio_metrics, simplex_shares)
-from palm_tasks.schema import Member, Policy, Portfolio
+from palm_tasks.schema import Policy
+from palm_tasks.portfolio import Member, Portfolio
 from palm_tasks.tracking import StoreNotWritableError, check_store_writable, lineage_tags, setup_mlflow, tracking_uri
 
 PRODUCTION, CANDIDATE = "production", "candidate"
@@ -92,7 +93,7 @@ def register_portfolio(cfg: PalmConfig, root: Path) -> dict:
     """
     from mlflow import MlflowClient
 
-    from palm_tasks.schema import load_portfolio
+    from palm_tasks.portfolio import load_portfolio
 
     root = Path(root)
     paths = Paths(root)

@@ -4,7 +4,7 @@ description and metrics, in words and figures (palm_tasks/registry.py registers 
 from __future__ import annotations
 
 from palm_tasks.core import routing
-from palm_tasks.schema import Member, Portfolio
+from palm_tasks.portfolio import Member, Portfolio
 
 
 def simplex_shares(portfolio: Portfolio, divisions: int) -> dict[str, float]:
@@ -51,15 +51,20 @@ def member_description(cfg, portfolio: Portfolio, member: Member, member_model: 
 
 def certificate_text(portfolio: Portfolio) -> str:
     cert = portfolio.certificate
-    status = "**certified**" if cert.certified else "**not certified**"
+    held = "**certified**" if cert.certified else "**not certified**"
+    why = ""
+    if not cert.certified and (cert.open_at_cap or cert.failing):
+        why = (f" Decisions that did not hold: {len(cert.failing)} fail, {len(cert.open_at_cap)} still open at the "
+               f"cap of evaluation prompts" + (f" (e.g. {(cert.open_at_cap or cert.failing)[0]})" if
+                                               (cert.open_at_cap or cert.failing) else "") + ".")
+    split = cert.split
     return (
         f"Portfolio `{portfolio.id[:10]}` ({len(portfolio.members)} members out of "
-        f"{len(portfolio.pool)} trained) is {status} for "
-        f"(eps = {portfolio.eps}, delta = {portfolio.delta}, z = {portfolio.z}): "
-        f"for every weight vector w some member reaches (1 - eps) * OPT(w) - delta, OPT relative "
-        f"to {cert.relative_to or 'the trained pool'}. Worst slack {cert.worst_slack}"
-        f"; reached eps = {cert.max_eps}, delta = {cert.max_delta}."
-        + _evidence_text(portfolio)
+        f"{len(portfolio.pool)} trained) is {held}: {cert.statement}. For every weight vector w some "
+        f"member reaches (1 - eps) * OPT(w) - delta, OPT relative to {cert.relative_to or 'the trained pool'}. "
+        f"alpha = {cert.alpha:g} is split over its {split.get('decisions', cert.decisions)} paired decisions "
+        f"({split.get('each', 0):.2g} each); every one of them would clear eps = {cert.max_eps:.3f} at "
+        f"delta = {portfolio.delta:g}.{why}" + _evidence_text(portfolio)
     )
 
 
@@ -90,8 +95,19 @@ def portfolio_description(cfg, portfolio: Portfolio, member_model: str, member_v
         f"| member | version of `{member_model}` | {header} | users served |\n"
         f"|---|---|{dashes}|---|\n{rows}\n\n"
         "`mlflow.pyfunc.load_model(uri).predict(DataFrame of trait weights)` returns the member "
-        "the routing rule chooses for each row (best w . (values - z se)), its key and model URI."
+        "the routing rule chooses for each row (the best w . values), its key and model URI. The price of "
+        "precision (the eps certified against portfolio size and compute) is the run's "
+        "plots/price_of_precision.png.\n\n" + price_table(portfolio)
     )
+
+
+def price_table(portfolio: Portfolio) -> str:
+    """The eps certified with confidence 1 - alpha by the best k candidates, as a table."""
+    rows = portfolio.price.get("by_size") or []
+    if not rows:
+        return ""
+    return ("| k | certified eps |\n|---|---|\n"
+            + "\n".join(f"| {r['k']} | {r['certified_eps']:.3f} |" for r in rows))
 
 
 def portfolio_metrics(portfolio: Portfolio) -> dict:
@@ -99,7 +115,8 @@ def portfolio_metrics(portfolio: Portfolio) -> dict:
     cert = portfolio.certificate
     metrics = {"certified": float(cert.certified), "n_members": float(len(portfolio.members)),
                "n_trained": float(len(portfolio.pool)), "certificate.worst_slack": cert.worst_slack,
-               "certificate.max_eps": cert.max_eps, "certificate.max_delta": cert.max_delta}
+               "certificate.max_eps": cert.max_eps, "certificate.max_delta": cert.max_delta,
+               "certificate.alpha": cert.alpha}
     metrics.update({f"coverage.{k}": float(v) for k, v in portfolio.coverage.items()
                     if isinstance(v, (int, float))})
     return metrics

@@ -4,11 +4,12 @@ Rewards change, prompt data grows (or `data.split_seed` draws a new split), the 
 updated. The retraining flow (flows/retrain.py) then runs the rewards and grid stages, and here:
 
 1. `previous`: what the last run left (portfolio, pool);
-2. `refresh_pool`: re-evaluates every policy of the previous pool under the current rewards and
-   eval prompts (evaluate jobs, stored beside each policy as evaluations/<evaluation key>.json,
-   so a policy keeps the key that names what it was *trained* on), then runs the lazy search
-   starting from them: if the certificate still holds nothing is trained, otherwise only the
-   weights where it fails. The pool it writes (data/pool.json) carries the new values;
+2. `refresh_pool`: re-measures every policy of the previous pool under the current rewards and
+   eval prompts (evaluate jobs: its first evaluation.min_prompts prompts, chunks stored beside
+   each policy under evaluations/<evaluation key>/, so a policy keeps the key that names what it
+   was *trained* on), then runs the lazy search starting from them: the rows of its open
+   decisions are measured further, and if the certificate holds nothing is trained, otherwise
+   only the weights where it fails. The pool it writes (data/pool.json) carries the new values;
 3. the flow runs the soups and coverage stages; `summarize` says what was kept, added and
    dropped and why, with the reward drift per trait; the flow registers (`production` moves only
    to a certified portfolio), records the outputs in dvc.lock (`dvc_commit`) and logs a `retrain`
@@ -35,7 +36,8 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.jobs import Job, JobContext, RunJobs, find_finished
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
-from palm_tasks.schema import ArtifactError, Pool, Portfolio
+from palm_tasks.schema import ArtifactError, Pool
+from palm_tasks.portfolio import Portfolio
 from palm_tasks.search_loop import search_from_config, search_loop
 
 
@@ -100,19 +102,21 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
         warn("retrain: the base model changed: every existing policy is invalid "
              "(their keys change with it); retraining from scratch")
     say(f"retrain: re-evaluating {len(kept)} existing policies under the current rewards")
-    kept = run_jobs([Job.evaluate(paths.relative(p.path)) for p in kept]) if kept else []
+    first = cfg.evaluation.first_prompts
+    kept = run_jobs([Job.evaluate(paths.relative(p.path), first) for p in kept]) if kept else []
     out.reevaluated = {p.key: p.values for p in kept}
 
     search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance), initial=kept)
     started = time.time()
-    rows = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers)
+    run = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers)
+    rows = run.rows
     new = [p for p in rows if p.key not in {k.key for k in kept}]
     # Trained by this run = written by it (a policy found finished on disk is older).
     out.trained = [p.key for p in new if (p.path / "member.json").stat().st_mtime >= started]
     out.stopped = search.stopped
     schema.write(paths.pool, Pool(kind="trained", mode="retrain", policies=tuple(rows),
                                   history={"stopped": search.stopped, "steps": search.history,
-                                           "eval_key": out.eval_key},
+                                           "eval_key": out.eval_key, "cost": run.cost},
                                   trained=len(out.trained), reused=len(new) - len(out.trained)))
     return out
 

@@ -16,13 +16,14 @@ cannot be read as its type raises `ArtifactError`, which names the file and the 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from palm_tasks.json_fields import boolean, integer, mapping, member_key, number, numbers, optional_mapping, optional_string, relative_path, required, sequence, string, strings, trait_numbers, what, wrong
+from palm_tasks.json_fields import (FieldError, integer, mapping, numbers, optional_mapping, required,
+                                    sequence, string, strings)
 from palm_tasks.paths import Paths
 
 SCHEMA_VERSION = 1
@@ -33,14 +34,12 @@ class ArtifactError(ValueError):
     """A stage's output file is missing, damaged or of another layout; says what to rerun."""
 
 
-def _vec(x) -> tuple[float, ...]:
+def vector(x) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(x, dtype=float).ravel())
 
 
-def _by_trait(traits, x, digits: int = 6) -> dict[str, float]:
+def by_trait(traits, x, digits: int = 6) -> dict[str, float]:
     return {t: round(float(v), digits) for t, v in zip(traits, x)}
-
-
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,55 @@ class ValueVector:
         per_prompt = scores.reshape(n // k, k, -1).mean(axis=1) if n else scores
         p = len(per_prompt)
         se = per_prompt.std(axis=0, ddof=1) / np.sqrt(p) if p > 1 else np.zeros(scores.shape[1])
-        return cls(_vec(scores.mean(axis=0)), _vec(se), n)
+        return cls(vector(scores.mean(axis=0)), vector(se), n)
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """A policy's per-prompt rewards on the evaluation prompts, in their one shuffled order
+    (docs/theory.md section 13): row i is the mean reward of `answers_per_prompt` answers to
+    prompt i, for the first `prompts` prompts measured (a whole number of chunks). Its value
+    vector is derived from it, and decisions compare two tables prompt by prompt. `eval_key`
+    names what decides the answers (base model, rewards, prompts, sampler, seed): tables of one
+    key are comparable; `quality` is the answer quality over every answer measured."""
+
+    traits: tuple[str, ...]
+    eval_key: str
+    answers_per_prompt: int
+    scores: np.ndarray = field(compare=False)
+    quality: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def prompts(self) -> int:
+        return int(len(self.scores))
+
+    @property
+    def value(self) -> ValueVector:
+        S = np.asarray(self.scores, float)
+        se = S.std(axis=0, ddof=1) / np.sqrt(len(S)) if len(S) > 1 else np.zeros(S.shape[1])
+        return ValueVector(vector(S.mean(axis=0)), vector(se), len(S) * self.answers_per_prompt)
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "traits": list(self.traits), "eval_key": self.eval_key,
+                "answers_per_prompt": self.answers_per_prompt, "quality": self.quality,
+                "scores": np.round(np.asarray(self.scores, float), 6).tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "scores") -> "ScoreTable":
+        at = f"{where}."
+        data = mapping(data, where)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise FieldError(f"{at}schema_version is not {SCHEMA_VERSION}")
+        traits = strings(required(data, "traits", at), at + "traits")
+        rows = sequence(required(data, "scores", at), at + "scores")
+        if not rows:
+            raise FieldError(f"{at}scores is empty: a table holds at least one prompt")
+        scores = np.array([numbers(r, f"{at}scores[{i}]", len(traits), 0) for i, r in enumerate(rows)])
+        if (scores > 1).any():
+            raise FieldError(f"{at}scores holds rewards above 1")
+        return cls(traits=traits, eval_key=string(required(data, "eval_key", at), at + "eval_key"),
+                   answers_per_prompt=integer(required(data, "answers_per_prompt", at), at + "answers_per_prompt", 1),
+                   scores=scores, quality=optional_mapping(data, "quality", at))
 
 
 @dataclass(frozen=True)
@@ -96,6 +143,8 @@ class Policy:
     # answers on the eval prompts: degenerate_share and relevance (palm_tasks.llm.validity);
     # empty for a policy stored before the quality gate existed
     quality: dict = field(default_factory=dict, compare=False)
+    # its per-prompt rewards as measured so far (not in member.json: the chunks are the record)
+    scores: ScoreTable | None = field(default=None, compare=False)
 
     @property
     def w(self) -> np.ndarray:
@@ -122,6 +171,10 @@ class Policy:
     def with_value(self, value: ValueVector) -> "Policy":
         return replace(self, value=value)
 
+    def with_scores(self, table: ScoreTable) -> "Policy":
+        """The policy as measured by `table`: its value and answer quality are the table's."""
+        return replace(self, value=table.value, scores=table, quality=dict(table.quality) or self.quality)
+
     def to_json(self) -> dict:
         out = {"schema_version": SCHEMA_VERSION, "key": self.key, "kind": self.kind,
                "traits": list(self.traits), "weights": list(self.weights),
@@ -131,6 +184,8 @@ class Policy:
             out.update(ingredients=list(self.ingredients), lambdas=list(self.lambdas))
         if self.quality:
             out["quality"] = self.quality
+        if self.scores is not None:
+            out["scores"] = self.scores.to_json()
         return {**out, "training": self.training}
 
     @classmethod
@@ -144,10 +199,11 @@ class Policy:
         elif version != SCHEMA_VERSION:
             raise ArtifactError(f"schema_version {version} is not {SCHEMA_VERSION}")
         return cls(key=data["key"], kind=data["kind"], traits=tuple(data["traits"]),
-                   weights=_vec(data["weights"]),
-                   value=ValueVector(_vec(data["values"]), _vec(data["std_errors"]), int(data["n_eval"])),
+                   weights=vector(data["weights"]),
+                   value=ValueVector(vector(data["values"]), vector(data["std_errors"]), int(data["n_eval"])),
                    training=data.get("training") or {}, ingredients=tuple(data.get("ingredients", ())),
-                   lambdas=_vec(data.get("lambdas", ())), path=path, quality=data.get("quality") or {})
+                   lambdas=vector(data.get("lambdas", ())), path=path, quality=data.get("quality") or {},
+                   scores=None if data.get("scores") is None else ScoreTable.from_json(data["scores"]))
 
 
 @dataclass(frozen=True)
@@ -260,405 +316,8 @@ class Pool:
                    reused=int(data.get("reused", 0)), note=data.get("note"))
 
 
-@dataclass(frozen=True)
-class Certificate:
-    """The stored form of a certificate (palm_tasks.core.certificate.Certificate): (eps, delta)
-    coverage of the whole simplex by the members, relative to `relative_to`."""
-
-    # the question: coverage at (eps, delta), member values taken z standard errors low
-    eps: float
-    delta: float
-    z: float
-    # the answer, and what it would take: the worst corner, the tolerances reached there
-    certified: bool
-    worst_slack: float
-    max_eps: float
-    max_delta: float
-    worst_weight: tuple[float, ...] = ()
-    # the evidence: every corner weight of the members' envelope and its slack
-    corner_weights: tuple[tuple[float, ...], ...] = ()
-    slacks: tuple[float, ...] = ()
-    members: tuple[int, ...] = ()  # rows of the candidates (trained, then soups)
-    n_oracle: int = 0
-    tolerance: float = 0.0
-    relative_to: str = ""
-
-    @classmethod
-    def of(cls, cert, relative_to: str | None = None) -> "Certificate":
-        """From the core's certificate object."""
-        return cls(certified=bool(cert.certified), worst_slack=float(cert.worst_slack),
-                   max_eps=float(cert.max_eps), max_delta=float(cert.max_delta), eps=float(cert.eps),
-                   delta=float(cert.delta), z=float(cert.z), worst_weight=_vec(cert.worst_weight),
-                   members=tuple(int(m) for m in cert.members), n_oracle=int(cert.n_oracle),
-                   corner_weights=tuple(_vec(c) for c in cert.corner_weights),
-                   slacks=_vec(cert.slacks), tolerance=float(cert.tolerance),
-                   relative_to=relative_to or cert.relative_to)
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["n_corners"] = len(self.corner_weights)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict, d: int | None = None, where: str = "certificate") -> "Certificate":
-        """Every field checked (`where` names them in an error), weights of d numbers; `n_corners`
-        is derived."""
-        at = f"{where}."
-        data = mapping(data, where)
-        out: dict[str, Any] = {k: number(required(data, k, at), at + k)
-                               for k in ("eps", "delta", "z", "worst_slack", "max_eps", "max_delta")}
-        out["certified"] = boolean(required(data, "certified", at), at + "certified")
-        if "worst_weight" in data:
-            out["worst_weight"] = numbers(data["worst_weight"], at + "worst_weight", d)
-        out["corner_weights"] = tuple(numbers(c, f"{at}corner_weights[{i}]", d)
-                                      for i, c in enumerate(sequence(data.get("corner_weights", []),
-                                                                  at + "corner_weights")))
-        if "slacks" in data:
-            out["slacks"] = numbers(data["slacks"], at + "slacks", len(out["corner_weights"]))
-        out["members"] = tuple(integer(m, f"{at}members[{i}]", 0)
-                               for i, m in enumerate(sequence(data.get("members", []), at + "members")))
-        if "n_oracle" in data:
-            out["n_oracle"] = integer(data["n_oracle"], at + "n_oracle", 0)
-        if "tolerance" in data:
-            out["tolerance"] = number(data["tolerance"], at + "tolerance", 0)
-        if "relative_to" in data:
-            out["relative_to"] = string(data["relative_to"], at + "relative_to", empty=True)
-        return cls(**out)
-
-
-@dataclass(frozen=True)
-class Member:
-    """A portfolio member: a policy of the pool and the share of users routed to it."""
-
-    key: str
-    kind: PolicyKind
-    path: str  # relative to the project root
-    weights: tuple[float, ...]
-    value: ValueVector
-    share: float  # of the Dirichlet(1) users of the coverage stage, by the routing rule
-    ingredients: tuple[str, ...] = ()
-    lambdas: tuple[float, ...] = ()
-    model_uri: str | None = None  # set in the registered copy of the portfolio
-    model_version: str | None = None
-
-    def to_json(self, traits) -> dict:
-        out = {"key": self.key, "kind": self.kind, "path": self.path,
-               "weights": _by_trait(traits, self.weights), "values": _by_trait(traits, self.value.mean),
-               "std_errors": _by_trait(traits, self.value.se), "n_eval": self.value.n,
-               "share": round(self.share, 6)}
-        if self.kind == "soup":
-            out.update(ingredients=list(self.ingredients), lambdas=list(self.lambdas))
-        if self.model_uri:
-            out.update(model_uri=self.model_uri, model_version=self.model_version)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict, traits, where: str = "member") -> "Member":
-        """Every field checked (`where` names it in an error): a key is one name, a path stays
-        inside the project, values and standard errors are finite, one per trait."""
-        at = f"{where}."
-        data = mapping(data, where)
-        kind = data.get("kind")
-        if kind not in (None, "trained", "soup", "member"):  # 'member' before versioning
-            raise ArtifactError(f"{at}kind is {what(kind) if not isinstance(kind, str) else 'a string'} "
-                                "other than trained or soup")
-        kind = "soup" if kind == "soup" else "trained"
-        key = member_key(required(data, "key", at), at + "key")
-        path = data.get("path")
-        path = (f"models/{'soups' if kind == 'soup' else 'members'}/{key}" if path is None
-                else relative_path(path, at + "path"))
-        model_version = data.get("model_version")
-        if isinstance(model_version, bool) or not isinstance(model_version, (str, int, type(None))):
-            raise wrong(at + "model_version", "a version", model_version)
-        return cls(key=key, kind=kind, path=path,
-                   weights=trait_numbers(traits, required(data, "weights", at), at + "weights"),
-                   value=ValueVector(trait_numbers(traits, required(data, "values", at), at + "values"),
-                                     trait_numbers(traits, required(data, "std_errors", at), at + "std_errors",
-                                                    minimum=0),
-                                     integer(data.get("n_eval", 0), at + "n_eval", 0)),
-                   share=number(data.get("share", 0.0), at + "share", 0),
-                   ingredients=strings(data.get("ingredients", []), at + "ingredients"),
-                   lambdas=numbers(data.get("lambdas", []), at + "lambdas"),
-                   model_uri=optional_string(data.get("model_uri"), at + "model_uri"),
-                   model_version=model_version)
-
-
-@dataclass(frozen=True)
-class PolicyTable:
-    """Weights, values and standard errors of some policies, one row each. The portfolio keeps
-    two: its oracle rows (the trained policies, each trusted optimal at its weight: they bound
-    OPT(w) from above in the certificate and in every route's guarantee) and the soups that were
-    candidates (they raise the best value known at an oracle row's weight, as in the certificate)."""
-
-    keys: tuple[str, ...]
-    weights: tuple[tuple[float, ...], ...]
-    values: tuple[tuple[float, ...], ...]
-    std_errors: tuple[tuple[float, ...], ...]
-
-    def to_json(self) -> dict:
-        return {k: [list(r) if isinstance(r, tuple) else r for r in v] for k, v in asdict(self).items()}
-
-    @classmethod
-    def empty(cls) -> "PolicyTable":
-        return cls((), (), (), ())
-
-    @classmethod
-    def from_json(cls, data: dict, d: int | None = None, where: str = "table") -> "PolicyTable":
-        """One row of d finite numbers per key in each of weights, values and std_errors."""
-        at = f"{where}."
-        data = mapping(data, where)
-        keys = strings(required(data, "keys", at), at + "keys")
-        tables = []
-        for k in ("weights", "values", "std_errors"):
-            rows = sequence(required(data, k, at), at + k)
-            if len(rows) != len(keys):
-                raise ArtifactError(f"{at}{k} has {len(rows)} rows for {len(keys)} keys")
-            tables.append(tuple(numbers(r, f"{at}{k}[{i}]", d, 0 if k == "std_errors" else None)
-                                for i, r in enumerate(rows)))
-        return cls(keys, *tables)
-
-
-@dataclass(frozen=True)
-class Portfolio:
-    """What the coverage stage chose and why: the members, the certificate, the figures behind it."""
-
-    id: str
-    task: str
-    traits: tuple[str, ...]
-    eps: float
-    delta: float
-    z: float
-    members: tuple[Member, ...]
-    certificate: Certificate
-    oracle: PolicyTable
-    soup_rows: PolicyTable = field(default_factory=PolicyTable.empty)  # the soups that were candidates
-    pool: tuple[str, ...] = ()  # keys of the trained pool
-    soups: dict = field(default_factory=dict)  # candidates, how many are in the portfolio
-    pool_certificate: dict = field(default_factory=dict)  # the whole pool's certificate
-    conservative_certificate: dict = field(default_factory=dict)  # at z_conservative
-    oracle_check: dict = field(default_factory=dict)  # core.metrics.OracleCheck.to_dict()
-    coverage: dict = field(default_factory=dict)  # gaps on the test weights (numbers and what they are)
-    evidence: dict = field(default_factory=dict)  # the evidence audit: worst evidence gap, where, against what
-    gate: dict = field(default_factory=dict)  # the quality gate: passed, each member's figures, reasons
-    base_model_sha256: str | None = None  # the base model every member's adapter belongs to
-    base_model_uri: str | None = None  # set in the registered copy: models:/<prefix>-<task>-base/<version>
-
-    @property
-    def member_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(weights, values, standard errors) of the members, one row each."""
-        return (np.array([m.weights for m in self.members]), np.array([m.value.mean for m in self.members]),
-                np.array([m.value.se for m in self.members]))
-
-    def guarantee_bound(self):
-        """U(w) >= OPT(w) at any weight, built as the certificate builds it (core.routing
-        GuaranteeBound): the oracle rows, the soups that were candidates, and best-of-N at each
-        oracle row's weight when the evidence audit stored it."""
-        from palm_tasks.core.routing import GuaranteeBound
-
-        o, soups = self.oracle, self.soup_rows
-        ref = self.evidence.get("reference_at_oracle")
-        return GuaranteeBound(
-            np.array(o.weights), np.array(o.values), np.array(o.std_errors), self.z,
-            candidate_values=np.array(soups.values) if soups.keys else None,
-            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None,
-            reference=None if not ref else np.array(ref["values"]) + self.z * np.array(ref["std_errors"]))
-
-    def blockers(self) -> list[str]:
-        """Why this portfolio may not be promoted to production (empty: it may): it must be
-        certified, every member must pass the quality gate, and the evidence must not
-        contradict the certificate (docs/quality-gate.md, docs/evidence.md)."""
-        out = []
-        if not self.certificate.certified:
-            out.append(f"not certified at eps = {self.eps}, delta = {self.delta} "
-                       f"(reaches eps = {self.certificate.max_eps:.4f})")
-        failing = [k for k, g in (self.gate.get("members") or {}).items() if not g.get("passed")]
-        if failing:
-            out.append("quality gate failed by " + ", ".join(
-                f"{k[:10]} ({'; '.join(self.gate['members'][k].get('reasons', []))})" for k in failing))
-        if self.evidence.get("contradicted"):
-            c = self.evidence.get("contradiction") or {}
-            out.append(f"the evidence contradicts the certificate: at w = {c.get('weight')} the portfolio "
-                       f"gives {c.get('portfolio_value', float('nan')):.4f}, below (1 - eps) x "
-                       f"{c.get('evidence', float('nan')):.4f} - delta ({c.get('against')}) by "
-                       f"{c.get('shortfall', float('nan')):.4f} ± {c.get('se', float('nan')):.4f}")
-        return out
-
-    def evidence_summary(self) -> str:
-        """The evidence audit in one sentence, as the run summary and the registry description
-        both say it; empty for a portfolio without an audit (docs/evidence.md)."""
-        ev = self.evidence
-        if not ev:
-            return ""
-        return (f"Against the evidence (best-of-{ev['best_of_n']} sampling from the base and every measured "
-                f"policy, on {ev['test_weights']} test weights): worst gap {ev['worst_gap']:.4f} ± "
-                f"{ev['worst_gap_se']:.4f} at w = {ev['worst_weight']} against {ev['worst_against']}; mean "
-                f"{ev['mean_gap']:.4f}" + ("; it contradicts the certificate" if ev.get("contradicted") else "")
-                + (f"; at delta {self.delta} it asks for eps {ev['evidence_eps']:.4f}" if "evidence_eps" in ev else "")
-                + ".")
-
-    def member(self, key: str) -> Member:
-        for m in self.members:
-            if m.key == key:
-                return m
-        raise KeyError(f"portfolio {self.id[:10]} has no member {key}")
-
-    def to_json(self) -> dict:
-        out = {"schema_version": SCHEMA_VERSION, "id": self.id, "task": self.task,
-               "traits": list(self.traits), "eps": self.eps, "delta": self.delta, "z": self.z,
-               "members": [m.to_json(self.traits) for m in self.members], "pool": list(self.pool),
-               "soups": self.soups, "certificate": self.certificate.to_json(),
-               "pool_certificate": self.pool_certificate,
-               "conservative_certificate": self.conservative_certificate,
-               "oracle_check": self.oracle_check, "coverage": self.coverage,
-               "evidence": self.evidence, "gate": self.gate,
-               "oracle": self.oracle.to_json(), "soup_rows": self.soup_rows.to_json(),
-               "base_model_sha256": self.base_model_sha256}
-        if self.base_model_uri:
-            out["base_model_uri"] = self.base_model_uri
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Portfolio":
-        """Every field the readers use is checked here, with its name in the error (schema.read
-        adds the file's): the router, `palm status`, the register stage and the server read a
-        Portfolio and nothing else of portfolio.json."""
-        data = mapping(data, "the portfolio")
-        version = data.get("schema_version", 0)
-        if isinstance(version, bool) or version not in (0, SCHEMA_VERSION):
-            raise ArtifactError(f"schema_version {str(version)[:40]} is not {SCHEMA_VERSION}")
-        traits = strings(required(data, "traits"), "traits")
-        if not traits or len(set(traits)) != len(traits):
-            raise ArtifactError("traits is empty or names a trait twice")
-        members = tuple(Member.from_json(m, traits, f"members[{i}]")
-                        for i, m in enumerate(sequence(required(data, "members"), "members")))
-        if not members:
-            raise ArtifactError("members is empty: the portfolio has no members")
-        keys = [m.key for m in members]
-        for i, k in enumerate(keys):
-            if k in keys[:i]:
-                raise ArtifactError(f"members[{i}].key repeats members[{keys.index(k)}].key")
-        oracle = data.get("oracle")
-        if oracle is None:  # before versioning, hand-made files: the members bound OPT, more loosely
-            oracle = PolicyTable(tuple(keys), tuple(m.weights for m in members),
-                                 tuple(m.value.mean for m in members), tuple(m.value.se for m in members))
-        else:
-            oracle = PolicyTable.from_json(oracle, len(traits), "oracle")
-        # soup rows raise the bound at the oracle rows: without them a route would promise more than
-        # the certificate; only a file from before versioning (and before soups) has none
-        if "soup_rows" not in data and version != 0:
-            raise ArtifactError("soup_rows is missing")
-        soup_rows = data.get("soup_rows", {"keys": [], "weights": [], "values": [], "std_errors": []})
-        evidence = _evidence(optional_mapping(data, "evidence"), len(oracle.keys))
-        return cls(id=string(required(data, "id"), "id"),
-                   task=string(data.get("task", ""), "task", empty=True), traits=traits,
-                   eps=number(required(data, "eps"), "eps", 0), delta=number(required(data, "delta"), "delta", 0),
-                   z=number(data.get("z", 0.0), "z", 0), members=members,
-                   certificate=Certificate.from_json(required(data, "certificate"), len(traits)),
-                   oracle=oracle,
-                   soup_rows=PolicyTable.from_json(soup_rows, len(traits), "soup_rows"),
-                   pool=strings(data.get("pool", []), "pool"),
-                   soups=optional_mapping(data, "soups"),
-                   pool_certificate=optional_mapping(data, "pool_certificate"),
-                   conservative_certificate=optional_mapping(data, "conservative_certificate"),
-                   oracle_check=optional_mapping(data, "oracle_check"),
-                   coverage=_figures(optional_mapping(data, "coverage"), "coverage.", _COVERAGE_FIGURES),
-                   evidence=evidence, gate=_gate(optional_mapping(data, "gate")),
-                   base_model_sha256=optional_string(data.get("base_model_sha256"), "base_model_sha256"),
-                   base_model_uri=optional_string(data.get("base_model_uri"), "base_model_uri"))
-
-
 # What the readers of a portfolio format as numbers (console, registry, coverage stage): checked
 # where present, so a summary never fails on a string where a figure belongs.
-_COVERAGE_FIGURES = ("max_multiplicative_gap", "mean_multiplicative_gap", "max_additive_gap",
-                     "mean_additive_gap", "users_mean_multiplicative_gap", "usage_perplexity")
-_EVIDENCE_FIGURES = ("min_relevance", "worst_gap", "worst_gap_se", "worst_evidence", "worst_portfolio_value",
-                     "mean_gap", "share_beyond_eps", "share_bon_is_evidence", "evidence_eps")
-_CONTRADICTION_FIGURES = ("portfolio_value", "evidence", "shortfall", "se")
-_GATE_FIGURES = ("degenerate_share", "relevance")
-
-
-def _figures(data: dict, at: str, numbers=(), counts=("test_weights", "best_of_n")) -> dict:
-    for k in numbers:
-        if k in data:
-            number(data[k], at + k, finite=False)
-    for k in counts:
-        if k in data:
-            integer(data[k], at + k, 0)
-    return data
-
-
-def _evidence(ev: dict, n_oracle: int) -> dict:
-    """portfolio.json's evidence audit: its figures, the contradiction (Portfolio.blockers) and the
-    best-of-N reference at each oracle row (the router's bound)."""
-    _figures(ev, "evidence.", _EVIDENCE_FIGURES)
-    if "contradicted" in ev:
-        boolean(ev["contradicted"], "evidence.contradicted")
-    _figures(optional_mapping(ev, "contradiction", "evidence."), "evidence.contradiction.", _CONTRADICTION_FIGURES)
-    ref = optional_mapping(ev, "reference_at_oracle", "evidence.")
-    if ref:
-        at = "evidence.reference_at_oracle."
-        numbers(required(ref, "values", at), at + "values", n_oracle)
-        numbers(required(ref, "std_errors", at), at + "std_errors", n_oracle, minimum=0)
-    return ev
-
-
-def _gate(gate: dict) -> dict:
-    """portfolio.json's quality gate: passed, and each member's verdict, figures and reasons."""
-    if "passed" in gate:
-        boolean(gate["passed"], "gate.passed")
-    for key, verdict in optional_mapping(gate, "members", "gate.").items():
-        at = f"gate.members.{key[:40]}"
-        verdict = mapping(verdict, at)
-        _figures(verdict, at + ".", _GATE_FIGURES, counts=())
-        if "passed" in verdict:
-            boolean(verdict["passed"], at + ".passed")
-        if "reasons" in verdict:
-            strings(verdict["reasons"], at + ".reasons")
-    return gate
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a user with these weights goes, and what is guaranteed for them."""
-
-    member_key: str
-    model_uri: str | None  # models:/<prefix>-<task>-member/<version>, None if not registered
-    adapter_path: str | None  # local adapter directory when the project has it
-    weights: dict  # normalized, trait -> weight
-    normalized: bool  # the weights given did not sum to 1 and were divided by their sum
-    value: float  # L(w) = w . (R - z se) of the member
-    opt_upper_bound: float  # U(w) >= OPT(w)
-    eps_at_w: float  # smallest eps with L >= (1 - eps) U - delta at this w
-    delta: float
-    portfolio_id: str
-    certified: bool  # the portfolio's certificate at (eps, delta) over the whole simplex
-    eps: float
-    max_eps: float  # the certificate's worst eps over the simplex at this delta
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        """The lines `palm route` prints."""
-        w = ", ".join(f"{t}={v:.4g}" for t, v in self.weights.items())
-        lines = []
-        if self.normalized:
-            lines.append(f"note: the weights did not sum to 1 and were normalized to {w}")
-        lines += [
-            f"member: {self.member_key}",
-            f"model URI: {self.model_uri or '(not registered)'}",
-            f"adapter: {self.adapter_path or '(not on this machine)'}",
-            f"weights: {w}",
-            f"guaranteed at these weights: value {self.value:.4f}, at most "
-            f"{self.opt_upper_bound - self.value:.4f} below the best possible (OPT(w) <= "
-            f"{self.opt_upper_bound:.4f}), i.e. value >= (1 - {self.eps_at_w:.4f}) x OPT(w) - "
-            f"{self.delta}",
-            f"portfolio {self.portfolio_id[:10]}: "
-            f"{'certified' if self.certified else 'NOT certified'} for eps={self.eps}, "
-            f"delta={self.delta} over the whole simplex (worst eps {self.max_eps:.4f}); "
-            "relative to the alignment oracle and the measured values",
-        ]
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ files
@@ -733,6 +392,3 @@ def load_samples(root: Path, split: str = "eval") -> SamplePool:
     return read(Paths(root).samples / f"{split}.json", SamplePool, "rewards")
 
 
-def load_portfolio(root: Path) -> Portfolio:
-    """The portfolio the coverage stage chose."""
-    return read(Paths(root).portfolio, Portfolio, "coverage")

@@ -9,9 +9,12 @@ retraining run and the evaluate stage's PALM method all use both.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from palm_tasks.best_of_n import BestOfN
+from palm_tasks.best_of_n import BestOfN, paired_evidence
 from palm_tasks.config import PalmConfig
 from palm_tasks.core.search import LazySearch
 from palm_tasks.jobs import Job, RunJobs
@@ -20,30 +23,59 @@ from palm_tasks.schema import Policy
 
 
 def search_from_config(cfg: PalmConfig, bon: BestOfN, initial: list[Policy] = ()) -> LazySearch:
-    """The lazy search of params.yaml (coverage tolerances and noise, search budget and repairs)
-    against best-of-N; `initial` policies count as oracle rows already trained (a retraining
-    run's re-evaluated pool)."""
-    c = cfg.coverage
+    """The lazy search of params.yaml (tolerances, budget, repairs) certifying at confidence
+    1 - coverage.alpha against best-of-N; `initial` policies (with their per-prompt tables) count
+    as oracle rows already trained (a retraining run's re-measured pool)."""
     rows = {}
     if initial:
         rows = {"initial_weights": np.array([p.weights for p in initial]),
                 "initial_values": np.array([p.values for p in initial]),
-                "initial_std_errors": np.array([p.std_errors for p in initial])}
-    return LazySearch(cfg.d, c.eps, c.delta, cfg.search.max_trainings, z=c.z, reference=bon,
-                      max_repairs=cfg.search.max_repairs, z_significant=c.z_significant, **rows)
+                "initial_std_errors": np.array([p.std_errors for p in initial]),
+                "initial_tables": [p.scores.scores for p in initial]}
+    return LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings, reference=bon,
+                      max_repairs=cfg.search.max_repairs, paired=paired_evidence(cfg, bon), **rows)
+
+
+@dataclass
+class SearchRun:
+    """What search_loop did. rows: the rows' policies, `initial` first, then in the order they
+    were first trained (a repaired row holds the better of its trainings); prompts: what each
+    policy the search saw was measured on, by key (a repair not kept included: its measurement
+    was spent); cost: after each training, the trainings, rows, answers measured and seconds
+    since the loop began (the price of precision against compute, docs/theory.md section 14)."""
+    rows: list[Policy]
+    prompts: dict[str, int]
+    cost: list[dict] = field(default_factory=list)
+
+    def answers(self, per_prompt: int) -> int:
+        return sum(self.prompts.values()) * per_prompt
 
 
 def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1,
-                store: str = "models/members") -> list[Policy]:
-    """Ask, train, tell until the search is done; the rows' policies (`initial`, the search's
-    initial rows, first), then in the order they were first trained; a repaired row holds the
-    better of its trainings.
+                store: str = "models/members") -> SearchRun:
+    """Measure, ask, train, tell until the search is done (SearchRun).
 
-    Each round asks the search for up to `workers` weights (runner.workers; docs/search.md,
-    parallel proposals), runs them through run_jobs at once and tells each result. `store`: where
-    new policies go (the evaluate stage keeps its own)."""
+    Before each proposal the rows of the certificate's open decisions are measured on more
+    prompts, a planned look at a time, while none fails and each is below the cap
+    (LazySearch.evaluation_needed, docs/theory.md section 13). Each round then asks the search
+    for up to `workers` weights (runner.workers; docs/search.md, parallel proposals), runs them
+    through run_jobs at once and tells each result. `store`: where new policies go (the evaluate
+    stage keeps its own)."""
     rows: list[Policy] = list(initial)
-    while batch := search.ask_batch(workers):
+    run = SearchRun(rows, {p.key: p.scores.prompts for p in rows})
+    prompts, started = run.prompts, time.time()
+    per_prompt = rows[0].scores.answers_per_prompt if rows else 0
+    while True:
+        while need := search.evaluation_needed():
+            order = sorted(need)
+            measured = run_jobs([Job.evaluate(paths.relative(rows[r].path), need[r], store=store) for r in order])
+            for r, policy in zip(order, measured):
+                rows[r] = policy
+                prompts[policy.key] = policy.scores.prompts
+                search.update(r, policy.scores.scores)
+        batch = search.ask_batch(workers)
+        if not batch:
+            return run
         pending = search.pending_all[:len(batch)]
         jobs = []
         for w, todo in zip(batch, pending):
@@ -56,10 +88,14 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
                 jobs.append(Job.train(w, store=store))
         policies = run_jobs(jobs)
         for w, todo, policy in zip(batch, pending, policies):
-            step = search.tell(w, policy.values, policy.std_errors)
+            prompts[policy.key] = max(prompts.get(policy.key, 0), policy.scores.prompts)
+            step = search.tell(w, scores=policy.scores.scores)
             if todo["source"] != "repair":
                 rows.append(policy)
             elif step["kept"] == "new":
                 rows[todo["row"]] = policy
             step["key"] = policy.key
-    return rows
+            step["prompts"] = policy.scores.prompts
+            per_prompt = policy.scores.answers_per_prompt
+            run.cost.append({"trainings": search.trainings, "rows": len(search.W),
+                             "answers": sum(prompts.values()) * per_prompt, "seconds": round(time.time() - started, 1)})

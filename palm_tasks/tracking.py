@@ -355,7 +355,7 @@ class JobRun:
                                 tags={"palm.stage": "align", "palm.member_key": key, **lineage_tags(store)})
         params = {f"w.{tr}": round(w, 6) for tr, w in zip(spec.traits, spec.weights)}
         params.update({f"training.{k}": v for k, v in spec.training.items()})
-        params.update({f"evaluation.{k}": v for k, v in spec.evaluation.items()})
+        params.update({f"evaluation.{k}": v for k, v in cfg.evaluation.model_dump().items()})
         params.update({"key": key, "seed": spec.seed, "init_from": spec.init_from, "attempt": spec.attempt,
                        "device": device, "bf16": uses_bf16(device),
                        "base_model_sha256": spec.base_model_sha256[:16], "data_sha256": spec.data_sha256[:16]})
@@ -387,6 +387,8 @@ class JobRun:
         metrics.update({f"se.{t}": s for t, s in zip(policy.traits, policy.value.se)})
         metrics.update({k: policy.training[k] for k in ("train_seconds", "total_seconds")})
         metrics.update({f"quality.{k}": v for k, v in policy.quality.items() if isinstance(v, (int, float))})
+        if policy.scores is not None:  # the prompts it was first measured on (more where a decision needs them)
+            metrics["evaluated_prompts"] = policy.scores.prompts
         self.client.log_batch(self.run_id, metrics=[_metric(k, float(v), steps) for k, v in metrics.items()])
         self.client.log_artifact(self.run_id, str(policy.path / "member.json"))
         self.client.set_terminated(self.run_id)

@@ -29,7 +29,9 @@ TINY_OVERRIDES = {
     # min_relevance 0: the tiny model's gibberish is on topic for no prompt, so rsft would keep nothing
     "training": {"steps": 2, "max_completion_length": 16, "rounds": 1, "samples_per_prompt": 2, "epochs": 1,
                  "min_relevance": 0.0},
-    "evaluation": {"n_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 16, "batch_size": 16},
+    # chunks of 4 prompts: a policy is measured on 4 at once, 8 at the cap (two planned looks)
+    "evaluation": {"n_prompts": 8, "chunk_prompts": 4, "min_prompts": 4, "samples_per_prompt": 1,
+                   "max_new_tokens": 16, "batch_size": 16},
     "evidence": {"best_of": 2, "chunk_prompts": 4},
     # a tiny model's answers are gibberish (16 tokens: about 1 in 4 has fewer than 3 words, a
     # degenerate answer that every reward scores 0); the gate would refuse every member: its own
@@ -115,25 +117,25 @@ def specialist_values(weights) -> tuple[float, ...]:
 
 def trained_project(prepared: Path, dest: Path, k: int, **sections):
     """A copy of a prepared project whose real align stage trained the k uniform weights (the
-    specialists first), with values then set by `specialist_values` so that coverage outcomes
-    are known in advance: (root, cfg, trained policies). The policies, their adapters and
-    member.json are the real stage's; only the values in data/pool.json are the test's, and the
-    base's sample pool scores 0.05 on every trait (so best-of-N is below every policy and the
-    evidence agrees with the values the test chose)."""
+    specialists first), with per-prompt scores then set to `specialist_values` on every prompt so
+    that coverage outcomes are known in advance: (root, cfg, trained policies). The policies,
+    their adapters and member.json are the real stage's; only the tables in data/pool.json are
+    the test's, and the base's sample pool scores 0.05 on every trait (so best-of-N is below
+    every policy and the evidence agrees with the values the test chose)."""
     from dataclasses import replace
 
     from palm_tasks import schema
     from palm_tasks.params_yaml import load_config
     from palm_tasks.paths import Paths
-    from palm_tasks.schema import ValueVector
-    from palm_tasks.stages import STAGES
     from palm_tasks.schema import load_pool
+    from palm_tasks.stages import STAGES
 
     root = copy_project(prepared, dest, search={"mode": "uniform", "k": k, "max_trainings": k}, **sections)
     cfg = load_config(root / "params.yaml")
     STAGES["align"].run(cfg, root)
     pool = load_pool(root)
-    policies = tuple(p.with_value(ValueVector(specialist_values(p.weights), (0.02,) * cfg.d, p.value.n))
+    policies = tuple(p.with_scores(replace(p.scores, scores=np.tile(specialist_values(p.weights),
+                                                                    (p.scores.prompts, 1))))
                      for p in pool.policies)
     schema.write(Paths(root).pool, replace(pool, policies=policies))
     samples = schema.load_samples(root)

@@ -76,13 +76,14 @@ def test_check_command_exit_status(tmp_path):
 
 
 def test_job_key_sections_keep_their_fields():
-    # training and evaluation dumps are hashed into job keys: finished jobs must keep their keys
+    # the training dump is hashed into job keys, the evaluation's answers_key into the chunks'
+    # evaluation key: finished jobs and measured chunks must keep their keys
     assert TrainingConfig().model_dump() == {
         "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.3,
         "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": None, "temperature": 1.0, "beta": 0.0}
-    assert EvaluationConfig().model_dump() == {
-        "n_prompts": 384, "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
+    assert EvaluationConfig().answers_key() == {
+        "chunk_prompts": 32, "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 0.7, "batch_size": 128}
 
 
 def test_training_learning_rate_defaults_by_method():
@@ -113,7 +114,8 @@ def test_selection_lattice_must_differ_from_the_test_lattice():
 
 def test_new_fields_defaults():
     cfg = PalmConfig()
-    assert (cfg.coverage.z_significant, cfg.coverage.share_lattice) == (2.0, 30)
+    assert (cfg.coverage.alpha, cfg.coverage.share_lattice) == (0.05, 30)
+    assert (cfg.evaluation.chunk_prompts, cfg.evaluation.min_prompts, cfg.evaluation.first_prompts) == (32, 64, 64)
     assert (cfg.compare.selection_lattice, cfg.compare.random_seed_offset) == (15, 1)
     assert cfg.rewards.humor_test_fraction == 0.25
 
@@ -133,7 +135,11 @@ def test_new_fields_defaults():
         ({"learning_rate": 0.1}, "learning_rate", "unknown key"),
         ({"evaluation": {"n_prompts": 100}, "data": {"n_eval": 10}}, "evaluation.n_prompts", "exceeds"),
         ({"seed": "zero"}, "seed", "integer"),
-        ({"coverage": {"z_significant": -1}}, "coverage.z_significant", "greater than or equal to 0"),
+        ({"coverage": {"alpha": 0}}, "coverage.alpha", "greater than 0"),
+        ({"coverage": {"alpha": 1}}, "coverage.alpha", "less than 1"),
+        ({"coverage": {"alpha": -0.5}}, "coverage.alpha", "greater than 0"),
+        ({"evaluation": {"chunk_prompts": 0}}, "evaluation.chunk_prompts", "greater than or equal to 1"),
+        ({"evaluation": {"n_prompts": 16, "chunk_prompts": 32}}, "evaluation.chunk_prompts", "at least one chunk"),
         ({"coverage": {"share_lattice": 0}}, "coverage.share_lattice", "greater than or equal to 1"),
         ({"compare": {"selection_lattice": 0}}, "compare.selection_lattice", "greater than or equal to 1"),
         ({"compare": {"random_seed_offset": 0}}, "compare.random_seed_offset", "greater than or equal to 1"),

@@ -176,30 +176,38 @@ def test_a_value_vectors_se_is_over_prompts_not_over_correlated_answers():
 
 
 def test_the_audit_reports_the_gap_and_the_eps_the_evidence_asks_for_at_delta():
-    # d = 2, four prompts whose two base answers score (1, 0) and (0, 1): best-of-2 is max(w1, w2)
-    # with se 0; the one member is (0.5, 0.5). At w = (1, 0): E = 1, P = 0.5, gap 0.5, and at
-    # delta 0.02 the member needs eps = 1 - (0.5 + 0.02) / 1 = 0.48.
-    from palm_tasks.config import parse_config
+    # d = 2, 64 prompts whose two base answers score (1, 0) and (0, 1): best-of-2 is max(w1, w2)
+    # on every prompt; the one member scores (0.5, 0.5) on every prompt. At w = (1, 0): E = 1,
+    # P = 0.5, gap 0.5, and at delta 0.02 the member needs eps = 1 - (0.5 + 0.02) / 1 = 0.48.
     from palm_tasks.audit import evidence_audit
-    from palm_tasks.best_of_n import BestOfN
-    from palm_tasks.schema import SamplePool
+    from palm_tasks.best_of_n import BestOfN, paired_evidence
+    from palm_tasks.config import parse_config
+    from palm_tasks.schema import Policy, SamplePool, ScoreTable
 
+    P = 64
     cfg = parse_config({"traits": ["safety", "humor"], "coverage": {"eps": 0.05, "delta": 0.02},
-                        "training": {"min_relevance": 0}})
-    scores = np.tile([[1.0, 0.0], [0.0, 1.0]], (4, 1, 1))
+                        "training": {"min_relevance": 0}, "data": {"n_eval": P},
+                        "evaluation": {"n_prompts": P, "chunk_prompts": 32}})
+    scores = np.tile([[1.0, 0.0], [0.0, 1.0]], (P, 1, 1))
     samples = SamplePool(split="eval", traits=("safety", "humor"), reward_versions=("a", "b"),
-                         base_model_sha256="0" * 64, sampler={}, prompts=tuple("abcd"),
-                         completions=(("x", "y"),) * 4, scores=scores, relevance=np.ones((4, 2)))
+                         base_model_sha256="0" * 64, sampler={}, prompts=tuple(f"p{i}" for i in range(P)),
+                         completions=(("x", "y"),) * P, scores=scores, relevance=np.ones((P, 2)))
+
+    def policy(key, weights, value):
+        table = ScoreTable(("safety", "humor"), "k", 1, np.tile(value, (P, 1)), {})
+        return Policy(key, "trained", ("safety", "humor"), weights, table.value).with_scores(table)
+
     test = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
-    R, SE = np.array([[0.5, 0.5]]), np.zeros((1, 2))
     bon = BestOfN(samples, cfg.training.min_relevance)
-    audit = evidence_audit(cfg, test, R, SE, np.array([0]), bon, ["member"])
+    paired = paired_evidence(cfg, bon)
+    audit = evidence_audit(cfg, test, [policy("member", (0.5, 0.5), [0.5, 0.5])], np.array([0]), bon, paired)
     assert audit["worst_gap"] == pytest.approx(0.5) and audit["worst_weight"] == {"safety": 1.0, "humor": 0.0}
     assert audit["evidence_eps"] == pytest.approx(0.48)
     assert audit["evidence_eps_against"].startswith("best-of-2")
     assert audit["contradicted"] and audit["share_beyond_eps"] == pytest.approx(2 / 3)
+    assert audit["contradiction"]["lower"] > cfg.coverage.delta  # the paired decision's lower end clears delta
     # a member at best-of-2 everywhere but (0.5, 0.5): there E = 0.5 is the member itself
-    audit = evidence_audit(cfg, test, np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros((2, 2)), np.array([0, 1]),
-                           bon, ["s", "h"])
+    both = [policy("s", (1.0, 0.0), [1.0, 0.0]), policy("h", (0.0, 1.0), [0.0, 1.0])]
+    audit = evidence_audit(cfg, test, both, np.array([0, 1]), bon, paired)
     assert audit["worst_gap"] == pytest.approx(0.0) and audit["evidence_eps"] == pytest.approx(0.0)
     assert not audit["contradicted"]

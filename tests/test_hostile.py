@@ -49,7 +49,7 @@ def project(tmp_path) -> Path:
     key = "0123456789abcdef"
     half_written = root / "models" / "members" / f".{key}.tmp-1"  # as a job writes it, then renamed
     half_written.mkdir(parents=True)
-    store_policy(half_written, root / "models" / "members" / key, replace(_pool(root)[0], key=key), [], [], [])
+    store_policy(half_written, root / "models" / "members" / key, replace(_pool(root)[0], key=key), [])
     (root / "metrics").mkdir()
     (root / "metrics" / "align.json").write_text('{"pool": []}')
     _write_params(root)
@@ -389,8 +389,10 @@ def test_delta_zero_runs_without_a_grid(tmp_path):
     from palm_tasks.paths import Paths
     from palm_tasks.stages.coverage import build
 
-    portfolio, *_ = build(parse_config({"coverage": {"delta": 0, "test_users": 100}}), Paths(tmp_path),
-                          _pool(tmp_path), [])  # the coverage stage's certificate and pruning at delta = 0
+    from support.pools import EVALUATION, flat_sample_pool
+
+    portfolio, *_ = build(parse_config({"coverage": {"delta": 0, "test_users": 100}, "evaluation": EVALUATION}),
+                          Paths(tmp_path), _pool(tmp_path), [], samples=flat_sample_pool(TRAITS))  # at delta = 0
     assert portfolio.delta == 0 and portfolio.members
 
 
@@ -399,13 +401,10 @@ def test_delta_zero_runs_without_a_grid(tmp_path):
 
 def _pool(root: Path) -> list:
     """Three specialists and a centroid as the align stage holds them, with chosen values."""
-    from palm_tasks.schema import Policy, ValueVector
+    from support.pools import policies_with_values
 
     W = np.vstack([np.eye(3), np.full(3, 1 / 3)])
-    R = 0.2 + 0.6 * W
-    return [Policy(key=f"m{j}", kind="trained", traits=tuple(TRAITS), weights=tuple(W[j]),
-                   value=ValueVector(tuple(R[j]), (0.01,) * 3, 8), path=root / "models" / "members" / f"m{j}")
-            for j in range(len(W))]
+    return policies_with_values(root, W, 0.2 + 0.6 * W, TRAITS)
 
 
 def _write_portfolio(root: Path) -> Path:
@@ -413,9 +412,10 @@ def _write_portfolio(root: Path) -> Path:
     from palm_tasks import schema
     from palm_tasks.paths import Paths
     from palm_tasks.stages.coverage import build
+    from support.pools import EVALUATION, flat_sample_pool
 
-    cfg = parse_config({"coverage": {"eps": 0.05, "delta": 0.6, "test_users": 100}})
-    portfolio, *_ = build(cfg, Paths(root), _pool(root), [])
+    cfg = parse_config({"coverage": {"eps": 0.05, "delta": 0.6, "test_users": 100}, "evaluation": EVALUATION})
+    portfolio, *_ = build(cfg, Paths(root), _pool(root), [], samples=flat_sample_pool(TRAITS))
     schema.write(root / "portfolio.json", portfolio)
     return root / "portfolio.json"
 

@@ -12,13 +12,13 @@ from palm_tasks.jobs import CorruptPolicyError, Job, JobSpec, find_finished, loa
 from palm_tasks.schema import Policy
 
 CFG = parse_config({"traits": ["safety", "brevity"], "training": {"steps": 2, "max_completion_length": 8},
-                    "evaluation": {"n_prompts": 4, "max_new_tokens": 8}, "data": {"n_eval": 4}})
+                    "evaluation": {"n_prompts": 4, "chunk_prompts": 4, "max_new_tokens": 8}, "data": {"n_eval": 4}})
 
 
 def spec(**changes) -> JobSpec:
     base = JobSpec(traits=("safety", "brevity"), weights=(0.25, 0.75), base_model_sha256="b" * 64,
                    reward_versions=("s1", "b1"), data_sha256="d" * 64,
-                   training=CFG.training.model_dump(), evaluation=CFG.evaluation.model_dump())
+                   training=CFG.training.model_dump())
     return dataclasses.replace(base, **changes)
 
 
@@ -26,10 +26,11 @@ def test_key_is_the_hash_of_everything_that_determines_the_job():
     assert spec().key == spec().key
     changed = [spec(weights=(0.3, 0.7)), spec(base_model_sha256="c" * 64), spec(reward_versions=("s2", "b1")),
                spec(data_sha256="e" * 64), spec(seed=1),
-               spec(training={**CFG.training.model_dump(), "steps": 3}),
-               spec(evaluation={**CFG.evaluation.model_dump(), "n_prompts": 2})]
+               spec(training={**CFG.training.model_dump(), "steps": 3})]
     keys = {s.key for s in changed} | {spec().key}
     assert len(keys) == len(changed) + 1
+    # how a policy is measured is no part of what it is: its chunks are keyed by the evaluation
+    assert not any(f.name == "evaluation" for f in dataclasses.fields(JobSpec))
 
 
 def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
@@ -37,13 +38,13 @@ def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
     # gained a method (rsft), warm starts and repair attempts (every reward's version changed in
     # the same commit, so no old job was valid anyway), and when the defaults became 3 rsft rounds
     # at lr 2e-3 and batches of 128 answers (with a new sampler), when rsft gained
-    # min_relevance, when it became 0.3 with 256 eval prompts x 2 answers, and when evaluation
-    # became 384 prompts x 2 answers; an accidental change re-trains every job.
+    # min_relevance, when it became 0.3 with 256 eval prompts x 2 answers, when evaluation
+    # became 384 prompts x 2 answers, and when the evaluation left the key (a policy is measured
+    # in chunks keyed by the evaluation, docs/evidence.md); an accidental change re-trains every job.
     default = parse_config({})
     s = JobSpec(traits=("safety", "humor", "brevity"), weights=(1.0, 0.0, 0.0), base_model_sha256="b" * 64,
-                reward_versions=("s1", "h1", "b1"), data_sha256="d" * 64,
-                training=default.training.model_dump(), evaluation=default.evaluation.model_dump())
-    assert s.key == "a1a5d1504e25ed1d"
+                reward_versions=("s1", "h1", "b1"), data_sha256="d" * 64, training=default.training.model_dump())
+    assert s.key == "fa3dcd0ced6f6fe9"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,67 @@ def test_a_truncated_adapter_is_named_and_the_policy_redone(policy, capsys):
     assert find_finished(policy.path.parent, policy.key) is None  # so the job runs again
     assert f"policy {policy.key}" in capsys.readouterr().err
     assert not policy.path.exists()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, prepared_project):
+    """A real trained policy of its own (the truncation test above destroys `policy`), its
+    project and configuration."""
+    from conftest import copy_project
+    from palm_tasks.params_yaml import load_config
+
+    root = copy_project(prepared_project, tmp_path_factory.mktemp("chunks") / "project")
+    cfg = load_config(root / "params.yaml")
+    return root, cfg, run_job(cfg, root, Job.train([0.5, 0.25, 0.25]))
+
+
+def test_a_policy_is_measured_chunk_by_chunk_and_never_twice(measured, capsys):
+    from palm_tasks import scores
+
+    root, cfg, policy = measured
+    ev = cfg.evaluation
+    assert policy.scores.prompts == ev.first_prompts  # a trained policy: its first measurement only
+    chunks = policy.path / scores.EVALUATIONS / policy.training["eval_key"]
+    first = sorted(chunks.glob("chunk-*.json"))
+    assert [p.name for p in first] == [f"chunk-{i:05d}.json" for i in range(ev.first_prompts // ev.chunk_prompts)]
+    stamps = {p.name: p.stat().st_mtime_ns for p in first}
+
+    more = run_job(cfg, root, Job.evaluate(str(policy.path.relative_to(root)), ev.n_prompts))
+    assert more.scores.prompts == ev.n_prompts and more.key == policy.key
+    assert np.array_equal(more.scores.scores[:policy.scores.prompts], policy.scores.scores)  # the same chunks
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in first), "a finished chunk was measured again"
+    assert more.scores.value.n == ev.n_prompts * ev.samples_per_prompt
+    assert set(more.quality) >= {"degenerate_share", "relevance"}
+
+    # a run killed while writing a chunk leaves its temporary file: ignored, the chunk measured again
+    last = sorted(chunks.glob("chunk-*.json"))[-1]
+    last.rename(chunks / f".{last.name}.tmp-12345")
+    again = run_job(cfg, root, Job.evaluate(str(policy.path.relative_to(root)), ev.n_prompts))
+    assert again.scores.prompts == ev.n_prompts and last.is_file()
+    assert np.allclose(again.scores.scores, more.scores.scores)  # chunk i is sampled with seed + i
+    # a damaged chunk is named, removed and measured again; nothing before it is touched
+    last.write_text(last.read_text().replace('"index"', '"indx"', 1))
+    capsys.readouterr()
+    again = run_job(cfg, root, Job.evaluate(str(policy.path.relative_to(root)), ev.n_prompts))
+    assert f"score chunk {last}" in "".join(capsys.readouterr().err.split())
+    assert np.allclose(again.scores.scores, more.scores.scores)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in first)
+    # the policy's own files still check out: chunks carry their own checksums
+    assert load_policy(policy.path) == policy
+
+
+def test_a_stage_measuring_another_stages_policy_writes_only_into_its_own_store(measured):
+    from palm_tasks import scores
+
+    root, cfg, policy = measured
+    before = {p: p.stat().st_mtime_ns for p in policy.path.rglob("*") if p.is_file()}
+    home_store = "models/evaluation/members"
+    theirs = run_job(cfg, root, Job.evaluate(str(policy.path.relative_to(root)), cfg.evaluation.n_prompts,
+                                             store=home_store))
+    assert theirs.scores.prompts == cfg.evaluation.n_prompts
+    after = {p: p.stat().st_mtime_ns for p in policy.path.rglob("*") if p.is_file()}
+    assert after == before, "the evaluate stage changed another stage's output"
+    home = root / "models" / "evaluation" / "scores" / policy.key
+    written = {p.name for p in home.rglob("chunk-*.json")}
+    own = {p.name for p in (policy.path / scores.EVALUATIONS).rglob("chunk-*.json")}
+    assert written == {f"chunk-{i:05d}.json" for i in range(cfg.evaluation.n_prompts // cfg.evaluation.chunk_prompts)} - own

@@ -43,7 +43,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
     from palm_tasks.schema import load_pool
-    from palm_tasks.schema import load_portfolio
+    from palm_tasks.portfolio import load_portfolio
     from palm_tasks.schema import load_soups
     from palm_tasks.tracking import tracking_uri
 

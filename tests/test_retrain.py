@@ -36,7 +36,7 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     from palm_tasks.jobs import load_policy
     from palm_tasks.registry import portfolio_model_name
     from palm_tasks.schema import load_pool
-    from palm_tasks.schema import load_portfolio
+    from palm_tasks.portfolio import load_portfolio
     from palm_tasks.tracking import tracking_uri
 
     root = make_project(tmp_path / "project", tiny_model)

@@ -10,6 +10,7 @@ import pytest
 
 from palm_tasks.core import certificate, simplex
 from palm_tasks.serve.router import Router, WeightsError, parse_weights
+from support.pools import EVALUATION, flat_sample_pool, policies_with_values
 
 TRAITS = ["safety", "humor", "brevity"]
 
@@ -41,16 +42,7 @@ def test_weights_are_normalized_and_say_so():
     assert normalized and np.allclose(w, [0.25, 0.25, 0.5])
 
 
-def synthetic_pool(root: Path, W: np.ndarray, R: np.ndarray, SE: np.ndarray):
-    """Policies as the align stage holds them (directories under root), with these values."""
-    from palm_tasks.schema import Policy, ValueVector
-
-    return [Policy(key=f"m{j}", kind="trained", traits=tuple(TRAITS), weights=tuple(W[j]),
-                   value=ValueVector(tuple(R[j]), tuple(SE[j]), 8), path=root / "models" / "members" / f"m{j}")
-            for j in range(len(W))]
-
-
-def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, z: float = 0.0):
+def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02):
     """The portfolio the coverage stage builds (real prune + certify) from a synthetic pool."""
     from palm_tasks.config import parse_config
     from palm_tasks.paths import Paths
@@ -59,23 +51,23 @@ def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, z:
     rng = np.random.default_rng(seed)
     W = np.vstack([np.eye(3), simplex.random_weights(3, n - 3, seed)])
     R = np.clip(0.2 + 0.6 * W + 0.05 * rng.standard_normal(W.shape), 0, 1)
-    SE = np.full_like(R, 0.01)
     root = Path(f"/nonexistent/project{seed}")
-    cfg = parse_config({"coverage": {"eps": eps, "delta": delta, "z": z, "test_users": 100}})
-    portfolio, *_ = build(cfg, Paths(root), synthetic_pool(root, W, R, SE), [])
+    cfg = parse_config({"coverage": {"eps": eps, "delta": delta, "test_users": 100}, "evaluation": EVALUATION})
+    portfolio, *_ = build(cfg, Paths(root), policies_with_values(root, W, R, TRAITS), [],
+                          samples=flat_sample_pool(TRAITS))
     members = [int(k[1:]) for k in (m.key for m in portfolio.members)]
-    return portfolio, certificate.certify(W, R, eps, delta, members=members, std_errors=SE, z=z)
+    return portfolio, certificate.certify(W, R, eps, delta, members=members)
 
 
-@pytest.mark.parametrize("seed, eps, z", [(0, 0.05, 0.0), (1, 0.3, 0.0), (2, 0.05, 1.0)])
-def test_route_bound_agrees_with_the_certificate(seed, eps, z):
-    portfolio, cert = _portfolio(seed, eps=eps, z=z)
+@pytest.mark.parametrize("seed, eps", [(0, 0.05), (1, 0.3), (2, 0.1)])
+def test_route_bound_agrees_with_the_certificate(seed, eps):
+    portfolio, cert = _portfolio(seed, eps=eps)
     router = Router(portfolio)
     users = simplex.dirichlet_users(3, 300, seed)
-    R = np.array([np.array(m.value.mean) - z * np.array(m.value.se) for m in portfolio.members])
+    R = np.array([np.array(m.value.mean) for m in portfolio.members])
     o = portfolio.oracle
-    W, RO, SE = np.array(o.weights), np.array(o.values), np.array(o.std_errors)
-    upper = certificate.upper_bounds(users, W, (W @ (RO + z * SE).T).max(axis=1))
+    W, RO = np.array(o.weights), np.array(o.values)
+    upper = certificate.upper_bounds(users, W, (W @ RO.T).max(axis=1))
     for u, U in zip(users, upper):
         route = router.route(dict(zip(TRAITS, u)))
         best = int(np.argmax(R @ u))
@@ -93,10 +85,11 @@ def test_route_bound_agrees_with_the_certificate(seed, eps, z):
 
 
 def test_a_portfolio_file_without_oracle_rows_bounds_from_its_members():
-    from palm_tasks.schema import Portfolio
+    from palm_tasks.portfolio import Portfolio
 
     portfolio, cert = _portfolio(3)
-    unversioned = {k: v for k, v in portfolio.to_json().items() if k not in ("oracle", "schema_version")}
+    # a file from before versioning: no oracle rows, and no evidence audit either
+    unversioned = {k: v for k, v in portfolio.to_json().items() if k not in ("oracle", "schema_version", "evidence")}
     loose = Router(Portfolio.from_json(unversioned))
     tight = Router(portfolio)
     assert loose.portfolio.oracle.keys == tuple(m.key for m in portfolio.members)
@@ -114,7 +107,7 @@ def test_plots_show_the_portfolio(tmp_path):
     test = np.vstack([simplex.simplex_lattice(3, 10), simplex.dirichlet_users(3, 200, 0)])
     files = {p.name for p in write_plots(portfolio, test, 0, tmp_path)}
     assert files == {f"{n}.{e}" for n in ("simplex_map", "gap_vs_size", "member_values")
-                     for e in ("json", "png")}
+                     for e in ("json", "png")} | {"price_vs_size.json", "price_vs_compute.json", "price_of_precision.png"}
     for name in files:
         if name.endswith(".png"):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
@@ -131,6 +124,14 @@ def test_plots_show_the_portfolio(tmp_path):
     assert max(c["eps_at_w"] for c in cells) <= cert.max_eps + 1e-6
     values = json.loads((tmp_path / "member_values.json").read_text())
     assert len(values) == 3 * len(portfolio.members)
+    # the price of precision: the eps certified at confidence by the best k, beside the grid's bound
+    price = json.loads((tmp_path / "price_vs_size.json").read_text())
+    assert [r["k"] for r in price] == list(range(1, len(price) + 1)) and len(price) >= len(portfolio.members)
+    assert price[-1]["certified_eps"] <= price[0]["certified_eps"]
+    assert price == portfolio.price["by_size"]
+    bound = portfolio.price["grid_bound"]
+    assert [b["eps"] for b in bound] == sorted(b["eps"] for b in bound)
+    assert all(a["k"] >= b["k"] for a, b in zip(bound, bound[1:]))  # a finer eps needs a larger grid
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_the_gate_keeps_a_degenerate_member_out_of_production(prepared_project, 
     import mlflow
 
     from palm_tasks.params_yaml import load_config
-    from palm_tasks.schema import load_portfolio
+    from palm_tasks.portfolio import load_portfolio
     from palm_tasks.stages import STAGES
     from palm_tasks.tracking import tracking_uri
 

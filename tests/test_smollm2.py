@@ -24,7 +24,7 @@ def test_smollm2_converts_trains_and_generates(tmp_path, tiny_model):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params.update(base_model="smollm2", traits=["safety", "brevity"])
     params["training"].update(steps=2, max_completion_length=12)
-    params["evaluation"].update(n_prompts=4, max_new_tokens=12)
+    params["evaluation"].update(n_prompts=4, chunk_prompts=4, min_prompts=4, max_new_tokens=12)
     params["data"].update(n_eval=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cfg = load_config(root / "params.yaml")

@@ -133,7 +133,7 @@ def test_evaluation_is_seeded_so_the_same_soup_gives_the_same_value_vector(proje
 
 def test_coverage_offers_soups_as_non_oracle_candidates(project):
     from palm_tasks.stages import coverage, soups
-    from palm_tasks.schema import load_portfolio
+    from palm_tasks.portfolio import load_portfolio
 
     root, cfg = project
     soups.run(cfg, root)

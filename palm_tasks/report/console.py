@@ -7,8 +7,10 @@ from pathlib import Path
 
 from palm_tasks import schema
 from palm_tasks.config import PalmConfig
+from palm_tasks.figures import at_precision, with_se
 from palm_tasks.paths import Paths
-from palm_tasks.schema import ArtifactError, Portfolio
+from palm_tasks.schema import ArtifactError
+from palm_tasks.portfolio import Portfolio
 
 
 def _table(title: str, columns: list[str]):
@@ -23,7 +25,7 @@ def _table(title: str, columns: list[str]):
 def _vec(traits, values, se=None) -> str:
     if se is None:
         return ", ".join(f"{t}={v:.3f}" for t, v in zip(traits, values))
-    return ", ".join(f"{t}={v:.3f}±{s:.3f}" for t, v, s in zip(traits, values, se))
+    return ", ".join(f"{t}={with_se(v, s)}" for t, v, s in zip(traits, values, se))
 
 
 def _console():
@@ -51,20 +53,25 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
                       "pass" if g.get("passed") else "; ".join(g.get("reasons", [])) or "-")
     console.print(table)
     verdict = "[green]CERTIFIED[/]" if cert.certified else "[red]NOT certified[/]"
+    split = cert.split
     console.print(
-        f"Certificate over the whole simplex: {verdict} at eps={portfolio.eps}, delta="
-        f"{portfolio.delta} (z={portfolio.z}); this portfolio is within max eps "
-        f"{cert.max_eps:.4f} at delta={portfolio.delta}, or max delta {cert.max_delta:.4f} "
-        f"at eps={portfolio.eps}, relative to {cert.relative_to}.")
+        f"Certificate over the whole simplex: {verdict}: {cert.statement}. alpha {cert.alpha:g} is split over "
+        f"{split.get('decisions', cert.decisions)} paired decisions ({split.get('each', 0):.2g} each); every one "
+        f"would clear eps = {cert.max_eps:.3f} at delta = {portfolio.delta:g}. Relative to {cert.relative_to}.")
+    for name in cert.open_at_cap:
+        console.print(f"[red]Open at the cap:[/] {name}")
+    se = max([s for m in portfolio.members for s in m.value.se], default=0.0)
     console.print(
         f"Gaps on {cov['test_weights']} test weights (relative to the best of the trained pool): "
-        f"multiplicative max {cov['max_multiplicative_gap']:.4f} mean {cov['mean_multiplicative_gap']:.4f}, "
-        f"additive max {cov['max_additive_gap']:.4f} mean {cov['mean_additive_gap']:.4f}; "
-        f"usage perplexity {cov['usage_perplexity']:.2f}.")
+        f"multiplicative max {at_precision(cov['max_multiplicative_gap'], se)} mean "
+        f"{at_precision(cov['mean_multiplicative_gap'], se)}; usage perplexity {cov['usage_perplexity']:.2f}.")
     if portfolio.evidence:
         console.print(portfolio.evidence_summary())
-    se = max([s for m in portfolio.members for s in m.value.se], default=0.0)
-    console.print(f"Largest standard error of a member's value: {se:.4f}.")
+    price = portfolio.price.get("by_size") or []
+    if price:
+        console.print("Price of precision (eps certified with confidence 1 - alpha by the best k): "
+                      + ", ".join(f"k={r['k']}: {r['certified_eps']:.3f}" for r in price) + ".")
+    console.print(f"Largest standard error of a member's value: {se:.3f}.")
     for reason in portfolio.blockers():
         console.print(f"[red]Not for production:[/] {reason}")
     reg = paths.metrics / "register.details.json"  # the alias is text: not in metrics/register.json

@@ -9,6 +9,8 @@
   distinct ones when several weights share a nearest policy. Gaps are relative to the best of
   the whole pool (metrics.gaps), so at k = pool size every curve reaches 0;
 - member_values: each member's value vector with standard errors;
+- price_of_precision: the eps certified at confidence against portfolio size (beside the grid's
+  a-priori size bound) and against the compute the search spent (docs/theory.md section 14);
 - distribution_figure: the base model's reward distributions and trait correlations.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks.core import metrics, routing, simplex
-from palm_tasks.schema import Portfolio
+from palm_tasks.portfolio import Portfolio
 
 SIMPLEX_MAP_DIVISIONS = 40  # lattice step 1/40: 861 weights
 MAX_SIZE = 20  # the gap curve stops here (a grid-mode pool can have hundreds of policies)
@@ -53,7 +55,8 @@ def write_plots(portfolio: Portfolio, test_weights: np.ndarray, seed: int, out_d
     """All plots of a portfolio; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = member_values(portfolio, out_dir) + gap_vs_size(portfolio, test_weights, seed, out_dir)
+    written = (member_values(portfolio, out_dir) + gap_vs_size(portfolio, test_weights, seed, out_dir)
+               + price_of_precision(portfolio, out_dir))
     if len(portfolio.traits) == 3:
         written += simplex_map(portfolio, out_dir)
     return written
@@ -160,6 +163,41 @@ def member_values(portfolio: Portfolio, out_dir: Path) -> list[Path]:
     ax.set_title("Value vectors of the portfolio's members", fontsize=9)
     ax.legend(fontsize=7)
     return [data, _save(fig, out_dir / "member_values.png")]
+
+
+def price_of_precision(portfolio: Portfolio, out_dir: Path) -> list[Path]:
+    """The eps certified with confidence 1 - alpha (at the portfolio's delta) against portfolio
+    size k, beside the grid's a-priori size bound, and against the compute the search spent
+    (docs/theory.md section 14; the figures are portfolio.json `price`)."""
+    price = portfolio.price
+    size = _write_json(out_dir / "price_vs_size.json", price.get("by_size", []))
+    compute = _write_json(out_dir / "price_vs_compute.json", price.get("by_compute", []))
+    fig, (left, right) = _figure(nrows=1, ncols=2, figsize=(10, 4))
+    rows = price.get("by_size", [])
+    if rows:
+        left.plot([r["k"] for r in rows], [r["certified_eps"] for r in rows], "o-", label="PALM, measured")
+    bound = price.get("grid_bound", [])
+    if bound:
+        left.plot([b["k"] for b in bound], [b["eps"] for b in bound], "s--", color="grey",
+                  label="PALM grid, a-priori size bound")
+        left.set_xscale("log")
+    left.axhline(portfolio.eps, color="C3", lw=0.8, label=f"eps asked ({portfolio.eps:g})")
+    left.axvline(len(portfolio.members), color="C2", lw=0.8, label=f"portfolio ({len(portfolio.members)} members)")
+    left.set_xlabel("portfolio size k")
+    left.set_ylabel(f"eps certified (delta {portfolio.delta:g}, confidence {1 - portfolio.certificate.alpha:g})")
+    left.set_title("Price of precision: size", fontsize=9)
+    left.legend(fontsize=7)
+    steps = price.get("by_compute", [])
+    if steps:
+        right.plot([r["trainings"] for r in steps], [r["certified_eps"] for r in steps], "o-", color="C1")
+        for r in steps:
+            right.annotate(f"{r['minutes']:.0f} min, {r['answers']} ans.", (r["trainings"], r["certified_eps"]),
+                           fontsize=6, xytext=(3, 3), textcoords="offset points")
+    right.axhline(portfolio.eps, color="C3", lw=0.8)
+    right.set_xlabel("trainings (the search's, in order; labels: minutes and answers measured by then)")
+    right.set_ylabel("eps certified by the rows trained so far")
+    right.set_title("Price of precision: compute", fontsize=9)
+    return [size, compute, _save(fig, out_dir / "price_of_precision.png")]
 
 
 def distribution_figure(traits, scores: np.ndarray, corr: np.ndarray):

@@ -29,7 +29,7 @@ import numpy as np
 
 from palm_tasks import schema
 from palm_tasks.core import routing
-from palm_tasks.schema import Portfolio, Route
+from palm_tasks.portfolio import Portfolio, Route
 
 NORMALIZED_TOL = 1e-9  # weights summing to 1 within this are taken as given
 

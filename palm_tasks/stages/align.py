@@ -34,7 +34,7 @@ from palm_tasks.schema import Pool
 from palm_tasks.search_loop import search_from_config, search_loop
 
 PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
-          "evidence", "coverage.eps", "coverage.delta", "coverage.z", "coverage.z_significant",
+          "evidence", "coverage.eps", "coverage.delta", "coverage.alpha",
           "runner.workers")  # runner.workers: the weights asked per round, so which weights are trained
 DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
 OUTS = ("models/members", "data/pool.json", "metrics/align.details.json")
@@ -51,20 +51,27 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     history = {}
     if cfg.search.mode == "lazy":
         search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance))
-        policies = search_loop(search, run_jobs, paths, workers=cfg.runner.workers)
-        still = search.result().beaten
-        history = {"stopped": search.stopped, "steps": search.history, "beaten": still,
-                   "rounds": search.rounds}
-        if still:
-            warn(f"align: {len(still)} trained row(s) still beaten by the evidence after repair: " + "; ".join(
-                f"w={_fmt(b['weight'])} short by {b['shortfall']:.3f} ± {b['se']:.3f}" for b in still))
+        run_ = search_loop(search, run_jobs, paths, workers=cfg.runner.workers)
+        policies, prompts = run_.rows, run_.prompts
+        result = search.result()
+        history = {"stopped": search.stopped, "steps": search.history, "beaten": result.beaten,
+                   "rounds": search.rounds, "certificate": summary_of(result.full_certificate),
+                   "cost": run_.cost}
+        if result.beaten:
+            warn(f"align: {len(result.beaten)} trained row(s) still beaten by the evidence after repair: " + "; ".join(
+                f"w={_fmt(b['weight'])} short by {b['shortfall']:.3f} (interval +- {b['se']:.3f})"
+                for b in result.beaten))
     else:
         weights = mode_weights(cfg)
         if len(weights) > cfg.search.max_trainings:
             raise ValueError(
                 f"search.mode = {cfg.search.mode!r} asks for {len(weights)} trainings, more than "
                 f"search.max_trainings = {cfg.search.max_trainings}; raise the budget or use search.mode: lazy")
-        policies = run_jobs([Job.train(w) for w in weights])
+        trained = run_jobs([Job.train(w) for w in weights])
+        # no search decides where precision is needed: every policy is measured up to the cap
+        policies = run_jobs([Job.evaluate(paths.relative(p.path), cfg.evaluation.n_prompts) for p in trained])
+        prompts = {p.key: p.scores.prompts for p in policies}
+    answers = sum(prompts.values()) * cfg.evaluation.samples_per_prompt
     reused = sum(p.key in finished_before for p in policies)
     pool = Pool(kind="trained", mode=cfg.search.mode, policies=tuple(policies), history=history,
                 trained=len(policies) - reused, reused=reused)
@@ -76,10 +83,23 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                "repairs": sum(h["source"] == "repair" for h in steps),
                "repairs_kept": sum(h.get("kept") == "new" for h in steps),
                "still_beaten": len(history.get("beaten", [])),
+               "answers_evaluated": answers,
+               "prompts_per_policy": {p.key: prompts[p.key] for p in policies},
                "stopped": history.get("stopped", "")}
-    write_metrics(root, METRICS[0], metrics, details=metrics)  # mode and stopped: details only
+    write_metrics(root, METRICS[0], {k: v for k, v in metrics.items() if k != "prompts_per_policy"},
+                  details=metrics)  # mode, stopped, prompts per policy: details only
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")
     return metrics
+
+
+def summary_of(cert) -> dict:
+    """The search's last certificate of every row, without its corner lists (portfolio.json
+    holds the pruned portfolio's in full)."""
+    if cert is None:
+        return {}
+    data = cert.to_dict()
+    return {k: data[k] for k in ("certified", "alpha", "max_eps", "split") if k in data} | {
+        "open_at_cap": getattr(cert, "open_at_cap", [])}
 
 
 def _fmt(x) -> str:

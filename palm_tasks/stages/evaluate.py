@@ -36,7 +36,7 @@ sample pool, data/samples), on a simplex lattice plus Dirichlet(1) users (covera
 coverage.test_users, seed); the pool-only figure is kept beside it. Four simulated user
 populations (core.simplex.user_populations: Dirichlet(1), concentrated near the corners, centred,
 a mixture; coverage.test_users each) get their mean and worst gap. The evidence check lists the
-trained policies that the evidence beats at their own weight beyond compare's z (coverage.z_significant).
+trained policies that the evidence beats at their own weight (paired decisions at coverage.alpha).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 
 from palm_tasks import schema
 from palm_tasks.audit import check_against_evidence, evidence_audit
-from palm_tasks.best_of_n import BestOfN
+from palm_tasks.best_of_n import BestOfN, paired_evidence
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
 from palm_tasks.core import metrics, simplex
@@ -83,11 +83,19 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     trained: dict[tuple, Policy] = {}  # weight -> policy, every policy trained by any method
     soups: dict[tuple, Policy] = {}  # mixing weights -> soup
 
+    store = paths.relative(paths.evaluation_members)
+
+    def to_cap(policies: list[Policy]) -> list[Policy]:
+        """Every policy of the comparison is measured up to the cap: the gaps are judged at the
+        precision of the whole evaluation set, whatever the search's decisions needed."""
+        jobs = [Job.evaluate(paths.relative(p.path), cfg.evaluation.n_prompts, store=store) for p in policies]
+        return run_jobs(jobs) if jobs else []
+
     def train(weights) -> list[Policy]:
         weights = [tuple(np.round(np.asarray(w, float), 9)) for w in weights]
         todo = list(dict.fromkeys(w for w in weights if w not in trained))
-        jobs = [Job.train(w, store=paths.relative(paths.evaluation_members)) for w in todo]
-        trained.update(zip(todo, run_jobs(jobs) if jobs else []))
+        jobs = [Job.train(w, store=store) for w in todo]
+        trained.update(zip(todo, to_cap(run_jobs(jobs)) if jobs else []))
         return [trained[w] for w in weights]
 
     pools: dict[str, list[Policy]] = {}  # method -> its trained policies (palm methods)
@@ -102,8 +110,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings}, {cfg.search.max_repairs} "
             "repairs per row)")
         search = search_from_config(cfg, bon)
-        rows = search_loop(search, run_jobs, paths, workers=cfg.runner.workers,
-                           store=paths.relative(paths.evaluation_members))
+        rows = to_cap(search_loop(search, run_jobs, paths, workers=cfg.runner.workers, store=store).rows)
         for policy in rows:  # a repaired row holds its better policy: the other methods share that
             trained[tuple(np.round(np.asarray(policy.weights, float), 9))] = policy
         pools["palm_lazy"] = rows
@@ -154,8 +161,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         todo = list(dict.fromkeys(tuple(np.round(lam, 9)) for lams in mixes.values() for lam in lams
                                   if max(lam) < 1 - 1e-9))
         dirs = [paths.relative(p.path) for p in specialists]
-        store = paths.relative(paths.evaluation_soups)
-        soups.update(zip(todo, run_jobs([Job.soup(dirs, lam, store) for lam in todo]) if todo else []))
+        soup_store = paths.relative(paths.evaluation_soups)
+        soups.update(zip(todo, run_jobs([Job.soup(dirs, lam, soup_store) for lam in todo]) if todo else []))
 
         def soup(lam) -> Policy:
             lam = tuple(np.round(lam, 9))
@@ -170,9 +177,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     ref_keys = [p.key for p in ref]
     R, SE = np.array([p.values for p in ref]), np.array([p.std_errors for p in ref])
     index = {p.key: i for i, p in enumerate(ref)}
-    oracle_rows = np.array([p.kind == "trained" for p in ref])  # soups are candidates, not oracle rows
-    check = metrics.oracle_check([p.weights for p in ref], R, SE, oracle_rows,
-                                 z_significant=c.z_significant)
+    paired = paired_evidence(cfg, bon)
     selection = selection_weights(cfg)
     for method in ("palm_lazy", "palm_grid"):
         if method in pools:
@@ -184,7 +189,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     lattice = simplex.simplex_lattice(d, c.test_lattice)
     users = simplex.dirichlet_users(d, c.test_users, cfg.seed)
     populations = simplex.user_populations(d, c.test_users, cfg.seed, cmp_.concentrated_alpha, cmp_.centred_alpha)
-    evidence_check = check_against_evidence(ref, bon, c.z_significant)
+    evidence_check = check_against_evidence(ref, bon, paired)
     texts = {p.key: _completions(p.path) for p in ref}
     embeddings = _embed(texts)
 
@@ -220,7 +225,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         # stage's audit of the production portfolio, here on the comparison's pool)
         members, certified = lazy_portfolio
         idx = np.array(sorted({index[p.key] for p in members}))
-        audit = evidence_audit(cfg, np.vstack([lattice, users]), R, SE, idx, bon, ref_keys)
+        audit = evidence_audit(cfg, np.vstack([lattice, users]), ref, idx, bon, paired)
         certificate_audit = {"members": [ref_keys[i] for i in idx], "certified": certified, "eps": c.eps,
                              "delta": c.delta, **{name: audit[name] for name in (
                                  "test_weights", "evidence_eps", "evidence_eps_weight", "evidence_eps_against",
@@ -246,7 +251,6 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                                "the corners; centred: Dirichlet(centred_alpha), near the centre; mixture: each "
                                "user from one of the three with equal probability"},
         "selection_weights": int(len(selection)),
-        "oracle_check": _named(check.to_dict(), ref),
         "certificate_audit": certificate_audit,
         "evidence_check": evidence_check,
         "results": results,
@@ -275,7 +279,7 @@ def figures(out: dict) -> dict:
     """The numbers of an evaluation for `dvc metrics show`: per method and k, the worst
     multiplicative gap on the test weights (every other figure is in the details file)."""
     return {"reference_pool": out["reference_pool"]["size"],
-            "oracle_rows_beaten": out["oracle_check"].get("beaten"),
+            "oracle_rows_beaten": out["evidence_check"].get("beaten"),
             "worst_gap": {m: {k: row.get("max_multiplicative_gap") for k, row in by_k.items()}
                           for m, by_k in out["results"].items()}}
 
@@ -286,16 +290,6 @@ def selection_weights(cfg: PalmConfig) -> np.ndarray:
     if c.delta > 0 and gridlib.grid_size_bound(d, c.eps, c.delta) <= MAX_SELECTION_WEIGHTS:
         return gridlib.palm_grid(d, c.eps, c.delta)
     return simplex.simplex_lattice(d, cfg.compare.selection_lattice)
-
-
-def _named(oracle_check: dict, ref: list[Policy]) -> dict:
-    """The oracle check with its worst case's beater named: key and kind (a soup is a mixture, not a
-    policy trained at that weight)."""
-    worst = oracle_check.get("worst")
-    if worst:
-        by = ref[worst["beaten_by_row"]]
-        worst["beaten_by_key"], worst["beaten_by_kind"] = by.key, by.kind
-    return oracle_check
 
 
 def _over_seeds(rows: list[dict]) -> dict:
