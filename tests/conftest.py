@@ -19,6 +19,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="palm-prefect-"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# the hostile-input suite's figures, summed over the whole run (xdist workers too)
+pytest_plugins = ["hostile_figures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["palm_tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
 
