@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -570,11 +571,35 @@ def routing_reads(leaf: tuple) -> bool:
             or leaf[0] == "members" and len(leaf) >= 3 and leaf[2] in ("key", "values", "std_errors"))
 
 
+def dotted(path: tuple) -> str:
+    """A leaf's name as the schema's errors write it: members[0].values.safety."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+# The fields a leaf is checked against elsewhere: the traits key every member's per-trait fields.
+CHECKED_AGAINST = {"traits": ("members",)}
+
+
+def names_the_field(leaf: tuple, message: str) -> bool:
+    """Whether a refusal names the damaged field: its own name, or that of an object or list
+    holding it (a deletion is reported at its container, "members[0].values has no safety"; a row
+    count at the table, "oracle.weights has 3 rows for 4 keys", or at a field of the same object,
+    "certificate.slacks has 3 numbers, not 2"), or of a field it is checked against."""
+    own = [rf"{re.escape(dotted(leaf))}(?!\w)"]  # or a part of it: traits[0] when traits was replaced
+    own += [rf"{re.escape(dotted(leaf[:n]))}(?![\w[])" for n in range(len(leaf) - 1, 0, -1)]  # not members[1]
+    others = [rf"{re.escape(name)}\b" for name in CHECKED_AGAINST.get(leaf[0], ())]
+    return any(re.search(rf"(?<![\w.\]]){name}", message) for name in own + others)
+
+
 def test_every_leaf_of_a_portfolio_damaged(finished, tmp_path):
     """Each leaf of a real portfolio.json deleted, or of another type, or not finite: the router
-    loads it or refuses with one line; damage to what routing reads is never accepted. What reads
-    the file is schema.Portfolio.from_json, which checks every field's type (a member's key and
-    path, its values and standard errors, evidence and gate as objects) and names the field."""
+    loads it or refuses with one line naming the file and the field; damage to what routing reads
+    is never accepted. What reads the file is schema.Portfolio.from_json, which checks every
+    field's type (a member's key and path, its values and standard errors, evidence and gate as
+    objects) and names the field."""
     from palm_tasks.schema import ArtifactError
     from palm_tasks.serve.router import Router
 
@@ -598,7 +623,7 @@ def test_every_leaf_of_a_portfolio_damaged(finished, tmp_path):
             must_refuse = routing_reads(leaf) and how != "huge" and not (leaf[-1] == "key" and how == "a string")
             attempt("portfolio.json", case, lambda: Router.from_portfolio(path).route("safety=1,humor=1,brevity=1"),
                     (ArtifactError, ValueError, LookupError, FileNotFoundError, KeyError),
-                    lambda exc: one_line(str(exc)) and (not isinstance(exc, ArtifactError) or str(path) in str(exc)),
+                    lambda exc: one_line(str(exc)) and str(path) in str(exc) and names_the_field(leaf, str(exc)),
                     lambda route: ("accepted wrongly" if must_refuse else "accepted", f"routed to {route.member_key}"))
             if path.read_text() != text:
                 record("portfolio.json", "data lost", case, "routing changed the file")
