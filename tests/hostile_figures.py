@@ -41,25 +41,27 @@ def count(surface: str, verdict: str, what_went_wrong: str = "") -> None:
         WRONG.append(what_went_wrong)
 
 
-def pytest_configure(config):
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:  # an xdist worker: the controller made the directory
-        config.stash[_DIR] = Path(workerinput[_INPUT])
-    else:
-        config.stash[_DIR] = Path(tempfile.mkdtemp(prefix="palm-hostile-figures-"))
+def _directory(config) -> Path:
+    """The session's directory of counts: made by the reporting process when first needed; an
+    xdist worker gets it from the controller (pytest_configure_node)."""
+    if _DIR not in config.stash:
+        workerinput = getattr(config, "workerinput", None)
+        config.stash[_DIR] = (Path(workerinput[_INPUT]) if workerinput is not None
+                              else Path(tempfile.mkdtemp(prefix="palm-hostile-figures-")))
+    return config.stash[_DIR]
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
     """xdist, in the controller: each worker writes into the controller's directory."""
-    node.workerinput[_INPUT] = str(node.config.stash[_DIR])
+    node.workerinput[_INPUT] = str(_directory(node.config))
 
 
 def pytest_sessionfinish(session):
     if not TESTS:
         return
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    out = session.config.stash[_DIR] / f"{worker}-{os.getpid()}.json"
+    out = _directory(session.config) / f"{worker}-{os.getpid()}.json"
     out.write_text(json.dumps({"counts": COUNTS, "tests": sorted(TESTS), "wrong": WRONG}))
 
 
@@ -91,13 +93,16 @@ def summary(counts: dict[str, collections.Counter], n_tests: int, wrong: list[st
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if getattr(config, "workerinput", None) is not None:
-        return
-    directory = config.stash[_DIR]
-    counts, n_tests, wrong = totals(directory)
-    shutil.rmtree(directory, ignore_errors=True)
+    if getattr(config, "workerinput", None) is not None or _DIR not in config.stash:
+        return  # a worker, or no hostile-suite case was counted anywhere
+    counts, n_tests, wrong = totals(config.stash[_DIR])
     if not counts:
-        return  # no hostile-suite test ran
+        return
     terminalreporter.write_sep("-", "hostile-input suite figures (docs/hardening.md)")
     for line in summary(counts, n_tests, wrong):
         terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "workerinput", None) is None and _DIR in config.stash:
+        shutil.rmtree(config.stash[_DIR], ignore_errors=True)
