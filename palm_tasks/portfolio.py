@@ -9,6 +9,7 @@ file's), so a damaged or hand-edited portfolio.json is refused in one line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,9 @@ class PolicyTable:
                 raise ArtifactError(f"{at}{k} has {len(rows)} rows for {len(keys)} keys")
             tables.append(tuple(numbers(r, f"{at}{k}[{i}]", d, 0 if k == "std_errors" else None)
                                 for i, r in enumerate(rows)))
+        for i, w in enumerate(tables[0]):  # the certificate's LP and every route's bound read them
+            if min(w, default=0.0) < 0 or abs(math.fsum(w) - 1) > 1e-4:
+                raise FieldError(f"{at}weights[{i}] is not a weight vector (non-negative, summing to 1)")
         return cls(keys, *tables)
 
 

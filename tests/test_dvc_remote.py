@@ -94,8 +94,9 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
     clone_cfg = load_config(clone / "params.yaml")
     clone_client = mlflow.MlflowClient(tracking_uri(clone_cfg, clone))
     exp = clone_client.get_experiment_by_name(clone_cfg.mlflow.experiment).experiment_id
-    clone_runs = [r for r in clone_client.search_runs([exp]) if "git_commit" in r.data.tags]
-    assert clone_runs  # (runs without the tags fail the check at the end)
+    clone_runs = clone_client.search_runs([exp])  # every run of the clone's own store
+    untagged = [r.info.run_name for r in clone_runs if "git_commit" not in r.data.tags]
+    assert clone_runs and untagged == [], f"runs without lineage tags in the clone's store: {untagged}"
     for run in clone_runs:
         assert run.data.tags["git_commit"] == head
         assert re.fullmatch(r"[0-9a-f]{64}", run.data.tags["dvc_lock_sha256"])
@@ -159,6 +160,14 @@ def test_push_clone_pull_gives_the_same_portfolio_without_training(tmp_path, tin
         assert re.fullmatch(r"[0-9a-f]{64}|none", run.data.tags["dvc_lock_sha256"])
     (rewards_run,) = [r for r in runs if r.info.run_name == "rewards"]
     assert rewards_run.data.tags["dvc_lock_sha256"] == "none"  # the first stage: no dvc.lock yet
+    # and in the clone's store, the retraining run included: the clone's commit, a dvc.lock hash
+    clone_runs_now = clone_client.search_runs([exp])
+    assert summary["mlflow_run_id"] in {r.info.run_id for r in clone_runs_now}
+    untagged = [r.info.run_name for r in clone_runs_now if "git_commit" not in r.data.tags]
+    assert len(clone_runs_now) > len(clone_runs) and untagged == [], untagged
+    for run in clone_runs_now:
+        assert run.data.tags["git_commit"] == head
+        assert re.fullmatch(r"[0-9a-f]{64}", run.data.tags["dvc_lock_sha256"])
 
     # a changed test lattice reruns coverage (and what depends on it), not the rewards stage
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -633,23 +633,59 @@ def test_verify_member_finds_what_the_checksums_cannot(tmp_path):
 # --- 12. a read-only MLflow database -----------------------------------------------------------------
 
 
-def _as_non_root() -> list[str]:
-    """A prefix that runs a command without root's power over file permissions: as root,
-    chmod does not stop writes, so the command runs in a user namespace as an ordinary user who
-    owns the files (`unshare --user --map-user`); empty when palm already runs as a normal user."""
+NOBODY = 65534  # an unprivileged uid for setpriv, where user namespaces are not allowed
+
+
+@pytest.fixture
+def non_root(tmp_path):
+    """(prefix, top, env): a prefix that runs a command without root's power over file
+    permissions, the directory to work in and the command's environment. As root, chmod does not stop writes, so the command runs in a
+    user namespace as an ordinary user who owns the files (`unshare --user --map-user`), in
+    tmp_path; where user namespaces are not allowed (a container's seccomp filter, a sysctl), as
+    uid 65534 (`setpriv`), in a directory of /tmp it owns (pytest's own temp root is root's
+    alone). As a normal user: no prefix, tmp_path. Root with neither is a missing real component:
+    the test fails, unless PALM_TEST_MISSING_OK names non-root (tests/conftest.py)."""
+    from conftest import missing_component
+
     if os.geteuid() != 0:
-        return []
-    prefix = ["unshare", "--user", "--map-user=1000"]  # this user owns the files, without root's override
-    probe = subprocess.run([*prefix, "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("running as root and user namespaces are not allowed here, so no file can be "
-                    f"made read-only for palm ({probe.stderr.decode(errors='replace').strip()[:200]})")
-    return prefix
+        yield [], tmp_path, dict(os.environ)
+        return
+    userns = ["unshare", "--user", "--map-user=1000"]  # this user owns the files, without root's override
+    probe = subprocess.run([*userns, "true"], capture_output=True)
+    if probe.returncode == 0:
+        yield userns, tmp_path, dict(os.environ)
+        return
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+    dropped = subprocess.run([*drop, sys.executable, "-c", "import os; print(os.geteuid())"],
+                             capture_output=True, text=True)
+    missing_component("non-root", None if dropped.stdout.strip() == str(NOBODY) else
+                      "running as root, and neither a user namespace (unshare --user: "
+                      f"{probe.stderr.decode(errors='replace').strip()[:120]}) nor setpriv to uid {NOBODY} "
+                      f"({dropped.stderr.strip()[:120]}) works here, so no file can be made read-only for palm")
+    top = Path(tempfile.mkdtemp(prefix="palm-non-root-"))
+    os.chown(top, NOBODY, NOBODY)
+    try:  # a home and a Prefect home of its own: root's are not readable by uid 65534
+        yield drop, top, {**os.environ, "HOME": str(top), "PREFECT_HOME": str(top / ".prefect")}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
-def test_palm_stage_register_names_a_read_only_mlflow_db(tmp_path, registered):
+def _own_tree(top: Path, prefix: list[str], root: Path) -> None:
+    """With setpriv, the files palm works on belong to the uid it runs as, and the project's base
+    model is a copy it can read, in `top` (as a normal user or in a user namespace, the files
+    already belong to it)."""
+    if prefix and prefix[0] == "setpriv":
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["base_model"] = str(shutil.copytree(params["base_model"], top / "base-model"))
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for p in [top, *top.rglob("*")]:
+            os.chown(p, NOBODY, NOBODY, follow_symlinks=False)
+
+
+def test_palm_stage_register_names_a_read_only_mlflow_db(non_root, registered):
     """A real SQLite store made read-only (chmod 444) with something left to register: one line
     naming the file and that it is read-only, exit 1, before any work, and nothing changed."""
+    prefix, tmp_path, env = non_root
     root = tmp_path / "project"
     shutil.copytree(registered[0], root)
     db = root / "mlruns" / "mlflow.db"
@@ -660,11 +696,11 @@ def test_palm_stage_register_names_a_read_only_mlflow_db(tmp_path, registered):
     shutil.copyfile(sqlite_copy, db)
     sqlite_copy.unlink()
     db.chmod(0o444)
-    prefix = _as_non_root()
+    _own_tree(tmp_path, prefix, root)
     before = _digest(tmp_path)
     command = [*prefix, sys.executable, "-m", "flows.cli", "stage", "register", "--root", str(root),
                "--params", str(root / "params.yaml")]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert_one_error(proc, str(db), "read-only", code=1)
     assert _digest(tmp_path) == before
     # the check is a probe that really writes: permission bits alone would pass as root

@@ -12,8 +12,11 @@ Each case has one verdict:
     traceback        any other exception, or an error of several lines or naming nothing
     data lost        a file that was there before changed (the store, a member, a portfolio)
 
-The last test prints the figures (docs/hardening.md quotes them) and fails unless tracebacks,
-wrong acceptances and losses are all 0. Add a field to the config and its cases appear here.
+Each case's verdict is asserted where it is produced, by the test that produced it: a
+traceback, a wrong acceptance or a loss fails that test, naming the case. The counts are summed
+over the whole run (any order, a subset, pytest-xdist workers) by tests/hostile_figures.py and
+printed below the test results (docs/hardening.md quotes them). Add a field to the config and
+its cases appear here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -41,6 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+import hostile_figures
 from palm_tasks.config import ConfigError, PalmConfig, Section, parse_config
 from palm_tasks.params_yaml import load_config
 
@@ -48,16 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 GIB = 2**30
 
-VERDICTS = ("clean error", "accepted", "accepted wrongly", "traceback", "data lost")
-FIGURES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-FAILURES: list[str] = []  # what went wrong, shown by the last test
-
-
 def record(surface: str, verdict: str, case: str, detail: str = "") -> None:
-    assert verdict in VERDICTS
-    FIGURES[surface][verdict] += 1
-    if verdict in ("accepted wrongly", "traceback", "data lost"):
-        FAILURES.append(f"{surface}: {verdict}: {case[:100]}: {' '.join(detail.split())[:300]}")
+    """One case's verdict: counted for the figures, and asserted here, in the test that made it."""
+    what = f"{surface}: {verdict}: {case[:100]}: {' '.join(detail.split())[:300]}"
+    hostile_figures.count(surface, verdict, what)
+    assert verdict not in hostile_figures.BAD, what
 
 
 def one_line(message: str) -> bool:
@@ -204,20 +204,24 @@ def judge_params(surface: str, key: str, value, expect: str, load) -> str:
 @pytest.mark.parametrize("section", sorted({k.split(".")[0] for k, _, _ in SCHEMA_CASES}))
 def test_every_field_of_the_schema_refuses_what_it_forbids(section):
     """In-process (parse_config): every generated case of one section."""
-    for key, value, expect in SCHEMA_CASES:
-        if key.split(".")[0] == section:
-            judge_params("params (schema, in-process)", key, value, expect, lambda: parse_config(with_value(key, value)))
+    cases = [(key, value, expect) for key, value, expect in SCHEMA_CASES if key.split(".")[0] == section]
+    assert cases
+    for key, value, expect in cases:
+        judge_params("params (schema, in-process)", key, value, expect, lambda: parse_config(with_value(key, value)))
 
 
 def test_a_sample_of_the_schema_cases_as_yaml_files(tmp_path):
     """The same cases through the file: YAML written, read back by load_config."""
     path = tmp_path / "params.yaml"
+    judged = 0
     for key, value, expect in random.Random(17).sample(SCHEMA_CASES, 60):
         if isinstance(value, float) and not math.isfinite(value) or value is None or isinstance(value, str) \
                 and "\x00" in value:
             continue  # YAML has .nan / null / no NUL in plain text: the in-process cases hold them
         path.write_text(yaml.safe_dump(with_value(key, value), sort_keys=False, width=10**9))
         judge_params("params (schema, params.yaml)", key, value, expect, lambda: load_config(path))
+        judged += 1
+    assert judged >= 30  # most of the sample goes through a file
 
 
 YAML_TEXTS = {
@@ -328,6 +332,7 @@ def make_member(store: Path, key: str) -> Path:
     from safetensors.torch import save_file
 
     from palm_tasks.jobs import store_policy
+    from palm_tasks.scores import Chunk
     from test_hostile import _pool
 
     tmp = store / f".{key}.tmp-1"
@@ -336,7 +341,8 @@ def make_member(store: Path, key: str) -> Path:
     save_file({f"base_model.model.layers.{i}.lora_A.weight": torch.randn(8, 32, generator=generator)
                for i in range(4)}, str(tmp / "adapter" / "adapter_model.safetensors"))
     (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-    store_policy(tmp, store / key, replace(_pool(store)[0], key=key), ["p"], ["c"], [[0.5, 0.5, 0.5]])
+    one = Chunk("test", 0, 1, ["p"], ["c"], np.array([[0.5, 0.5, 0.5]]), np.array([False]), np.array([0.5]))
+    store_policy(tmp, store / key, replace(_pool(store)[0], key=key), [one])
     return store / key
 
 
@@ -568,17 +574,42 @@ def routing_reads(leaf: tuple) -> bool:
             or leaf[0] == "members" and len(leaf) >= 3 and leaf[2] in ("key", "values", "std_errors"))
 
 
+def dotted(path: tuple) -> str:
+    """A leaf's name as the schema's errors write it: members[0].values.safety."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+# The fields a leaf is checked against elsewhere: the traits key every member's per-trait fields.
+CHECKED_AGAINST = {"traits": ("members",)}
+
+
+def names_the_field(leaf: tuple, message: str) -> bool:
+    """Whether a refusal names the damaged field: its own name, or that of an object or list
+    holding it (a deletion is reported at its container, "members[0].values has no safety"; a row
+    count at the table, "oracle.weights has 3 rows for 4 keys", or at a field of the same object,
+    "certificate.slacks has 3 numbers, not 2"), or of a field it is checked against."""
+    own = [rf"{re.escape(dotted(leaf))}(?!\w)"]  # or a part of it: traits[0] when traits was replaced
+    own += [rf"{re.escape(dotted(leaf[:n]))}(?![\w[])" for n in range(len(leaf) - 1, 0, -1)]  # not members[1]
+    others = [rf"{re.escape(name)}\b" for name in CHECKED_AGAINST.get(leaf[0], ())]
+    return any(re.search(rf"(?<![\w.\]]){name}", message) for name in own + others)
+
+
 def test_every_leaf_of_a_portfolio_damaged(finished, tmp_path):
     """Each leaf of a real portfolio.json deleted, or of another type, or not finite: the router
-    loads it or refuses with one line; damage to what routing reads is never accepted. What reads
-    the file is schema.Portfolio.from_json, which checks every field's type (a member's key and
-    path, its values and standard errors, evidence and gate as objects) and names the field."""
+    loads it or refuses with one line naming the file and the field; damage to what routing reads
+    is never accepted. What reads the file is schema.Portfolio.from_json, which checks every
+    field's type (a member's key and path, its values and standard errors, evidence and gate as
+    objects) and names the field."""
     from palm_tasks.schema import ArtifactError
     from palm_tasks.serve.router import Router
 
     _, root = finished
     original = json.loads((root / "portfolio.json").read_text())
     path = tmp_path / "portfolio.json"
+    leaves_damaged = set()
     for leaf in _json_leaves(original):
         if not leaf:
             continue
@@ -595,10 +626,12 @@ def test_every_leaf_of_a_portfolio_damaged(finished, tmp_path):
             must_refuse = routing_reads(leaf) and how != "huge" and not (leaf[-1] == "key" and how == "a string")
             attempt("portfolio.json", case, lambda: Router.from_portfolio(path).route("safety=1,humor=1,brevity=1"),
                     (ArtifactError, ValueError, LookupError, FileNotFoundError, KeyError),
-                    lambda exc: one_line(str(exc)) and (not isinstance(exc, ArtifactError) or str(path) in str(exc)),
+                    lambda exc: one_line(str(exc)) and str(path) in str(exc) and names_the_field(leaf, str(exc)),
                     lambda route: ("accepted wrongly" if must_refuse else "accepted", f"routed to {route.member_key}"))
             if path.read_text() != text:
                 record("portfolio.json", "data lost", case, "routing changed the file")
+            leaves_damaged.add(leaf)
+    assert leaves_damaged == {leaf for leaf in _json_leaves(original) if leaf}  # each leaf at least once
 
 
 # --- the MLflow store --------------------------------------------------------------------------------
@@ -658,25 +691,3 @@ def _sqlite_whole(db: Path) -> bool:
             return con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     except sqlite3.Error:
         return False
-
-
-# --- the figures -------------------------------------------------------------------------------------
-
-
-def test_zz_the_figures(capsys):
-    """Last in the file: the counts, printed, and the three that must be 0."""
-    total = collections.Counter()
-    rows = []
-    for surface, counts in sorted(FIGURES.items()):
-        total.update(counts)
-        rows.append(f"  {surface:32} {sum(counts.values()):5} cases: "
-                    + ", ".join(f"{v} {counts[v]}" for v in VERDICTS))
-    summary = "\n".join([
-        f"hostile-input suite: {sum(total.values())} cases tried, {total['clean error']} clean errors, "
-        f"{total['accepted']} accepted (valid), tracebacks {total['traceback']}, accepted wrongly "
-        f"{total['accepted wrongly']}, data lost {total['data lost']}", *rows, *FAILURES])
-    with capsys.disabled():
-        print("\n" + summary)
-    assert sum(total.values()) >= 150, summary
-    # every surface, portfolio.json included: no known open gap is exempted
-    assert total["traceback"] == total["accepted wrongly"] == total["data lost"] == 0, summary

@@ -176,14 +176,50 @@ def reward_models(tmp_path_factory, tiny_model):
 LONG = "word " * 500  # far beyond the model's 64 positions: must be truncated, not crash
 
 
-@pytest.mark.parametrize("normalize, extra", [("sigmoid", {}), ("softmax", {"label": 2}),
-                                              ("minmax", {"lo": 0.14, "hi": 0.18})])
-def test_reward_model_scores_are_normalized_batched_and_deterministic(reward_models, normalize, extra):
-    path = reward_models["three" if normalize == "softmax" else "one"]
+def classifier_logits(path, prompts, completions) -> np.ndarray:
+    """The classifier's own logits (n, labels), one (prompt, completion) at a time: no batch, no
+    padding; the chat as the model's template writes it, its last max_position_embeddings tokens."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        ids = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[-model.config.max_position_embeddings:]])).logits
+        rows.append(logits[0].double().numpy())
+    return np.array(rows)
+
+
+# Each normalization written out in numpy, apart from the code under test: (logits, label, lo, hi)
+NORMALIZED = {
+    "sigmoid": lambda z, label, lo, hi: 1 / (1 + np.exp(-z[:, label])),
+    "softmax": lambda z, label, lo, hi: np.exp(z[:, label]) / np.exp(z).sum(axis=1),
+    "minmax": lambda z, label, lo, hi: np.clip((z[:, label] - lo) / (hi - lo), 0, 1),
+}
+
+
+# the tiny classifiers' logits lie near 0.16 (one label) and near (-0.14, 0.06, 0.09) (three):
+# the min-max ranges below keep them inside, so each score moves with its logit
+@pytest.mark.parametrize("normalize, model, extra", [
+    ("sigmoid", "one", {}), ("softmax", "three", {"label": 2}), ("minmax", "one", {"lo": 0.14, "hi": 0.18}),
+    ("sigmoid", "three", {"label": 1}), ("minmax", "three", {"label": 1, "lo": 0.05, "hi": 0.07})])
+def test_reward_model_scores_are_normalized_batched_and_deterministic(reward_models, normalize, model, extra):
+    path = reward_models[model]
     prompts, completions = PROMPTS + ["Explain."], COMPLETIONS + [LONG]
     rm = R.HFRewardModel("helpful", path, normalize=normalize, batch_size=2, **extra)
     scores = rm(prompts, completions)
     assert scores.shape == (5,) and np.all((scores >= 0) & (scores <= 1))
+    # the classifier's own logit of `label`, normalized as declared; the empty answer is
+    # degenerate and scores 0 whatever the model says
+    expected = NORMALIZED[normalize](classifier_logits(path, prompts, completions), extra.get("label", 0),
+                                     extra.get("lo"), extra.get("hi"))
+    expected[COMPLETIONS.index("")] = 0.0
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-6)
+    assert np.ptp(np.delete(expected, COMPLETIONS.index(""))) > 1e-3  # the rows differ: a mix-up shows
     assert len(np.unique(scores.round(6))) > 1  # it reads its input
     np.testing.assert_array_equal(scores, rm(prompts, completions))
     one_batch = R.HFRewardModel("helpful", path, normalize=normalize, batch_size=16, **extra)

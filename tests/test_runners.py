@@ -4,6 +4,7 @@ for GPUs."""
 import importlib.util
 import json
 import os
+import tempfile
 
 import pytest
 
@@ -57,12 +58,34 @@ def test_a_local_gpu_cluster_pins_one_gpu_per_worker():
         assert sorted(seen.values()) == ["2", "5"]
         resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
         assert resources == [{"GPU": 1}, {"GPU": 1}]
-        # a job asking for a GPU lands on a worker holding one; two such jobs never share it
+        # a job asking for a GPU lands on a worker holding one; two such jobs never share it: each
+        # job holds its GPU (a file created exclusively, named after CUDA_VISIBLE_DEVICES) while it
+        # runs, so a second job on the same GPU at the same time finds the file and says so
         import dask
 
-        with dask.annotate(resources={"GPU": 1}):
-            futures = [client.submit(lambda i: os.environ["CUDA_VISIBLE_DEVICES"], i) for i in range(2)]
-        assert all(f.result() in {"2", "5"} for f in futures)
+        def _hold_the_gpu(held: str, i: int) -> dict:
+            """A job on a Dask worker: it holds its GPU for 0.5 s (a file created with O_EXCL, removed
+            after), and says whether another job held that GPU already."""
+            import time
+
+            gpu = os.environ["CUDA_VISIBLE_DEVICES"]
+            try:
+                fd = os.open(os.path.join(held, f"gpu-{gpu}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                time.sleep(0.5)
+                return {"job": i, "gpu": gpu, "shared": True}
+            time.sleep(0.5)
+            os.close(fd)
+            os.unlink(os.path.join(held, f"gpu-{gpu}"))
+            return {"job": i, "gpu": gpu, "shared": False}
+
+        with tempfile.TemporaryDirectory() as held:
+            with dask.annotate(resources={"GPU": 1}):
+                futures = [client.submit(_hold_the_gpu, held, i, pure=False) for i in range(6)]
+            jobs = client.gather(futures)
+        shared = [j for j in jobs if j["shared"]]
+        assert shared == [], f"two jobs ran on one GPU at once: {shared}"
+        assert {j["gpu"] for j in jobs} == {"2", "5"}  # both GPUs worked
 
 
 def test_threads_run_one_job_at_a_time_on_cuda():

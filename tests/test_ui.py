@@ -19,8 +19,10 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which("chromium"),
-                                reason="Debian's chromium is not installed (make install does it)")
+# a real component: without chromium these tests fail, unless PALM_TEST_MISSING_OK=chromium
+pytestmark = pytest.mark.real_component(
+    "chromium", missing=None if Path(CHROMIUM).exists() or shutil.which("chromium") else
+    "Debian's chromium is not installed (make install installs it with apt-get, as root)")
 
 
 def _free_port() -> int:
