@@ -332,6 +332,8 @@ def make_member(store: Path, key: str) -> Path:
     from safetensors.torch import save_file
 
     from palm_tasks.jobs import store_policy
+    import numpy
+
     from palm_tasks.scores import Chunk
     from test_hostile import _pool
 
@@ -341,7 +343,7 @@ def make_member(store: Path, key: str) -> Path:
     save_file({f"base_model.model.layers.{i}.lora_A.weight": torch.randn(8, 32, generator=generator)
                for i in range(4)}, str(tmp / "adapter" / "adapter_model.safetensors"))
     (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-    one = Chunk("test", 0, 1, ["p"], ["c"], np.array([[0.5, 0.5, 0.5]]), np.array([False]), np.array([0.5]))
+    one = Chunk("test", 0, 1, ["p"], ["c"], numpy.array([[0.5, 0.5, 0.5]]), numpy.array([False]), numpy.array([0.5]))
     store_policy(tmp, store / key, replace(_pool(store)[0], key=key), [one])
     return store / key
 
