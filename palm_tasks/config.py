@@ -167,6 +167,9 @@ class EvaluationConfig(Section):
         if self.chunk_prompts > self.n_prompts:
             raise ValueError(f"evaluation.chunk_prompts = {self.chunk_prompts} is more than the cap "
                              f"evaluation.n_prompts = {self.n_prompts}: the cap must hold at least one chunk")
+        if self.min_prompts > self.n_prompts:
+            raise ValueError(f"evaluation.min_prompts = {self.min_prompts} is more than the cap "
+                             f"evaluation.n_prompts = {self.n_prompts}: a policy is measured on at most the cap")
         return self
 
 

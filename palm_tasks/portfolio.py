@@ -337,6 +337,8 @@ class Portfolio:
             if k in keys[:i]:
                 raise ArtifactError(f"members[{i}].key repeats members[{keys.index(k)}].key")
         oracle = data.get("oracle")
+        if oracle is None and version != 0:  # the certificate's bound, every route's guarantee
+            raise FieldError("oracle is missing")
         if oracle is None:  # before versioning, hand-made files: the members bound OPT, more loosely
             oracle = PolicyTable(tuple(keys), tuple(m.weights for m in members),
                                  tuple(m.value.mean for m in members), tuple(m.value.se for m in members))

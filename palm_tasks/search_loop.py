@@ -62,9 +62,9 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
     through run_jobs at once and tells each result. `store`: where new policies go (the evaluate
     stage keeps its own)."""
     rows: list[Policy] = list(initial)
-    run = SearchRun(rows, {p.key: p.scores.prompts for p in rows})
+    run = SearchRun(rows, {p.key: _prompts(p) for p in rows})
     prompts, started = run.prompts, time.time()
-    per_prompt = rows[0].scores.answers_per_prompt if rows else 0
+    per_prompt = rows[0].scores.answers_per_prompt if rows and rows[0].scores is not None else 0
     while True:
         while need := search.evaluation_needed():
             order = sorted(need)
@@ -88,14 +88,22 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
                 jobs.append(Job.train(w, store=store))
         policies = run_jobs(jobs)
         for w, todo, policy in zip(batch, pending, policies):
-            prompts[policy.key] = max(prompts.get(policy.key, 0), policy.scores.prompts)
-            step = search.tell(w, scores=policy.scores.scores)
+            prompts[policy.key] = max(prompts.get(policy.key, 0), _prompts(policy))
+            if search.paired is None:  # a search on value vectors alone (exact oracles, benchmarks)
+                step = search.tell(w, policy.values, policy.std_errors)
+            else:
+                step = search.tell(w, scores=policy.scores.scores)
             if todo["source"] != "repair":
                 rows.append(policy)
             elif step["kept"] == "new":
                 rows[todo["row"]] = policy
             step["key"] = policy.key
-            step["prompts"] = policy.scores.prompts
-            per_prompt = policy.scores.answers_per_prompt
+            step["prompts"] = _prompts(policy)
+            per_prompt = policy.scores.answers_per_prompt if policy.scores is not None else 0
             run.cost.append({"trainings": search.trainings, "rows": len(search.W),
                              "answers": sum(prompts.values()) * per_prompt, "seconds": round(time.time() - started, 1)})
+
+
+def _prompts(policy: Policy) -> int:
+    """The evaluation prompts a policy was measured on (0 for one told by value alone)."""
+    return policy.scores.prompts if getattr(policy, "scores", None) is not None else 0

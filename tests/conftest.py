@@ -141,7 +141,8 @@ def copy_project(prepared: Path, dest: Path, **sections) -> Path:
 
 def specialist_values(weights) -> tuple[float, ...]:
     """Values a test gives a policy trained at `weights`: 0.9 on its traits, 0.1 elsewhere (so
-    the three specialists of d = 3 are each needed, and certified at delta = 0.6)."""
+    the three specialists of d = 3 are each needed, and certified at delta = 0.8: at confidence 0.95
+    on the tiny project's 8 prompts the middle corner's margin must clear about 0.23)."""
     return tuple(round(0.1 + 0.8 * float(w), 6) for w in weights)
 
 
@@ -180,7 +181,7 @@ def build_registered_project(prepared: Path, dest: Path, prefix: str):
     from palm_tasks.stages import STAGES
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    root, _, policies = trained_project(prepared, dest, 3, coverage={"eps": 0.05, "delta": 0.6},
+    root, _, policies = trained_project(prepared, dest, 3, coverage={"eps": 0.05, "delta": 0.8},
                                         mlflow={"registered_model_prefix": prefix})
     cfg = load_config(root / "params.yaml")
     STAGES["coverage"].run(cfg, root)  # no soups stage: the candidates are the three specialists

@@ -9,6 +9,7 @@ from conftest import copy_project
 from support.fronts import PNormFront
 from palm_tasks.core.search import LazySearch, lazy_search
 from palm_tasks.paths import Paths
+from palm_tasks.search_loop import search_loop
 from palm_tasks.stages import align
 
 
@@ -26,7 +27,8 @@ def fake_runner(root, front, short_first=()):
             tries[key] = tries.get(key, 0) + 1
             v = front(w) * (0.6 if key in short_first and tries[key] == 1 else 1.0)
             path = root / "models" / "members" / f"p{sum(len(b) for b in batches)}-{len(out)}"
-            out.append(SimpleNamespace(values=v, std_errors=np.full(len(w), 0.002), key=path.name, path=path))
+            out.append(SimpleNamespace(values=v, std_errors=np.full(len(w), 0.002), key=path.name, path=path,
+                                       scores=None))
         return out
     return run_jobs, batches
 
@@ -35,7 +37,7 @@ def test_search_loop_runs_each_round_as_one_batch_of_up_to_workers_jobs(tmp_path
     front = PNormFront(3, 2.0)
     run_jobs, batches = fake_runner(tmp_path, front)
     search = LazySearch(3, 0.05, 0.02, 60)
-    rows = align.search_loop(search, run_jobs, Paths(tmp_path), workers=4)
+    rows = search_loop(search, run_jobs, Paths(tmp_path), workers=4).rows
     result = search.result()
     assert result.certificate.certified
     assert len(batches) == search.rounds < search.trainings == sum(len(b) for b in batches)
@@ -49,7 +51,7 @@ def test_search_loop_runs_each_round_as_one_batch_of_up_to_workers_jobs(tmp_path
 def test_search_loop_with_one_worker_asks_one_job_at_a_time(tmp_path):
     run_jobs, batches = fake_runner(tmp_path, PNormFront(2, 2.0))
     search = LazySearch(2, 0.05, 0.02, 30)
-    align.search_loop(search, run_jobs, Paths(tmp_path))
+    search_loop(search, run_jobs, Paths(tmp_path))
     assert [len(b) for b in batches] == [1] * search.trainings and search.rounds == search.trainings
 
 
@@ -62,7 +64,7 @@ def test_search_loop_batches_repairs_warm_started_from_their_row(tmp_path):
         W = np.atleast_2d(W)
         return front.opt(W) * 0.99, np.full(len(W), 0.002)
     search = LazySearch(3, 0.1, 0.03, 40, reference=reference, max_repairs=1)
-    rows = align.search_loop(search, run_jobs, Paths(tmp_path), workers=3)
+    rows = search_loop(search, run_jobs, Paths(tmp_path), workers=3).rows
     assert [j.policy for j in batches[0]] == [None] * 3  # the extremes
     repairs = batches[1]
     assert len(repairs) == 3 and all(j.attempt == 1 for j in repairs)
