@@ -146,8 +146,8 @@ class EvaluationConfig(Section):
                            "answers per prompt less")
     chunk_prompts: int = Field(32, ge=1, description="prompts per chunk; decisions are looked at after each chunk "
                                "(their error is split over the planned looks, up to n_prompts)")
-    min_prompts: int = Field(64, ge=1, description="prompts every trained policy is measured on at once (a "
-                             "whole number of chunks, rounded up); more only where a decision hinges on them")
+    min_prompts: int = Field(64, ge=1, description="prompts every trained policy is measured on at once (whole "
+                             "chunks, rounded up; at most the cap); more only where a decision hinges on them")
     samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
@@ -167,9 +167,6 @@ class EvaluationConfig(Section):
         if self.chunk_prompts > self.n_prompts:
             raise ValueError(f"evaluation.chunk_prompts = {self.chunk_prompts} is more than the cap "
                              f"evaluation.n_prompts = {self.n_prompts}: the cap must hold at least one chunk")
-        if self.min_prompts > self.n_prompts:
-            raise ValueError(f"evaluation.min_prompts = {self.min_prompts} is more than the cap "
-                             f"evaluation.n_prompts = {self.n_prompts}: a policy is measured on at most the cap")
         return self
 
 

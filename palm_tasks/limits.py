@@ -78,6 +78,8 @@ def _jobs_fit(cfg, test_weights: int) -> None:
     for key, n, limit, what in (
             ("data.n_train", cfg.data.n_train, MAX_PROMPTS, "prompts"),
             ("data.n_eval", cfg.data.n_eval, MAX_PROMPTS, "prompts"),
+            ("evaluation.chunk_prompts", ev.chunk_prompts, MAX_PROMPTS, "prompts per chunk"),
+            ("evaluation.min_prompts", ev.min_prompts, MAX_PROMPTS, "prompts"),
             ("evaluation.batch_size", ev.batch_size, MAX_BATCH, "answers per forward pass"),
             ("training.batch_size", t.batch, MAX_BATCH, "examples per step"),
             ("training.num_generations", t.num_generations, MAX_BATCH, "completions per prompt"),

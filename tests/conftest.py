@@ -194,3 +194,56 @@ def registered(tmp_path_factory, prepared_project):
     (router, serving and UI tests): (root, member keys, cfg, register stage's result)."""
     return build_registered_project(prepared_project, tmp_path_factory.mktemp("registered") / "project",
                                     "palmreg")
+
+
+def command_env(extra: dict | None = None) -> dict:
+    """The environment of a `palm`, `dvc` or `git` command a test runs: the venv's commands on
+    PATH, and the test harness's Prefect server (no ephemeral server per command)."""
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # slow on a busy machine
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    env.pop("DVC_STAGE", None)
+    return {**env, **(extra or {})}
+
+
+def run_command(root: Path, *cmd: str, timeout: int = 900, stderr: bool = False) -> str:
+    """Run a command in `root` as a user would: its standard output (and error, with stderr), or a
+    failed assertion showing both."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=root, env=command_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr if stderr else proc.stdout
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_model, prefect_harness) -> Path:
+    """The tiny project after the README's first command: `palm run` in a git repository, every
+    stage through Prefect (the harness's server), TRL, MLflow on SQLite, and dvc.lock written.
+    Made once per session; tests read it and never change it. A test that changes anything (a
+    param, a command that writes) works on a copy (copy_run). Tests that use it share an xdist
+    group, so one worker makes it."""
+    import sys
+
+    root = make_project(tmp_path_factory.mktemp("finished") / "project", tiny_model)
+    run_command(root, "git", "init", "-q")
+    run_command(root, "git", "add", "-A")
+    run_command(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    run_command(root, sys.executable, "-m", "flows.cli", "run", "--root", str(root), "--params", str(root / "params.yaml"))
+    return root
+
+
+def copy_run(finished: Path, dest: Path) -> Path:
+    """A copy of the finished run to change, its MLflow store moved home at once (what any palm
+    command does when it first opens a copied store: palm_tasks.tracking.relocate_store)."""
+    from palm_tasks.params_yaml import load_config
+    from palm_tasks.tracking import tracking_uri
+
+    shutil.copytree(finished, dest, symlinks=True)
+    tracking_uri(load_config(dest / "params.yaml"), dest)
+    return dest

@@ -3,18 +3,15 @@ finds the pipeline up to date, `dvc metrics show` holds numbers only, and a chan
 reruns only the stages that depend on it. Tiny model, real Prefect, MLflow and DVC."""
 
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_project
+from conftest import copy_run, run_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 
 PIPELINE = ["rewards", "grid", "align", "soups", "coverage", "register"]
 
@@ -31,29 +28,20 @@ def _leaves(data, path=()):
         yield path, data
 
 
-def test_dvc_agrees_with_palm_run(tmp_path, tiny_model):
-    root = make_project(tmp_path / "project", tiny_model)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_STAGE", None)
+def test_dvc_agrees_with_palm_run(finished_run, tmp_path):
+    # a copy: dvc takes its repository's lock, and the shared run stays as palm run left it
+    root = copy_run(finished_run, tmp_path / "project")
 
     def run(*cmd, timeout=900):
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
+        return run_command(root, *cmd, timeout=timeout)
 
     def palm(*args):
-        return run(sys.executable, "-m", "flows.cli", *args, "--root", str(root),
-                   "--params", str(root / "params.yaml"))
+        return run(sys.executable, "-m", "flows.cli", *args, "--root", str(root), "--params", str(root / "params.yaml"))
 
     def changed() -> set[str]:
         """The stages `dvc status` lists as changed."""
         return set(json.loads(run("dvc", "status", "--json")))
 
-    run("git", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
-
-    palm("run")
     assert (root / "dvc.lock").is_file()
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(PIPELINE)  # palm run records its six stages

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_project
+from conftest import copy_run, make_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 
 
 def _member_files(root: Path) -> dict[str, float]:
@@ -36,21 +36,24 @@ def test_a_stage_without_its_inputs_says_which_stage_to_run(tmp_path, tiny_model
     assert "palm: error: " in proc.stderr and "run `palm stage align` first" in proc.stderr
 
 
-def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
+def test_the_first_command_writes_every_stage_and_each_agrees_with_the_next(finished_run):
+    """`palm run` on the tiny project (the shared finished run): what each stage wrote, read back
+    and checked against what the next stage made of it."""
     import mlflow
 
-    from flows.pipeline import pipeline
-    from palm_tasks.params_yaml import load_config
     from palm_tasks.jobs import load_policy
-    from palm_tasks.schema import load_pool
+    from palm_tasks.params_yaml import load_config
     from palm_tasks.portfolio import load_portfolio
-    from palm_tasks.schema import load_soups
+    from palm_tasks.schema import load_pool, load_soups
+    from palm_tasks.stages.coverage import METRIC_KEYS
     from palm_tasks.tracking import tracking_uri
 
-    root = make_project(tmp_path / "project", tiny_model)
+    root = finished_run
     params = str(root / "params.yaml")
-    result = pipeline(params, str(root))
-    assert set(result) == {"rewards", "grid", "align", "soups", "coverage", "register"}
+    result = {name: json.loads((root / "metrics" / f"{name}.details.json").read_text())
+              if (root / "metrics" / f"{name}.details.json").is_file()
+              else json.loads((root / "metrics" / f"{name}.json").read_text())
+              for name in ("rewards", "grid", "align", "soups", "coverage", "register")}
 
     # rewards: the prompt split, the humor classifier's accuracy, the trade-off matrix
     rewards = json.loads((root / "metrics" / "rewards.json").read_text())
@@ -66,10 +69,15 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
 
     # align: every pooled policy is on disk with its adapter and a value vector in [0, 1]
     pool = load_pool(root)
+    cfg = load_config(params)
     assert result["align"]["trained"] == pool.trained == len(pool.keys) >= 3
     members = {p.key: p for p in pool.policies}
     for m in members.values():
-        assert load_policy(m.path) == m  # the pool holds what the job stored
+        stored = load_policy(m.path)  # the job's own record, measured on its first prompts
+        assert (stored.key, stored.weights) == (m.key, m.weights)
+        assert m.scores.prompts >= cfg.evaluation.first_prompts  # more where a decision needed them
+        if m.scores.prompts == stored.value.n // cfg.evaluation.samples_per_prompt:
+            assert stored.value == m.value
         assert (m.adapter / "adapter_model.safetensors").is_file()
         assert not list(m.path.rglob("*.bin")), "no pickled files in a member"
         assert np.all((m.values >= 0) & (m.values <= 1)) and np.all(m.std_errors >= 0)
@@ -82,7 +90,7 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert list(portfolio.pool) == pool.keys
     soups = load_soups(root)  # free candidates beside the trained pool
     assert portfolio.soups["candidates"] == soups.keys
-    assert len(soups.keys) == result["soups"]["built"] == 3  # d = 3 specialists, lattice step 1/2
+    assert len(soups.keys) == json.loads((root / "metrics" / "soups.json").read_text())["built"] == 3
     members.update({p.key: p for p in soups.policies})
     assert 1 <= len(portfolio.members) <= len(pool.keys) + len(soups.keys)
     for entry in portfolio.members:
@@ -94,24 +102,35 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert portfolio.certificate.relative_to and len(portfolio.certificate.worst_weight) == 3
     assert portfolio.base_model_sha256 == json.loads((root / "models" / "base" / "base.json").read_text())[
         "weights_sha256"]
-    coverage = result["coverage"]  # every figure; metrics/coverage.json holds the main ones
-    assert json.loads((root / "metrics" / "coverage.json").read_text()) == {
-        k: coverage[k] for k in ("portfolio_size", "pool_size", "soups_in_portfolio", "certified", "max_eps",
-                                 "max_delta", "conservative_certified", "worst_evidence_gap", "mean_evidence_gap",
-                                 "evidence_eps", "evidence_contradicts", "oracle_rows_beaten", "gate_passed",
-                                 "production", "max_multiplicative_gap", "mean_multiplicative_gap",
-                                 "usage_perplexity")}
+    coverage = result["coverage"]  # metrics/coverage.json: the numbers dvc metrics shows
+    assert set(coverage) == set(METRIC_KEYS)
     assert coverage["portfolio_size"] == len(portfolio.members)
-    # the alignment-oracle check: every trained member at its own weight against every candidate
+    # the certificate states its confidence and how alpha was split over its decisions
+    cert = portfolio.certificate
+    assert cert.alpha == coverage["alpha"] == cfg.coverage.alpha
+    assert cert.statement.endswith(f"covering with confidence 1 - alpha = {1 - cfg.coverage.alpha:g}, "
+                                   "relative to the oracle and the evidence")
+    assert cert.split["decisions"] == cert.decisions == coverage["decisions"] > 0
+    assert cert.split["each"] == pytest.approx(cfg.coverage.alpha / cert.decisions)
+    assert len(cert.open_at_cap) == coverage["open_at_cap"]
+    # every answer measured is counted: the pool's and the soups' tables
+    answers = sum(p.scores.prompts for p in [*pool.policies, *soups.policies]) * cfg.evaluation.samples_per_prompt
+    assert coverage["answers_evaluated"] == answers
+    # the alignment-oracle check: every trained row at its own weight, a paired decision each
     everyone = np.array([m.values for m in members.values()])
-    shortfall = max((m.w @ everyone.T).max() - m.w @ m.values for m in pool.policies)
-    assert portfolio.oracle_check["checked"] == len(pool.keys)
-    assert coverage["oracle_max_shortfall"] == pytest.approx(max(shortfall, 0.0))
+    assert portfolio.oracle_check["checked"] == len(pool.keys) == len(portfolio.oracle_check["rows"])
     assert coverage["oracle_rows_beaten"] == portfolio.oracle_check["beaten"]
+    assert portfolio.oracle_check["split"]["decisions"] == len(pool.keys)
+    # the price of precision: the eps certified by the best k, and after each of the search's trainings
+    price = portfolio.price
+    assert [r["k"] for r in price["by_size"]] == list(range(1, len(price["by_size"]) + 1))
+    assert [r["trainings"] for r in price["by_compute"]] == list(range(1, result["align"]["trainings"] + 1))
+    assert all(a["answers"] <= b["answers"] for a, b in zip(price["by_compute"], price["by_compute"][1:]))
+    assert json.loads((root / "plots" / "price_vs_size.json").read_text()) == price["by_size"]
+    assert (root / "plots" / "price_of_precision.png").read_bytes()[:4] == b"\x89PNG"
 
     # register: one registered version per member, tagged with weights and values; the alias
     # is production for a certified portfolio, candidate otherwise
-    cfg = load_config(params)
     client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
     member_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
     versions = client.search_model_versions(f"name = '{member_model}'")
@@ -176,11 +195,27 @@ def test_pipeline_through_prefect(tmp_path, tiny_model, prefect_harness):
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         print_summary(cfg, root)
     assert "Against the evidence (best-of-" in " ".join(printed.getvalue().split())
+    assert "with confidence 1 - alpha" in " ".join(printed.getvalue().split())
 
-    # a second run trains nothing and registers nothing new
+
+def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared_job(finished_run, tmp_path,
+                                                                                      prefect_harness):
+    import mlflow
+
+    from flows.pipeline import pipeline
+    from palm_tasks.params_yaml import load_config
+    from palm_tasks.schema import load_pool
+    from palm_tasks.tracking import tracking_uri
+
+    root = copy_run(finished_run, tmp_path / "project")
+    params = str(root / "params.yaml")
+    cfg = load_config(params)
+    client = mlflow.MlflowClient(tracking_uri(cfg, root), registry_uri=tracking_uri(cfg, root))
+    member_model = f"{cfg.mlflow.registered_model_prefix}-{cfg.task}-member"
     before = _member_files(root)
     n_versions = len(client.search_model_versions(f"name = '{member_model}'"))
-    again = pipeline(params, str(root))
+    again = pipeline(params, str(root))  # the stage flows in this process, through Prefect
+    assert set(again) == {"rewards", "grid", "align", "soups", "coverage", "register"}
     assert _member_files(root) == before
     assert again["align"]["trained"] == 0 and again["register"]["created"] == 0
     assert len(client.search_model_versions(f"name = '{member_model}'")) == n_versions

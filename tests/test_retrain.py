@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_project
+from conftest import copy_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 
 
 def _adapters(root: Path) -> dict[str, int]:
@@ -26,8 +26,7 @@ def _edit(root: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, tiny_model,
-                                                                      prefect_harness):
+def test_retraining_keeps_members_records_drift_and_guards_production(finished_run, tmp_path, prefect_harness):
     import mlflow
 
     from flows.pipeline import pipeline
@@ -39,7 +38,7 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     from palm_tasks.portfolio import load_portfolio
     from palm_tasks.tracking import tracking_uri
 
-    root = make_project(tmp_path / "project", tiny_model)
+    root = copy_run(finished_run, tmp_path / "project")  # its first three trainings are reused below
     # the 3 single-trait members: enough to drift; delta = 1 certifies any portfolio (production)
     # no repair: this test follows the kept members (a repair may replace a beaten row's policy)
     _edit(root, search={"max_trainings": 3, "max_repairs": 0}, coverage={"delta": 1.0})
@@ -61,10 +60,18 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     assert pool.mode == "retrain" and pool.keys[:len(old_pool)] == old_pool
     assert pool.trained == len(summary["trained"]) == len(set(after) - set(before))
 
-    # drift = mean change of the re-evaluated members' values, per trait, as stored on disk
-    new_values = {k: np.array(json.loads((root / "models" / "members" / k / "evaluations" /
-                                          f"{summary['eval_key']}.json").read_text())["values"])
-                  for k in old_pool}
+    # drift = mean change of the re-measured members' values, per trait, as their chunks on disk hold
+    # them (each prompt's mean reward over its answers, averaged over the prompts)
+    def measured(key: str) -> np.ndarray:
+        per_prompt = []
+        for chunk in sorted((root / "models" / "members" / key / "evaluations" / summary["eval_key"]).glob("chunk-*")):
+            data = json.loads(chunk.read_text())
+            k = data["answers_per_prompt"]
+            rewards = np.array(data["rewards"])
+            per_prompt.append(rewards.reshape(len(rewards) // k, k, -1).mean(axis=1))
+        return np.concatenate(per_prompt).mean(axis=0)
+
+    new_values = {k: measured(k) for k in old_pool}
     expected = np.mean([new_values[k] - old_values[k] for k in old_pool], axis=0)
     cfg = load_config(params)
     assert [summary["reward_drift"][t] for t in cfg.traits] == pytest.approx(expected.tolist())
@@ -91,12 +98,13 @@ def test_retraining_keeps_members_records_drift_and_guards_production(tmp_path, 
     held = client.get_model_version_by_alias(name, "production")
     assert held.tags["portfolio_id"] == portfolio.id
 
-    # 20 standard errors of pessimism: no portfolio is certified, so production stays put.
-    _edit(root, coverage={"z": 20.0, "delta": 0.02}, search={"max_trainings": 1})
+    # eps 0.001 at 99.9% confidence on 8 prompts: no portfolio is certified, so
+    # production stays put.
+    _edit(root, coverage={"eps": 0.001, "delta": 0.02, "alpha": 0.001}, search={"max_trainings": 1})
     strict = retrain_flow(params, str(root))
     assert not strict["certified"] and strict["register"]["alias"] == "candidate"
-    # at most the one training allowed; the search ends uncertified (out of budget, or stuck: at
-    # 20 se of pessimism it may find no weight worth training)
+    # at most the one training allowed; the search ends uncertified (out of budget, or stuck: it
+    # may find no weight worth training)
     assert len(strict["trained"]) <= 1
     assert load_pool(root).history["stopped"] in {"budget", "stuck"}
     candidate = client.get_model_version_by_alias(name, "candidate")
