@@ -1,26 +1,15 @@
 """The MLflow model registry: what the register stage puts there, and how it is found again.
 
-What a person browsing MLflow finds (the naming scheme, documented in docs/tracking.md):
-
-- `<prefix>-<task>-base`: one version per base model (found by its `weights_sha256` tag), the
-  base model itself, logged with the transformers flavor. Members reference it by its
-  `models:/` URI, never by a path, so a copy of the project and its store needs nothing outside it.
-- `<prefix>-<task>-member`: one version per portfolio member. The version holds the LoRA
-  adapter, logged with the transformers flavor; tag `base_model_uri` names the base's version,
-  and `mlflow.transformers.load_model(uri, base_model_path=<that version's model/ directory>)`
-  rebuilds base + adapter offline (`load_member` does it). Tags:
-  `member_key`, `w.<trait>`, `value.<trait>`, `se.<trait>`, `share` (of sampled users),
-  `share_simplex`, `portfolio_id`, `portfolios` (every portfolio it has been in), `certified`,
-  `in_production`; the description says the same in words, with the certificate.
-- `<prefix>-<task>-portfolio`: one version per portfolio: a small pyfunc whose artifact is
-  portfolio.json (with each member's registered model URI and the base's) and whose `predict` maps a
-  DataFrame of trait weights to a member by the project's one routing rule (core.routing). Tags: `portfolio_id`,
-  `certified`, `eps`, `delta`, `members`. Alias `production` = the current certified
-  portfolio whose members pass the quality gate and whose certificate the evidence does not
-  contradict (Portfolio.blockers); any other gets alias `candidate` and never moves `production`.
-- Runs: `base-<sha[:10]>` (the base model's), `member-<key[:10]>` (only when the member's training run is not in the store; then the
-  model goes into the training run) and `portfolio-<id[:10]>` (params, certificate and coverage
-  metrics, portfolio.json, plots/).
+What a person browsing MLflow finds (the naming scheme and every tag: docs/tracking.md):
+`<prefix>-<task>-base` (one version per base model, found by its `weights_sha256` tag; members
+name it by its `models:/` URI, never by a path), `<prefix>-<task>-member` (one version per
+member: its LoRA adapter with the transformers flavor; `load_member` rebuilds base + adapter from
+the registry alone) and `<prefix>-<task>-portfolio` (one version per portfolio: the pyfunc of
+palm_tasks/portfolio_model.py, which routes trait weights by the one routing rule). Alias
+`production` = the current portfolio certified at its stated confidence, whose members pass the
+quality gate and whose certificate the evidence does not contradict (Portfolio.blockers); any
+other gets `candidate` and never moves `production`. What each version's tags and description
+say is registry_text.py.
 
 Registration is idempotent: versions, logged models and runs are found again by their
 `member_key` / `portfolio_id` tags, so registering the same portfolio twice creates nothing.
@@ -45,7 +34,7 @@ from palm_tasks.jobs import ADAPTER_DIR, CorruptPolicyError, load_policy
 from palm_tasks.llm.base_model import base_info, resolve_base_model
 from palm_tasks.paths import Paths
 from palm_tasks.portfolio_model import PortfolioRouter
-from palm_tasks.registry_text import (member_description, member_tags, portfolio_description,
+from palm_tasks.registry_text import (log_answers, member_description, member_tags, portfolio_description,
                                       portfolio_metrics, simplex_shares)
 from palm_tasks.schema import Policy
 from palm_tasks.portfolio import Member, Portfolio
@@ -303,7 +292,7 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
             mlflow.log_metrics({f"value.{t}": v for t, v in zip(portfolio.traits, member.value.mean)})
             mlflow.log_metrics({f"se.{t}": v for t, v in zip(portfolio.traits, member.value.se)})
         mlflow.log_dict(policy.to_json(), "member.json")
-        _log_answers(policy.path, portfolio.traits)
+        log_answers(policy.path, portfolio.traits)
         info = mlflow.transformers.log_model(
             transformers_model=_load_peft_pipeline_parts(base_path, adapter_dir),
             name="member",
@@ -317,24 +306,6 @@ def _log_member_model(client, experiment_id, portfolio: Portfolio, member: Membe
         )
         counter["created"] += 1
     return info.model_uri
-
-
-ANSWERS_TABLE = "evaluation_answers.json"  # the member's answers, as the MLflow UI shows them
-
-
-def _log_answers(policy_dir: Path, traits) -> None:
-    """The member's evaluation answers (prompt, answer, each trait's reward) as an MLflow table
-    of its run, so a person browsing the registry sees what the member says, not only its
-    numbers. Read from the member's completions.jsonl, written with its value."""
-    import mlflow
-
-    path = Path(policy_dir) / "completions.jsonl"
-    if not path.is_file():
-        return
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    table = {"prompt": [r["prompt"] for r in rows], "answer": [r["completion"] for r in rows]}
-    table.update({t: [r["rewards"].get(t) for r in rows] for t in traits})
-    mlflow.log_table(table, ANSWERS_TABLE)
 
 
 def _load_peft_pipeline_parts(base_path: Path, adapter_dir: Path) -> dict:

@@ -1,7 +1,10 @@
 """What a person browsing the MLflow registry reads of a member or a portfolio: its tags,
-description and metrics, in words and figures (palm_tasks/registry.py registers them)."""
+description, metrics and answers, in words and figures (palm_tasks/registry.py registers them)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from palm_tasks.core import routing
 from palm_tasks.portfolio import Member, Portfolio
@@ -120,3 +123,21 @@ def portfolio_metrics(portfolio: Portfolio) -> dict:
     metrics.update({f"coverage.{k}": float(v) for k, v in portfolio.coverage.items()
                     if isinstance(v, (int, float))})
     return metrics
+
+
+ANSWERS_TABLE = "evaluation_answers.json"  # the member's answers, as the MLflow UI shows them
+
+
+def log_answers(policy_dir: Path, traits) -> None:
+    """The member's evaluation answers (prompt, answer, each trait's reward) as an MLflow table
+    of its run, so a person browsing the registry sees what the member says, not only its
+    numbers. Read from the member's completions.jsonl, written with its value."""
+    import mlflow
+
+    path = Path(policy_dir) / "completions.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = {"prompt": [r["prompt"] for r in rows], "answer": [r["completion"] for r in rows]}
+    table.update({t: [r["rewards"].get(t) for r in rows] for t in traits})
+    mlflow.log_table(table, ANSWERS_TABLE)

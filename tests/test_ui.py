@@ -70,7 +70,8 @@ def test_registered_members_show_in_the_mlflow_ui(mlflow_ui):
 
     from mlflow import MlflowClient
 
-    from palm_tasks.registry import ANSWERS_TABLE, member_model_name, portfolio_model_name
+    from palm_tasks.registry import member_model_name, portfolio_model_name
+    from palm_tasks.registry_text import ANSWERS_TABLE
 
     url, keys, cfg, result, root = mlflow_ui
     members, portfolios = member_model_name(cfg), portfolio_model_name(cfg)

@@ -43,6 +43,21 @@ from palm_tasks.core.simplex import check_tolerances
 ADJACENT = 1e-9  # members within this of the best value at a corner share it (their regions meet)
 
 
+def check_table(scores, d):
+    """A per-prompt table: finite rewards in [0, 1], shape (prompts >= 1, d)."""
+    table = np.asarray(scores, dtype=float)
+    if table.ndim != 2 or table.shape[1] != d or len(table) < 1:
+        raise ValueError(f"per-prompt scores must have shape (prompts, {d}), got {table.shape}")
+    if not np.isfinite(table).all() or (table < 0).any() or (table > 1).any():
+        raise ValueError("per-prompt scores must be finite rewards in [0, 1]")
+    return table
+
+
+def table_se(table):
+    """The se of a table's mean over its prompts (0 for one prompt)."""
+    return table.std(axis=0, ddof=1) / np.sqrt(len(table)) if len(table) > 1 else np.zeros(table.shape[1])
+
+
 @dataclass(frozen=True)
 class Decision:
     """One decision on a per-prompt statistic: its estimate and interval (read at `n` prompts,

@@ -1,5 +1,10 @@
 """Lazy search: train only where the certificate fails (docs/theory.md section 5).
 
+One idea in one file (about 520 lines): the search's state (the rows told, the proposals
+pending, the repairs spent) and the rules that read and change it. The rules that need no state
+live beside it: which beaten row first (repair.py), where one policy could replace several
+(consolidate.py), the paired decisions (paired.py).
+
 An ask/tell object in the manner of morl-baselines' LinearSupport (Optimistic Linear Support):
 the caller owns the loop and the training, the search only proposes weights and records values.
 
@@ -20,57 +25,51 @@ budget of max_trainings is spent, or no untrained corner has positive slack ("st
 noise z * se alone breaks the bound, section 6). result() prunes (section 3) with the corner
 weights as elements and re-certifies the pruned portfolio (step 4).
 
-Measured against the floor of section 11 (benchmarks/search_floor.py, docs/search.md) this rule
-trains 2.3-5.3x the minimum cover k* and returns 1.2-2.8x k* members at d = 3-4: the
-certificate's U is built from the oracle rows' tangent planes, and making it tight enough costs
-trainings that the exact OPT of the floor does not need: handed the best cover of at most
-1.25 k* members in advance, the search still trains 2.3-4.6x k* to certify it at d = 3-4
-(benchmarks/search_foresight.py), so no proposal rule alone reaches 2 k*. Consolidation
-(consolidate=k, off by default) trades trainings for size: once certified, a set cover over predicted policies at a
-lattice of weights names new weights where one policy could replace several members; they are
+How this rule compares with the floor of section 11 is measured in docs/search.md.
+Consolidation (consolidate=k, off by default; core/consolidate.py) trades trainings for size:
+once certified, it names new weights where one policy could replace several members; they are
 trained (source "consolidate"), the search certifies again, and result() prunes.
 
-Parallel proposals (section 12). ask_batch(n) proposes up to n weights at once for n workers:
-the first is what ask() would propose; each further one is chosen after pretending the weights
-already proposed were trained and returned nothing better than the best told row there (a
-"constant liar" as in batched Bayesian optimisation: the pretended oracle row pulls U down to
-what is known around that weight), so the batch spreads over the n worst uncertified regions
-instead of crowding one corner. Pretended rows only steer proposals: the
-certificate, the stop decision and the result use told values only. tell() accepts the pending
-weights in any order. A round is one ask_batch() (or ask()) made while nothing was pending; with
-n = 1 the search is exactly the one-at-a-time search.
+Parallel proposals (section 12). ask_batch(n) proposes up to n weights at once for n workers,
+each further one chosen after pretending the ones proposed returned nothing better than the best
+told row there ("constant liar", docs/search.md); pretended rows only steer proposals. tell()
+accepts the pending weights in any order; with n = 1 this is the one-at-a-time search.
 
 Evidence and repair (sections 8 and 9). With `reference(W) -> (values (m,), se (m,))`, the
 best-of-N value w . R_BoN(w) at each weight, the certificate's oracle constraints use
 max(best value known at w_j, reference(w_j) + z se). After every tell, a row that the evidence
 at its own weight (best-of-N or another told row) beats by more than z_significant se is
-**beaten**; while it has repairs left (max_repairs per row) and the budget allows, ask()
-proposes its weight again before anything else, the row whose repair would lower the worst
-gap against the evidence most first (source "repair"; `pending` says which row and
-which row beat it, so the caller can warm-start from that policy). tell() then keeps the better
+**beaten**; while the certificate does not hold, it has repairs left (max_repairs per row) and
+the budget allows, ask() proposes its weight again before anything else, the row whose repair
+would lower the worst gap against the evidence most first (core/repair.py; source "repair";
+`pending` says which row and which row beat it, so the caller can warm-start from that policy). tell() then keeps the better
 of the old and the new value at w_j in that row. A row is repaired at most max_repairs times,
 so the search never loops; rows still beaten at the end are in result().beaten. When more than
 half of the rows (at least d + 1) are beaten with no repair left, the oracle fails more often
 than it works and the search stops as "stuck" rather than spend its budget on new beaten rows.
+
+Paired evidence (section 13). With `paired` (core.paired.PairedEvidence) rows are told as
+per-prompt tables (tell(w, scores=table), update(row, table) when measured further): the
+certificate, the beaten rows and the pruning are paired decisions at confidence 1 - alpha, and
+evaluation_needed() says which rows the open decisions need measured on more prompts before
+the next proposal (the caller measures them, as it trains).
 """
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import LinearConstraint, linprog, milp
 
-from palm_tasks.core.certificate import (TOL, Certificate, UpperBound, certify, check_values, check_z,
-                                         oracle_constraints)
+from palm_tasks.core.certificate import (TOL, Certificate, certify, check_values, check_z)
 from palm_tasks.core.evidence import Beaten, beaten_rows, evidence
+from palm_tasks.core.paired import check_table, table_se
 from palm_tasks.core.grid import snap_to_grid
+from palm_tasks.core.consolidate import consolidation_plan
 from palm_tasks.core.prune import prune, prune_paired
-from palm_tasks.core.simplex import check_d, check_tolerances, check_weights, simplex_lattice
+from palm_tasks.core.repair import repair_order
+from palm_tasks.core.simplex import check_d, check_tolerances, check_weights
 
 SAME_WEIGHT = 1e-12  # two training weights closer than this (max-norm) are the same weight
 
 
-# step 1/n of the lattice on which a repair's effect on the worst gap is judged, per d (about
-# 200-500 weights; 1/8 beyond d = 4)
-_REPAIR_LATTICE = {2: 200, 3: 30, 4: 12}
 
 
 @dataclass(frozen=True)
@@ -111,21 +110,6 @@ class SearchResult:
             "beaten": self.beaten,
             "rounds": int(self.rounds),
         }
-
-
-def check_table(scores, d):
-    """A per-prompt table: finite rewards in [0, 1], shape (prompts >= 1, d)."""
-    table = np.asarray(scores, dtype=float)
-    if table.ndim != 2 or table.shape[1] != d or len(table) < 1:
-        raise ValueError(f"per-prompt scores must have shape (prompts, {d}), got {table.shape}")
-    if not np.isfinite(table).all() or (table < 0).any() or (table > 1).any():
-        raise ValueError("per-prompt scores must be finite rewards in [0, 1]")
-    return table
-
-
-def _table_se(table):
-    """The se of a table's mean over its prompts (0 for one prompt)."""
-    return table.std(axis=0, ddof=1) / np.sqrt(len(table)) if len(table) > 1 else np.zeros(table.shape[1])
 
 
 def _already(w, trained):
@@ -187,7 +171,7 @@ class LazySearch:
                 raise ValueError("with paired evidence, initial rows need initial_tables (one per row)")
             self.tables = [np.asarray(t, float) for t in (initial_tables or [])]
             self.R = [t.mean(axis=0) for t in self.tables]
-            self.SE = [_table_se(t) for t in self.tables]
+            self.SE = [table_se(t) for t in self.tables]
             if self.W:
                 self.with_se = True
         if not self.W and self.max_trainings <= 0:
@@ -244,40 +228,9 @@ class LazySearch:
         return todo[0] if todo else None
 
     def _repair_order(self, b):
-        """Beaten rows, the one whose repair would lower the pool's worst gap against the evidence
-        most first (ties: the larger relative shortfall at its own weight, then the earlier row).
-
-        What a repair does to row j's other traits is unknown; the measured ones lie between two
-        models, and the predicted worst gap is the mean of the two: the repair closes the shortfall
-        at w_j and changes nothing else (R_j moves by shortfall_j w_j / |w_j|^2, the smallest move
-        that does it: a corner row gains in its own trait only), or it scales the whole row by
-        E(w_j) / w_j . R_j. The worst gap 1 - max_i w . R_i / E(w), E the evidence, is taken over
-        a lattice of the simplex and the trained weights. The row furthest short at its own
-        weight is not always the one that limits the worst gap: a row that also serves many
-        other weights may be (benchmarks/repair_order.py)."""
-        rows = np.flatnonzero(b.beaten)
-        if len(rows) < 2:
-            return rows
+        """Beaten rows in the order they are repaired (core/repair.py)."""
         tw, tv, _ = self._arrays()
-        own = np.einsum("nd,nd->n", tw, tv)
-        target = own + b.shortfall
-        relative = np.divide(b.shortfall, target, out=np.zeros_like(own), where=target > 0)
-        test = np.vstack([simplex_lattice(self.d, _REPAIR_LATTICE.get(self.d, 8)), tw])
-        values = test @ tv.T
-        evidence_at = np.maximum(self._reference(test)[0], values.max(axis=1))
-
-        def worst_gap(j, column):
-            lifted = values.copy()
-            lifted[:, j] = column
-            gap = np.divide(evidence_at - lifted.max(axis=1), evidence_at, out=np.zeros(len(test)),
-                            where=evidence_at > 0)
-            return float(gap.max())
-        worst_after = []
-        for j in rows:
-            along_w = worst_gap(j, values[:, j] + b.shortfall[j] * (test @ tw[j]) / (tw[j] @ tw[j]))
-            scaled = worst_gap(j, values[:, j] * target[j] / own[j]) if own[j] > 0 else along_w
-            worst_after.append(round(0.5 * (along_w + scaled), 12))  # rounded: float noise is no preference
-        return rows[np.lexsort((-relative[rows], np.array(worst_after)))]
+        return repair_order(b, tw, tv, self._reference)
 
     def _budget_left(self):
         return self.max_trainings - self.trainings - len(self._asked)
@@ -296,20 +249,20 @@ class LazySearch:
         if out or any(a[1] == "extreme" for a in self._asked):
             return out  # a round of extremes: the certificate needs them all first
         b = self.beaten()
-        if b is not None:
+        tw, tv, tse = self._arrays()
+        ref = self._reference(tw)
+        reference = None if ref is None else ref[0] + self.z * ref[1]
+        cert = self._certify(tw, tv, tse, reference)
+        if b is not None and not cert.certified:  # a certified portfolio needs no repair
             for j in self._repair_order(b):
                 if (len(out) < n and self._budget_left() - len(out) > 0 and j not in pending_rows
                         and self.repairs[j] < self.max_repairs):
                     out.append((np.array(self.W[j]), "repair", None, int(j), int(b.by[j])))
         if len(out) >= n:
             return out
-        tw, tv, tse = self._arrays()
-        ref = self._reference(tw)
-        reference = None if ref is None else ref[0] + self.z * ref[1]
-        cert = self._certify(tw, tv, tse, reference)
         if cert.certified and not self._asked and not out and not self._planned and self.consolidate > 0:
             self.consolidate -= 1
-            self._planned = self._consolidation_plan(cert, tw, tv, tse, reference)
+            self._planned = consolidation_plan(cert, tw, tv, tse, reference, self.eps, self.delta, self.z, self.W)
         while self._planned and len(out) < n and self._budget_left() - len(out) > 0:
             w = self._planned.pop(0)
             if not _already(w, known):
@@ -354,47 +307,6 @@ class LazySearch:
             self.stopped = "stuck"
         return out
 
-    def _consolidation_plan(self, cert, tw, tv, tse, reference):
-        """Weights where one new policy could replace several members (consolidation).
-
-        Once every row is certified, U is close to OPT. Each weight c of a lattice gets a
-        predicted value: halfway between the best told row at c and the value attaining U(c).
-        An exact set cover (milp) over the told rows and these predictions, with the test
-        lattice and the certificate's corners as elements ((1 - eps) U - delta to reach), says
-        which new weights would give a smaller portfolio; they are proposed only if that cover
-        is smaller than the exact prune of the told rows. Predictions only steer: the result
-        is pruned and certified on told values.
-        """
-        se = np.zeros_like(tv) if tse is None else tse
-        low = tv - self.z * se
-        members = prune(tw, tv, self.eps, self.delta, method="exact", std_errors=tse, z=self.z,
-                        reference=reference)
-        res_c, res_t = {2: (100, 200), 3: (20, 30), 4: (9, 12)}.get(self.d, (6, 8))
-        cand = simplex_lattice(self.d, res_c)
-        cand = np.array([c for c in cand if not _already(c, self.W)]).reshape(-1, self.d)
-        if len(cand) == 0:
-            return []
-        A, V = oracle_constraints(tw, tv + self.z * se)
-        if reference is not None:
-            V = np.maximum(V, reference)
-        bound = UpperBound(A, V)
-        pred = np.array([0.5 * (low[np.argmax(low @ c)] + self._optimistic(c, tw, tv, tse, reference))
-                         for c in cand])
-        elements = np.vstack([simplex_lattice(self.d, res_t), cert.corner_weights])
-        need = (1 - self.eps) * np.array([bound(e) for e in elements]) - self.delta - TOL
-        rows = np.vstack([low, pred])
-        covers = rows @ elements.T >= need[None, :]
-        keep = covers.any(axis=0)
-        cost = np.concatenate([np.full(len(low), 1.0), np.full(len(pred), 1.0 + 1e-3)])
-        sol = milp(cost, constraints=LinearConstraint(covers[:, keep].T.astype(float), lb=1),
-                   integrality=np.ones(len(rows)), bounds=(0, 1), options={"time_limit": 10.0})
-        if sol.status != 0:
-            return []
-        chosen = np.flatnonzero(sol.x > 0.5)
-        if len(chosen) >= len(members):
-            return []
-        return [cand[i - len(low)].copy() for i in chosen if i >= len(low)]
-
     def _certify(self, tw, tv, tse, reference):
         """The certificate of every row told: paired at confidence, or on the values (z se)."""
         if self.paired is not None:
@@ -407,7 +319,7 @@ class LazySearch:
             raise ValueError("update() takes per-prompt scores: the search has no paired evidence")
         table = check_table(scores, self.d)
         self.tables[row] = table
-        self.R[row], self.SE[row] = table.mean(axis=0), _table_se(table)
+        self.R[row], self.SE[row] = table.mean(axis=0), table_se(table)
 
     def evaluation_needed(self) -> dict[int, int]:
         """{row: prompts} to measure before the next proposal (paired evidence; section 13): the
@@ -459,15 +371,6 @@ class LazySearch:
         region. (Pretending the value attaining U(w), or halfway, crowded batches less well:
         docs/search.md.)"""
         return tv[np.argmax(tv @ w)].copy()
-
-    def _optimistic(self, w, tw, tv, tse, reference):
-        """A value vector attaining U(w): argmax w . v over {w_j . v <= V_j, 0 <= v <= 1}."""
-        se = np.zeros_like(tv) if tse is None else tse
-        A, V = oracle_constraints(tw, tv + self.z * se)
-        if reference is not None:
-            V = np.maximum(V, reference)
-        res = linprog(-np.asarray(w, float), A_ub=A, b_ub=V, bounds=(0, 1), method="highs")
-        return np.clip(res.x, 0.0, 1.0) if res.status == 0 else tv[np.argmax(tv @ w)].copy()
 
     def _pretend_certify(self, tw, tv, tse, reference, fake_w, fake_v):
         """The certificate as if the pretended rows were told (their se 0, no reference)."""
@@ -529,7 +432,7 @@ class LazySearch:
             if scores is None:
                 raise ValueError("with paired evidence, tell() needs the policy's per-prompt scores")
             table = check_table(scores, self.d)
-            values, std_errors = table.mean(axis=0), _table_se(table)
+            values, std_errors = table.mean(axis=0), table_se(table)
         elif scores is not None:
             raise ValueError("per-prompt scores are told only to a search with paired evidence")
         if not self._asked:
