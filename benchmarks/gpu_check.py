@@ -128,7 +128,7 @@ def main(argv=None):
     train_answers, train_scores, _ = pool(train_prompts)
     first_round = ([train_answers[i * args.best_of:(i + 1) * args.best_of] for i in range(len(train_prompts))],
                    train_scores)
-    del model
+    model = None  # free the base model before training (pool() reads it through its closure)
     if cuda:
         torch.cuda.empty_cache()
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import make_project
+from support.chunks import measured_values
 from palm_tasks.core import metrics as E
 from palm_tasks.core import simplex
 from palm_tasks.core.evidence import best_of_n
@@ -335,7 +336,7 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     # gaps against the evidence (the reference pool and best-of-N of the base's sample pool), and
     # against the pool alone, on the lattice and the users
     cfg = load_config(p)
-    R = np.array([members[k].values for k in keys])
+    R = np.array([measured_values(members[k].path) for k in keys])  # measured to the cap
     users = simplex.dirichlet_users(3, cfg.coverage.test_users, cfg.seed)
     test = np.vstack([simplex.simplex_lattice(3, cfg.coverage.test_lattice), users])
     samples = load_samples(root)
@@ -372,12 +373,6 @@ def test_evaluate_stage_through_prefect(tmp_path, tiny_model, prefect_harness):
     assert scored and all(r["rewards"]["correctness"] in (0.0, 1.0) for r in scored)
     whole = out["results"]["oracle"]["all"]  # the whole pool: no gap to itself, best-of-N may still beat it
     assert whole["pool_max_multiplicative_gap"] == 0.0 and whole["max_multiplicative_gap"] >= 0.0
-    # the alignment-oracle check covers the trained policies (not the soup), against the whole pool
-    oc = out["oracle_check"]
-    assert oc["checked"] == len(dirs) and 0 <= oc["beaten"] <= oc["checked"]
-    at_own = [members[k].weights @ R.T for k in keys if k != soup_key]
-    own = [members[k].weights @ members[k].values for k in keys if k != soup_key]
-    assert oc["max_shortfall"] == pytest.approx(max(a.max() - o for a, o in zip(at_own, own)))
 
     # files: DVC metrics (numbers only) and plots, the whole record, the report with its pictures, an MLflow run
     details = json.loads((root / "metrics" / "evaluate.details.json").read_text())

@@ -31,9 +31,11 @@ def test_a_run_killed_during_a_repair_resumes_with_the_repairs_only(prepared_pro
     from palm_tasks.schema import load_pool
     from palm_tasks.stages import STAGES
 
-    # z_significant 0: any shortfall against the evidence counts, so that every row is beaten
-    # whatever the tiny model's noisy values and standard errors are
-    root = copy_project(prepared_project, tmp_path / "project", coverage={"z_significant": 0.0},
+    # best-of-N scores 1 on every trait (unbeatable_evidence) and answers of 2 tokens are degenerate
+    # (fewer than 3 words), which every reward scores 0: every row is short of the evidence by 1 on
+    # every prompt, so the paired decision calls every row beaten at its first look, whatever the
+    # tiny model's noise
+    root = copy_project(prepared_project, tmp_path / "project", evaluation={"max_new_tokens": 2, "min_prompts": 8},
                         search={"mode": "lazy", "max_trainings": 6, "max_repairs": 1})
     unbeatable_evidence(root)
     cfg = load_config(root / "params.yaml")
