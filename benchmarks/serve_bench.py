@@ -184,7 +184,7 @@ def generation_latency(base: Path, adapters: list[Path], new_tokens: int, reps: 
             with served.model.disable_adapter():
                 generate()
         else:
-            served.use(key)  # what MemberModels.generate does before generating
+            served.model.set_adapter(key)  # one active adapter per call, as palm serve did before batching
             generate()
         return time.perf_counter() - t
 
