@@ -112,3 +112,100 @@ def http_request(address, method, path, body=None, raw: bytes | None = None, hea
         return response.status, (json.loads(payload) if payload else None)
     except ValueError:
         return response.status, {"raw": payload.decode("utf-8", "replace")}
+
+
+def start_palm_serve(root: Path, *extra: str, env: dict | None = None, deadline_s: float = 240):
+    """`palm serve` as a user starts it, on a free port: (process, "http://127.0.0.1:PORT")."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--root", str(root),
+                                "--params", str(root / "params.yaml"), *extra],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                               cwd=Path(__file__).resolve().parents[1])
+    deadline, lines = time.time() + deadline_s, []
+    while time.time() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        if found:
+            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+            process.lines = lines
+            return process, found.group(1)
+    process.kill()
+    raise AssertionError("palm serve did not start:\n" + "".join(lines[-20:]))
+
+
+def preferences_crash(start, store_path: Path, traits: list[str], key: str, users: int = 1000, writers: int = 8,
+                      kill_after: int = 500) -> dict:
+    """`writers` threads store the preferences of `users` users through PUT /v1/users/{id}/preferences
+    of the server `start()` starts ((process, url)); after `kill_after` acknowledged writes the
+    server is killed with SIGKILL and started again, and the writers go on (a write that was not
+    acknowledged is sent again). Then every acknowledged write is read back from the store.
+    Returns the counts: acknowledged, acknowledged_before_kill, failed_at_kill (requests the kill
+    broke), missing, wrong, integrity (SQLite's integrity_check), users_stored, seconds."""
+    import queue
+    import signal
+
+    import httpx
+    import numpy as np
+
+    from palm_tasks.serve.users import UserStore
+
+    rng = np.random.default_rng(0)
+    todo: queue.Queue = queue.Queue()
+    for i in range(users):
+        todo.put((f"user-{i:05d}", dict(zip(traits, map(float, rng.dirichlet(np.ones(len(traits))))))))
+    acked, broken, lock = {}, [0], threading.Lock()
+    process, url = start()
+    state = {"url": url, "up": threading.Event()}
+    state["up"].set()
+    started = time.perf_counter()
+
+    def writer():
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+            while True:
+                try:
+                    user, weights = todo.get_nowait()
+                except queue.Empty:
+                    return
+                while True:
+                    state["up"].wait()
+                    try:
+                        r = http.put(f"{state['url']}/v1/users/{user}/preferences", json={"weights": weights})
+                    except httpx.HTTPError:
+                        with lock:
+                            broken[0] += 1
+                        time.sleep(0.05)
+                        continue
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        acked[user] = r.json()["weights"]
+                    break
+
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    while len(acked) < kill_after and any(t.is_alive() for t in threads):
+        time.sleep(0.001)
+    state["up"].clear()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    before_kill = len(acked)
+    process, state["url"] = start()
+    state["up"].set()
+    for t in threads:
+        t.join(timeout=600)
+    seconds = time.perf_counter() - started
+    process.terminate()
+    process.wait(timeout=60)
+    store = UserStore(store_path)
+    missing = [u for u in acked if store.get(u) is None]
+    wrong = [u for u, w in acked.items() if u not in missing and store.get(u).weights != w]
+    return {"users": users, "writers": writers, "acknowledged": len(acked), "acknowledged_before_kill": before_kill,
+            "failed_at_kill": broken[0], "missing": len(missing), "wrong": len(wrong),
+            "integrity": store.integrity(), "users_stored": store.count(), "seconds": round(seconds, 1)}
