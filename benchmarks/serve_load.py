@@ -23,8 +23,12 @@ Figures: aggregate completion tokens/s (usage.completion_tokens over the wall ti
 batch_gain = 16 clients on one member / one client, mixed_over_single = 16 spread / 16 on one,
 p99 latency at 16 clients over one client's median answer time, and for the swap: requests,
 failures, and the responses to requests sent after the server switched (its /health says which
-portfolio it serves) that came from the old portfolio. --label writes its figures under that key
-of the results file, keeping the other label's.
+portfolio it serves) that came from the old portfolio. Then the preferences crash test
+(tests/serving.preferences_crash): 1,000 users written by 8 writers through PUT
+/v1/users/{id}/preferences, the server killed with SIGKILL after half were acknowledged and
+started again; every acknowledged write is read back and the store's integrity checked.
+--threads sets the server's CPU threads (OMP_NUM_THREADS, which the older code honours too).
+--label writes its figures under that key of the results file, keeping the other label's.
 """
 import argparse
 import json
@@ -131,10 +135,13 @@ def set_params(root: Path, poll_interval_s: float) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(parse_config(keep).model_dump(), sort_keys=False))
 
 
-def start_server(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, log: Path, threads: int = 0, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`palm serve` of the code under test; `threads` > 0: torch's CPU threads (OMP_NUM_THREADS,
+    which the older code honours too)."""
+    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--root", str(root), "--params",
                                str(root / "params.yaml"), "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, env=env)
     deadline = time.time() + 600
     lines = []
     while time.time() < deadline:
@@ -274,6 +281,24 @@ def swap_under_load(url: str, project: dict, clients: int, settle_s: float, wait
             "errors": sorted({r["error"] for r in failed})[:3], "wall_s": round(result["run"]["wall_s"], 1)}
 
 
+def crash_test(root: Path, workdir: Path, args) -> dict:
+    """The preferences crash test (tests/serving.preferences_crash) on this project's server:
+    `--crash-users` users, 8 writers, SIGKILL after half of them were acknowledged."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serving import preferences_crash
+
+    key = "sk-benchmark"
+    store = root / "mlruns" / "users.db"
+    for path in (store, store.with_name("users.db-wal"), store.with_name("users.db-shm")):
+        path.unlink(missing_ok=True)
+    load = _load_average()
+    figures = preferences_crash(lambda: start_server(root, workdir / f"server-{args.label}-crash.log", args.threads,
+                                                     {"PALM_API_KEY": key}),
+                                store, ["safety", "humor", "brevity"], key, users=args.crash_users,
+                                kill_after=args.crash_users // 2)
+    return {**figures, "load_average_before": load, "load_average_after": _load_average()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True, help="before | after: the key the figures go under")
@@ -285,6 +310,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--swap-clients", type=int, default=8)
     parser.add_argument("--poll-interval", type=float, default=2.0, help="serve.poll_interval_s (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="the server's CPU threads (default: torch's)")
+    parser.add_argument("--crash-users", type=int, default=1000, help="users of the preferences crash test "
+                        "(0: skip it; skipped for a server without /v1/users)")
     parser.add_argument("--commit", help="the commit measured (default: git HEAD of this checkout)")
     args = parser.parse_args()
 
@@ -304,7 +332,7 @@ def main() -> None:
     set_params(root, args.poll_interval)
     load_before = _load_average()
     started = time.perf_counter()
-    server, url = start_server(root, workdir / f"server-{args.label}.log")
+    server, url = start_server(root, workdir / f"server-{args.label}.log", args.threads)
     try:
         members = [f"palm-member-{m}" for m in project["members"][0]]
         for m in members:  # warm-up: every member answers once
@@ -326,9 +354,16 @@ def main() -> None:
         swap.update(load_average_before=load, load_average_after=_load_average())
         print("swap", json.dumps(swap), flush=True)
         rss_end = psutil.Process(server.pid).memory_info().rss
+        import httpx
+
+        has_users = "/v1/users/{user}/preferences" in httpx.get(url + "/openapi.json", timeout=60).json()["paths"]
     finally:
         server.terminate()
         server.wait(timeout=120)
+    crash = None
+    if args.crash_users and has_users:
+        crash = crash_test(root, workdir, args)
+        print("preferences crash test", json.dumps(crash), flush=True)
     one, single, mixed = (figures[n] for n in ("one_client", "sixteen_one_member", "sixteen_every_member"))
     result = {
         **figures, "swap": swap,
@@ -337,6 +372,7 @@ def main() -> None:
         "p99_over_one_client": round(max(single["latency_p99_s"], mixed["latency_p99_s"])
                                      / one["latency_p50_s"], 2),
         "swap_requests": swap["swap_requests"], "swap_failed": swap["swap_failed"],
+        "preferences_crash": crash, "threads": args.threads or "torch default",
         "server_rss_mib": {"start": round(rss_start / 2**20), "end": round(rss_end / 2**20)},
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                                 capture_output=True, text=True).stdout.strip(),

@@ -216,6 +216,10 @@ def cmd_serve(args, cfg: PalmConfig) -> int:
     if api_key is not None and (not api_key.strip() or not api_key.isprintable() or len(api_key) > 1000):
         return _fail("--api-key (or PALM_API_KEY): give a key of 1 to 1000 printable characters", 2)
     users = user_store(cfg, Path(args.root))  # a path outside the project: refused before loading anything
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
     source = (FileSource(args.portfolio) if args.portfolio else
               RegistrySource(args.alias, tracking_uri(cfg, Path(args.root)), portfolio_model_name(cfg), args.root))
     try:
