@@ -381,8 +381,7 @@ def main() -> None:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
     }
     previous = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    if "before" not in previous and "after" not in previous:
-        previous = {}  # the older file's layout: replaced
+    runs = {k: v for k, v in previous.items() if isinstance(v, dict) and "batch_gain" in v}  # other labels' runs
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "what": "palm serve under load: concurrent keep-alive clients sending chat completions",
@@ -393,8 +392,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "note": "a 2-core machine shared with other work: see each run's load averages"},
-        **{key: previous[key] for key in ("before", "after") if key in previous},
-        args.label: result,
+        **runs, args.label: result,
     }, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("batch_gain", "mixed_over_single", "p99_over_one_client",
                                              "swap_requests", "swap_failed")}))

@@ -202,10 +202,13 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
             raise ApiError(429, str(exc)) from None
         try:
             first = await asyncio.wait_for(events.get(), cfg.queue_timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
-            generation.cancelled.set()
+        except TimeoutError:
+            generation.cancelled.set()  # the engine drops it instead of running it
             raise ApiError(503, f"waited more than {cfg.queue_timeout_s:g} s for room in the batch; "
                                 "retry later") from None
+        except asyncio.CancelledError:  # the client went away while it waited
+            generation.cancelled.set()
+            raise
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message)
         return generation, events

@@ -38,15 +38,16 @@ class MemberModels:
 
         if not adapters:
             raise ValueError("no adapters to serve")
+        for name, path in adapters.items():  # a damaged adapter: an error naming it, before loading anything
+            self.verify(name, path)
         self.base_path = Path(base_path)
         self.tokenizer = load_tokenizer(base_path)
         self.base = load_base(base_path, device)
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe from two threads at once
         first, *rest = adapters
-        self.verify(first, adapters[first])
         self.model = PeftModel.from_pretrained(self.base, adapters[first], adapter_name=first)
         self.model.eval()
-        self.load({name: adapters[name] for name in rest})
+        self.load({name: adapters[name] for name in rest}, verify=False)
         self.end_ids = _end_ids(self.tokenizer, self.model)
 
     @staticmethod
@@ -54,7 +55,8 @@ class MemberModels:
         """schema.ArtifactError naming the adapter unless its files are whole (llm.models.verify_member)."""
         from palm_tasks.llm.models import verify_member
 
-        verify_member(path, name)
+        key = name.removeprefix("member_").rsplit("_", 1)[0] if name.startswith("member_") else name
+        verify_member(path, key)
 
     @property
     def loaded(self) -> set[str]:
