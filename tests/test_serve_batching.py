@@ -47,7 +47,7 @@ def test_a_request_joins_the_running_batch_at_the_next_step(served):
         return on_event
 
     long = Request([models.encode_chat(PROMPT)], served.adapter(keys[0]),
-                   Sampling(max_tokens=200, logit_bias=no_end(served)), recorder("long"))
+                   Sampling(max_tokens=200, logit_bias=no_end(served)), recorder("long"), stream=True)
     engine.submit(long)
     deadline = time.time() + 60
     while "long first token" not in steps and time.time() < deadline:
@@ -55,7 +55,7 @@ def test_a_request_joins_the_running_batch_at_the_next_step(served):
     time.sleep(0.05)  # a few steps into the long answer
     submitted = engine.steps
     short = Request([models.encode_chat([{"role": "user", "content": "hi"}])], served.adapter(keys[1]),
-                    Sampling(max_tokens=3, logit_bias=no_end(served)), recorder("short"))
+                    Sampling(max_tokens=3, logit_bias=no_end(served)), recorder("short"), stream=True)
     engine.submit(short)
     while "long finished" not in steps and time.time() < deadline:
         time.sleep(0.01)

@@ -188,14 +188,14 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
             raise ApiError(400, f"{param}: the prompt has {len(tokens)} tokens, over the limit of "
                                 f"{cfg.max_prompt_tokens}", param, "context_length_exceeded")
 
-    async def start(prompts, served, dep, how: Sampling, n: int):
+    async def start(prompts, served, dep, how: Sampling, n: int, stream: bool):
         """Queue the request; (generation, events) once the engine has admitted it."""
         if len(prompts) * n > cfg.max_batch:
             raise ApiError(400, f"n: {len(prompts)} prompt(s) x n = {n} is {len(prompts) * n} answers, more than "
                                 f"one batch holds ({cfg.max_batch})", "n")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         generation = Generation(prompts, dep.adapters[served["member_key"]], how,
-                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e), n)
+                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e), n, stream)
         try:
             engine.submit(generation)
         except QueueFull as exc:
@@ -213,22 +213,19 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
             raise ApiError(first.status, first.message)
         return generation, events
 
-    async def collect(generation, events) -> tuple[list[Finished], dict]:
-        """Wait for every answer: (finished answers in index order, index -> token logprobs)."""
-        finished, logprobs = {}, {}
+    async def collect(generation, events) -> list[Finished]:
+        """Wait for every answer (a request that does not stream gets only its Finished events)."""
+        finished = {}
         try:
             while len(finished) < generation.answers:
                 e = await events.get()
                 if isinstance(e, Failed):
                     raise ApiError(e.status, e.message)
-                if isinstance(e, Tokens):
-                    logprobs.setdefault(e.index, []).extend(e.logprobs)
-                elif isinstance(e, Finished):
+                if isinstance(e, Finished):
                     finished[e.index] = e
-                    logprobs.setdefault(e.index, [])
         finally:
             generation.cancelled.set()  # a client that went away: its answers leave the batch
-        return [finished[i] for i in sorted(finished)], logprobs
+        return [finished[i] for i in sorted(finished)]
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -277,11 +274,10 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         how = sampling(body, body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
                        top if body.logprobs else None)
         name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"chatcmpl-{uuid.uuid4().hex}"
-        generation, events = await start([prompt], served, dep, how, body.n or 1)
+        generation, events = await start([prompt], served, dep, how, body.n or 1, body.stream)
         if not body.stream:
-            finished, logprobs = await collect(generation, events)
-            return fmt.chat_body(answer_id, name, dep.portfolio_id, finished, logprobs if body.logprobs else None,
-                                 len(prompt), served)
+            finished = await collect(generation, events)
+            return fmt.chat_body(answer_id, name, dep.portfolio_id, finished, bool(body.logprobs), len(prompt), served)
         return stream(chat_events(generation, events, answer_id, name, dep.portfolio_id, served, len(prompt),
                                   bool(body.logprobs), body.stream_options))
 
@@ -301,17 +297,17 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         how = sampling(body, max_tokens, body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
         name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"cmpl-{uuid.uuid4().hex}"
         n = body.n or 1
-        generation, events = await start(prompts, served, dep, how, n)
+        generation, events = await start(prompts, served, dep, how, n, body.stream)
         prompt_tokens = sum(len(p) for p in prompts)
         if not body.stream:
-            finished, logprobs = await collect(generation, events)
+            finished = await collect(generation, events)
             choices = []
             for f in finished:
                 prompt = prompts[f.index // n]
                 echoed = fmt.prompt_entries(f, prompt, models.decode) if body.echo else None
                 choices.append(fmt.completion_choice(f, texts[f.index // n] if body.echo else None,
                                                      echoed if body.logprobs is not None else None,
-                                                     logprobs[f.index] if body.logprobs is not None else None))
+                                                     f.logprobs if body.logprobs is not None else None))
             return fmt.completion_body(answer_id, name, dep.portfolio_id, choices, prompt_tokens,
                                        sum(f.completion_tokens for f in finished), served)
         return stream(completion_events(generation, events, answer_id, name, dep.portfolio_id, served, prompts,

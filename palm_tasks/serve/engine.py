@@ -5,7 +5,7 @@ One thread owns the model. Each step it (1) admits waiting requests while the ba
 encoding their prompts in one forward pass, (2) draws one token for every answer of the batch,
 (3) lets finished answers leave, and (4) runs one forward pass over all remaining answers, each
 with its own member's LoRA adapter: PEFT's mixed-adapter batch (`adapter_names`, one adapter
-name per row), not a kernel of ours. A request that arrives while others decode joins at the
+name per row; serve/members.py), not a kernel of ours. A request that arrives while others decode joins at the
 next step, as in vLLM's continuous batching; it does not wait for the batch to drain.
 
 The batch's key/value cache, its rows right-aligned so that any row can join or leave between
@@ -78,6 +78,7 @@ class Request:
     sampling: Sampling
     on_event: Callable[[object], None]
     n: int = 1
+    stream: bool = False  # Tokens events as the answer grows (else only Finished, with everything)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -105,6 +106,7 @@ class Finished:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # each answer token's, with Sampling.logprobs
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # with Sampling.prompt_logprobs; first: None
 
 
@@ -120,6 +122,7 @@ class _Row:
     def __init__(self, request: Request, index: int, prompt: list[int], text: TextState, generator):
         self.request, self.index, self.prompt, self.text, self.generator = request, index, prompt, text, generator
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: tuple = ()
         self.done = False
 
@@ -324,21 +327,12 @@ class Engine:
     # --- the model -------------------------------------------------------------------------------
 
     def _run(self, input_ids, mask, positions, cache, adapters: list[str], keep: int = 1):
-        """The model on a batch whose row i is for adapter adapters[i]: PEFT's mixed-adapter batch,
-        or, when every row is for one adapter, PEFT's plain path with that adapter active (the
-        mixed path's per-layer gathers cost 15-25% of a step: measured in docs/serving.md)."""
+        """The model on a batch whose row i is for adapter adapters[i] (MemberModels.forward)."""
         import torch
 
-        model = self.models.model
-        if len(set(adapters)) == 1:
-            if model.active_adapter != adapters[0]:
-                model.set_adapter(adapters[0])
-            extra = {}
-        else:
-            extra = {"adapter_names": adapters}
         with torch.no_grad():
-            return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=keep, **extra).logits
+            return self.models.forward(adapters, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                       cache=cache, use_cache=True, logits_to_keep=keep).logits
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Encode the new rows' prompts (each distinct prompt and adapter once) and join the batch."""
@@ -426,9 +420,10 @@ class Engine:
             if wanted[i]:
                 entry = tuple(TokenLogprob.of_targets(self.models, logprobs[i:i + 1], tokens[i:i + 1],
                                                       row.request.sampling.logprobs, normalized=True))
+                row.logprobs += entry
             ended = token in self.stop_ids
             text, stopped = row.text.add(None if ended else token)
-            if text or entry:
+            if row.request.stream and (text or entry):
                 row.request.on_event(Tokens(row.index, text, entry))
             if ended or stopped or len(row.tokens) >= row.request.sampling.max_tokens:
                 self._finish(row, "stop" if ended or stopped else "length")
@@ -436,13 +431,13 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str) -> None:
         rest = row.text.flush()
-        if rest:
+        if rest and row.request.stream:
             row.request.on_event(Tokens(row.index, rest))
         row.done = True
         self.completed += 1
         self._release(row.request, 1)
         row.request.on_event(Finished(row.index, row.text.final, reason, len(row.prompt), len(row.tokens),
-                                      row.prompt_logprobs))
+                                      tuple(row.logprobs), row.prompt_logprobs))
 
     def _keep(self, keep: list[int]) -> None:
         self._batch.keep(keep)

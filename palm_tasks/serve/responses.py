@@ -53,14 +53,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_body(answer_id: str, model: str, fingerprint: str, finished: list[Finished], logprobs: dict | None,
-              prompt_tokens: int, served: dict, strip: bool = True) -> dict:
+def chat_body(answer_id: str, model: str, fingerprint: str, finished: list[Finished], logprobs: bool,
+              prompt_tokens: int, served: dict) -> dict:
+    """A chat completion; the text stripped of surrounding whitespace, as `palm generate` prints it."""
     choices = []
     for f in finished:
-        text = f.text.strip() if strip else f.text
-        choices.append({"index": f.index, "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None if logprobs is None else
-                        {"content": [chat_logprob(e) for e in logprobs[f.index]], "refusal": None},
+        choices.append({"index": f.index, "message": {"role": "assistant", "content": f.text.strip(),
+                                                      "refusal": None},
+                        "logprobs": {"content": [chat_logprob(e) for e in f.logprobs], "refusal": None}
+                        if logprobs else None,
                         "finish_reason": f.finish_reason})
     return {"id": answer_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint, "choices": choices,
