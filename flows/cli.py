@@ -223,8 +223,8 @@ def cmd_serve(args, cfg: PalmConfig) -> int:
     source = (FileSource(args.portfolio) if args.portfolio else
               RegistrySource(args.alias, tracking_uri(cfg, Path(args.root)), portfolio_model_name(cfg), args.root))
     try:
-        live = LivePortfolio(source, lambda models: Engine(models, s.max_batch, s.max_queue, s.queue_timeout_s),
-                             resolve_device(cfg.device))
+        live = LivePortfolio(source, lambda models: Engine(models, s.max_batch, s.max_queue, s.queue_timeout_s,
+                                                           s.prefix_cache_mb * 2**20), resolve_device(cfg.device))
     except LookupError as exc:
         return _fail(str(exc), 1)
     app = make_app(live, s, users, api_key, base_model_name=str(cfg.base_model))

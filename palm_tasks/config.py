@@ -375,6 +375,9 @@ class ServeConfig(Section):
                                                             "top_logprobs); above: 400")
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 2**20, description="a request body larger than this "
                                                                               "is refused unread (413)")
+    prefix_cache_mb: int = Field(256, ge=0, le=1_048_576, description="memory for the key/value states of "
+                                 "prompt beginnings already encoded (a shared system prompt is encoded once per "
+                                 "member); 0: none")
     threads: int = Field(0, ge=0, le=1024, description="CPU threads of the model's operations (0: torch's default, "
                                                        "one per core); on a CPU shared with other work fewer avoid "
                                                        "waiting for a descheduled one")

@@ -42,7 +42,8 @@ def live_portfolio(project, cfg: ServeConfig = ServeConfig()) -> LivePortfolio:
 
     root, keys, pcfg, _ = project
     source = RegistrySource("production", tracking_uri(pcfg, root), portfolio_model_name(pcfg), root)
-    return LivePortfolio(source, lambda models: Engine(models, cfg.max_batch, cfg.max_queue, cfg.queue_timeout_s))
+    return LivePortfolio(source, lambda models: Engine(models, cfg.max_batch, cfg.max_queue, cfg.queue_timeout_s,
+                                                       cfg.prefix_cache_mb * 2**20))
 
 
 @dataclass

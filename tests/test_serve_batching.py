@@ -89,6 +89,28 @@ def test_members_share_forward_passes_and_answer_as_each_alone(served):
     assert results == alone
 
 
+def test_known_prompt_beginnings_are_not_encoded_again_and_change_no_answer(served, registered):
+    """Prompts sharing a system message, for two members, greedy and seeded, batched: the same
+    answers with the prefix cache as from an engine without one, and the cache was used."""
+    plain = live_portfolio(registered, ServeConfig(prefix_cache_mb=0))
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    prompts = [[system, {"role": "user", "content": text}] for text in ("Tell me a joke", "hi", "What is the sea?")]
+    try:
+        assert plain.engine.prefixes is None
+        hits, saved = served.engine.prefixes.hits, served.engine.prefixes.tokens_saved
+        for sampling in (Sampling(max_tokens=8), Sampling(max_tokens=8, temperature=1.0, seed=3)):
+            for key in served.keys[:2]:
+                for messages in prompts:
+                    ids = served.live.models.encode_chat(messages)
+                    cached = served.engine.complete(served.adapter(key), [ids], sampling, n=2)
+                    fresh = plain.engine.complete(plain.current.adapters[key], [ids], sampling, n=2)
+                    assert [f.text for f in cached] == [f.text for f in fresh]
+        assert served.engine.prefixes.hits >= hits + 10 and served.engine.prefixes.tokens_saved > saved
+        assert 0 < served.engine.prefixes.bytes <= ServeConfig().prefix_cache_mb * 2**20
+    finally:
+        plain.close()
+
+
 def test_a_seed_gives_the_same_answers_over_http_whatever_the_batch(served):
     client = served.client
     request = dict(model="palm", messages=PROMPT, max_tokens=12, temperature=1.2, seed=42, n=2,
@@ -322,3 +344,23 @@ def test_a_failed_reload_keeps_serving(two_versions, tmp_path):
         move(two_versions, v1)
         s.stop()
         s.live.close()
+
+
+def test_the_prefix_cache_keeps_the_most_recent_within_its_bound():
+    import torch
+
+    from palm_tasks.serve.prefixes import BLOCK, PrefixCache
+
+    def states(n):  # one layer, 1 x 1 head x n tokens x 4: 32 n bytes
+        return [(torch.zeros(1, 1, n, 4), torch.ones(1, 1, n, 4))]
+
+    cache = PrefixCache(max_bytes=32 * 2 * BLOCK * 2)  # room for two prompts of 2 blocks
+    a, b, c = ([x] * (2 * BLOCK) for x in (1, 2, 3))
+    for prompt in (a, b):
+        cache.store("m", prompt, states(2 * BLOCK))
+    assert cache.longest("m", a + [9])[1] == 2 * BLOCK  # a is now the most recent
+    assert cache.longest("m", a[:BLOCK] + [5] * BLOCK)[1] == BLOCK  # its first block, for another prompt
+    assert cache.longest("other", a + [9]) == (None, 0)  # another adapter: nothing known
+    cache.store("m", c, states(2 * BLOCK))  # over the bound: b, the least recently used, goes
+    assert cache.longest("m", b + [9]) == (None, 0) and cache.longest("m", c + [9])[1] == 2 * BLOCK
+    assert cache.bytes <= cache.max_bytes and cache.longest("m", a)[1] == BLOCK  # the last token is computed

@@ -235,7 +235,7 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         return {"status": "ok", **live.health(), "traits": dep.router.traits, "default_route": cfg.default_route,
                 "auth": api_key is not None, "queued": engine.waiting, "running": engine.running,
                 "completed": engine.completed, "steps": engine.steps, "largest_batch": engine.largest_batch,
-                "max_batch": cfg.max_batch}
+                "max_batch": cfg.max_batch, "prefix_cache": engine.prefixes.stats() if engine.prefixes else None}
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     def list_models():

@@ -21,21 +21,35 @@ class Batch:
     def __len__(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def prefill(self, prompts: list[list[int]], adapters: list[str], pad_id: int):
-        """Encode prompts (left-padded, one adapter each) in one forward pass: a part to `add`."""
+    def prefill(self, prompts: list[list[int]], adapters: list[str], pad_id: int, prefix: list | None = None,
+                prefix_length: int = 0):
+        """Encode prompts (left-padded, one adapter each) in one forward pass: a part to `add`.
+        With `prefix` (per layer (keys, values) of the first prefix_length tokens of every row,
+        serve/prefixes.py), `prompts` are what follows it; the padding then lies between the two,
+        which the attention mask and the positions account for."""
         import torch
 
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), prefix_length + width), dtype=torch.long)
+        mask[:, :prefix_length] = 1
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            mask[i, prefix_length + width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_length:]  # count real tokens only
         cache = self.new_cache()
+        for i, (keys, values) in enumerate(prefix or []):
+            cache.update(keys, values, i)
         logits = self.forward(ids, mask, positions, cache, adapters, 1)[:, -1]
         return cache, mask, positions[:, -1] + 1, logits
+
+    @staticmethod
+    def row_states(part, row: int, length: int) -> list:
+        """Per layer (keys, values) of the first `length` real tokens of a prefilled part's row."""
+        cache, mask = part[0], part[1]
+        columns = mask[row].nonzero().squeeze(-1)[:length]
+        return [(layer.keys[row:row + 1, :, columns], layer.values[row:row + 1, :, columns]) for layer in cache.layers]
 
     def new_cache(self):
         from transformers import DynamicCache

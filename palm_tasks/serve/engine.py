@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from palm_tasks.llm.models import TOP_K
 from palm_tasks.serve.batch import Batch
+from palm_tasks.serve.prefixes import BLOCK, PrefixCache
 from palm_tasks.serve.text import TextState, TokenLogprob
 
 # Dividing logits by a temperature of 1e-91 (the API allows any number from 0 to 2) overflows
@@ -138,7 +139,8 @@ def _seed(seed: int | None, index: int) -> int:
 class Engine:
     """The decoding loop over `models` (serve.members.MemberModels) in a thread of its own."""
 
-    def __init__(self, models, max_batch: int = 32, max_queue: int = 64, queue_timeout_s: float = 120.0):
+    def __init__(self, models, max_batch: int = 32, max_queue: int = 64, queue_timeout_s: float = 120.0,
+                 prefix_cache_bytes: int = 256 * 2**20):
         import torch
 
         self.models = models  # its decode() is the tokenizer's, under its lock
@@ -151,6 +153,7 @@ class Engine:
         self._rows: list[_Row] = []  # the answers in the batch, in the order of its rows
         self._admitting: list[_Row] = []  # rows whose prompts are being encoded
         self._batch = Batch(self._run, self.device, models.model.config)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._wake = threading.Condition()
         self._step_lock = threading.Lock()  # held for each step; paused() holds it between steps
         self._stopping = False
@@ -342,16 +345,34 @@ class Engine:
         for row in rows:
             distinct.setdefault((tuple(row.prompt), row.request.adapter, row.request.sampling.prompt_logprobs),
                                 []).append(row)
-        plain = [k for k in distinct if not k[2]]
+        by_prefix: dict[int, list[tuple]] = {}  # the length of the known beginning -> the prompts
+        known = {}
+        for k in (k for k in distinct if not k[2]):
+            known[k], length = self.prefixes.longest(k[1], list(k[0])) if self.prefixes else (None, 0)
+            by_prefix.setdefault(length, []).append(k)
         parts = []  # (prefilled part, the rows each of its rows stands for)
-        if plain:
-            parts.append((self._batch.prefill([list(k[0]) for k in plain], [k[1] for k in plain], self.pad_id),
-                          [distinct[k] for k in plain]))
+        for length, keys in by_prefix.items():
+            prefix = None if not length else [
+                (torch.cat([known[k][i][0] for k in keys]), torch.cat([known[k][i][1] for k in keys]))
+                for i in range(len(known[keys[0]]))]
+            part = self._batch.prefill([list(k[0])[length:] for k in keys], [k[1] for k in keys], self.pad_id,
+                                       prefix, length)
+            self._remember(part, keys, length)
+            parts.append((part, [distinct[k] for k in keys]))
         parts += [self._prefill_with_logprobs(list(k[0]), k[1], distinct[k]) for k in distinct if k[2]]
         for part, groups in parts:
             self._batch.add(part, torch.tensor([i for i, group in enumerate(groups) for _ in group],
                                                device=self.device))
             self._rows += [r for group in groups for r in group]
+
+    def _remember(self, part, keys: list[tuple], known: int) -> None:
+        """Keep the states of each prompt's beginning (whole blocks, not its last token) for later ones."""
+        if self.prefixes is None:
+            return
+        for i, (prompt, adapter, _) in enumerate(keys):
+            length = (len(prompt) - 1) // BLOCK * BLOCK
+            if length > known:
+                self.prefixes.store(adapter, list(prompt[:length]), self._batch.row_states(part, i, length))
 
     def _prefill_with_logprobs(self, prompt: list[int], adapter: str, rows: list[_Row]):
         """One prompt in chunks of PROMPT_CHUNK tokens, keeping each token's log-probability
