@@ -381,7 +381,7 @@ def main() -> None:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
     }
     previous = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    runs = {k: v for k, v in previous.items() if isinstance(v, dict) and "batch_gain" in v}  # other labels' runs
+    earlier = {k: v for k, v in previous.items() if isinstance(v, dict) and "commit" in v}  # other labels' runs
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "what": "palm serve under load: concurrent keep-alive clients sending chat completions",
@@ -392,7 +392,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "note": "a 2-core machine shared with other work: see each run's load averages"},
-        **runs, args.label: result,
+        **earlier, args.label: result,
     }, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("batch_gain", "mixed_over_single", "p99_over_one_client",
                                              "swap_requests", "swap_failed")}))
