@@ -123,20 +123,20 @@ def synthetic_portfolio(k: int, root: Path = Path("/nonexistent/bench")):
     from palm_tasks.config import parse_config
     from palm_tasks.core import simplex
     from palm_tasks.paths import Paths
-    from palm_tasks.schema import Policy, ValueVector
     from palm_tasks.stages.coverage import build
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.pools import EVALUATION, flat_sample_pool, policies_with_values
 
     traits = ["safety", "humor", "brevity"]
     rng = np.random.default_rng(0)
     W = np.vstack([np.eye(3), simplex.random_weights(3, 3 * k, 0)])
     R = np.clip(0.2 + 0.6 * W + 0.03 * rng.standard_normal(W.shape), 0, 1)
-    SE = np.full_like(R, 0.01)
     scores = (W @ R.T).max(axis=0)
     members = sorted(np.argsort(-scores)[:k])  # any k members: routing cost depends on k only
-    pool = [Policy(key=f"m{j}", kind="trained", traits=tuple(traits), weights=tuple(W[j]),
-                   value=ValueVector(tuple(R[j]), tuple(SE[j]), 8), path=root / "models" / "members" / f"m{j}")
-            for j in range(len(W))]
-    portfolio, *_ = build(parse_config({"coverage": {"test_users": 100}}), Paths(root), pool, [], members=members)
+    pool = policies_with_values(root, W, R, traits)
+    cfg = parse_config({"coverage": {"test_users": 100}, "evaluation": EVALUATION})
+    portfolio, *_ = build(cfg, Paths(root), pool, [], members=members, samples=flat_sample_pool(traits))
     return portfolio, len(W)
 
 
@@ -184,7 +184,7 @@ def generation_latency(base: Path, adapters: list[Path], new_tokens: int, reps: 
             with served.model.disable_adapter():
                 generate()
         else:
-            served.use(key)  # what MemberModels.generate does before generating
+            served.model.set_adapter(key)  # one active adapter per call, as palm serve did before batching
             generate()
         return time.perf_counter() - t
 

@@ -8,7 +8,8 @@
     palm schedule --cron C   serve the retraining flow on a cron schedule
     palm route --weights W   which member serves the weights W, with its guarantee
     palm generate --weights W PROMPT    answer with that member
-    palm serve               OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)
+    palm serve               OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)
+    palm users set|show|delete|list     each user's stored trait weights (what serve routes them by)
     palm export vllm         the vLLM command serving the same members (GPU machines)
 
 Every command validates params.yaml first: a bad value exits with status 2 and one message
@@ -68,6 +69,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {port}: a number from 0 to 65535")
     return port
+
+
+def _count(text: str) -> int:
+    """--limit: a number from 1 to 100,000."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text[:40]!r}: a number from 1 to 100000") from None
+    if not 1 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"invalid count {n}: a number from 1 to 100000")
+    return n
 
 
 def _args_common(p: argparse.ArgumentParser) -> None:
@@ -157,11 +169,13 @@ def cmd_route(args, cfg: PalmConfig) -> int:
 
 
 def cmd_generate(args, cfg: PalmConfig) -> int:
-    from palm_tasks.serve.members import MAX_NEW_TOKENS, MemberModels
+    from palm_tasks.llm.models import chat
+    from palm_tasks.serve.engine import Engine, Sampling
+    from palm_tasks.serve.members import MemberModels, adapter_name
     from palm_tasks.serve.router import WeightsError, parse_weights
 
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # before opening anything: nothing is touched
-        return _fail(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS}", 2)
+    if not 1 <= args.max_new_tokens <= cfg.serve.max_tokens:  # before opening anything: nothing is touched
+        return _fail(f"--max-new-tokens must be from 1 to {cfg.serve.max_tokens} (serve.max_tokens)", 2)
     try:
         parse_weights(args.weights, cfg.traits)
         router = _router(args, cfg)
@@ -171,34 +185,112 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
     except LookupError as exc:
         return _fail(str(exc), 1)
     # loads (and first checks) the member's adapter: a damaged one is the only line printed
-    models = MemberModels(router.base_model_path(), {route.member_key: router.adapter_dir(route.member_key)})
+    adapter = router.adapter_dir(route.member_key)
+    name = adapter_name(route.member_key, adapter)
+    engine = Engine(MemberModels(router.base_model_path(), {name: adapter}), max_batch=1)
     if route.normalized:
         print(f"note: the weights did not sum to 1 and were normalized to "
               f"{', '.join(f'{t}={v:.4g}' for t, v in route.weights.items())}", file=sys.stderr)
     print(f"member {route.member_key} ({route.model_uri or 'local'})", file=sys.stderr)
-    print(models.generate(route.member_key, args.prompt, args.max_new_tokens)[0])
+    try:
+        answer = engine.complete(name, [engine.models.encode_chat(chat(args.prompt))],
+                                 Sampling(max_tokens=args.max_new_tokens))[0]
+    finally:
+        engine.close()
+    print(answer.text.strip())
     return 0
 
 
 def cmd_serve(args, cfg: PalmConfig) -> int:
-    from palm_tasks.serve.api import make_app, make_server
-    from palm_tasks.serve.members import load_models
+    from palm_tasks.llm.models import resolve_device
+    from palm_tasks.log import say, warn
+    from palm_tasks.registry import portfolio_model_name
+    from palm_tasks.serve.api import make_app
+    from palm_tasks.serve.engine import Engine
+    from palm_tasks.serve.live import FileSource, LivePortfolio, RegistrySource
+    from palm_tasks.serve.server import API_KEY_ENV, make_server
+    from palm_tasks.serve.users import user_store
+    from palm_tasks.tracking import tracking_uri
 
+    s = cfg.serve
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and (not api_key.strip() or not api_key.isprintable() or len(api_key) > 1000):
+        return _fail("--api-key (or PALM_API_KEY): give a key of 1 to 1000 printable characters", 2)
+    users = user_store(cfg, Path(args.root))  # a path outside the project: refused before loading anything
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    source = (FileSource(args.portfolio) if args.portfolio else
+              RegistrySource(args.alias, tracking_uri(cfg, Path(args.root)), portfolio_model_name(cfg), args.root))
     try:
-        router = _router(args, cfg)
+        live = LivePortfolio(source, lambda models: Engine(models, s.max_batch, s.max_queue, s.queue_timeout_s,
+                                                           s.prefix_cache_mb * 2**20), resolve_device(cfg.device))
     except LookupError as exc:
         return _fail(str(exc), 1)
-    app = make_app(router, load_models(router), base_model_name=str(cfg.base_model))
+    app = make_app(live, s, users, api_key, base_model_name=str(cfg.base_model))
     try:
         server, sock = make_server(app, args.host, args.port)
     except OSError as exc:  # port taken, address not on this machine
+        live.close()
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", 1)
     host, port = sock.getsockname()[:2]
-    print(f"palm serve: portfolio {router.portfolio.id} ({len(router.members)} members) on "
-          f"http://{host}:{port} (OpenAI API at /v1: POST /v1/chat/completions, GET /v1/models; "
-          "GET /health, POST /route); Ctrl-C stops", file=sys.stderr, flush=True)
-    server.run(sockets=[sock])  # returns on Ctrl-C or SIGTERM, after open requests finish
+    if api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+        warn(f"palm serve listens on {host} without an API key: anyone who reaches it can generate "
+             f"(start with --api-key or {API_KEY_ENV})")
+    live.poll(s.poll_interval_s, say=lambda line: print(line, file=sys.stderr, flush=True))
+    dep = live.current
+    print(f"palm serve: portfolio {dep.portfolio_id} (version {dep.version}, {len(dep.adapters)} members) on "
+          f"http://{host}:{port} (OpenAI API at /v1: POST /v1/chat/completions, POST /v1/completions, "
+          f"GET /v1/models; GET /health, POST /route){' with an API key' if api_key else ''}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    say(f"following {source.describe()}" + (f" every {s.poll_interval_s:g} s" if s.poll_interval_s else
+                                            " on POST /v1/portfolio/reload only"))
+    try:
+        server.run(sockets=[sock])  # returns on Ctrl-C or SIGTERM, after open requests finish
+    finally:
+        live.close()
     return 0
+
+
+def cmd_users(args, cfg: PalmConfig) -> int:
+    from palm_tasks.serve.router import WeightsError, parse_weights
+    from palm_tasks.serve.users import UserIdError, UserStoreError, check_user_id, user_store
+
+    store = user_store(cfg, Path(args.root))
+    try:
+        if args.action in ("set", "show", "delete"):
+            check_user_id(args.user)
+        if args.action == "set":
+            w, normalized = parse_weights(args.weights, cfg.traits)
+            prefs = store.set(args.user, dict(zip(cfg.traits, map(float, w))))
+            print(json.dumps(prefs.to_dict()) if args.json else
+                  f"user {prefs.user}: {_weights_text(prefs.weights)}"
+                  + (" (normalized)" if normalized else "") + f"; stored in {store.path}")
+        elif args.action == "show":
+            prefs = store.get(args.user)
+            if prefs is None:
+                return _fail(f"no preferences stored for user {args.user!r} in {store.path}", 1)
+            print(json.dumps(prefs.to_dict()) if args.json else f"user {prefs.user}: {_weights_text(prefs.weights)}")
+        elif args.action == "delete":
+            if not store.delete(args.user):
+                return _fail(f"no preferences stored for user {args.user!r} in {store.path}", 1)
+            print(f"user {args.user}: deleted from {store.path}")
+        else:
+            found = store.list(args.limit, args.after)
+            if args.json:
+                print(json.dumps([p.to_dict() for p in found]))
+            for p in [] if args.json else found:
+                print(f"{p.user}\t{_weights_text(p.weights)}")
+    except (UserIdError, WeightsError) as exc:
+        return _fail(str(exc), 2)
+    except UserStoreError as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+def _weights_text(weights: dict) -> str:
+    return ", ".join(f"{t}={w:.4g}" for t, w in weights.items())
 
 
 def cmd_export(args, cfg: PalmConfig) -> int:
@@ -320,7 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     args_router(p, weights=False)
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="(default: 8000; 0 picks a free port)")
+    p.add_argument("--api-key", help="every request but /health must send Authorization: Bearer KEY "
+                                     "(default: the PALM_API_KEY environment variable; none: no check, and "
+                                     "preferences cannot be written over HTTP)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("users", help="each user's stored trait weights: set, show, delete, list",
+                       description="The user store (params.yaml serve.users_db) that palm serve routes a "
+                                   "request's `user` by.")
+    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in [("set", "store a user's weights"), ("show", "a user's weights"),
+                         ("delete", "forget a user"), ("list", "the users, in id order")]:
+        q = users.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        if action != "list":
+            q.add_argument("user", help="the user id (the OpenAI `user` field)")
+        if action == "set":
+            q.add_argument("--weights", required=True, help="trait weights, e.g. safety=0.5,humor=0.3,brevity=0.2")
+        if action == "list":
+            q.add_argument("--limit", type=_count, default=100, help="at most this many (default: 100)")
+            q.add_argument("--after", default="", help="ids after this one (paging)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+        _args_common(q)
+        q.set_defaults(func=cmd_users)
     return parser
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from palm_tasks.limits import MAX_SEED, check_sizes, count
+from palm_tasks.limits import MAX_BATCH, MAX_SEED, check_sizes, count
 from palm_tasks.traits import BUILTIN_TRAITS as KNOWN_TRAITS
 from palm_tasks.traits import TASK_TRAITS, check_reward_model_dir
 
@@ -325,6 +325,54 @@ class CompareConfig(Section):
                                                                   "(1/d, ..., 1/d)) are Dirichlet(alpha), alpha > 1")
 
 
+class ServeConfig(Section):
+    """palm serve: the OpenAI-compatible API (docs/serving.md): default route, user store, limits, batching, following the registry"""
+
+    default_route: Literal["uniform", "most_users", "none"] = Field(
+        "uniform", description="a request with no weights and no stored user: uniform (routed as equal weights "
+                               "on every trait, with their guarantee) | most_users (the member with the largest "
+                               "share of users) | none (refused with 400 / 404)")
+    users_db: str = Field("mlruns/users.db", description="SQLite store of each user's trait weights (palm users, "
+                                                         "/v1/users), inside the project, beside the MLflow store")
+    poll_interval_s: float = Field(30.0, ge=0, le=86_400, description="seconds between checks of the registry "
+                                   "alias; when it moved, the new portfolio is loaded and served without a restart "
+                                   "(0: only on POST /v1/portfolio/reload)")
+    max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="answers decoded together, one token each per "
+                                                               "forward pass; requests join at the next step")
+    max_queue: int = Field(64, ge=0, le=100_000, description="requests waiting for room in the batch; one more "
+                                                             "is answered 429")
+    queue_timeout_s: float = Field(120.0, gt=0, le=86_400, description="a request that waits longer for room "
+                                                                      "in the batch is answered 503, not run")
+    max_tokens: int = Field(256, ge=1, le=8192, description="most tokens one answer may ask for (max_tokens, "
+                                                            "max_completion_tokens); above: 400")
+    default_max_tokens: int = Field(48, ge=1, le=8192, description="tokens of an answer when the request names "
+                                                                   "none (at most max_tokens)")
+    max_prompt_tokens: int = Field(2048, ge=1, le=131_072, description="most tokens of one prompt or "
+                                                                       "conversation; above: 400")
+    max_n: int = Field(8, ge=1, le=MAX_BATCH, description="most answers per request (n, times the prompts of a "
+                                                          "completion request; at most max_batch)")
+    max_logprobs: int = Field(20, ge=0, le=100, description="most alternatives per token (logprobs, "
+                                                            "top_logprobs); above: 400")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 2**20, description="a request body larger than this "
+                                                                              "is refused unread (413)")
+    prefix_cache_mb: int = Field(256, ge=0, le=1_048_576, description="memory for the key/value states of "
+                                 "prompt beginnings already encoded (a shared system prompt is encoded once per "
+                                 "member); 0: none")
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads of the model's operations (0: torch's default, "
+                                                       "one per core); on a CPU shared with other work fewer avoid "
+                                                       "waiting for a descheduled one")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self):
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"serve.default_max_tokens = {self.default_max_tokens} is above serve.max_tokens = "
+                             f"{self.max_tokens}")
+        if self.max_n > self.max_batch:
+            raise ValueError(f"serve.max_n = {self.max_n} is above serve.max_batch = {self.max_batch}: "
+                             "a request's answers are decoded in one batch")
+        return self
+
+
 class PalmConfig(Section):
     """PALM pipeline settings: every knob lives here, validated on load"""
 
@@ -353,6 +401,7 @@ class PalmConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     runner: RunnerConfig = RunnerConfig()
     compare: CompareConfig = CompareConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="before")
     @classmethod

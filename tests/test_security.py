@@ -25,7 +25,7 @@ def test_servers_bind_to_loopback_by_default(tmp_path):
     assert "--host 127.0.0.1" in ui_command(parse_config({}), tmp_path)  # MLflow UI
     assert PREFECT_SERVER_API_HOST.value() == "127.0.0.1"  # `prefect server start`
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"  # `palm serve`
-    from palm_tasks.serve.api import make_server
+    from palm_tasks.serve.server import make_server
 
     assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
 

@@ -1,6 +1,8 @@
 """Serving: one base model with every member's adapter, the OpenAI-compatible API on a real
 uvicorn server on loopback driven by the official `openai` client, hostile requests, the
-generation queue, and `palm serve` / `palm generate` as a user runs them."""
+queue in front of the batch, and `palm serve` / `palm generate` as a user runs them. (The
+OpenAI fields, users, batching and hot swap: test_serve_openai.py, test_serve_batching.py;
+hostile requests to the new endpoints: test_hostile_serve.py.)"""
 
 import http.client
 import json
@@ -11,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -19,37 +20,8 @@ import psutil
 import pytest
 import torch
 
-from palm_tasks.serve.api import ServeLimits, make_app, make_server
-from palm_tasks.serve.members import MemberModels, load_models
-from palm_tasks.serve.router import Router
-
-HUMOR = {"safety": 0, "humor": 1, "brevity": 0}
-PROMPT = [{"role": "user", "content": "Tell me a joke"}]
-
-
-@dataclass
-class Served:
-    address: tuple[str, int]
-    router: Router
-    models: MemberModels
-    keys: list[str]
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://{self.address[0]}:{self.address[1]}/v1", api_key="unused",
-                             max_retries=0, timeout=120)
-
-
-def start(app):
-    """A real uvicorn server for `app` on a free loopback port, in a thread: (server, address)."""
-    server, sock = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    return server, sock.getsockname()[:2], thread
+from palm_tasks.config import ServeConfig
+from serving import HUMOR, PROMPT, http_request, serve
 
 
 @pytest.fixture(scope="module")
@@ -58,70 +30,67 @@ def project(registered):
 
 
 @pytest.fixture(scope="module")
-def served(project):
-    from palm_tasks.registry import portfolio_model_name
-    from palm_tasks.tracking import tracking_uri
-
-    root, keys, cfg, result = project
-    router = Router.from_registry("production", tracking_uri(cfg, root), portfolio_model_name(cfg),
-                                  root=root)
-    models = load_models(router)
-    server, address, thread = start(make_app(router, models, base_model_name="tiny-base"))
-    yield Served(address, router, models, keys)
-    server.should_exit = True
-    thread.join(timeout=30)
+def served(project, tmp_path_factory):
+    s = serve(project, tmp_path_factory.mktemp("users"))
+    yield s
+    s.stop()
 
 
 def _request(address, method, path, body=None, raw: bytes | None = None, headers=None):
     """(status, decoded JSON or None) of one raw HTTP request."""
-    conn = http.client.HTTPConnection(*address, timeout=60)
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    response = conn.getresponse()
-    payload = response.read()
-    conn.close()
-    return response.status, (json.loads(payload) if payload else None)
+    return http_request(address, method, path, body, raw, headers)
 
 
-def test_switching_members_keeps_the_base_and_matches_each_member_alone(served, project):
+def test_a_mixed_adapter_batch_matches_each_member_alone(served, project):
+    """One forward pass with a different member's adapter on each row (PEFT's adapter_names)
+    gives each row what its member gives alone, on a fresh base; the base is shared."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    models, keys, root = served.models, served.keys, project[0]
-    base, base_weight = models.base, models.base.get_input_embeddings().weight
-    ids = models.tokenizer("Tell me a joke about computers", return_tensors="pt")["input_ids"]
-    logits = {}
-    for key in [keys[0], keys[1], keys[2], keys[0]]:
-        models.use(key)
-        with torch.no_grad():
-            logits.setdefault(key, []).append(models.model(input_ids=ids).logits)
-    assert models.base is base and models.base.get_input_embeddings().weight is base_weight
-    assert torch.equal(logits[keys[0]][0], logits[keys[0]][1])  # back to the first: same
-    assert not torch.allclose(logits[keys[0]][0], logits[keys[1]][0])  # adapters differ
+    models, keys, root = served.live.models, served.keys, project[0]
+    ids = torch.tensor(models.tokenizer("Tell me a joke about computers")["input_ids"])[None]
+    rows = [keys[0], keys[1], keys[2], keys[0]]
+    with served.engine.paused(), torch.no_grad():  # the engine owns the model: no step meanwhile
+        batch = models.model(input_ids=ids.repeat(4, 1), adapter_names=[served.adapter(k) for k in rows]).logits
+    assert torch.allclose(batch[0], batch[3], atol=1e-6)  # the same member on two rows: the same logits
+    assert not torch.allclose(batch[0], batch[1])  # adapters differ
+    assert models.model.get_base_model() is models.base  # one base model under every adapter
     for key in keys:  # each member as if loaded alone on a fresh base
         alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project[2].base_model),
                                           root / "models" / "members" / key / "adapter").eval()
         with torch.no_grad():
-            assert torch.allclose(alone(input_ids=ids).logits, logits[key][0], atol=1e-5)
+            assert torch.allclose(alone(input_ids=ids).logits[0], batch[rows.index(key)], atol=1e-5)
+
+
+def test_engine_greedy_answer_is_transformers_generate(served):
+    """The engine's own decoding loop answers greedily what transformers' generate answers."""
+    models, key = served.live.models, served.keys[1]
+    prompt = torch.tensor([models.encode_chat(PROMPT)])
+    with served.engine.paused(), torch.no_grad():
+        models.model.set_adapter(served.adapter(key))
+        ids = models.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=models.tokenizer.pad_token_id)
+    expected = models.tokenizer.decode(ids[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+    assert served.answer(key, max_tokens=8) == expected
 
 
 def test_the_openai_client_is_routed_by_weights_and_can_name_a_member(served):
-    client, models, keys, router = served.client, served.models, served.keys, served.router
-    models.use(keys[0])
-    switches = models.switches
+    client, keys, router = served.client, served.keys, served.router
     answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4,
                                             extra_body={"palm": {"weights": HUMOR}})
     assert answer.model == f"palm-member-{keys[1]}"
-    assert answer.choices[0].message.content == models.generate(keys[1], "Tell me a joke", 4)[0]  # greedy
+    assert answer.choices[0].message.content == served.answer(keys[1])  # greedy: the member's one answer
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert 1 <= answer.usage.completion_tokens <= 4
-    assert answer.usage.prompt_tokens == models.count_tokens(PROMPT)
-    assert answer.model_extra["palm"] == router.route(HUMOR).to_dict()  # the guarantee at these weights
+    assert answer.usage.prompt_tokens == len(served.live.models.encode_chat(PROMPT))
+    palm = answer.model_extra["palm"]
+    assert {k: palm[k] for k in router.route(HUMOR).to_dict()} == router.route(HUMOR).to_dict()  # the guarantee
+    assert palm["source"] == "weights" and palm["portfolio_version"] == served.live.current.version
 
     named = client.chat.completions.create(model=f"palm-member-{keys[0]}", messages=PROMPT, max_tokens=4)
     assert named.model == f"palm-member-{keys[0]}"
-    assert named.choices[0].message.content == models.generate(keys[0], "Tell me a joke", 4)[0]
-    assert models.switches == switches + 2  # to keys[1], then back to keys[0]; the direct calls reuse them
+    assert named.choices[0].message.content == served.answer(keys[0])
+    assert named.model_extra["palm"]["source"] == "member"
 
     normalized = client.chat.completions.create(
         model="palm", messages=PROMPT, max_tokens=2,
@@ -187,7 +156,6 @@ def test_models_lists_the_portfolio_and_its_members(served):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(model="palm"), openai.BadRequestError, 'routes by the user\'s weights'),
     (dict(model="palm", extra_body={"palm": {"weights": {"safety": -1, "humor": 1, "brevity": 1}}}),
      openai.BadRequestError, "negative"),
     (dict(model="palm", extra_body={"palm": {"weights": {"safety": 1, "humor": 0}}}),
@@ -198,7 +166,7 @@ def test_models_lists_the_portfolio_and_its_members(served):
      openai.BadRequestError, "all weights are zero"),
     (dict(model="gpt-4o"), openai.NotFoundError, "no model 'gpt-4o'"),
     (dict(model="palm-member-0", max_tokens=100_000), openai.BadRequestError, "max_tokens"),
-    (dict(model="palm", n=2, extra_body={"palm": {"weights": HUMOR}}), openai.BadRequestError, "n:"),
+    (dict(model="palm", n=9, extra_body={"palm": {"weights": HUMOR}}), openai.BadRequestError, "n:"),
     (dict(model="palm", temperature=5, extra_body={"palm": {"weights": HUMOR}}), openai.BadRequestError,
      "temperature"),
 ])
@@ -268,18 +236,16 @@ def test_route_endpoint_matches_the_router(served):
                              {"weights": {"safety": 0.2, "humor": 0.3, "brevity": 0.5}})
     assert status == 200 and route == served.router.route({"safety": 0.2, "humor": 0.3, "brevity": 0.5}).to_dict()
     status, health = _request(served.address, "GET", "/health")
-    assert status == 200 and health["members"] == served.keys and health["generate"] is True
+    assert status == 200 and health["members"] == served.keys
+    assert health["portfolio_version"] == served.live.current.version and health["auth"] is False
 
 
-def test_a_full_queue_answers_429_and_a_long_wait_503(served):
-    """The model answers one request at a time: with the model held busy, one request waits
-    (max_queue 1 here), the next is refused with 429, and the waiting one gets 503 after
-    queue_timeout_s without being run."""
-    app = make_app(served.router, served.models, ServeLimits(max_queue=0, queue_timeout_s=2.0))
-    server, address, thread = start(app)
-    client = openai.OpenAI(base_url=f"http://{address[0]}:{address[1]}/v1", api_key="unused",
-                           max_retries=0, timeout=60)
-    results = {}
+def test_a_full_queue_answers_429_and_a_long_wait_503(served, project, tmp_path):
+    """With the batch busy (here: the engine held between steps), one request waits (max_queue
+    1), the next is refused with 429, and the waiting one gets 503 after queue_timeout_s
+    without being run."""
+    other = serve(project, tmp_path, ServeConfig(max_queue=1, queue_timeout_s=2.0))
+    client, results = other.client, {}
 
     def waiting():
         try:
@@ -289,23 +255,25 @@ def test_a_full_queue_answers_429_and_a_long_wait_503(served):
         except openai.APIStatusError as exc:
             results["waiting"] = exc.status_code
 
-    served.models._lock.acquire()  # the model is busy with another answer
     try:
-        first = threading.Thread(target=waiting)
-        first.start()
-        deadline = time.time() + 10
-        while app.state.queue.waiting < 1 and time.time() < deadline:
-            time.sleep(0.01)
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=2,
-                                           extra_body={"palm": {"weights": HUMOR}})
-        assert "busy" in caught.value.body["message"]
-        first.join(timeout=30)
+        with other.engine.paused():
+            first = threading.Thread(target=waiting)
+            first.start()
+            deadline = time.time() + 10
+            while other.engine.waiting < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=2,
+                                               extra_body={"palm": {"weights": HUMOR}})
+            assert "busy" in caught.value.body["message"]
+            first.join(timeout=30)
         assert results["waiting"] == 503
+        time.sleep(0.2)
+        assert other.engine.completed == 0 and other.engine.admitted == 0  # it was not run
+        assert other.client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=2).choices
     finally:
-        served.models._lock.release()
-    server.should_exit = True
-    thread.join(timeout=30)
+        other.stop()
+        other.live.close()
 
 
 def test_palm_serve_and_generate_commands(project, served, capsys):
@@ -318,7 +286,7 @@ def test_palm_serve_and_generate_commands(project, served, capsys):
                  "--max-new-tokens", "4", *common]) == 0
     out = capsys.readouterr()
     assert f"member {keys[1]}" in out.err and "normalized" in out.err
-    assert out.out.rstrip("\n") == served.models.generate(keys[1], "Tell me a joke", 4)[0]
+    assert out.out.rstrip("\n") == served.answer(keys[1])
     assert main(["generate", "--weights", "safety=0,humor=-1,brevity=0", "hi", *common]) == 2
     assert "negative" in capsys.readouterr().err
 
@@ -339,7 +307,7 @@ def test_palm_serve_and_generate_commands(project, served, capsys):
         answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4,
                                                 extra_body={"palm": {"weights": HUMOR}})
         assert answer.model == f"palm-member-{keys[1]}"
-        assert answer.choices[0].message.content == served.models.generate(keys[1], "Tell me a joke", 4)[0]
+        assert answer.choices[0].message.content == served.answer(keys[1])
         before = psutil.Process(server.pid).memory_info().rss
         for _ in range(3):
             for head, body in [(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1", b""),
@@ -362,7 +330,7 @@ def test_palm_serve_and_generate_commands(project, served, capsys):
 # --- fuzzing the API from its own OpenAPI spec ---------------------------------------------------
 
 
-def test_fuzzed_requests_never_get_a_server_error(served):
+def test_fuzzed_requests_never_get_a_server_error(served, project, tmp_path):
     """Requests generated by schemathesis from the running server's own OpenAPI spec, valid and
     invalid, against every operation: schemathesis' checks (no 5xx, documented status codes
     and content types, invalid data refused with a 4xx). Bounded: 25 examples per operation.
@@ -372,25 +340,30 @@ def test_fuzzed_requests_never_get_a_server_error(served):
 
     # a server of its own, with answers of at most 8 tokens: the fuzz is about requests, and the
     # spec it reads says so (max_tokens <= 8)
-    server, address, thread = start(make_app(served.router, served.models, ServeLimits(max_new_tokens=8)))
+    fuzzed = serve(project, tmp_path, ServeConfig(max_tokens=8, default_max_tokens=8, max_n=2, max_batch=4),
+                   api_key="fuzz-key")
+    server, address, thread = fuzzed.server, fuzzed.address, fuzzed.thread
     schema = schemathesis.openapi.from_url(f"http://{address[0]}:{address[1]}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-        "POST /v1/chat/completions", "GET /v1/models", "POST /route", "GET /health"}
+        "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "POST /route", "GET /health",
+        "PUT /v1/users/{user}/preferences", "GET /v1/users/{user}/preferences",
+        "DELETE /v1/users/{user}/preferences", "POST /v1/portfolio/reload"}
     tried = {}
     for operation in operations:
         @given(case=operation.as_strategy())
         @settings(max_examples=25, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case):
-            case.call_and_validate(timeout=120)
+            case.call_and_validate(timeout=120, headers={"Authorization": "Bearer fuzz-key"})
             tried[operation.label] = tried.get(operation.label, 0) + 1
 
         fuzz()
     server.should_exit = True
     thread.join(timeout=30)
+    fuzzed.live.close()
     print("fuzzed requests per operation:", tried)
-    assert sum(tried.values()) >= 40
+    assert sum(tried.values()) >= 100
 
 
 def test_export_vllm_names_the_members_as_palm_serve_does(project, served, tmp_path, capsys):
@@ -468,5 +441,4 @@ def test_mlflow_models_serve_answers_a_prompt_with_the_routed_member(project, se
         server.wait(timeout=30)
         log.close()
     assert [p["member_key"] for p in predictions] == [keys[1], keys[0]]
-    assert [p["answer"] for p in predictions] == [served.models.generate(keys[1], "Tell me a joke", 4)[0],
-                                                  served.models.generate(keys[0], "Tell me a joke", 4)[0]]
+    assert [p["answer"] for p in predictions] == [served.answer(keys[1]), served.answer(keys[0])]

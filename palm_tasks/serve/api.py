@@ -1,57 +1,47 @@
-"""`palm serve`: an OpenAI-compatible HTTP API over the portfolio, on uvicorn.
+"""`palm serve`: an OpenAI-compatible HTTP API over the portfolio (docs/serving.md).
 
-    GET  /health                 {"status": "ok", "portfolio_id", "traits", "members", "generate"}
-    GET  /v1/models              the portfolio ("palm", parent: the base model) and each member
-                                 ("palm-member-<key>", parent: "palm") with its weights and values
-    POST /v1/chat/completions    OpenAI chat completions, non-streaming or `"stream": true`
-    POST /route                  {"weights": {...}} -> the route (member and guarantee), no model
+    GET    /health                        status, the portfolio served and its version, the batch
+    GET    /v1/models                     "palm" (parent: the base) and each member (parent: "palm")
+    POST   /v1/chat/completions           OpenAI chat completions; "stream": true for server-sent events
+    POST   /v1/completions                OpenAI (legacy) completions: prompt(s), echo, logprobs
+    PUT    /v1/users/{user}/preferences   store a user's trait weights ({"weights": {...}})
+    GET    /v1/users/{user}/preferences   read them (and the member they route to now)
+    DELETE /v1/users/{user}/preferences   forget them
+    POST   /v1/portfolio/reload           serve the registry alias's portfolio now, if it moved
+    POST   /route                         {"weights": {...}} -> the route, no model involved
 
-Which member answers: `"model": "palm"` routes by the user's trait weights, given as
-`"palm": {"weights": {"safety": 0.5, ...}}` in the body (the OpenAI client's
-`extra_body={"palm": {...}}`), by the project's one routing rule; `"model": "palm-member-<key>"`
-names a member. Every answer carries `"palm"`: the member, the weights and what the certificate
-guarantees there (value, U(w), eps at w; the Route of router.py), and `model` names the member.
-
-Limits, each a 4xx in the OpenAI error format ({"error": {"message", "type", "param", "code"}}):
-body size, conversation length, max_tokens, and the generation queue: one model answers one
-request at a time (the active adapter is its state), at most `max_queue` wait, and a request
-that waits longer than `queue_timeout_s` gets 503 without being run. Bound to 127.0.0.1 unless
-told otherwise: there is no authentication.
+Which member answers, for `"model": "palm"`: the request's weights (`"palm": {"weights": ...}`,
+the OpenAI client's extra_body), else the weights stored for its `user`, else the default route
+(params.yaml serve.default_route); `"model": "palm-member-<key>"` names a member. Every answer
+says who answered (`model`), how it was chosen and what the certificate guarantees there
+(`palm`), and which portfolio version answered (`palm.portfolio_version`, `system_fingerprint`).
+Answers are decoded by the engine (serve/engine.py), all requests and members in one batch.
 """
 
+
 import asyncio
-import json
-import socket
-import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from palm_tasks.serve.members import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MemberModels
-from palm_tasks.serve.router import Router, WeightsError
+from palm_tasks.serve import responses as fmt
+from palm_tasks.serve.engine import Failed, Finished, QueueFull, Request as Generation, Sampling, Tokens
+from palm_tasks.serve.router import WeightsError, parse_weights
+from palm_tasks.serve.schemas import MEMBER_PREFIX, PORTFOLIO_MODEL, USER_ID, ignored_fields, request_models
+from palm_tasks.serve.server import error_response
+from palm_tasks.serve.users import UserIdError, UserStoreError, check_user_id
 
-PORTFOLIO_MODEL = "palm"  # the model name that routes by weights
-MEMBER_PREFIX = "palm-member-"
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask for, and how long it may wait."""
-
-    max_body_bytes: int = 64 * 1024  # a request body larger than this is refused unread
-    max_conversation_chars: int = 16_000  # all messages' text together
-    max_new_tokens: int = MAX_NEW_TOKENS  # max_tokens / max_completion_tokens above this: 400
-    max_queue: int = 16  # generation requests waiting beyond the one running: 429
-    queue_timeout_s: float = 120.0  # waited this long for the model: 503, not run
+ERRORS = {status: {"description": what, "content": {"application/json": {}}} for status, what in
+          [(400, "bad request"), (401, "no or a wrong API key"), (403, "writing needs an API key"),
+           (404, "unknown model, user or path"), (409, "stored weights no longer fit"), (413, "body too large"),
+           (429, "queue full"), (503, "waited too long, or the store or registry is unavailable")]}
+STREAMED = {200: {"description": "the answer; with stream: true, server-sent events",
+                  "content": {"application/json": {}, "text/event-stream": {}}}, **ERRORS}
 
 
 class ApiError(Exception):
@@ -61,174 +51,25 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    @property
-    def kind(self) -> str:
-        """The error's type as the OpenAI API names it (a missing model is invalid_request_error
-        with code model_not_found there too)."""
-        if self.status == 429:
-            return "rate_limit_error"
-        return "invalid_request_error" if self.status < 500 else "server_error"
-
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}}, self.status)
+        return error_response(self.status, self.message, self.code, self.param)
 
 
-# --- request and response shapes (they are the OpenAPI spec the fuzz test reads) ---------------
+def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str = "base") -> FastAPI:
+    """The ASGI app over `live` (serve.live.LivePortfolio), with `cfg` (config.ServeConfig) and
+    the user store `users` (serve.users.UserStore); serve.server.make_server wraps it in the
+    body limit and the API key."""
+    from palm_tasks.log import warn
 
+    app = FastAPI(title="PALM", version="2", description=__doc__.split("\n\n")[0])
+    app.state.live, app.state.cfg, app.state.users, app.state.api_key = live, cfg, users, api_key
+    engine, models = live.engine, live.models
 
-def request_models(traits: list[str], model_names: list[str], max_new_tokens: int):
-    """(ChatRequest, RouteRequest): the request bodies, with a schema as exact as this
-    portfolio allows (its traits, its model names, the token limit), so the OpenAPI spec tells
-    a client, and the fuzz test, exactly what is accepted. Weights are still checked by
-    router.parse_weights, the one place weights are validated; the schema only describes them."""
-    weights_schema = {
-        "type": "object", "additionalProperties": False, "required": list(traits),
-        "properties": {t: {"type": "number", "minimum": 0} for t in traits},
-        "anyOf": [{"properties": {t: {"exclusiveMinimum": 0}}} for t in traits],  # not all zero
-    }
-    weights_help = ("the user's weight on each trait, every trait once, >= 0 and not all zero; "
-                    "normalized when they do not sum to 1")
+    def model_names() -> list[str]:
+        return [PORTFOLIO_MODEL, *(MEMBER_PREFIX + k for k in live.current.adapters)]
 
-    class PalmOptions(BaseModel):
-        """PALM's extension of a chat request (the OpenAI client's extra_body={"palm": ...})."""
-        weights: dict[str, float] = Field(description=weights_help, json_schema_extra=weights_schema)
-
-    class ContentPart(BaseModel):
-        type: Literal["text"]
-        text: str
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        role: Literal["system", "developer", "user", "assistant"]
-        content: str | list[ContentPart]
-
-    class ChatRequest(BaseModel):
-        """The OpenAI chat completion request; fields not listed are accepted and ignored."""
-        model_config = ConfigDict(extra="ignore", json_schema_extra={
-            "if": {"properties": {"model": {"const": PORTFOLIO_MODEL}}, "required": ["model"]},
-            "then": {"required": ["palm"], "properties": {"palm": {"type": "object"}}}})
-        model: str = Field(description=f'"{PORTFOLIO_MODEL}" (routed by palm.weights) or a member\'s name',
-                           json_schema_extra={"enum": model_names})
-        messages: list[Message] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1, le=max_new_tokens)
-        max_completion_tokens: int | None = Field(None, ge=1, le=max_new_tokens,
-                                                  description="the newer name of max_tokens")
-        temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
-        top_p: float | None = Field(None, gt=0, le=1)
-        seed: int | None = Field(None, ge=0, le=2**32 - 1)
-        n: int | None = Field(None, ge=1, le=1, description="one answer per request")
-        stream: bool = False
-        stream_options: dict[str, Any] | None = None
-        palm: PalmOptions | None = None
-
-    class RouteRequest(BaseModel):
-        weights: dict[str, float] = Field(description=weights_help, json_schema_extra=weights_schema)
-
-    return ChatRequest, RouteRequest
-
-
-ERRORS = {status: {"description": what, "content": {"application/json": {}}} for status, what in
-          [(400, "bad request"), (404, "unknown model or path"), (413, "body too large"),
-           (429, "queue full"), (501, "routing only"), (503, "waited too long")]}
-
-
-# --- the app -------------------------------------------------------------------------------------
-
-
-class _GenerationQueue:
-    """One thread runs the model; at most max_queue requests wait for it."""
-
-    def __init__(self, limits: ServeLimits):
-        self.limits = limits
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="palm-generate")
-        self.waiting = 0  # touched from the event loop only
-        self.completed = 0
-
-    async def run(self, fn, *args):
-        if self.waiting > self.limits.max_queue:  # the one running plus max_queue waiting
-            raise ApiError(429, f"the server is busy: {self.waiting} requests are queued for the model "
-                                f"(at most {self.limits.max_queue}); retry later")
-        cancelled = threading.Event()
-        enqueued = time.monotonic()
-
-        def job():
-            if cancelled.is_set() or time.monotonic() - enqueued > self.limits.queue_timeout_s:
-                return None  # the client was answered 503 already: do not spend the model on it
-            return fn(*args)
-
-        self.waiting += 1
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self.executor, job)
-            try:
-                # shield: a timeout must not cancel the executor future under a running generation
-                done = await asyncio.wait_for(asyncio.shield(future), self.limits.queue_timeout_s)
-            except TimeoutError:
-                cancelled.set()
-                raise ApiError(503, f"no answer within {self.limits.queue_timeout_s:g} s (the model is "
-                                    "busy); retry later") from None
-        finally:
-            self.waiting -= 1
-        if done is None:
-            raise ApiError(503, f"waited more than {self.limits.queue_timeout_s:g} s for the model; "
-                                "retry later")
-        self.completed += 1
-        return done
-
-
-def _body_limit(app, max_bytes: int):
-    """ASGI middleware: refuse a body over max_bytes (or with a malformed Content-Length) before
-    reading it, and stop reading a chunked body once it passes the limit. FastAPI turns any error
-    raised while it reads the body into "400 error parsing the body", so the limit is applied
-    here, before the app."""
-
-    async def middleware(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        error = None
-        if length is not None:
-            text = length.decode("latin-1").strip()
-            if not text.isdigit():
-                error = ApiError(400, f"Content-Length {text[:40]!r} is not a non-negative integer")
-            elif int(text) > max_bytes:
-                error = ApiError(413, f"request body of {int(text)} bytes is over the limit of {max_bytes}")
-        if error is not None:
-            return await error.response()(scope, receive, send)
-        # Read the body here (at most max_bytes of it), then hand it to the app in one piece.
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > max_bytes:
-                return await ApiError(413, f"request body is over the limit of {max_bytes} bytes"
-                                      ).response()(scope, receive, send)
-        given = False
-
-        async def replay():
-            nonlocal given
-            if not given:
-                given = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as ASGI apps expect
-
-        await app(scope, replay, send)
-
-    return middleware
-
-
-def make_app(router: Router, models: MemberModels | None, limits: ServeLimits = ServeLimits(),
-             base_model_name: str = "base") -> FastAPI:
-    """The ASGI app over `router` (and `models`, None for a routing-only server)."""
-    app = FastAPI(title="PALM", version="1", description=__doc__.split("\n\n")[0])
-    queue = _GenerationQueue(limits)
-    app.state.router, app.state.models, app.state.limits, app.state.queue = router, models, limits, queue
-    members = {f"{MEMBER_PREFIX}{m.key}": m for m in router.members}
-    ChatRequest, RouteRequest = request_models(router.traits, [PORTFOLIO_MODEL, *members],
-                                               limits.max_new_tokens)
+    ChatRequest, CompletionRequest, RouteRequest, PreferencesRequest = request_models(
+        live.current.router.traits, model_names, cfg, models.vocab_size)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -238,53 +79,178 @@ def make_app(router: Router, models: MemberModels | None, limits: ServeLimits = 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = first.get("msg", "invalid request")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p))
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             message = "the body is not valid JSON"
-        return ApiError(400, f"{where}: {message}" if where else message, where or None).response()
+        if ":" in message.split(" ")[0]:  # a model check names its field itself
+            where = message.split(":")[0]
+        return ApiError(400, message if message.startswith(f"{where}:") or not where else f"{where}: {message}",
+                        where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
-            detail = f"no such endpoint: {request.method} {request.url.path}"
+            detail = f"no such endpoint: {request.method} {request.url.path[:200]}"
         elif exc.status_code == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}"
+            detail = f"method {request.method} is not allowed on {request.url.path[:200]}"
         return ApiError(exc.status_code, detail).response()
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):  # a bug must not take the server down
-        print(f"palm serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        warn(f"palm serve: {type(exc).__name__}: {exc}")
         return ApiError(500, f"internal error ({type(exc).__name__})").response()
 
-    def route(weights) -> dict:
+    def note_ignored(body, path: str) -> None:
+        names = ignored_fields(body)
+        if names:
+            from rich.markup import escape
+
+            shown = ", ".join(repr(n[:40]) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
+                                                                    else "")
+            warn(escape(f"{path}: ignored the field(s) this server does not know: {shown}"))
+
+    # --- routing: who answers ------------------------------------------------------------------
+
+    def route(dep, weights, param="palm.weights") -> dict:
         try:
-            out = router.route(weights).to_dict()
+            return dep.router.route(weights).to_dict()
         except WeightsError as exc:
-            raise ApiError(400, str(exc), "palm.weights") from None
-        return out
+            raise ApiError(400, str(exc), param) from None
+
+    def default_route(dep, reason: str, user: str | None) -> dict:
+        if cfg.default_route == "none":
+            if user is not None:
+                raise ApiError(404, f"no preferences are stored for user {user!r} and this server has no default "
+                                    "route: store them (PUT /v1/users/{user}/preferences) or give palm.weights",
+                               "user", "user_not_found")
+            raise ApiError(400, f'model "{PORTFOLIO_MODEL}" routes by weights: give "palm": {{"weights": {{'
+                                + ", ".join(f'"{t}": ...' for t in dep.router.traits)
+                                + '}} (extra_body in the OpenAI client), a stored user, or name a member',
+                           "palm.weights")
+        if cfg.default_route == "uniform":
+            served = route(dep, {t: 1.0 for t in dep.router.traits})
+        else:  # most_users: the member with the largest share of the population
+            member = max(dep.router.members, key=lambda m: m.share)
+            served = {"member_key": member.key, "model_uri": member.model_uri, "share": member.share,
+                      "portfolio_id": dep.portfolio_id, "certified": dep.router.certified}
+        return {**served, "source": "default", "default_route": cfg.default_route, "reason": reason}
+
+    def who_answers(dep, body) -> dict:
+        members = {f"{MEMBER_PREFIX}{k}": k for k in dep.adapters}
+        if body.model == PORTFOLIO_MODEL:
+            if body.palm is not None:
+                served = {**route(dep, body.palm.weights), "source": "weights"}
+            elif body.user is not None:
+                prefs = stored(body.user)
+                if prefs is None:
+                    served = default_route(dep, f"no preferences stored for user {body.user!r}", body.user)
+                else:
+                    try:
+                        served = {**dep.router.route(prefs.weights).to_dict(), "source": "user"}
+                    except WeightsError as exc:
+                        raise ApiError(409, f"the weights stored for user {body.user!r} do not fit this portfolio "
+                                            f"({exc}): store them again", "user", "preferences_outdated") from None
+            else:
+                served = default_route(dep, "no weights and no user", None)
+        elif body.model in members:
+            served = {"member_key": members[body.model], "source": "member"}
+            if body.palm is not None:  # the guarantee of this member is only known for the routed one
+                routed = route(dep, body.palm.weights)
+                served = routed if routed["member_key"] == members[body.model] else {
+                    **served, "note": f"named member; the weights route to {MEMBER_PREFIX}{routed['member_key']}"}
+                served["source"] = "member"
+        else:
+            raise ApiError(404, f"no model {body.model[:100]!r}; use {PORTFOLIO_MODEL!r} or one of: "
+                                f"{', '.join(members)}", "model", "model_not_found")
+        return {**served, "user": body.user, "portfolio_id": dep.portfolio_id, "portfolio_version": dep.version}
+
+    def stored(user: str):
+        try:
+            return users.get(user)
+        except UserStoreError as exc:
+            raise ApiError(503, str(exc)) from None
+
+    def sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> Sampling:
+        stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+        return Sampling(max_tokens=max_tokens, temperature=body.temperature or 0.0,
+                        top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(stop),
+                        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                        presence_penalty=body.presence_penalty or 0.0,
+                        frequency_penalty=body.frequency_penalty or 0.0,
+                        logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()))
+
+    def check_prompt(tokens: list[int], param: str) -> None:
+        if not tokens:
+            raise ApiError(400, f"{param}: the prompt is empty (no tokens)", param)
+        if len(tokens) > cfg.max_prompt_tokens:
+            raise ApiError(400, f"{param}: the prompt has {len(tokens)} tokens, over the limit of "
+                                f"{cfg.max_prompt_tokens}", param, "context_length_exceeded")
+
+    async def start(prompts, served, dep, how: Sampling, n: int, stream: bool):
+        """Queue the request; (generation, events) once the engine has admitted it."""
+        if len(prompts) * n > cfg.max_batch:
+            raise ApiError(400, f"n: {len(prompts)} prompt(s) x n = {n} is {len(prompts) * n} answers, more than "
+                                f"one batch holds ({cfg.max_batch})", "n")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        generation = Generation(prompts, dep.adapters[served["member_key"]], how,
+                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e), n, stream)
+        try:
+            engine.submit(generation)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc)) from None
+        try:
+            first = await asyncio.wait_for(events.get(), cfg.queue_timeout_s)
+        except TimeoutError:
+            generation.cancelled.set()  # the engine drops it instead of running it
+            raise ApiError(503, f"waited more than {cfg.queue_timeout_s:g} s for room in the batch; "
+                                "retry later") from None
+        except asyncio.CancelledError:  # the client went away while it waited
+            generation.cancelled.set()
+            raise
+        if isinstance(first, Failed):
+            raise ApiError(first.status, first.message)
+        return generation, events
+
+    async def collect(generation, events) -> list[Finished]:
+        """Wait for every answer (a request that does not stream gets only its Finished events)."""
+        finished = {}
+        try:
+            while len(finished) < generation.answers:
+                e = await events.get()
+                if isinstance(e, Failed):
+                    raise ApiError(e.status, e.message)
+                if isinstance(e, Finished):
+                    finished[e.index] = e
+        finally:
+            generation.cancelled.set()  # a client that went away: its answers leave the batch
+        return [finished[i] for i in sorted(finished)]
+
+    # --- endpoints ---------------------------------------------------------------------------
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     def health():
-        return {"status": "ok", "portfolio_id": router.portfolio.id, "traits": router.traits,
-                "members": [m.key for m in router.members], "generate": models is not None,
-                "queued": queue.waiting, "completed": queue.completed}
+        dep = live.current
+        return {"status": "ok", **live.health(), "traits": dep.router.traits, "default_route": cfg.default_route,
+                "auth": api_key is not None, "queued": engine.waiting, "running": engine.running,
+                "completed": engine.completed, "steps": engine.steps, "largest_batch": engine.largest_batch,
+                "max_batch": cfg.max_batch, "prefix_cache": engine.prefixes.stats() if engine.prefixes else None}
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     def list_models():
-        portfolio = {"id": PORTFOLIO_MODEL, "object": "model", "created": created, "owned_by": "palm",
-                     "root": base_model_name, "parent": base_model_name,
-                     "palm": {"portfolio_id": router.portfolio.id, "traits": router.traits,
-                              "certified": router.certified, "eps": router.eps, "delta": router.delta,
-                              "max_eps": router.max_eps,
-                              "how": 'give "palm": {"weights": {trait: weight}} to be routed'}}
-        data = [portfolio]
-        for name, m in members.items():
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "palm",
+        dep = live.current
+        router = dep.router
+        data = [{"id": PORTFOLIO_MODEL, "object": "model", "created": created, "owned_by": "palm",
+                 "root": base_model_name, "parent": base_model_name,
+                 "palm": {"portfolio_id": dep.portfolio_id, "portfolio_version": dep.version,
+                          "traits": router.traits, "certified": router.certified, "eps": router.eps,
+                          "delta": router.delta, "max_eps": router.max_eps, "default_route": cfg.default_route,
+                          "how": 'give "palm": {"weights": {trait: weight}}, or a user with stored weights'}}]
+        for m in router.members:
+            data.append({"id": f"{MEMBER_PREFIX}{m.key}", "object": "model", "created": created, "owned_by": "palm",
                          "root": base_model_name, "parent": PORTFOLIO_MODEL,
-                         "palm": {"key": m.key, "kind": m.kind,
-                                  "weights": dict(zip(router.traits, m.weights)),
+                         "palm": {"key": m.key, "kind": m.kind, "weights": dict(zip(router.traits, m.weights)),
                                   "values": dict(zip(router.traits, m.value.mean)),
                                   "std_errors": dict(zip(router.traits, m.value.se)),
                                   "share": m.share, "model_uri": m.model_uri}})
@@ -292,148 +258,206 @@ def make_app(router: Router, models: MemberModels | None, limits: ServeLimits = 
 
     @app.post("/route", responses=ERRORS)
     def post_route(body: RouteRequest):
-        return route(body.weights)
+        return route(live.current, body.weights, "weights")
 
-    @app.post("/v1/chat/completions", responses={200: {"description": "the answer; with stream: true, "
-                                                           "server-sent events",
-                                                       "content": {"application/json": {},
-                                                                   "text/event-stream": {}}}, **ERRORS})
+    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat_completions(body: ChatRequest):
-        if models is None:
-            raise ApiError(501, "this server only routes (started without models)")
-        if body.model == PORTFOLIO_MODEL:
-            if body.palm is None:
-                raise ApiError(400, f'model "{PORTFOLIO_MODEL}" routes by the user\'s weights: give '
-                                    '"palm": {"weights": {' + ", ".join(f'"{t}": ...' for t in router.traits)
-                               + "}} (extra_body in the OpenAI client), or name a member", "palm")
-            served = route(body.palm.weights)
-        elif body.model in members:
-            served = {"member_key": members[body.model].key}
-            if body.palm is not None:  # the guarantee of this member is only known for the routed one
-                served = route(body.palm.weights)
-                if served["member_key"] != members[body.model].key:
-                    served = {"member_key": members[body.model].key, "note": "named member; the weights "
-                              f"route to {MEMBER_PREFIX}{served['member_key']}"}
-        else:
-            raise ApiError(404, f"no model {body.model!r}; use {PORTFOLIO_MODEL!r} with palm.weights or "
-                                f"one of: {', '.join(members)}", "model", "model_not_found")
+        note_ignored(body, "/v1/chat/completions")
         messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else
-                     "".join(part.text for part in m.content)} for m in body.messages]
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > limits.max_conversation_chars:
-            raise ApiError(400, f"the messages hold {chars} characters, over the limit of "
-                                f"{limits.max_conversation_chars}", "messages", "context_length_exceeded")
-        n_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_NEW_TOKENS  # schema: <= limit
-        args = (served["member_key"], messages, n_tokens, body.temperature or 0.0,
-                body.top_p if body.top_p is not None else 1.0, body.seed)
-        answer_id, name = f"chatcmpl-{uuid.uuid4().hex}", f"{MEMBER_PREFIX}{served['member_key']}"
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                    for m in body.messages]
+        prompt = models.encode_chat(messages)
+        check_prompt(prompt, "messages")
+        dep = live.current  # read once, right before queuing: this request is answered by this version
+        served = who_answers(dep, body)
+        top = body.top_logprobs or 0
+        how = sampling(body, body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
+                       top if body.logprobs else None)
+        name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"chatcmpl-{uuid.uuid4().hex}"
+        generation, events = await start([prompt], served, dep, how, body.n or 1, body.stream)
         if not body.stream:
-            done = await queue.run(models.complete, *args)
-            return {"id": answer_id, "object": "chat.completion", "created": int(time.time()),
-                    "model": name, "system_fingerprint": router.portfolio.id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": None, "finish_reason": done.finish_reason}],
-                    "usage": _usage(done), "palm": served}
-        return await _stream(queue, models, args, answer_id, name, served,
-                             bool((body.stream_options or {}).get("include_usage")), router.portfolio.id)
+            finished = await collect(generation, events)
+            return fmt.chat_body(answer_id, name, dep.portfolio_id, finished, bool(body.logprobs), len(prompt), served)
+        return stream(chat_events(generation, events, answer_id, name, dep.portfolio_id, served, len(prompt),
+                                  bool(body.logprobs), body.stream_options))
+
+    @app.post("/v1/completions", responses=STREAMED)
+    async def completions(body: CompletionRequest):
+        note_ignored(body, "/v1/completions")
+        prompts, texts = [], []
+        for i, p in enumerate(body.prompt_list):
+            where = "prompt" if len(body.prompt_list) == 1 else f"prompt.{i}"
+            tokens = models.encode_text(p) if isinstance(p, str) else list(p)
+            check_prompt(tokens, where)
+            prompts.append(tokens)
+            texts.append(p if isinstance(p, str) else models.decode(tokens))
+        dep = live.current
+        served = who_answers(dep, body)
+        max_tokens = body.max_tokens if body.max_tokens is not None else cfg.default_max_tokens
+        how = sampling(body, max_tokens, body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+        name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"cmpl-{uuid.uuid4().hex}"
+        n = body.n or 1
+        generation, events = await start(prompts, served, dep, how, n, body.stream)
+        prompt_tokens = sum(len(p) for p in prompts)
+        if not body.stream:
+            finished = await collect(generation, events)
+            choices = []
+            for f in finished:
+                prompt = prompts[f.index // n]
+                echoed = fmt.prompt_entries(f, prompt, models.decode) if body.echo else None
+                choices.append(fmt.completion_choice(f, texts[f.index // n] if body.echo else None,
+                                                     echoed if body.logprobs is not None else None,
+                                                     f.logprobs if body.logprobs is not None else None))
+            return fmt.completion_body(answer_id, name, dep.portfolio_id, choices, prompt_tokens,
+                                       sum(f.completion_tokens for f in finished), served)
+        return stream(completion_events(generation, events, answer_id, name, dep.portfolio_id, served, prompts,
+                                        texts, body, n, prompt_tokens))
+
+    def stream(events) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def chat_events(generation, events, answer_id, name, fingerprint, served, prompt_tokens, logprobs,
+                          options):
+        def chunk(index, delta, finish=None, entries=None, **extra):
+            return fmt.event({"id": answer_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                              "model": name, "system_fingerprint": fingerprint,
+                              "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                           "logprobs": None if entries is None else
+                                           {"content": [fmt.chat_logprob(e) for e in entries], "refusal": None}}],
+                              **extra})
+
+        try:
+            for i in range(generation.answers):
+                yield chunk(i, {"role": "assistant", "content": ""}, **({"palm": served} if i == 0 else {}))
+            done, completion_tokens = 0, 0
+            while done < generation.answers:
+                e = await events.get()
+                if isinstance(e, Failed):  # after the first event only the stream can say so
+                    yield fmt.event({"error": {"message": e.message, "type": "server_error"}})
+                    return
+                if isinstance(e, Tokens):
+                    yield chunk(e.index, {"content": e.text}, entries=list(e.logprobs) if logprobs else None)
+                elif isinstance(e, Finished):
+                    done, completion_tokens = done + 1, completion_tokens + e.completion_tokens
+                    yield chunk(e.index, {}, e.finish_reason)
+            if (options and options.include_usage):
+                yield fmt.event({"id": answer_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                                 "model": name, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens)})
+            yield fmt.DONE
+        finally:
+            generation.cancelled.set()  # the client went away, or the answer is complete
+
+    async def completion_events(generation, events, answer_id, name, fingerprint, served, prompts, texts, body, n,
+                                prompt_tokens):
+        def chunk(index, text, finish=None, logprobs=None, offset=0, **extra):
+            return fmt.event({"id": answer_id, "object": "text_completion", "created": int(time.time()),
+                              "model": name, "system_fingerprint": fingerprint,
+                              "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                           "logprobs": None if logprobs is None else
+                                           fmt.completion_logprobs(logprobs, offset)}], **extra})
+
+        offsets = {}
+        try:
+            if body.echo and body.logprobs is None:  # the prompts first (with logprobs: once they are known)
+                for i in range(generation.answers):
+                    yield chunk(i, texts[i // n], **({"palm": served} if i == 0 else {}))
+                    offsets[i] = len(texts[i // n])
+            done, completion_tokens, first = 0, 0, not (body.echo and body.logprobs is None)
+            while done < generation.answers:
+                e = await events.get()
+                extra = {"palm": served} if first else {}
+                first = False
+                if isinstance(e, Failed):
+                    yield fmt.event({"error": {"message": e.message, "type": "server_error"}})
+                    return
+                if isinstance(e, Tokens):
+                    entries = list(e.logprobs) if body.logprobs is not None else None
+                    yield chunk(e.index, e.text, logprobs=entries, offset=offsets.get(e.index, 0), **extra)
+                    offsets[e.index] = offsets.get(e.index, 0) + len(e.text)
+                elif isinstance(e, Finished):
+                    done, completion_tokens = done + 1, completion_tokens + e.completion_tokens
+                    if body.echo and body.logprobs is not None:  # the prompt with its logprobs, then the end
+                        entries = fmt.prompt_entries(e, prompts[e.index // n], models.decode)
+                        yield chunk(e.index, texts[e.index // n], logprobs=entries, **extra)
+                        extra = {}
+                    yield chunk(e.index, "", e.finish_reason, **extra)
+            if body.stream_options and body.stream_options.include_usage:
+                yield fmt.event({"id": answer_id, "object": "text_completion", "created": int(time.time()),
+                                 "model": name, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens)})
+            yield fmt.DONE
+        finally:
+            generation.cancelled.set()
+
+    # --- user preferences ------------------------------------------------------------------------
+
+    def user_of(user: str) -> str:
+        try:
+            return check_user_id(user)
+        except UserIdError as exc:
+            raise ApiError(400, str(exc), "user") from None
+
+    def writable(request: Request) -> None:
+        if api_key is None:  # with a key, the middleware has checked it already
+            raise ApiError(403, "writing preferences needs an API key: start palm serve with --api-key (or "
+                                "PALM_API_KEY) and send it, or use `palm users set`", None, "api_key_required")
+
+    def in_store(fn, *args):
+        try:
+            return fn(*args)
+        except UserStoreError as exc:
+            raise ApiError(503, str(exc)) from None
+
+    # {user:path}: the id as decoded from the URL, slashes included, so that a bad one is refused
+    # by its rules (400 naming it), not by a route that does not match (404)
+    UserId = Path(description="the user id (the OpenAI `user` field)", json_schema_extra=USER_ID)
+
+    @app.put("/v1/users/{user:path}/preferences", responses=ERRORS)
+    def put_preferences(body: PreferencesRequest, request: Request, user: str = UserId):
+        writable(request)
+        user, dep = user_of(user), live.current
+        try:
+            w, normalized = parse_weights(body.weights, dep.router.traits)
+        except WeightsError as exc:
+            raise ApiError(400, str(exc), "weights") from None
+        prefs = in_store(users.set, user, dict(zip(dep.router.traits, map(float, w))))
+        return {**prefs.to_dict(), "normalized": normalized, "route": dep.router.route(prefs.weights).to_dict()}
+
+    @app.get("/v1/users/{user:path}/preferences", responses=ERRORS)
+    def get_preferences(user: str = UserId):
+        user, dep = user_of(user), live.current
+        prefs = in_store(users.get, user)
+        if prefs is None:
+            raise ApiError(404, f"no preferences are stored for user {user!r}", "user", "user_not_found")
+        try:
+            now = dep.router.route(prefs.weights).to_dict()
+        except WeightsError as exc:
+            now = {"error": f"these weights do not fit the portfolio served ({exc})"}
+        return {**prefs.to_dict(), "route": now}
+
+    @app.delete("/v1/users/{user:path}/preferences", responses=ERRORS)
+    def delete_preferences(request: Request, user: str = UserId):
+        writable(request)
+        user = user_of(user)
+        if not in_store(users.delete, user):
+            raise ApiError(404, f"no preferences are stored for user {user!r}", "user", "user_not_found")
+        return {"user": user, "deleted": True}
+
+    @app.post("/v1/portfolio/reload", responses=ERRORS)
+    async def reload():
+        try:
+            out = await run_in_threadpool(live.reload)
+        except Exception:  # noqa: BLE001 (the current portfolio goes on serving; the reason is returned)
+            raise ApiError(503, f"reload from {live.source.describe()} failed, still serving version "
+                                f"{live.current.version}: {live.last_error}") from None
+        if out["changed"]:
+            app.openapi_schema = None  # the model names changed: a fresh spec
+        return out
 
     return app
 
 
-def _usage(done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
-async def _stream(queue, models, args, answer_id, name, served, include_usage, fingerprint):
-    """Server-sent events as the OpenAI API sends them: a first chunk with the role (and PALM's
-    route), the text in pieces as it is generated, a last chunk with finish_reason, [DONE]."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-
-    def on_text(text):
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-    answer = asyncio.ensure_future(queue.run(models.complete, *args, on_text))
-    # Pieces are queued from the model's thread before its answer completes, so None (put when
-    # the answer is done) comes after the last piece.
-    answer.add_done_callback(lambda _: pieces.put_nowait(None))
-    first = await pieces.get()
-    if first is None and answer.exception() is not None:
-        raise answer.exception()  # queue full or waited too long: an error before any event
-
-    def chunk(delta, finish=None, **extra):
-        return "data: " + json.dumps({"id": answer_id, "object": "chat.completion.chunk",
-                                      "created": int(time.time()), "model": name,
-                                      "system_fingerprint": fingerprint,
-                                      "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                   "finish_reason": finish}], **extra}) + "\n\n"
-
-    async def events():
-        yield chunk({"role": "assistant", "content": ""}, palm=served)
-        text = first
-        while text is not None:
-            yield chunk({"content": text})
-            text = await pieces.get()
-        if answer.exception() is not None:  # after the first event only the stream can say so
-            yield "data: " + json.dumps({"error": {"message": str(answer.exception()),
-                                                   "type": "server_error"}}) + "\n\n"
-            return
-        done = answer.result()
-        yield chunk({}, done.finish_reason)
-        if include_usage:
-            yield "data: " + json.dumps({"id": answer_id, "object": "chat.completion.chunk",
-                                         "created": int(time.time()), "model": name, "choices": [],
-                                         "usage": _usage(done)}) + "\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-# --- the server ----------------------------------------------------------------------------------
-
-
-def _protocol():
-    """uvicorn's h11 protocol, answering a request h11 cannot parse (a negative Content-Length,
-    a malformed request line, headers over the limit) in the OpenAI error format, not plain text."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class OpenAIErrorsH11(H11Protocol):
-        def send_400_response(self, msg: str) -> None:
-            cause = sys.exc_info()[1]  # uvicorn calls this inside its `except` for h11's error
-            body = json.dumps({"error": {"message": f"malformed HTTP request: {cause or msg}", "type":
-                                         "invalid_request_error", "param": None, "code": None}}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                          h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
-
-    return OpenAIErrorsH11
-
-
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, backlog: int = 2048,
-                max_connections: int = 512, keep_alive_s: float = 5.0):
-    """(uvicorn.Server, bound socket). Binding here, not in uvicorn, so port 0 works (the socket
-    says which port) and a taken port is an OSError before anything starts."""
-    import uvicorn
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(backlog)
-    config = uvicorn.Config(_body_limit(app, app.state.limits.max_body_bytes), http=_protocol(),
-                            log_level="error",
-                            backlog=backlog, limit_concurrency=max_connections,
-                            timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=64 * 1024,
-                            lifespan="off")
-    return uvicorn.Server(config), sock
+def _is_type_tag(part) -> bool:
+    """Pydantic names the union member it tried in an error's location (`str`, `list[...]`,
+    `function-after[...]`); the field's path is what a client needs."""
+    text = str(part)
+    return text in ("str", "int", "float", "bool") or "[" in text or text.startswith("function-")

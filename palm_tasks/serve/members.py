@@ -1,128 +1,145 @@
 """The members in memory: one base model with every member's LoRA adapter as a named adapter.
 
-Switching members is PEFT's `set_adapter` (no reload). The active adapter is state of the one
-model, so `complete` holds a lock from the switch to the last token; routing needs no model.
-`palm generate`, `palm serve` and the load benchmark all answer through `complete`.
+Adapters are named by member key and content (`member_<key>_<sha256 of the weights>`), so two
+portfolio versions that share a member share its adapter, and a member key whose files changed
+is loaded again under a new name. `forward` runs a batch whose rows are for different members:
+each LoRA layer computes PEFT's mixed-adapter batch (`adapter_names`, one adapter per row), or,
+when every row is for one member, PEFT's plain path with that adapter active. Adapters are added
+and deleted while others answer, between two steps of the engine (serve/engine.py), which owns
+the model. `palm generate`, `palm serve` and the load benchmark all answer through the engine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-MAX_NEW_TOKENS = 256  # per answer: a CPU answers 256 tokens of SmolLM2-135M in a few seconds
-DEFAULT_NEW_TOKENS = 48  # when a request gives none
-# Temperatures below this answer greedily: dividing the logits by 1e-91 (the API allows any
-# number from 0 to 2) overflows them to inf and sampling fails; at 1e-3 it is greedy already.
-GREEDY_BELOW = 1e-3
 
-
-@dataclass(frozen=True)
-class Completion:
-    """One answer: the text, token counts as the OpenAI API reports them, and why it ended."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
-    switched: bool  # the member's adapter had to be made active for this answer
+def adapter_name(key: str, adapter_dir: Path) -> str:
+    """The adapter's name in the model: the member key (as a module name allows) and the first
+    hex digits of its weights' sha256."""
+    h = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return f"member_{re.sub(r'[^A-Za-z0-9_]', '_', key)}_{h.hexdigest()[:12]}"
 
 
 class MemberModels:
-    """The base model once, with each member's adapter loaded as a named PEFT adapter."""
+    """The base model once, with adapters loaded (and deleted) by name."""
 
     def __init__(self, base_path: Path, adapters: dict[str, Path], device: str = "cpu"):
+        """`adapters`: adapter name -> directory (at least one: PEFT wraps the base with the first)."""
         from peft import PeftModel
 
-        from palm_tasks.llm.models import load_base, load_tokenizer, verify_member
+        from palm_tasks.llm.models import load_base, load_tokenizer
 
         if not adapters:
             raise ValueError("no adapters to serve")
-        for key, path in adapters.items():  # a damaged adapter: an error naming it, before loading
-            verify_member(path, key)
+        for name, path in adapters.items():  # a damaged adapter: an error naming it, before loading anything
+            self.verify(name, path)
+        self.base_path = Path(base_path)
         self.tokenizer = load_tokenizer(base_path)
         self.base = load_base(base_path, device)
-        keys = list(adapters)
-        # Adapter names are module names inside the model: prefixed so they never start with a digit.
-        self.model = PeftModel.from_pretrained(self.base, adapters[keys[0]],
-                                               adapter_name=self.adapter_name(keys[0]))
-        for key in keys[1:]:
-            self.model.load_adapter(adapters[key], adapter_name=self.adapter_name(key))
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe from two threads at once
+        first, *rest = adapters
+        self.model = PeftModel.from_pretrained(self.base, adapters[first], adapter_name=first)
         self.model.eval()
-        self.keys = keys
-        self.switches = 0
-        self._lock = threading.Lock()
+        self._rows: list[str] | None = None  # the adapter of each row of the forward pass running
+        self._hooks: list = []
+        self.load({name: adapters[name] for name in rest}, verify=False)
+        self.end_ids = _end_ids(self.tokenizer, self.model)
+
+    def forward(self, adapters: list[str], **inputs):
+        """The model's output for a batch whose row i is for the adapter adapters[i]."""
+        if len(set(adapters)) == 1:  # one member: PEFT's plain path, 18-31% faster (benchmarks/serve_steps.py)
+            if self.model.active_adapter != adapters[0]:
+                self.model.set_adapter(adapters[0])
+            return self.model(**inputs)
+        self._rows = adapters
+        try:
+            return self.model(**inputs)
+        finally:
+            self._rows = None
+
+    def _hook_layers(self) -> None:
+        """Hand each LoRA layer the adapter of every row from a hook registered once, PEFT's own
+        `_adapter_names_pre_forward_hook` on the modules PEFT hooks. `model(..., adapter_names=)`
+        registers and removes those hooks on every forward pass, after walking every module twice:
+        12 ms of a 145 ms step for 16 rows of SmolLM2-135M over 4 members (benchmarks/serve_steps.py).
+        The layers' mixed-batch computation itself is PEFT's, unchanged."""
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+        from peft.utils import AuxiliaryTrainingWrapper
+
+        def hook(module, args, kwargs):
+            if self._rows is None:
+                return args, kwargs
+            return _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names=self._rows)
+
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
+                       if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
 
     @staticmethod
-    def adapter_name(key: str) -> str:
-        return f"member_{key}"
+    def verify(name: str, path: Path) -> None:
+        """schema.ArtifactError naming the adapter unless its files are whole (llm.models.verify_member)."""
+        from palm_tasks.llm.models import verify_member
+
+        key = name.removeprefix("member_").rsplit("_", 1)[0] if name.startswith("member_") else name
+        verify_member(path, key)
 
     @property
-    def active(self) -> str:
-        return self.model.active_adapter.removeprefix("member_")
+    def loaded(self) -> set[str]:
+        return set(self.model.peft_config)
 
-    def use(self, key: str) -> bool:
-        """Make `key` the active adapter; True when that was a switch."""
-        if key not in self.keys:
-            raise KeyError(f"member {key} is not loaded")
-        if key == self.active:
-            return False
-        self.model.set_adapter(self.adapter_name(key))
-        self.switches += 1
-        return True
+    def load(self, adapters: dict[str, Path], verify: bool = True) -> list[str]:
+        """Load the adapters not loaded yet (each checked first unless `verify` is false because
+        the caller did: a damaged one is an error naming it, before anything changes); returns
+        the names loaded."""
+        new = {name: path for name, path in adapters.items() if name not in self.loaded}
+        for name, path in new.items():
+            if verify:
+                self.verify(name, path)
+        for name, path in new.items():
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        self._hook_layers()  # an adapter may wrap modules no adapter wrapped before
+        return list(new)
 
-    def count_tokens(self, messages: list[dict]) -> int:
-        """Tokens of the conversation as the member reads it (chat template, generation prompt)."""
-        return len(self._encode(messages)["input_ids"][0])
+    def delete(self, names) -> list[str]:
+        """Delete these adapters (never the last one); returns the names deleted."""
+        gone = []
+        for name in names:
+            if name in self.loaded and len(self.loaded) > 1:
+                self.model.delete_adapter(name)
+                gone.append(name)
+        self._hook_layers()
+        return gone
 
-    def _encode(self, messages: list[dict]):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.base.device)
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation as a member reads it (chat template, generation prompt)."""
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def complete(self, key: str, messages: list[dict], max_new_tokens: int = DEFAULT_NEW_TOKENS,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Completion:
-        """Member `key`'s answer to a conversation ([{"role", "content"}], as the chat template
-        takes it). temperature 0 is greedy (the member's one answer); above 0, sampling with
-        top_p, reproducible with `seed`. `on_text` receives the answer in pieces as it is
-        generated (word boundaries, as transformers' TextStreamer cuts them). Temperatures below
-        GREEDY_BELOW are greedy."""
-        import torch
-        from transformers import TextStreamer
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a plain prompt (a completion's), with the tokenizer's special tokens as a
+        completion API adds them."""
+        with self._tokenizer_lock:
+            return self.tokenizer(text)["input_ids"]
 
-        streamer = None
-        if on_text is not None:
-            class _Pieces(TextStreamer):
-                def on_finalized_text(self, text: str, stream_end: bool = False):
-                    if text:
-                        on_text(text)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-            streamer = _Pieces(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) \
-            if temperature >= GREEDY_BELOW else dict(do_sample=False)
-        with self._lock:
-            switched = self.use(key)
-            enc = self._encode(messages)
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.no_grad():
-                ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
-                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        new = ids[0, enc["input_ids"].shape[1]:]
-        ended = len(new) > 0 and int(new[-1]) in _end_ids(self.tokenizer, self.model)
-        return Completion(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-                          prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=len(new),
-                          finish_reason="stop" if ended or len(new) < max_new_tokens else "length",
-                          switched=switched)
-
-    def generate(self, key: str, prompt: str, max_new_tokens: int = DEFAULT_NEW_TOKENS) -> tuple[str, bool]:
-        """Greedy answer of member `key` to one user prompt; (text, whether it switched)."""
-        from palm_tasks.llm.models import chat
-
-        done = self.complete(key, chat(prompt), max_new_tokens)
-        return done.text, done.switched
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
 
 def _end_ids(tokenizer, model) -> set[int]:
@@ -131,9 +148,3 @@ def _end_ids(tokenizer, model) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def load_models(router, device: str = "cpu") -> MemberModels:
-    """The base model of the router's portfolio with every member's adapter on it."""
-    adapters = {m.key: router.adapter_dir(m.key) for m in router.members}
-    return MemberModels(router.base_model_path(), adapters, device)
