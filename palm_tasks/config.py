@@ -43,7 +43,7 @@ class Section(BaseModel):
 class CoverageConfig(Section):
     """the (eps, delta) guarantee, its certificates and the test weights of the metrics"""
 
-    eps: float = Field(0.05, gt=0, lt=1, description="multiplicative tolerance, in (0, 1)")
+    eps: float = Field(0.1, gt=0, lt=1, description="multiplicative tolerance, in (0, 1)")
     delta: float = Field(0.02, ge=0, description="additive tolerance, >= 0")
     alpha: float = Field(0.05, gt=0, lt=1, description="error of the certificate: it states (eps, delta) covering "
                          "with confidence 1 - alpha (split over its decisions; also the error of beaten-row "
