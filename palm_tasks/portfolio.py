@@ -216,7 +216,6 @@ class Portfolio:
     traits: tuple[str, ...]
     eps: float
     delta: float
-    z: float
     members: tuple[Member, ...]
     certificate: Certificate
     oracle: PolicyTable
@@ -247,10 +246,9 @@ class Portfolio:
         o, soups = self.oracle, self.soup_rows
         ref = self.evidence.get("reference_at_oracle")
         return GuaranteeBound(
-            np.array(o.weights), np.array(o.values), np.array(o.std_errors), self.z,
+            np.array(o.weights), np.array(o.values),
             candidate_values=np.array(soups.values) if soups.keys else None,
-            candidate_std_errors=np.array(soups.std_errors) if soups.keys else None,
-            reference=None if not ref else np.array(ref["values"]) + self.z * np.array(ref["std_errors"]))
+            reference=None if not ref else np.array(ref["values"]))
 
     def blockers(self) -> list[str]:
         """Why this portfolio may not be promoted to production (empty: it may): it must be
@@ -303,7 +301,7 @@ class Portfolio:
 
     def to_json(self) -> dict:
         out = {"schema_version": SCHEMA_VERSION, "id": self.id, "task": self.task,
-               "traits": list(self.traits), "eps": self.eps, "delta": self.delta, "z": self.z,
+               "traits": list(self.traits), "eps": self.eps, "delta": self.delta,
                "members": [m.to_json(self.traits) for m in self.members], "pool": list(self.pool),
                "soups": self.soups, "certificate": self.certificate.to_json(),
                "pool_certificate": self.pool_certificate,
@@ -353,7 +351,7 @@ class Portfolio:
         return cls(id=string(required(data, "id"), "id"),
                    task=string(data.get("task", ""), "task", empty=True), traits=traits,
                    eps=number(required(data, "eps"), "eps", 0), delta=number(required(data, "delta"), "delta", 0),
-                   z=number(data.get("z", 0.0), "z", 0), members=members,
+                   members=members,
                    certificate=Certificate.from_json(required(data, "certificate"), len(traits)),
                    oracle=oracle,
                    soup_rows=PolicyTable.from_json(soup_rows, len(traits), "soup_rows"),
@@ -431,7 +429,7 @@ class Route:
     adapter_path: str | None  # local adapter directory when the project has it
     weights: dict  # normalized, trait -> weight
     normalized: bool  # the weights given did not sum to 1 and were divided by their sum
-    value: float  # L(w) = w . (R - z se) of the member
+    value: float  # L(w) = w . R of the member
     opt_upper_bound: float  # U(w) >= OPT(w)
     eps_at_w: float  # smallest eps with L >= (1 - eps) U - delta at this w
     delta: float

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from palm_tasks.core.routing import normalize, pessimistic, route
+from palm_tasks.core.routing import normalize, route
 
 DEFAULT_NEW_TOKENS = 48
 
@@ -24,9 +24,7 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
         portfolio = json.loads(open(context.artifacts["portfolio"]).read())
         self.traits = portfolio["traits"]
         self.members = portfolio["members"]
-        self.z = float(portfolio.get("z", 0.0))
         self.values = np.array([[m["values"][t] for t in self.traits] for m in self.members])
-        self.std_errors = np.array([[m["std_errors"][t] for t in self.traits] for m in self.members])
         self.base_uri = portfolio.get("base_model_uri")
         self.adapters = {m["key"]: context.artifacts["adapter_" + m["key"]] for m in self.members
                          if "adapter_" + m["key"] in context.artifacts}
@@ -71,9 +69,8 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         weights = normalize(frame[self.traits].to_numpy(dtype=float))
-        best = route(weights, self.values, self.std_errors, self.z)
-        P = pessimistic(self.values, self.std_errors, self.z)[best]
-        value = (weights * P).sum(axis=1)
+        best = route(weights, self.values)
+        value = (weights * self.values[best]).sum(axis=1)
         out = pd.DataFrame({
             "member_key": [self.members[i]["key"] for i in best],
             "model_uri": [self.members[i]["model_uri"] for i in best],

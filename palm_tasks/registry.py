@@ -382,7 +382,7 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
     with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
         if is_new:
             mlflow.log_params({
-                "eps": portfolio.eps, "delta": portfolio.delta, "z": portfolio.z,
+                "eps": portfolio.eps, "delta": portfolio.delta, "alpha": portfolio.certificate.alpha,
                 "traits": ",".join(traits), "task": portfolio.task,
                 "members": ",".join(m.key for m in portfolio.members),
             })

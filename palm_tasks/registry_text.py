@@ -14,8 +14,8 @@ def simplex_shares(portfolio: Portfolio, divisions: int) -> dict[str, float]:
     """Each member's share of a simplex lattice: the weights it serves, by the routing rule."""
     from palm_tasks.core.simplex import simplex_lattice
 
-    _, R, SE = portfolio.member_arrays
-    shares = routing.usage_shares(simplex_lattice(len(portfolio.traits), divisions), R, SE, portfolio.z)
+    _, R, _ = portfolio.member_arrays
+    shares = routing.usage_shares(simplex_lattice(len(portfolio.traits), divisions), R)
     return {m.key: float(s) for m, s in zip(portfolio.members, shares)}
 
 

@@ -244,14 +244,13 @@ def spread_subset(points: np.ndarray, k: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- usage and diversity
 
-def usage_perplexity(values, members, users, std_errors=None, z=0.0):
-    """exp(entropy) of the members users are routed to (routing.route: the best w . (R - z se)
-    among values[members], ties to the first member)."""
+def usage_perplexity(values, members, users):
+    """exp(entropy) of the members users are routed to (routing.route: the best w . R among
+    values[members], ties to the first member)."""
     values = np.asarray(values, dtype=float)
     U = check_weights(np.atleast_2d(users), values.shape[1])
     members = np.asarray(members, dtype=int)
-    se = None if std_errors is None else np.asarray(std_errors, dtype=float)[members]
-    p = usage_shares(U, values[members], se, z)
+    p = usage_shares(U, values[members])
     p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))
 

@@ -68,9 +68,9 @@ def simplex_map(portfolio: Portfolio, out_dir: Path) -> list[Path]:
 
     traits = portfolio.traits
     lattice = simplex.simplex_lattice(3, SIMPLEX_MAP_DIVISIONS)
-    _, R, SE = portfolio.member_arrays
-    served = routing.route(lattice, R, SE, portfolio.z)  # the one routing rule, as every route
-    value = np.einsum("md,md->m", lattice, routing.pessimistic(R, SE, portfolio.z)[served])
+    _, R, _ = portfolio.member_arrays
+    served = routing.route(lattice, R)  # the one routing rule, as every route
+    value = np.einsum("md,md->m", lattice, R[served])
     bound = portfolio.guarantee_bound()
     upper = np.maximum([bound(w) for w in lattice], value)  # U >= OPT >= any policy's value
     eps_w = routing.eps_at(value, upper, portfolio.delta)

@@ -10,9 +10,9 @@ directory, the normalized weights, and what the certificate guarantees at exactl
 
 (docs/theory.md sections 3-4; U is the certificate's upper bound). eps_w = 1 - (L + delta) / U is
 the tolerance reached at w for the portfolio's delta; it never exceeds the certificate's max_eps,
-which holds for every w. Like the certificate, member values count with R - z se and the oracle
-constraints with R + z se; the member is chosen by the one routing rule (core.routing): the best
-w . (R - z se), as in the registered pyfunc and the users' shares.
+which holds for every w (U and L here are built from the measured means; the certificate's own
+decisions hold them to its stated confidence). The member is chosen by the one routing rule
+(core.routing): the best w . R, as in the registered pyfunc and the users' shares.
 
 Latency: the vertices of the polytope behind U are found once (Qhull); a route is then one
 argmax over members, one over vertices, and a small NNLS that proves the bound (see
@@ -156,8 +156,8 @@ class Router:
 
     def route(self, weights: str | Mapping) -> Route:
         w, normalized = parse_weights(weights, self.traits)
-        best = int(routing.route(w, self.values, self.std_errors, self.portfolio.z))
-        value = float(w @ routing.pessimistic(self.values[best], self.std_errors[best], self.portfolio.z))
+        best = int(routing.route(w, self.values))
+        value = float(w @ self.values[best])
         upper = max(self._upper_bound(w), value)  # U >= OPT >= any policy's value
         m = self.members[best]
         return Route(

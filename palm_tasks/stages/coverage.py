@@ -137,7 +137,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
 
     # 4. measure: gaps on the test weights, the users each member serves, the price of precision
     gap, gap_users = metrics.gaps(R, members, test), metrics.gaps(R, members, users)
-    share = routing.usage_shares(users, R[members], SE[members], 0.0)
+    share = routing.usage_shares(users, R[members])
     summary = {
         "test_weights": int(len(test)),
         "test_weights_are": f"a simplex lattice of step 1/{c.test_lattice} ({len(lattice)}) plus "
@@ -148,7 +148,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         "max_additive_gap": gap.max_additive,
         "mean_additive_gap": gap.mean_additive,
         "users_mean_multiplicative_gap": gap_users.mean_multiplicative,
-        "usage_perplexity": float(metrics.usage_perplexity(R, members, users, std_errors=SE, z=0.0)),
+        "usage_perplexity": float(metrics.usage_perplexity(R, members, users)),
     }
     price = price_of_precision(paired, W, tables, oracle, candidates, list(cost), cfg.d)
     answers = int(sum(len(t) for t in tables) * (pool[0].scores.answers_per_prompt if pool else 0))
@@ -156,7 +156,7 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
     # 5. write: the portfolio and the figures it was chosen by
     portfolio = Portfolio(
         id=portfolio_id([pool[j].key for j in members], c.eps, c.delta, c.alpha),
-        task=cfg.task, traits=tuple(cfg.traits), eps=c.eps, delta=c.delta, z=0.0,
+        task=cfg.task, traits=tuple(cfg.traits), eps=c.eps, delta=c.delta,
         members=tuple(Member(key=pool[j].key, kind=pool[j].kind, path=paths.relative(pool[j].path),
                              weights=pool[j].weights, value=pool[j].value, share=float(s),
                              ingredients=pool[j].ingredients, lambdas=pool[j].lambdas)
