@@ -31,7 +31,7 @@ def test_the_generated_text_loads_to_the_defaults():
 
 def test_each_key_carries_its_help_and_the_models_example():
     lines = generate_params().splitlines()
-    assert "  eps: 0.05                          # multiplicative tolerance, in (0, 1)" in lines
+    assert "  eps: 0.1                           # multiplicative tolerance, in (0, 1)" in lines
     assert any(line.startswith("traits: [safety, humor, brevity] ") for line in lines)
     assert any(line.startswith("  methods: [palm_lazy, palm_grid, ") for line in lines)
     assert any(line.startswith("  split_seed: null ") for line in lines)
@@ -54,9 +54,9 @@ def test_check_names_the_first_differing_line(tmp_path):
     lines = generate_params().splitlines(keepends=True)
     i = next(i for i, line in enumerate(lines) if line.startswith("  eps:"))
     edited = tmp_path / "params.yaml"
-    edited.write_text("".join(lines[:i] + [lines[i].replace("0.05", "0.1")] + lines[i + 1:]))
+    edited.write_text("".join(lines[:i] + [lines[i].replace("0.1 ", "0.2 ")] + lines[i + 1:]))
     problem = check_params(edited)
-    assert problem.startswith(f"{edited}:{i + 1}: ") and "eps: 0.1" in problem and "\n" not in problem
+    assert problem.startswith(f"{edited}:{i + 1}: ") and "eps: 0.2" in problem and "\n" not in problem
     edited.write_text("".join(lines[:-1]))
     assert f":{len(lines)}: " in check_params(edited) and "end of file" in check_params(edited)
 
