@@ -7,6 +7,10 @@ raises `ConfigError` whose message names the key, the value given and what is al
 CLI can print one line and exit non-zero. Sizes that would not fit are refused by
 palm_tasks/limits.py; reading params.yaml and generating it from these models is
 palm_tasks/params_yaml.py (`load_config`, `python -m palm_tasks.params_yaml > params.yaml`).
+
+Why one file of over 500 lines: it is one idea, the settings, one model per params.yaml section
+in the order params.yaml shows them; a reader looks up any knob here, and sections in files of
+their own would scatter the one source of the defaults.
 """
 
 from __future__ import annotations
