@@ -324,14 +324,19 @@ class LazySearch:
     def evaluation_needed(self) -> dict[int, int]:
         """{row: prompts} to measure before the next proposal (paired evidence; section 13): the
         rows of the certificate's open cover decisions, each to the next planned look beyond the
-        decision's prompts. Empty without paired evidence, when a cover decision fails (a
-        training is needed, not more prompts) or when every open decision is at the cap."""
+        decision's prompts. Empty without paired evidence, when a cover decision fails or a row
+        is beaten with a repair left (a training is needed, not more prompts), or when every open
+        decision is at the cap."""
         if self.paired is None or not self.W or self._asked:
             return {}
         cert = self.paired.certificate(np.array(self.W), self.tables)
         covers = [dec for dec in cert.decisions if dec.kind == "cover"]
         if any(dec.status == "fails" for dec in covers):
             return {}
+        if not cert.certified and self._budget_left() > 0:
+            b = self.beaten()
+            if any(b.beaten[j] and self.repairs[j] < self.max_repairs for j in range(len(self.W))):
+                return {}  # a repair will replace a beaten row: prompts on it now would be wasted
         need: dict[int, int] = {}
         for dec in covers:
             if dec.open and not dec.at_cap:
