@@ -113,9 +113,12 @@ def test_the_first_command_writes_every_stage_and_each_agrees_with_the_next(fini
     assert cert.split["decisions"] == cert.decisions == coverage["decisions"] > 0
     assert cert.split["each"] == pytest.approx(cfg.coverage.alpha / cert.decisions)
     assert len(cert.open_at_cap) == coverage["open_at_cap"]
-    # every answer measured is counted: the pool's and the soups' tables
-    answers = sum(p.scores.prompts for p in [*pool.policies, *soups.policies]) * cfg.evaluation.samples_per_prompt
-    assert coverage["answers_evaluated"] == answers
+    # every answer measured is counted, as the chunk files on disk hold them: every trained
+    # policy's (a row a repair replaced included) and the soups'
+    chunks = list(root.glob("models/*/*/evaluations/*/chunk-*.json"))
+    assert chunks and coverage["answers_evaluated"] == sum(len(json.loads(c.read_text())["rewards"]) for c in chunks)
+    assert coverage["answers_evaluated"] >= sum(p.scores.prompts for p in [*pool.policies, *soups.policies]) * \
+        cfg.evaluation.samples_per_prompt
     # the alignment-oracle check: every trained row at its own weight, a paired decision each
     everyone = np.array([m.values for m in members.values()])
     assert portfolio.oracle_check["checked"] == len(pool.keys) == len(portfolio.oracle_check["rows"])

@@ -72,6 +72,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         policies = run_jobs([Job.evaluate(paths.relative(p.path), cfg.evaluation.n_prompts) for p in trained])
         prompts = {p.key: p.scores.prompts for p in policies}
     answers = sum(prompts.values()) * cfg.evaluation.samples_per_prompt
+    history = {**history, "answers_evaluated": answers}  # replaced rows included: the run's cost
     reused = sum(p.key in finished_before for p in policies)
     pool = Pool(kind="trained", mode=cfg.search.mode, policies=tuple(policies), history=history,
                 trained=len(policies) - reused, reused=reused)

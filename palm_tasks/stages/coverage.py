@@ -70,7 +70,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     pool = load_pool(root)
     portfolio, figures, gap_rows, test = build(cfg, paths, pool.policies, load_soups(root).policies,
                                                samples=schema.load_samples(root),
-                                               cost=pool.history.get("cost", []))
+                                               cost=pool.history.get("cost", []),
+                                               searched=pool.history.get("answers_evaluated"))
     schema.write(paths.portfolio, portfolio)
     write_metrics(root, METRICS[0], {k: figures[k] for k in METRIC_KEYS})  # the rest: portfolio.json
     schema.write(paths.plots / "gaps.json", gap_rows)
@@ -94,11 +95,13 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     return figures
 
 
-def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=None, cost=()):
+def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=None, cost=(), searched=None):
     """(portfolio, coverage figures, gap rows of the lattice, test weights) for a pool of trained
     policies and soups, each with its per-prompt table; `members` (row indices into trained +
     soups) skips the pruning; `samples`: the base's sample pool on the eval prompts (read from
-    the project when not given); `cost`: the search's record of compute (the price of precision)."""
+    the project when not given); `cost`: the search's record of compute (the price of precision);
+    `searched`: the answers the align stage measured, rows a repair replaced included (None: those
+    of the trained pool's tables)."""
     c = cfg.coverage
     samples = schema.load_samples(paths.root) if samples is None else samples
     pool = list(trained) + list(soups)
@@ -151,7 +154,10 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         "usage_perplexity": float(metrics.usage_perplexity(R, members, users)),
     }
     price = price_of_precision(paired, W, tables, oracle, candidates, list(cost), cfg.d)
-    answers = int(sum(len(t) for t in tables) * (pool[0].scores.answers_per_prompt if pool else 0))
+    per_prompt = pool[0].scores.answers_per_prompt if pool else 0
+    soup_answers = sum(len(t) for t in tables[len(trained):]) * per_prompt
+    answers = int((sum(len(t) for t in tables[:len(trained)]) * per_prompt if searched is None else searched)
+                  + soup_answers)  # the run's cost: every answer measured
 
     # 5. write: the portfolio and the figures it was chosen by
     portfolio = Portfolio(
