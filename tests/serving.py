@@ -148,7 +148,9 @@ def preferences_crash(start, store_path: Path, traits: list[str], key: str, user
     server is killed with SIGKILL and started again, and the writers go on (a write that was not
     acknowledged is sent again). Then every acknowledged write is read back from the store.
     Returns the counts: acknowledged, acknowledged_before_kill, failed_at_kill (requests the kill
-    broke), missing, wrong, integrity (SQLite's integrity_check), users_stored, seconds."""
+    broke), busy_503 (writes answered 503, store busy, and sent again), refused (writes answered
+    otherwise, each "user: status body"), missing, wrong, integrity (SQLite's integrity_check),
+    users_stored, seconds."""
     import queue
     import signal
 
@@ -161,7 +163,7 @@ def preferences_crash(start, store_path: Path, traits: list[str], key: str, user
     todo: queue.Queue = queue.Queue()
     for i in range(users):
         todo.put((f"user-{i:05d}", dict(zip(traits, map(float, rng.dirichlet(np.ones(len(traits))))))))
-    acked, broken, lock = {}, [0], threading.Lock()
+    acked, broken, busy, refused, lock = {}, [0], [0], [], threading.Lock()
     process, url = start()
     state = {"url": url, "up": threading.Event()}
     state["up"].set()
@@ -183,7 +185,15 @@ def preferences_crash(start, store_path: Path, traits: list[str], key: str, user
                             broken[0] += 1
                         time.sleep(0.05)
                         continue
-                    assert r.status_code == 200, r.text
+                    if r.status_code == 503:  # the store busy beyond its timeout: not acknowledged, sent again
+                        with lock:
+                            busy[0] += 1
+                        time.sleep(0.05)
+                        continue
+                    if r.status_code != 200:
+                        with lock:
+                            refused.append(f"{user}: {r.status_code} {r.text[:200]}")
+                        break
                     with lock:
                         acked[user] = r.json()["weights"]
                     break
@@ -208,5 +218,5 @@ def preferences_crash(start, store_path: Path, traits: list[str], key: str, user
     missing = [u for u in acked if store.get(u) is None]
     wrong = [u for u, w in acked.items() if u not in missing and store.get(u).weights != w]
     return {"users": users, "writers": writers, "acknowledged": len(acked), "acknowledged_before_kill": before_kill,
-            "failed_at_kill": broken[0], "missing": len(missing), "wrong": len(wrong),
+            "failed_at_kill": broken[0], "busy_503": busy[0], "refused": refused, "missing": len(missing), "wrong": len(wrong),
             "integrity": store.integrity(), "users_stored": store.count(), "seconds": round(seconds, 1)}

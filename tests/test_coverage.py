@@ -7,7 +7,7 @@ from hypothesis import example, given, settings, strategies as st
 from scipy.optimize import linprog
 
 from palm_tasks.core.certificate import TOL, certify
-from palm_tasks.core.metrics import gaps, oracle_check, usage_perplexity
+from palm_tasks.core.metrics import gaps, usage_perplexity
 from palm_tasks.core.prune import prune, set_cover
 from palm_tasks.core.search import lazy_search
 from palm_tasks.core.simplex import simplex_lattice
@@ -368,20 +368,3 @@ def test_gaps_and_search_reject_bad_input():
         lazy_search(lambda w: np.ones(4), 3, 0.1, 0.1, 10)
 
 
-def test_oracle_check_finds_rows_beaten_at_their_own_weight():
-    W = [[1, 0], [0, 1], [0.5, 0.5], [0.5, 0.5]]
-    R = [[0.9, 0.1], [0.2, 0.8], [0.4, 0.4], [0.7, 0.7]]  # row 2 is beaten at (0.5, 0.5) by row 3
-    SE = [[0.01, 0.01]] * 4
-    check = oracle_check(W, R, SE)
-    assert check.n_beaten == 1
-    assert check.shortfall[2] == pytest.approx(0.3) and check.beaten_by[2] == 3
-    assert check.z[2] == pytest.approx(0.3 / np.sqrt(0.25 * 4 * 1e-4))
-    d = check.to_dict()
-    assert d["worst"]["row"] == 2 and d["worst"]["beaten_by_row"] == 3 and d["beaten_beyond_2_se"] == 1
-    # the significance threshold is a parameter (default 2 standard errors); the key keeps its name
-    assert check.z_significant == 2.0 and check.to_dict(z_significant=40.0)["beaten_beyond_2_se"] == 0
-    assert oracle_check(W, R, SE, z_significant=40.0).to_dict()["beaten_beyond_2_se"] == 0
-    # a non-oracle row (a soup) may beat an oracle row but is never checked itself
-    check = oracle_check(W, R, SE, oracle=np.array([True, True, True, False]))
-    assert check.n_beaten == 1 and list(check.rows) == [0, 1, 2]
-    assert oracle_check(W[:2], R[:2]).n_beaten == 0

@@ -94,7 +94,8 @@ def test_register_is_idempotent_and_moves_production_only_when_certified(project
     assert version.tags["se.safety"] == f"{entry.value.se[0]:.4f}"  # constant tables: se 0
     assert version.tags["certified"] == "true" and version.tags["in_production"] == "true"
     assert f"Serves {100 * entry.share:.1f}% of users" in version.description
-    assert "(eps, delta) = (0.05, 0.6) covering with confidence 1 - alpha = 0.95, relative to the oracle and the evidence" in version.description
+    assert (f"(eps, delta) = ({cfg.coverage.eps:g}, 0.6) covering with confidence 1 - alpha = "
+            f"{1 - cfg.coverage.alpha:g}, relative to the oracle and the evidence") in version.description
     # share of the simplex: each weight of a lattice goes to one member, so the shares add to 1
     shares = [float(client.get_model_version(members, v).tags["share_simplex"])
               for v in result["member_versions"].values()]

@@ -167,6 +167,7 @@ def test_palm_serve_with_an_api_key_survives_sigkill_without_losing_an_acknowled
     figures = preferences_crash(lambda: start_palm_serve(root, env={"PALM_API_KEY": KEY}), root / "mlruns" / "users.db",
                                 ["safety", "humor", "brevity"], KEY)
     print("preferences crash test:", figures)
+    assert figures["refused"] == []  # every write acknowledged or sent again, none answered otherwise
     assert figures["acknowledged"] == figures["users_stored"] == 1000
     assert 0 < figures["acknowledged_before_kill"] < 1000
     assert figures["missing"] == figures["wrong"] == 0 and figures["integrity"] == "ok"

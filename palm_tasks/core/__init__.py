@@ -13,8 +13,8 @@ No I/O, no printing, no imports from the rest of palm_tasks. Read in this order:
 from palm_tasks.core.certificate import (RELATIVE_TO, TOL, Certificate, UpperBound, certify,
                                          corner_weights, eps_at, pessimistic, upper_bounds)
 from palm_tasks.core.grid import grid_levels, grid_size_bound, palm_grid, snap_to_grid
-from palm_tasks.core.metrics import (Gaps, OracleCheck, best_subset, distinct_n, embedding_dispersion, greedy_order,
-                                     gap_summary, gaps, mean_se, oracle_check, perplexity_with_se,
+from palm_tasks.core.metrics import (Gaps, best_subset, distinct_n, embedding_dispersion, greedy_order,
+                                     gap_summary, gaps, mean_se, perplexity_with_se,
                                      spread_subset, usage_perplexity)
 from palm_tasks.core.prune import prune, set_cover
 from palm_tasks.core.routing import GuaranteeBound, route, usage_shares
@@ -32,7 +32,7 @@ __all__ = [
     "set_cover", "prune",
     "SAME_WEIGHT", "LazySearch", "SearchResult", "lazy_search",
     "route", "usage_shares", "GuaranteeBound",
-    "Gaps", "gaps", "usage_perplexity", "OracleCheck", "oracle_check", "gap_summary", "best_subset",
+    "Gaps", "gaps", "usage_perplexity", "gap_summary", "best_subset",
     "greedy_order",
     "spread_subset", "perplexity_with_se", "mean_se", "distinct_n", "embedding_dispersion",
 ]

@@ -1,8 +1,8 @@
-"""Metrics of a portfolio (docs/theory.md sections 7 and 9): gaps, usage, output diversity, oracle check.
+"""Metrics of a portfolio (docs/theory.md section 7): gaps, usage, output diversity.
 
 Gaps are relative to a reference pool (OPT_est(w) = best value of the pool at w) on a set of test
-weights; usage routes users with the one routing rule (routing.py); the oracle check tests the
-alignment-oracle assumption behind the certificate's upper bound (section 9).
+weights; usage routes users with the one routing rule (routing.py). The alignment-oracle check
+(section 9) is a paired decision per trained row: palm_tasks/audit.py.
 """
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,7 +10,6 @@ from itertools import combinations
 
 import numpy as np
 
-from palm_tasks.core.certificate import TOL, check_problem
 from palm_tasks.core.routing import usage_shares
 from palm_tasks.core.simplex import check_weights, farthest_points
 
@@ -289,66 +288,3 @@ def embedding_dispersion(embeddings: np.ndarray) -> float:
         return 0.0
     # clipped at 0: identical responses give 1 - cos = -1e-8 in floating point
     return float(np.mean([np.clip(1.0 - np.sum(E[a] * E[b], axis=1), 0.0, 2.0) for a, b in pairs]))
-
-
-# ----------------------------------------------------------------------------- oracle check
-
-@dataclass(frozen=True)
-class OracleCheck:
-    """How far the pool contradicts the alignment oracle assumption behind the certificate.
-
-    The certificate's U(w) trusts every oracle row j to be optimal at its own weight w_j. Any row k
-    of the pool with w_j . R_k > w_j . R_j proves that row j was not, by shortfall_j = the
-    difference (0 where nothing beats it). A large shortfall means U can sit below OPT, so the
-    certificate promises more than the policies deliver; `z` says how many standard errors of the
-    difference (rewards independent across traits and rows, an approximation) the shortfall is.
-    A shortfall of at least z_significant standard errors (default 2) is not evaluation noise.
-    """
-    rows: np.ndarray  # (n_oracle,) pool row index of each checked row
-    weights: np.ndarray  # (n_oracle, d) their training weights
-    shortfall: np.ndarray  # (n_oracle,) best value at w_j in the pool minus row j's own
-    z: np.ndarray  # (n_oracle,) shortfall / se of the difference (inf when the se is 0)
-    beaten_by: np.ndarray  # (n_oracle,) pool row index of the best row at w_j (itself if unbeaten)
-    beaten_by_weights: np.ndarray  # (n_oracle, d) that row's weights
-    z_significant: float = 2.0  # standard errors beyond which a shortfall counts as significant
-
-    @property
-    def n_beaten(self) -> int:
-        return int((self.shortfall > TOL).sum())
-
-    def to_dict(self, z_significant=None) -> dict:
-        """The summary; "beaten_beyond_2_se" counts the rows beaten by at least z_significant
-        standard errors (default: the check's own, 2.0; the key keeps its name)."""
-        z_significant = self.z_significant if z_significant is None else float(z_significant)
-        beaten = self.shortfall > TOL
-        out = {"checked": int(len(self.shortfall)), "beaten": self.n_beaten,
-               "beaten_beyond_2_se": int((beaten & (self.z >= z_significant)).sum()),
-               "max_shortfall": float(self.shortfall.max(initial=0.0)),
-               "mean_shortfall": float(self.shortfall.mean()) if beaten.size else 0.0,
-               "assumption": "each oracle row is optimal at its own training weight"}
-        if beaten.any():
-            i = int(np.argmax(self.shortfall))
-            out["worst"] = {"row": int(self.rows[i]), "weights": self.weights[i].round(6).tolist(),
-                            "shortfall": float(self.shortfall[i]), "z": float(min(self.z[i], 1e9)),
-                            "beaten_by_row": int(self.beaten_by[i]),
-                            "beaten_by_weights": self.beaten_by_weights[i].round(6).tolist()}
-        return out
-
-
-def oracle_check(train_weights, values, std_errors=None, oracle=None, z_significant=2.0) -> OracleCheck:
-    """Check each oracle row j against every row of the pool at its own weight w_j (any row,
-    soups included, may beat it; only oracle rows are checked, as only they bound OPT).
-    z_significant (default 2.0) is stored in the check and used by its to_dict()."""
-    # check_problem validates weights, values, std_errors and the mask; the tolerances are not used
-    W, R, SE, _, mask, _, _, _ = check_problem(train_weights, values, 0.5, 0.0, None, std_errors, 0.0, oracle)
-    rows = np.flatnonzero(mask)
-    at_own = W[rows] @ R.T  # (n_oracle, n): every row's value at each oracle row's weight
-    best = at_own.argmax(axis=1)
-    own = at_own[np.arange(len(rows)), rows]
-    shortfall = np.maximum(at_own[np.arange(len(rows)), best] - own, 0.0)
-    beaten_by = np.where(shortfall > TOL, best, rows)
-    se = np.sqrt(((W[rows] ** 2) * (SE[rows] ** 2 + SE[beaten_by] ** 2)).sum(axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(shortfall > TOL, np.where(se > 0, shortfall / se, np.inf), 0.0)
-    return OracleCheck(rows=rows, weights=W[rows], shortfall=shortfall, z=z, beaten_by=beaten_by,
-                       beaten_by_weights=W[beaten_by], z_significant=float(z_significant))

@@ -140,9 +140,10 @@ def certificate_reading(out: dict) -> list[str]:
     elif a["evidence_eps"] <= a["eps"]:
         verdict = ": **the promise holds against the evidence**"
     elif a["contradicted"]:
-        verdict = ": **the evidence contradicts the promise** by more than the se of the difference"
+        verdict = ": **the evidence contradicts the promise** (a paired decision that (1 - eps) E(w) - P(w) > delta)"
     else:
-        verdict = f": above eps = {a['eps']:g}, within the se of the difference (not a contradiction)"
+        verdict = (f": above eps = {a['eps']:g} on the means, but no paired decision says so at the audit's "
+                   f"confidence (not a contradiction)")
     return [head + verdict + "."]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ class UserStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._ready = False
+        # one migrator per process: the server's threads arrive together on its first requests,
+        # and `PRAGMA journal_mode` may answer "locked" at once instead of waiting its busy timeout
+        self._migrating = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -91,7 +95,9 @@ class UserStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if not self._ready:
-                self._migrate(conn)
+                with self._migrating:
+                    if not self._ready:
+                        self._migrate(conn)
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as exc:
             conn.close()
