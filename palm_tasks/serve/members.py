@@ -11,21 +11,18 @@ the model. `palm generate`, `palm serve` and the load benchmark all answer throu
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from pathlib import Path
+
+from palm_tasks.hashing import files_sha256
 
 
 def adapter_name(key: str, adapter_dir: Path) -> str:
     """The adapter's name in the model: the member key (as a module name allows) and the first
     hex digits of its weights' sha256."""
-    h = hashlib.sha256()
-    for path in sorted(Path(adapter_dir).glob("*.safetensors")):
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return f"member_{re.sub(r'[^A-Za-z0-9_]', '_', key)}_{h.hexdigest()[:12]}"
+    digest = files_sha256(sorted(Path(adapter_dir).glob("*.safetensors")))
+    return f"member_{re.sub(r'[^A-Za-z0-9_]', '_', key)}_{digest[:12]}"
 
 
 class MemberModels:
