@@ -389,6 +389,7 @@ def main() -> None:
         "what": "palm serve under load: concurrent keep-alive clients sending chat completions",
         "base_model": "SmolLM2-135M-Instruct (float32, CPU)", "members": args.k,
         "adapters": "PEFT LoRA of the training config's shape, not trained (B ~ N(0, 1e-3^2))",
+        "commit": result["commit"], "date": result["date"], "latest": args.label,  # the run written last
         "targets": {"batch_gain": ">= 5", "mixed_over_single": ">= 0.75", "p99_over_one_client": "<= 3",
                     "swap_failed": "0", "stale_after_switch": "0"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

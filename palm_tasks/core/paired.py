@@ -182,9 +182,6 @@ class PairedEvidence:
         """Per-prompt scalar w . r of a source: a row index k, or -1 for best-of-N at w."""
         return (self.bon(w) if source < 0 else np.asarray(tables[source], float)) @ np.asarray(w, float)
 
-    def _length(self, source, tables) -> int:
-        return len(self.bon_scores) if source < 0 else len(tables[source])
-
     def _cap(self) -> int:
         return min(self.looks.cap, len(self.bon_scores))
 
@@ -273,9 +270,6 @@ class PairedEvidence:
     @staticmethod
     def _name(source) -> str:
         return "best-of-N" if source < 0 else f"row {source}"
-
-    def _decide(self, spec, alpha) -> Decision:
-        return self._decide_all([spec], alpha)[0]
 
     def _decide_all(self, specs, alpha) -> list[Decision]:
         """Decisions of the specs (kind, name, weight, statistic, rows, lo, hi, threshold), read
