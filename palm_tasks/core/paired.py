@@ -31,7 +31,7 @@ alpha being split over the cover and anchor decisions (a union bound, printed wi
 Best-of-N's per-prompt answers come from core.evidence.chosen_answers; the point-estimate
 certificate (core.certificate.certify) gives the corners. Pure numpy/scipy.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,6 +75,7 @@ class Decision:
     status: str
     rows: tuple = ()
     at_cap: bool = False
+    narrowed_by: tuple = ()
 
     @property
     def open(self) -> bool:
@@ -84,7 +85,8 @@ class Decision:
         return {"kind": self.kind, "name": self.name, "weight": [round(float(x), 6) for x in self.weight],
                 "estimate": float(self.estimate), "lower": float(self.lower), "upper": float(self.upper),
                 "threshold": float(self.threshold), "alpha": float(self.alpha), "n": int(self.n),
-                "status": self.status, "rows": [int(r) for r in self.rows], "at_cap": bool(self.at_cap)}
+                "status": self.status, "rows": [int(r) for r in self.rows], "at_cap": bool(self.at_cap),
+                "narrowed_by": [int(r) for r in self.narrowed_by]}
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,9 @@ class PairedEvidence:
         """Per-prompt scalar w . r of a source: a row index k, or -1 for best-of-N at w."""
         return (self.bon(w) if source < 0 else np.asarray(tables[source], float)) @ np.asarray(w, float)
 
-    def _cap(self) -> int:
+    @property
+    def cap(self) -> int:
+        """The most prompts any decision reads: the planned cap, or every prompt of the pool."""
         return min(self.looks.cap, len(self.bon_scores))
 
     def _read(self, x, alpha, lo, hi):
@@ -225,12 +229,15 @@ class PairedEvidence:
         for i in active:
             decided[i], at = flat[at:at + len(anchor_decisions[i])], at + len(anchor_decisions[i])
         excess = {i: max([0.0] + [dec.upper for dec in decs]) for i, decs in decided.items()}
-        specs, where = [], []
+        specs, where, proof_of = [], [], []
         for ci, (c, (u, lam, rho)) in enumerate(zip(corners, proofs)):
             for m in self._adjacent(c, R, members):
                 specs.append(self._cover(c, m, lam, rho, oracle_rows, anchors, excess, W, tables))
                 where.append(ci)
+                proof_of.append((c, m, lam, rho))
         covers = self._decide_all([spec for spec, _ in specs], split.each)
+        covers = [self._with_margins(dec, *proof, decided, oracle_rows, anchors, W, tables)
+                  for dec, proof in zip(covers, proof_of)]
         slacks, estimates = np.full(len(corners), -np.inf), np.full(len(corners), -np.inf)
         eps_needed = []
         for ci, dec, (_, (level, r_bar)) in zip(where, covers, specs):
@@ -286,7 +293,7 @@ class PairedEvidence:
                 status = "holds" if upper[j] <= threshold else "fails" if lower[j] > threshold else "open"
                 out[i] = Decision(kind, name, tuple(np.asarray(w, float)), float(estimate[j]), float(lower[j]),
                                   float(upper[j]), float(threshold), float(alpha), int(n), status, rows,
-                                  at_cap=n >= self._cap() or length >= self._cap())
+                                  at_cap=n >= self.cap or length >= self.cap)
         return out
 
     def _cover(self, c, m, lam, rho, oracle_rows, anchors, excess, W, tables):
@@ -312,6 +319,31 @@ class PairedEvidence:
                 threshold)
         level = float(a.mean()) + extra if k else extra
         return spec, (level, float(r_m[:k].mean()) if k else 0.0)
+
+    def _with_margins(self, dec, c, m, lam, rho, decided, oracle_rows, anchors, W, tables) -> Decision:
+        """A cover decision with `narrowed_by`: the rows below the cap whose further prompts narrow
+        the anchors' margins in its threshold (the shorter side of each anchor decision whose
+        upper end is above 0). A row measured on few prompts makes a wide margin wherever it is
+        a source, which loosens the bound near its weight: more prompts on it, not another
+        training there, is what such a decision needs. Set on an open decision (which is then
+        at the cap only when these rows are too) and on a failing one that would not fail with
+        every margin at 0; a failing decision that fails without its margins keeps none."""
+        if dec.status == "holds":
+            return dec
+        cap = self.cap
+        used = [int(i) for i in np.flatnonzero(lam > TOL)]
+        rows = set()
+        for a in (a for i in used for a in decided[i] if a.upper > 0 and not a.at_cap):
+            shortest = min(len(tables[r]) for r in a.rows)
+            rows |= {r for r in a.rows if len(tables[r]) == shortest and shortest < cap}
+        if not rows:
+            return dec
+        if dec.status == "open":
+            return replace(dec, narrowed_by=tuple(sorted(rows)), at_cap=False)
+        spec, _ = self._cover(c, m, lam, rho, oracle_rows, anchors, dict.fromkeys(used, 0.0), W, tables)
+        if self._decide_all([spec], dec.alpha)[0].status == "fails":
+            return dec
+        return replace(dec, narrowed_by=tuple(sorted(rows)))
 
     def covers(self, W, tables, oracle, elements, candidates, alpha) -> np.ndarray:
         """(n, len(elements)) booleans: row m covers element c when its cover decision holds at
@@ -363,7 +395,7 @@ class PairedEvidence:
             status = "holds" if lower[0] > 0 else "open"
             out.append(Decision("beaten", f"row {j} {_fmt(W[j])} beaten by {self._name(by)}", tuple(W[j]),
                                 float(estimate[0]), float(lower[0]), float(upper[0]), 0.0, split.each, int(n),
-                                status, tuple(r for r in (j, by) if r >= 0), at_cap=n >= self._cap()))
+                                status, tuple(r for r in (j, by) if r >= 0), at_cap=n >= self.cap))
         return out
 
     def beaten_split(self, oracle_count: int) -> Split:

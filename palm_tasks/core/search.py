@@ -322,28 +322,38 @@ class LazySearch:
         self.R[row], self.SE[row] = table.mean(axis=0), table_se(table)
 
     def evaluation_needed(self) -> dict[int, int]:
-        """{row: prompts} to measure before the next proposal (paired evidence; section 13): the
-        rows of the certificate's open cover decisions, each to the next planned look beyond the
-        decision's prompts. Empty without paired evidence, when a cover decision fails or a row
-        is beaten with a repair left (a training is needed, not more prompts), or when every open
-        decision is at the cap."""
+        """{row: prompts} to measure before the next proposal (paired evidence; section 13), each
+        to the next planned look beyond what it has:
+        - when a cover decision fails only through its anchors' margins (Decision.narrowed_by),
+          the rows that make them: a row measured on few prompts loosens the bound near its
+          weight, and a training there would buy what more prompts buy for far less;
+        - else, when no cover decision fails, the rows of each open one (its own, and those
+          that narrow its margins) below the cap.
+        Empty without paired evidence, when a cover decision fails on its own (a training is
+        needed), when a row is beaten with a repair left (the repair replaces it: prompts on it
+        now would be wasted), or when every open decision is at the cap."""
         if self.paired is None or not self.W or self._asked:
             return {}
         cert = self.paired.certificate(np.array(self.W), self.tables)
-        covers = [dec for dec in cert.decisions if dec.kind == "cover"]
-        if any(dec.status == "fails" for dec in covers):
-            return {}
         if not cert.certified and self._budget_left() > 0:
             b = self.beaten()
             if any(b.beaten[j] and self.repairs[j] < self.max_repairs for j in range(len(self.W))):
-                return {}  # a repair will replace a beaten row: prompts on it now would be wasted
+                return {}
+        covers = [dec for dec in cert.decisions if dec.kind == "cover"]
+        looks = self.paired.looks
         need: dict[int, int] = {}
-        for dec in covers:
-            if dec.open and not dec.at_cap:
-                target = self.paired.looks.next_after(dec.n)
+
+        def ask(row, target):
+            if len(self.tables[row]) < target:
+                need[row] = max(need.get(row, 0), target)
+
+        failing = [dec for dec in covers if dec.status == "fails"]
+        for dec in failing or [dec for dec in covers if dec.open]:
+            for r in dec.narrowed_by:
+                ask(r, looks.next_after(len(self.tables[r])))
+            if not failing and dec.n < self.paired.cap:
                 for r in dec.rows:
-                    if len(self.tables[r]) < target:
-                        need[r] = max(need.get(r, 0), target)
+                    ask(r, looks.next_after(dec.n))
         return need
 
     def _worst_corner(self, cert, known):
