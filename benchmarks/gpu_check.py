@@ -9,7 +9,7 @@ same code at small sizes:
 
 What it does, in order (each step prints one line):
 1. torch, CUDA, the device and bf16 support; the pipeline's own choice (models.resolve_device,
-   uses_bf16, the TRL arguments of common_args) must agree with them;
+   resolve_precision, the TRL arguments of common_args) must agree with them;
 2. SmolLM2-135M converted as the pipeline converts it, loaded in the pipeline's dtype (bf16 on a
    GPU that supports it), a parameter dtype check;
 3. the sample pool: --best-of answers to each of --eval-prompts chatterbot questions (the
@@ -63,7 +63,8 @@ def main(argv=None):
     from palm_tasks.config import EvaluationConfig, TrainingConfig
     from palm_tasks.core.evidence import best_of_n, scalar
     from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
-    from palm_tasks.llm.models import common_args, generate, load_base, load_tokenizer, resolve_device, uses_bf16
+    from palm_tasks.llm.models import (common_args, generate, load_base, load_tokenizer, resolve_device,
+                                       resolve_precision)
     from palm_tasks.llm.prompts import chatterbot_questions
     from palm_tasks.llm.rewards import build_rewards, score_all
     from palm_tasks.llm.train import train
@@ -77,9 +78,11 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     env = {"torch": torch.__version__, "cuda_available": cuda, "device": device,
            "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-           "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()), "pipeline_bf16": uses_bf16(device)}
-    trl_args = common_args(device, 0)
-    assert env["pipeline_bf16"] == (device == "cuda" and env["bf16_supported"]), env
+           "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+           "pipeline_bf16": resolve_precision("auto", device) == "bf16"}
+    precision = resolve_precision("auto", device)
+    trl_args = common_args(device, 0, precision)
+    assert device != "cuda" or env["pipeline_bf16"] == env["bf16_supported"], env
     assert trl_args["bf16"] == env["pipeline_bf16"] and trl_args["use_cpu"] == (device == "cpu"), trl_args
     out["environment"] = env
     say(f"1. torch {env['torch']}, device {device} ({env['device_name']}), bf16 {env['pipeline_bf16']}")
@@ -90,9 +93,9 @@ def main(argv=None):
     started = time.perf_counter()
     info = prepare_base_model("smollm2", args.workdir / "base")
     base = resolve_base_model(args.workdir / "base")
-    model, tokenizer = load_base(base, device), load_tokenizer(base)
+    model, tokenizer = load_base(base, device, precision=precision), load_tokenizer(base)
     dtype = next(model.parameters()).dtype
-    assert dtype == (torch.bfloat16 if env["pipeline_bf16"] else torch.float32), dtype
+    assert dtype == (torch.bfloat16 if env["pipeline_bf16"] and device == "cuda" else torch.float32), dtype
     out["base"] = {"name": info["name"], "dtype": str(dtype), "seconds": round(time.perf_counter() - started, 1)}
     say(f"2. {info['name']} loaded in {dtype} ({out['base']['seconds']} s with the conversion)")
 
@@ -145,7 +148,7 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
         policy, tok, history = train(base, rewards, train_prompts, w, t, device, 0, work,
-                                     first_round=first_round if name == "rsft" else None)
+                                     first_round=first_round if name == "rsft" else None, precision=precision)
         trained = time.perf_counter() - t0
         value, *_ = evaluate(policy, tok, rewards, eval_prompts, ev, 0)
         total = time.perf_counter() - t0

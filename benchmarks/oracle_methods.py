@@ -188,6 +188,9 @@ def main() -> None:
     p.add_argument("--brevity-full-words", type=int, help="rewards.brevity_full_words (default: the project's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="sampling and training precision (params.yaml precision); the pool and "
+                        "evaluation use it too")
     p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
     p.add_argument("--out", type=Path, help="output path without suffix (default benchmarks/results/"
                    "oracle_methods; with --tiny: WORKDIR/oracle_methods_tiny)")
@@ -203,13 +206,14 @@ def main() -> None:
     import torch
 
     from palm_tasks.config import EvaluationConfig, TrainingConfig
-    from palm_tasks.llm.models import generate, load_base, load_tokenizer, resolve_device
+    from palm_tasks.llm.models import generate, load_base, load_tokenizer, resolve_device, resolve_precision
     from palm_tasks.llm.rewards import score_all
     from palm_tasks.llm.rsft import sample
     from palm_tasks.llm.train import train
     from palm_tasks.llm.value import evaluate
 
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     base_path, rewards, train_prompts, eval_prompts = prepare(args, args.workdir)
     weights = parse_weights(args.weights, len(TRAITS))
     overrides = dict(kv.split("=", 1) for kv in args.set)  # pydantic parses the strings
@@ -220,7 +224,7 @@ def main() -> None:
 
     # The base's best-of-N pool on the eval prompts (the reference) and its samples on the
     # training prompts (RSFT's round 1, shared by every job as in the pipeline).
-    base, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+    base, tokenizer = load_base(base_path, device, precision=precision), load_tokenizer(base_path)
     pool_prompts = [q for q in eval_prompts[:n] for _ in range(args.best_of)]
     pool_answers = generate(base, tokenizer, pool_prompts, ev.max_new_tokens, ev.temperature, ev.batch_size,
                             args.seed)
@@ -243,7 +247,7 @@ def main() -> None:
                 "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
                 "settings": {"base": "tiny (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
-                             "device": device, "n_train": len(train_prompts), "n_prompts": n,
+                             "device": device, "precision": precision, "n_train": len(train_prompts), "n_prompts": n,
                              "eval_samples": ev.samples_per_prompt, "eval_temperature": ev.temperature,
                              "max_new_tokens": ev.max_new_tokens, "best_of": args.best_of,
                              "reference_min_relevance": min_relevance, "seed": args.seed,
@@ -284,7 +288,7 @@ def main() -> None:
                         model, tok, h = train(base_path, rewards, train_prompts, w,
                                               t.model_copy(update={"rounds": 1}), device, args.seed + r - 1,
                                               work / "trainer", first_round=first_round if r == 1 else None,
-                                              init_adapter=adapter)
+                                              init_adapter=adapter, precision=precision)
                         adapter = work / f"adapter-{r}"
                         model.save_pretrained(adapter)
                     history += [{**x, "round": r} for x in h]
@@ -293,7 +297,7 @@ def main() -> None:
             else:
                 with clock:
                     model, tok, history = train(base_path, rewards, train_prompts, w, t, device, args.seed,
-                                                work / "trainer", first_round=first_round)
+                                                work / "trainer", first_round=first_round, precision=precision)
                 # rsft: one entry per round; grpo: one per step, the last kept
                 measure(method, model, tok, clock, {"history": history if method == "rsft" else history[-1:]})
                 del model

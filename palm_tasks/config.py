@@ -392,7 +392,10 @@ class PalmConfig(Section):
     seed: int = Field(0, ge=0, le=MAX_SEED,
                       description="seed of the run: training, sampling, test users, random weights")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto (CUDA + bf16 when present, else CPU fp32) | cpu | cuda")
+        "auto", description="auto (CUDA when present, else CPU) | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 (also on a CPU "
+                            "with avx512_bf16 or AMX: autocast over fp32 weights; docs/precision.md)")
     coverage: CoverageConfig = CoverageConfig()
     search: SearchConfig = SearchConfig()
     data: DataConfig = DataConfig()

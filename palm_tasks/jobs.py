@@ -44,7 +44,7 @@ CHECKSUMS = "checksums.json"
 ADAPTER_DIR = "adapter"
 SOUP_RECIPE = "soup-lora-cat-v1"  # bump when the way adapters are mixed changes
 # What a job's result depends on (params.yaml): every stage that runs jobs lists these in dvc.yaml.
-JOB_PARAMS = ("task", "traits", "seed", "device", "data", "training", "evaluation", "rewards")
+JOB_PARAMS = ("task", "traits", "seed", "device", "precision", "data", "training", "evaluation", "rewards")
 
 
 class CorruptPolicyError(RuntimeError):
@@ -73,11 +73,14 @@ class JobSpec:
     seed: int = 0
     init_from: str = ""  # key of the policy whose adapter the job starts from ("" : a fresh adapter)
     attempt: int = 0  # 0 for a first training; a repair's attempt k trains with seed + k
+    precision: str = "fp32"  # fp32 | bf16 (llm.models.resolve_precision): it decides the answers
 
     @property
     def key(self) -> str:
         payload = asdict(self)
         payload["weights"] = [round(float(x), 9) for x in self.weights]
+        if self.precision == "fp32":
+            del payload["precision"]  # the keys of jobs trained before precision was a setting
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -240,12 +243,13 @@ class JobContext:
 
     def __init__(self, cfg: PalmConfig, root: Path):
         from palm_tasks.llm.base_model import base_info, resolve_base_model
-        from palm_tasks.llm.models import resolve_device
+        from palm_tasks.llm.models import resolve_device, resolve_precision
         from palm_tasks.llm.prompts import read_prompts
         from palm_tasks.llm.rewards import build_rewards
 
         self.cfg, self.paths = cfg, Paths(Path(root))
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.base_path = resolve_base_model(self.paths.base)
         self.base_sha = base_info(self.paths.base)["weights_sha256"]
         h = hashlib.sha256()
@@ -266,7 +270,7 @@ class JobContext:
         return JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
                        base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
                        data_sha256=self.data_sha, training=self.cfg.training.model_dump(), seed=self.cfg.seed,
-                       init_from=init_from, attempt=int(attempt))
+                       init_from=init_from, attempt=int(attempt), precision=self.precision)
 
     def first_round(self):
         """rsft: the base's answers to the training prompts (data/samples/train.json), as
@@ -287,6 +291,8 @@ class JobContext:
         payload = {"traits": list(self.cfg.traits), "base_model_sha256": self.base_sha,
                    "reward_versions": list(self.reward_versions), "eval_sha256": self.eval_sha,
                    "evaluation": self.cfg.evaluation.answers_key(), "seed": self.cfg.seed}
+        if self.precision != "fp32":  # fp32 tables of earlier runs keep their key
+            payload["precision"] = self.precision
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def measured(self, policy: Policy, store: Path, prompts: int) -> Policy:
@@ -300,7 +306,7 @@ class JobContext:
         if len(chunks) < wanted:
             from palm_tasks.llm.models import load_policy as load_model
 
-            model, tokenizer = load_model(self.base_path, policy.adapter, self.device)
+            model, tokenizer = load_model(self.base_path, policy.adapter, self.device, self.precision)
             return policy.with_scores(scores.measure(self, model, tokenizer, dirs, write_dir, prompts,
                                                      label=policy.key[:10]))
         return policy.with_scores(scores.table_of(chunks, self.cfg.traits, self.evaluation_key(),
@@ -355,7 +361,7 @@ def _train(ctx: JobContext, job: Job) -> Policy:
             ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, t, ctx.device,
             spec.seed + spec.attempt, tmp / "trainer", on_log=run.on_log(spec.key),
             first_round=None if start else ctx.first_round(),
-            init_adapter=start.adapter if start else None)
+            init_adapter=start.adapter if start else None, precision=ctx.precision)
         model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
         train_seconds = time.time() - started
         chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
@@ -364,6 +370,7 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         policy = Policy(key=spec.key, kind="trained", traits=spec.traits, weights=spec.weights, value=table.value,
                         quality=dict(table.quality), scores=table,
                         training={"job": asdict(spec), "method": t.method, "device": ctx.device,
+                                  "precision": ctx.precision,
                                   "train_seconds": round(train_seconds, 2),
                                   "total_seconds": round(time.time() - started, 2),
                                   "final_reward": final.get("reward", final.get("kept_reward")),
@@ -401,7 +408,7 @@ def _soup(ctx: JobContext, job: Job) -> Policy:
     started = time.time()
     try:
         mix_adapters([m.adapter for m in ingredients], job.lambdas, tmp / ADAPTER_DIR)
-        model, tokenizer = load_model(ctx.base_path, tmp / ADAPTER_DIR, ctx.device)
+        model, tokenizer = load_model(ctx.base_path, tmp / ADAPTER_DIR, ctx.device, ctx.precision)
         chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
         table = scores.measure(ctx, model, tokenizer, [chunks_dir], chunks_dir, ctx.cap, label=key[:10])
         # sum_i lambda_i w_i: where the soup is meant to sit, not a weight it was trained for

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks import schema
+from palm_tasks import gate, schema
 from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.jobs import Job, JobContext, RunJobs, find_finished
@@ -106,9 +106,11 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
     kept = run_jobs([Job.evaluate(paths.relative(p.path), first) for p in kept]) if kept else []
     out.reevaluated = {p.key: p.values for p in kept}
 
-    search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance), initial=kept)
+    bon = BestOfN(schema.load_samples(root), cfg.training.min_relevance)
+    search = search_from_config(cfg, bon, initial=kept)
     started = time.time()
-    run = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers)
+    run = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers,
+                      servable=gate.rule(cfg, bon.samples))
     rows = run.rows
     new = [p for p in rows if p.key not in {k.key for k in kept}]
     # Trained by this run = written by it (a policy found finished on disk is older).

@@ -10,10 +10,12 @@ retraining run and the evaluate stage's PALM method all use both.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from palm_tasks import gate
 from palm_tasks.best_of_n import BestOfN, paired_evidence
 from palm_tasks.config import PalmConfig
 from palm_tasks.core.search import LazySearch
@@ -25,13 +27,16 @@ from palm_tasks.schema import Policy
 def search_from_config(cfg: PalmConfig, bon: BestOfN, initial: list[Policy] = ()) -> LazySearch:
     """The lazy search of params.yaml (tolerances, budget, repairs) certifying at confidence
     1 - coverage.alpha against best-of-N; `initial` policies (with their per-prompt tables) count
-    as oracle rows already trained (a retraining run's re-measured pool)."""
+    as oracle rows already trained (a retraining run's re-measured pool), servable as they pass
+    the quality gate (palm_tasks.gate)."""
     rows = {}
     if initial:
+        servable = gate.rule(cfg, bon.samples)
         rows = {"initial_weights": np.array([p.weights for p in initial]),
                 "initial_values": np.array([p.values for p in initial]),
                 "initial_std_errors": np.array([p.std_errors for p in initial]),
-                "initial_tables": [p.scores.scores for p in initial]}
+                "initial_tables": [p.scores.scores for p in initial],
+                "initial_servable": [servable(p) for p in initial]}
     return LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings, reference=bon,
                       max_repairs=cfg.search.max_repairs, paired=paired_evidence(cfg, bon), **rows)
 
@@ -52,7 +57,7 @@ class SearchRun:
 
 
 def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1,
-                store: str = "models/members") -> SearchRun:
+                store: str = "models/members", servable: Callable[[Policy], bool] | None = None) -> SearchRun:
     """Measure, ask, train, tell until the search is done (SearchRun).
 
     Before each proposal the rows of the certificate's open decisions are measured on more
@@ -60,7 +65,10 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
     (LazySearch.evaluation_needed, docs/theory.md section 13). Each round then asks the search
     for up to `workers` weights (runner.workers; docs/search.md, parallel proposals), runs them
     through run_jobs at once and tells each result. `store`: where new policies go (the evaluate
-    stage keeps its own)."""
+    stage keeps its own). `servable`: policy -> whether it passes the quality gate (gate.rule;
+    None: every policy), told with each measurement, so that the search certifies with members
+    that may be served."""
+    servable = servable or (lambda policy: True)
     rows: list[Policy] = list(initial)
     run = SearchRun(rows, {p.key: _prompts(p) for p in rows})
     prompts, started = run.prompts, time.time()
@@ -72,7 +80,7 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
             for r, policy in zip(order, measured):
                 rows[r] = policy
                 prompts[policy.key] = policy.scores.prompts
-                search.update(r, policy.scores.scores)
+                search.update(r, policy.scores.scores, servable=servable(policy))
         batch = search.ask_batch(workers)
         if not batch:
             return run
@@ -92,7 +100,7 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
             if search.paired is None:  # a search on value vectors alone (exact oracles, benchmarks)
                 step = search.tell(w, policy.values, policy.std_errors)
             else:
-                step = search.tell(w, scores=policy.scores.scores)
+                step = search.tell(w, scores=policy.scores.scores, servable=servable(policy))
             if todo["source"] != "repair":
                 rows.append(policy)
             elif step["kept"] == "new":

@@ -343,8 +343,6 @@ class JobRun:
     def open(cls, cfg: PalmConfig, root: Path, spec, device: str, store: Path) -> "JobRun":
         import mlflow
 
-        from palm_tasks.llm.models import uses_bf16
-
         experiment_id = setup_mlflow(cfg, root)
         client = mlflow.MlflowClient()
         key = spec.key
@@ -357,7 +355,7 @@ class JobRun:
         params.update({f"training.{k}": v for k, v in spec.training.items()})
         params.update({f"evaluation.{k}": v for k, v in cfg.evaluation.model_dump().items()})
         params.update({"key": key, "seed": spec.seed, "init_from": spec.init_from, "attempt": spec.attempt,
-                       "device": device, "bf16": uses_bf16(device),
+                       "device": device, "precision": spec.precision,
                        "base_model_sha256": spec.base_model_sha256[:16], "data_sha256": spec.data_sha256[:16]})
         client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
         return cls(client, run.info.run_id)

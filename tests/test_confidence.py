@@ -209,3 +209,56 @@ def test_a_row_on_few_prompts_is_measured_further_before_anything_is_trained_nea
     print(f"a cover failed through the new row's margin in {failed} of 200 runs; measured further, "
           f"{certified} certified without a training")
     assert failed >= 10 and certified == failed
+
+
+def test_a_row_that_fails_the_quality_gate_bounds_opt_but_is_no_member():
+    # The middle row is the only one that covers the middle of the front. Told as servable, the
+    # search certifies with it; told as failing the gate (its answers degenerate), the certificate
+    # must not count it as a member, so the search trains again instead of stopping "certified"
+    # with members the coverage stage's gate then removes (seed 1 of the default run).
+    from palm_tasks.core.search import LazySearch
+
+    policies = NoisyPolicies(means=np.array([[0.80, 0.25], [0.25, 0.80], [0.60, 0.60]]),
+                             base=np.array([0.35, 0.35]))
+    tables, pool = policies.draw(np.random.default_rng(3), PROMPTS)
+    paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
+    assert not paired.certificate(W, tables, members=[0, 1]).certified  # the specialists alone do not cover
+
+    def search(servable):
+        return LazySearch(2, 0.1, DELTA, 2, paired=paired, initial_weights=W,
+                          initial_values=np.array([t.mean(axis=0) for t in tables]),
+                          initial_std_errors=np.zeros((3, 2)), initial_tables=tables, initial_servable=servable)
+
+    served = search([True, True, True])
+    assert served.ask() is None and served.stopped == "certified" and 2 in served.result().members
+    gated = search([True, True, False])
+    w = gated.ask()  # a training near the middle: the gated row is no member
+    assert gated.pending["source"] in ("grid", "corner", "toward") and gated.trainings == 0
+    gated.tell(w, scores=tables[2], servable=True)  # a servable policy as good as the gated one
+    assert gated.ask() is None and gated.stopped == "certified"
+    members = gated.result().members
+    assert 2 not in members and 3 in members
+    with pytest.raises(ValueError, match="initial_servable"):
+        search([True, False])
+
+
+def test_a_corner_whose_own_row_fails_the_gate_gets_a_weight_toward_its_member():
+    # Two specialists; the second fails the gate and has no repair left. The corner (0, 1) is
+    # then uncovered, and its weight was trained: the search tries halfway toward the member the
+    # corner is routed to (the first specialist), instead of stopping "stuck".
+    from palm_tasks.core.search import LazySearch
+
+    two = np.eye(2)
+    policies = NoisyPolicies(means=np.array([[0.80, 0.25], [0.25, 0.80]]), base=np.array([0.35, 0.35]))
+    tables, pool = policies.draw(np.random.default_rng(4), PROMPTS)
+    paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
+    search = LazySearch(2, 0.1, DELTA, 3, paired=paired, initial_weights=two, max_repairs=0,
+                        initial_values=np.array([t.mean(axis=0) for t in tables]),
+                        initial_std_errors=np.zeros((2, 2)), initial_tables=tables, initial_servable=[True, False])
+    w = search.ask()
+    assert search.pending["source"] == "toward" and np.allclose(w, [0.5, 0.5])
+    served = LazySearch(2, 0.1, DELTA, 3, paired=paired, initial_weights=two, max_repairs=0,
+                        initial_values=np.array([t.mean(axis=0) for t in tables]),
+                        initial_std_errors=np.zeros((2, 2)), initial_tables=tables)
+    served.ask()
+    assert served.pending["source"] == "grid"  # both servable: the middle corner's grid point

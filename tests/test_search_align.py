@@ -85,7 +85,7 @@ def test_the_align_stage_asks_runner_workers_weights_per_round(prepared_project,
                         search={"mode": "lazy", "max_trainings": 6})
     seen = {}
 
-    def loop(search, run_jobs, paths, initial=(), workers=1):
+    def loop(search, run_jobs, paths, initial=(), workers=1, servable=None):
         seen["workers"] = workers
         seen["first"] = search.ask_batch(workers)
         raise Stop

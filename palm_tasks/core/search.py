@@ -1,6 +1,6 @@
 """Lazy search: train only where the certificate fails (docs/theory.md section 5).
 
-One idea in one file (about 540 lines): the search's state (the rows told, the proposals
+One idea in one file (about 590 lines): the search's state (the rows told, the proposals
 pending, the repairs spent) and the rules that read and change it. The rules that need no state
 live beside it: which beaten row first (repair.py), where one policy could replace several
 (consolidate.py), the paired decisions (paired.py).
@@ -47,6 +47,11 @@ of the old and the new value at w_j in that row. A row is repaired at most max_r
 so the search never loops; rows still beaten at the end are in result().beaten. When more than
 half of the rows (at least d + 1) are beaten with no repair left, the oracle fails more often
 than it works and the search stops as "stuck" rather than spend its budget on new beaten rows.
+A row told as not servable (it fails the quality gate, palm_tasks/gate.py) bounds OPT but is no
+member. It is not trained again at its weight: on the default params the brevity corner failed
+the gate in four trainings of four (6.5-14.8 % degenerate answers, seeds 0 and 1) while mixed
+weights near it passed; a corner left uncovered at its weight gets a weight toward its member
+instead (_worst_corner, source "toward").
 
 Paired evidence (section 13). With `paired` (core.paired.PairedEvidence) rows are told as
 per-prompt tables (tell(w, scores=table), update(row, table) when measured further): the
@@ -126,11 +131,12 @@ class LazySearch:
 
     Attributes: done (ask() returned None), stopped ("certified" | "budget" | "stuck", "" while
     running), trainings (values told), rounds (see SearchResult), history (one dict per
-    training: step, weight, source "extreme" | "grid" | "corner" | "repair" | "consolidate",
+    training: step, weight, source "extreme" | "grid" | "corner" | "toward" | "repair" | "consolidate",
     worst_slack_before; a repair adds row, by and kept "new" | "old"), certificate (of every
     row, as of the last proposal made with nothing pending), W, R, SE (the rows so far as lists,
-    initial rows first), repairs (per row), pending (the first proposal not yet told),
-    pending_all (all of them).
+    initial rows first), repairs (per row), servable (per row: whether it passes the quality gate,
+    as told; only servable rows are members of the certificate, while every row bounds OPT),
+    pending (the first proposal not yet told), pending_all (all of them).
 
     Bad input raises a ValueError naming the argument: weights off the simplex or not finite,
     NaN values, a budget that is not an integer >= 0, ask_batch(n) with n < 1.
@@ -139,7 +145,7 @@ class LazySearch:
     def __init__(self, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
                  initial_weights=None, initial_values=None, initial_std_errors=None,
                  reference=None, max_repairs=0, z_significant=2.0, consolidate=0, paired=None,
-                 initial_tables=None):
+                 initial_tables=None, initial_servable=None):
         self.d = check_d(d)
         self.eps, self.delta = check_tolerances(eps, delta)
         self.z = check_z(z)
@@ -184,6 +190,9 @@ class LazySearch:
             raise ValueError(f"max_repairs must be >= 0, got {max_repairs}")
         self.max_repairs = int(max_repairs)
         self.repairs = [0] * len(self.W)
+        self.servable = [True] * len(self.W) if initial_servable is None else [bool(x) for x in initial_servable]
+        if len(self.servable) != len(self.W):
+            raise ValueError(f"initial_servable needs one entry per initial row ({len(self.W)})")
         self._asked = []  # (weight, source, worst slack before, row, by) proposed and not yet told
         self.rounds = 0
         self._result = None
@@ -307,19 +316,28 @@ class LazySearch:
             self.stopped = "stuck"
         return out
 
+    def _members(self):
+        """The rows a certificate may choose members from: the servable ones (all when none is;
+        the coverage stage then chooses among all too, never for production)."""
+        ok = np.flatnonzero(self.servable)
+        return ok if len(ok) else None
+
     def _certify(self, tw, tv, tse, reference):
-        """The certificate of every row told: paired at confidence, or on the values (z se)."""
+        """The certificate of every servable row told: paired at confidence, or on the values (z se)."""
         if self.paired is not None:
-            return self.paired.certificate(tw, self.tables)
+            return self.paired.certificate(tw, self.tables, members=self._members())
         return certify(tw, tv, self.eps, self.delta, std_errors=tse, z=self.z, reference=reference)
 
-    def update(self, row, scores) -> None:
-        """A row measured on more prompts (paired evidence): its per-prompt table grows."""
+    def update(self, row, scores, servable=None) -> None:
+        """A row measured on more prompts (paired evidence): its per-prompt table grows, and
+        whether it passes the quality gate on them (None: as before)."""
         if self.paired is None:
             raise ValueError("update() takes per-prompt scores: the search has no paired evidence")
         table = check_table(scores, self.d)
         self.tables[row] = table
         self.R[row], self.SE[row] = table.mean(axis=0), table_se(table)
+        if servable is not None:
+            self.servable[row] = bool(servable)
 
     def evaluation_needed(self) -> dict[int, int]:
         """{row: prompts} to measure before the next proposal (paired evidence; section 13), each
@@ -334,7 +352,7 @@ class LazySearch:
         now would be wasted), or when every open decision is at the cap."""
         if self.paired is None or not self.W or self._asked:
             return {}
-        cert = self.paired.certificate(np.array(self.W), self.tables)
+        cert = self.paired.certificate(np.array(self.W), self.tables, members=self._members())
         if not cert.certified and self._budget_left() > 0:
             b = self.beaten()
             if any(b.beaten[j] and self.repairs[j] < self.max_repairs for j in range(len(self.W))):
@@ -358,7 +376,10 @@ class LazySearch:
 
     def _worst_corner(self, cert, known):
         """(weight, source, slack) at the corner of largest positive slack whose weight (its grid
-        point, else itself) is new, or None."""
+        point, else itself) is new, or None. A corner whose weight was trained already by a row
+        that fails the quality gate gets a weight between it and the member the certificate
+        routes it to, halfway first (source "toward"): a policy there trades some of the
+        corner's trait for the member's, and may be servable where the corner's own is not."""
         for c in np.argsort(-cert.slacks, kind="stable"):
             if cert.slacks[c] <= TOL:
                 break
@@ -366,6 +387,12 @@ class LazySearch:
             options = [(corner, "corner")]
             if self.snap == "grid" and self.delta > 0:
                 options.insert(0, (snap_to_grid(corner, self.d, self.eps, self.delta), "grid"))
+            members = np.asarray(cert.members, int)
+            gated_here = any(not ok and any(_already(w, [o[0]]) for o in options)
+                             for w, ok in zip(self.W, self.servable))
+            if len(members) and gated_here:
+                routed = np.asarray(self.W[members[int(np.argmax(np.array(self.R)[members] @ corner))]], float)
+                options += [((1 - t) * corner + t * routed, "toward") for t in (0.5, 0.25, 0.75)]
             for w, source in options:
                 if not _already(w, known):
                     return w.copy(), source, float(cert.slacks[c])
@@ -438,11 +465,12 @@ class LazySearch:
             self.rounds += 1
         return [a[0].copy() for a in self._asked[:n]]
 
-    def tell(self, weights, values=None, std_errors=None, scores=None) -> dict:
+    def tell(self, weights, values=None, std_errors=None, scores=None, servable=True) -> dict:
         """Record the measured value vector (and std errors) of the policy trained for a pending
         weight (from ask() or ask_batch(), any order); returns the history step (step, weight,
         source, worst_slack_before). With paired evidence, `scores` is the policy's per-prompt
-        table (prompts, d) and values and std errors are its mean and se."""
+        table (prompts, d) and values and std errors are its mean and se. servable: whether the
+        policy passes the quality gate (a row that does not bounds OPT but is no member)."""
         if self.paired is not None:
             if scores is None:
                 raise ValueError("with paired evidence, tell() needs the policy's per-prompt scores")
@@ -475,8 +503,10 @@ class LazySearch:
                 "worst_slack_before": slack}
         if source == "repair":  # keep the better of the two at w_j (section 9)
             self.repairs[row] += 1
-            better = float(w @ values_row) > float(w @ self.R[row])
+            # the better of the two at w_j, a servable one before one that is not
+            better = (bool(servable), float(w @ values_row)) > (self.servable[row], float(w @ self.R[row]))
             if better:
+                self.servable[row] = bool(servable)
                 self.R[row] = values_row
                 if has_se:
                     self.SE[row] = se
@@ -491,6 +521,7 @@ class LazySearch:
             if self.paired is not None:
                 self.tables.append(table)
             self.repairs.append(0)
+            self.servable.append(bool(servable))
         self.history.append(step)
         return step
 
@@ -504,7 +535,8 @@ class LazySearch:
             ref = self._reference(tw)
             reference = None if ref is None else ref[0] + self.z * ref[1]
             if self.paired is not None:
-                members = prune_paired(self.paired, tw, self.tables, method=self.prune_method)
+                candidates = None if self._members() is None else np.array(self.servable)
+                members = prune_paired(self.paired, tw, self.tables, candidates=candidates, method=self.prune_method)
                 final = self.paired.certificate(tw, self.tables, members=members)
             else:
                 members = prune(tw, tv, self.eps, self.delta, method=self.prune_method, std_errors=tse,

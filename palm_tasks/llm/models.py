@@ -1,7 +1,10 @@
 """Loading the base model and a policy (base + LoRA adapter), and sampling answers from them.
 
-The device, dtype and pad token are decided here once: bf16 on a CUDA device that supports it,
-fp32 elsewhere; the tokenizer pads with EOS when it has no pad token, on the left (generation).
+The device, precision and pad token are decided here once. Precision (params.yaml `precision`):
+fp32, or bf16 where the device computes it natively (auto: on a CUDA device; on a CPU with
+avx512_bf16 or AMX when asked for by name). On CUDA the weights are bf16; on a CPU they stay
+fp32 and sampling runs under torch's CPU autocast, SFT under the trainer's (TRL's bf16 with
+use_cpu), so the LoRA weights are trained in fp32 (docs/precision.md). The tokenizer pads with EOS when it has no pad token, on the left.
 Every job, soup, re-evaluation and server loads through these functions, so a policy evaluated
 again later is scored exactly as it was the first time.
 """
@@ -25,15 +28,42 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def uses_bf16(device: str) -> bool:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag): elsewhere
+    torch emulates it, and autocast would be slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """params.yaml `precision` (auto | fp32 | bf16) on a resolved device -> fp32 | bf16. auto
+    takes bf16 on a CUDA device that computes it, fp32 on a CPU (bf16 there is asked for by
+    name: docs/precision.md has the measurements); an explicit bf16 where the device does not
+    compute it natively is a RuntimeError naming the key."""
     import torch
 
-    return device == "cuda" and torch.cuda.is_bf16_supported()
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16()
+    if precision == "auto":
+        return "bf16" if native and device == "cuda" else "fp32"
+    if precision == "bf16" and not native:
+        what = "CUDA device" if device == "cuda" else "CPU (no avx512_bf16 or amx_bf16 flag)"
+        raise RuntimeError(f"precision: bf16 was asked for in params.yaml, but this {what} does not "
+                           f"compute bf16 natively; use precision: auto or fp32")
+    return precision
 
 
-def common_args(device: str, seed: int) -> dict:
-    """TRL config settings every method shares: device and dtype, seeds, logging, no checkpoints."""
-    return dict(use_cpu=device == "cpu", bf16=uses_bf16(device), logging_steps=1, save_strategy="no",
+def precision_of(model) -> str:
+    """The precision a model was loaded for (load_base): fp32 | bf16."""
+    return getattr(model, "palm_precision", "fp32")
+
+
+def common_args(device: str, seed: int, precision: str = "fp32") -> dict:
+    """TRL config settings every method shares: device and precision (bf16 on a CPU: the
+    trainer's autocast over fp32 weights), seeds, logging, no checkpoints."""
+    return dict(use_cpu=device == "cpu", bf16=precision == "bf16", logging_steps=1, save_strategy="no",
                 report_to="none", seed=seed, data_seed=seed,
                 disable_tqdm=True,  # the job's on_log reports progress instead
                 gradient_checkpointing=False)  # small models: memory is not the constraint, time is
@@ -59,14 +89,17 @@ def load_tokenizer(base_path: Path):
     return tokenizer
 
 
-def load_base(base_path: Path, device: str, place: bool = True):
-    """The base model in the dtype its jobs train and evaluate in on `device` (a resolved one),
-    moved there unless `place` is false (a trainer places it itself)."""
+def load_base(base_path: Path, device: str, place: bool = True, precision: str = "fp32"):
+    """The base model for `precision` (resolve_precision) on `device` (a resolved one), moved
+    there unless `place` is false (a trainer places it itself): bf16 weights on CUDA, fp32
+    weights elsewhere (a CPU computes bf16 under autocast). The model remembers its precision
+    (precision_of), so sampling and SFT on it use it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if uses_bf16(device) else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" and device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model.palm_precision = precision
     return model.to(device) if place else model
 
 
@@ -146,13 +179,14 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def load_policy(base_path: Path, adapter_dir: Path, device: str):
-    """(model, tokenizer): the base model with a LoRA adapter (safetensors) on `device`;
-    schema.ArtifactError naming the member and the file when the adapter is damaged."""
+def load_policy(base_path: Path, adapter_dir: Path, device: str, precision: str = "fp32"):
+    """(model, tokenizer): the base model with a LoRA adapter (safetensors) on `device`, for
+    `precision`; schema.ArtifactError naming the member and the file when the adapter is damaged."""
     from peft import PeftModel
 
     verify_member(adapter_dir)
-    model = PeftModel.from_pretrained(load_base(base_path, device, place=False), adapter_dir).to(device)
+    base = load_base(base_path, device, place=False, precision=precision)
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device)
     return model, load_tokenizer(base_path)
 
 
@@ -189,11 +223,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     torch.manual_seed(seed)
     out = []
     model.eval()
+    device = next(model.parameters()).device
+    # bf16 on a CPU: autocast over the fp32 weights (on CUDA the weights are bf16 already)
+    autocast = precision_of(model) == "bf16" and device.type == "cpu"
     starts = range(0, len(unique), per_batch)
     for i in progress(starts, len(starts), f"sampling {len(prompts)} answers"):
         chats = [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True)
                  for p in unique[i: i + per_batch]]
-        out += _sample(model, tokenizer, chats, k, max_new_tokens, temperature)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out += _sample(model, tokenizer, chats, k, max_new_tokens, temperature)
     return [t.strip() for t in out]
 
 

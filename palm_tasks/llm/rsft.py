@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from palm_tasks.config import TrainingConfig
-from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer
+from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer, precision_of
 from palm_tasks.llm.rewards import score_all
 
 SAMPLE_BATCH = 128  # answers generated per forward pass (as evaluation.batch_size)
@@ -57,13 +57,14 @@ def on_topic(prompts: list[str], completions: list[list[str]], min_relevance: fl
     return (relevance([p for p in prompts for _ in range(n)], flat) >= min_relevance).reshape(len(prompts), n)
 
 
-def lora_model(base_path: Path, t: TrainingConfig, device: str, seed: int, init_adapter: Path | None = None):
+def lora_model(base_path: Path, t: TrainingConfig, device: str, seed: int, init_adapter: Path | None = None,
+               precision: str = "fp32"):
     """The base model with a trainable LoRA adapter on `device`: a fresh one (r, alpha, dropout
     of `t`, every linear layer), or `init_adapter` to warm-start from."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = load_base(base_path, device, place=False)
+    base = load_base(base_path, device, place=False, precision=precision)
     if init_adapter is not None:
         model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     else:
@@ -103,7 +104,7 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, devic
             num_train_epochs=t.epochs,
             learning_rate=t.lr,
             per_device_train_batch_size=t.batch,
-            **common_args(device, seed),
+            **common_args(device, seed, precision_of(model)),
         )
         # model is already a PeftModel, so no peft_config: the same adapter keeps training
         trainer_class = answer_only_trainer() if answer_only_loss else SFTTrainer
@@ -149,7 +150,7 @@ def answer_only_trainer():
 def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
                first_round=None, init_adapter: Path | None = None,
-               on_log: Callable[[int, int, dict], None] | None = None):
+               on_log: Callable[[int, int, dict], None] | None = None, precision: str = "fp32"):
     """(policy, tokenizer, history) after `t.rounds` rounds of sample -> keep the best under w -> SFT.
 
     first_round: (completions, scores) of the base on train_prompts (P lists of N answers,
@@ -161,7 +162,7 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     """
     w = np.asarray(weights, float)
     tokenizer = load_tokenizer(base_path)
-    model = lora_model(base_path, t, device, seed, init_adapter)
+    model = lora_model(base_path, t, device, seed, init_adapter, precision)
     history = []
     try:
         for r in range(1, t.rounds + 1):

@@ -54,8 +54,10 @@ def log_callback(on_log: Callable[[int, int, dict], None]):
 
 def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
           t: TrainingConfig, device: str, seed: int, work_dir: Path, first_round=None,
-          init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None):
-    """(policy, tokenizer, history) trained for w . r by `t.method`.
+          init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None,
+          precision: str = "fp32"):
+    """(policy, tokenizer, history) trained for w . r by `t.method`, sampling and training in
+    `precision` (llm.models.resolve_precision).
 
     first_round: the base's (completions, scores (P, N, d)) on train_prompts, which rsft uses as
     its first round's samples (grpo samples online and ignores it). init_adapter: a LoRA adapter
@@ -65,14 +67,16 @@ def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[
         from palm_tasks.llm.rsft import train_rsft
 
         return train_rsft(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
-                          first_round=first_round, init_adapter=init_adapter, on_log=on_log)
+                          first_round=first_round, init_adapter=init_adapter, on_log=on_log,
+                          precision=precision)
     return train_grpo(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
-                      init_adapter=init_adapter, on_log=on_log)
+                      init_adapter=init_adapter, on_log=on_log, precision=precision)
 
 
 def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
-               init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None):
+               init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None,
+               precision: str = "fp32"):
     """(policy, tokenizer, reward history) after `t.steps` GRPO steps at weights w, from a fresh
     LoRA adapter or from `init_adapter` (warm start)."""
     from datasets import Dataset
@@ -81,7 +85,7 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = load_tokenizer(base_path)
-    model = load_base(base_path, device, place=False)  # the trainer places it
+    model = load_base(base_path, device, place=False, precision=precision)  # the trainer places it
     args = GRPOConfig(
         output_dir=str(work_dir),
         max_steps=t.steps,
@@ -92,7 +96,7 @@ def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
         temperature=t.temperature,
         beta=t.beta,
         reward_weights=[float(w) for w in weights],
-        **common_args(device, seed),
+        **common_args(device, seed, precision),
     )
     lora = None
     if init_adapter is not None:

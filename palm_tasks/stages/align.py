@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks import schema
+from palm_tasks import gate, schema
 from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
@@ -33,7 +33,7 @@ from palm_tasks.paths import Paths
 from palm_tasks.schema import Pool
 from palm_tasks.search_loop import search_from_config, search_loop
 
-PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
+PARAMS = ("task", "traits", "seed", "device", "precision", "data", "search", "training", "evaluation", "rewards",
           "evidence", "coverage.eps", "coverage.delta", "coverage.alpha",
           "runner.workers")  # runner.workers: the weights asked per round, so which weights are trained
 DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
@@ -50,8 +50,9 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     finished_before = {p.name for p in paths.members.glob("*")} if paths.members.is_dir() else set()
     history = {}
     if cfg.search.mode == "lazy":
-        search = search_from_config(cfg, BestOfN(schema.load_samples(root), cfg.training.min_relevance))
-        run_ = search_loop(search, run_jobs, paths, workers=cfg.runner.workers)
+        bon = BestOfN(schema.load_samples(root), cfg.training.min_relevance)
+        search = search_from_config(cfg, bon)
+        run_ = search_loop(search, run_jobs, paths, workers=cfg.runner.workers, servable=gate.rule(cfg, bon.samples))
         policies, prompts = run_.rows, run_.prompts
         result = search.result()
         history = {"stopped": search.stopped, "steps": search.history, "beaten": result.beaten,

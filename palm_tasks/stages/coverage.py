@@ -36,6 +36,7 @@ from palm_tasks.config import PalmConfig
 from palm_tasks.core import metrics, routing, simplex
 from palm_tasks.core.prune import prune_paired
 from palm_tasks.dvc_metrics import write_metrics
+from palm_tasks.gate import quality_gate
 from palm_tasks.log import say, warn
 from palm_tasks.paths import Paths
 from palm_tasks.portfolio import Certificate, Member, PolicyTable, Portfolio
@@ -210,31 +211,6 @@ def _tables(pool) -> list[np.ndarray]:
         raise ArtifactError(f"the pool's policies were measured under {len(keys)} evaluation keys: rerun "
                             "`palm stage align` and `palm stage soups` so they share the current one")
     return [np.asarray(p.scores.scores, float) for p in pool]
-
-
-def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
-    """Who may be served (docs/theory.md section 10): a policy passes when at most
-    gate.max_degenerate_share of its eval answers are degenerate and its mean relevance reaches
-    gate.min_relevance_ratio of the base model's (measured on the same prompts, in the sample pool)."""
-    g = cfg.gate
-    base = dict(samples.quality) if samples is not None else {}
-    floor = g.min_relevance_ratio * base["relevance"] if "relevance" in base else None
-    out = {}
-    for p in pool:
-        q, reasons = p.quality, []
-        if "degenerate_share" not in q:
-            reasons.append("answer quality not measured (a policy stored before the gate)")
-        else:
-            if q["degenerate_share"] > g.max_degenerate_share:
-                reasons.append(f"{q['degenerate_share']:.1%} degenerate answers > {g.max_degenerate_share:.1%}")
-            if floor is not None and q["relevance"] < floor:
-                reasons.append(f"relevance {q['relevance']:.3f} < {g.min_relevance_ratio} x base "
-                               f"{base['relevance']:.3f}")
-        out[p.key] = {**{k: v for k, v in q.items() if isinstance(v, (int, float))},
-                      "passed": not reasons, "reasons": reasons}
-    return {"rule": {"max_degenerate_share": g.max_degenerate_share,
-                     "min_relevance_ratio": g.min_relevance_ratio},
-            "base": base, "members": out}
 
 
 def portfolio_id(member_keys, eps: float, delta: float, alpha: float) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks import schema
+from palm_tasks import gate, schema
 from palm_tasks.audit import check_against_evidence, evidence_audit
 from palm_tasks.best_of_n import BestOfN, paired_evidence
 from palm_tasks.config import PalmConfig
@@ -61,7 +61,7 @@ from palm_tasks.report import evaluation as report
 from palm_tasks.schema import Policy
 from palm_tasks.search_loop import search_from_config, search_loop
 
-PARAMS = ("task", "traits", "seed", "device", "data", "search", "training", "evaluation", "rewards",
+PARAMS = ("task", "traits", "seed", "device", "precision", "data", "search", "training", "evaluation", "rewards",
           "coverage", "compare", "runner.workers")  # runner.workers: PALM's weights per round, as in align
 DEPS = ("portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
         "models/soups")
@@ -110,7 +110,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
         say(f"evaluate: PALM lazy search (budget {cfg.search.max_trainings}, {cfg.search.max_repairs} "
             "repairs per row)")
         search = search_from_config(cfg, bon)
-        rows = to_cap(search_loop(search, run_jobs, paths, workers=cfg.runner.workers, store=store).rows)
+        rows = to_cap(search_loop(search, run_jobs, paths, workers=cfg.runner.workers, store=store,
+                                  servable=gate.rule(cfg, samples)).rows)
         for policy in rows:  # a repaired row holds its better policy: the other methods share that
             trained[tuple(np.round(np.asarray(policy.weights, float), 9))] = policy
         pools["palm_lazy"] = rows

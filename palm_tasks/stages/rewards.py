@@ -27,7 +27,7 @@ from palm_tasks.dvc_metrics import write_metrics
 from palm_tasks.log import say
 from palm_tasks.paths import Paths
 
-PARAMS = ("task", "traits", "base_model", "seed", "device", "data", "rewards", "evaluation", "evidence",
+PARAMS = ("task", "traits", "base_model", "seed", "device", "precision", "data", "rewards", "evaluation", "evidence",
           "training.method", "training.samples_per_prompt", "training.max_completion_length",
           "training.temperature", "training.min_relevance")  # min_relevance: best-of-N in metrics/rewards.json
 DEPS = ()
@@ -39,7 +39,7 @@ RUNS_JOBS = False
 
 def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
-    from palm_tasks.llm.models import load_base, load_tokenizer, resolve_device
+    from palm_tasks.llm.models import load_base, load_tokenizer, resolve_device, resolve_precision
     from palm_tasks.llm.prompts import prepare_prompts, read_prompts
     from palm_tasks.llm.rewards import build_rewards, prepare_rewards
 
@@ -58,7 +58,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
 
     eval_prompts = read_prompts(paths.prompts / "eval.jsonl")[: cfg.evaluation.n_prompts]
     base_path = resolve_base_model(paths.base)
-    model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+    model = load_base(base_path, device, precision=resolve_precision(cfg.precision, device))
+    tokenizer = load_tokenizer(base_path)
     pools = {"eval": write_sample_pool(cfg, paths, "eval", eval_prompts, rewards, model, tokenizer)}
     if cfg.training.method == "rsft":
         train_prompts = read_prompts(paths.prompts / "train.jsonl")
@@ -123,6 +124,7 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     policies it judges); train answers use the training sampler (they stand in for an rsft
     job's first round of sampling)."""
     from palm_tasks.llm.base_model import base_info
+    from palm_tasks.llm.models import precision_of
     from palm_tasks.llm.samples import clear_chunks, sample_pool
 
     ev, t = cfg.evaluation, cfg.training
@@ -132,6 +134,8 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     else:
         sampler = {"n": t.samples_per_prompt, "max_new_tokens": t.max_completion_length,
                    "temperature": t.temperature, "batch_size": ev.batch_size, "seed": cfg.seed}
+    if precision_of(model) != "fp32":  # fp32 pools of earlier runs keep their key
+        sampler["precision"] = precision_of(model)
     sha = base_info(paths.base)["weights_sha256"]
     versions = tuple(r.version for r in rewards)
     decided_by = {**sampler, "split": split, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
