@@ -248,6 +248,9 @@ class GateConfig(Section):
     min_relevance_ratio: float = Field(0.8, ge=0, le=2, description="a member's mean answer relevance "
                                        "(MiniLM cosine to the prompt) must reach this fraction of the base "
                                        "model's")
+    max_garbled_share: float = Field(0.15, ge=0, le=1, description="most evaluation answers a member may "
+                                     "give that are garbled (a '||' or a run of 3+ symbols: a reward hacked "
+                                     "with noise; the base gives 1-2 %, trained policies up to 9 %)")
 
 
 class SoupsConfig(Section):

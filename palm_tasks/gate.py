@@ -26,13 +26,15 @@ def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
         else:
             if q["degenerate_share"] > g.max_degenerate_share:
                 reasons.append(f"{q['degenerate_share']:.1%} degenerate answers > {g.max_degenerate_share:.1%}")
+            if q.get("garbled_share", 0.0) > g.max_garbled_share:  # policies stored before it: not measured
+                reasons.append(f"{q['garbled_share']:.1%} garbled answers > {g.max_garbled_share:.1%}")
             if floor is not None and q["relevance"] < floor:
                 reasons.append(f"relevance {q['relevance']:.3f} < {g.min_relevance_ratio} x base "
                                f"{base['relevance']:.3f}")
         out[p.key] = {**{k: v for k, v in q.items() if isinstance(v, (int, float))},
                       "passed": not reasons, "reasons": reasons}
     return {"rule": {"max_degenerate_share": g.max_degenerate_share,
-                     "min_relevance_ratio": g.min_relevance_ratio},
+                     "min_relevance_ratio": g.min_relevance_ratio, "max_garbled_share": g.max_garbled_share},
             "base": base, "members": out}
 
 

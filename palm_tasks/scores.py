@@ -126,9 +126,13 @@ def table_of(chunks: list[Chunk], traits, eval_key: str, answers_per_prompt: int
     """The ScoreTable of consecutive chunks (None when there are none)."""
     if not chunks:
         return None
+    from palm_tasks.llm.validity import garbled
+
     bad = np.concatenate([c.degenerate for c in chunks])
     rel = np.concatenate([c.relevance for c in chunks])
-    quality = {"degenerate_share": float(bad.mean()), "relevance": float(rel.mean()), "answers": int(len(bad))}
+    noise = garbled([a for c in chunks for a in c.completions])  # from the stored answers: no new key
+    quality = {"degenerate_share": float(bad.mean()), "relevance": float(rel.mean()),
+               "garbled_share": float(noise.mean()), "answers": int(len(bad))}
     return ScoreTable(tuple(traits), eval_key, answers_per_prompt,
                       np.concatenate([c.per_prompt() for c in chunks]), quality)
 

@@ -39,7 +39,7 @@ TINY_OVERRIDES = {
     # a tiny model's answers are gibberish (16 tokens: about 1 in 4 has fewer than 3 words, a
     # degenerate answer that every reward scores 0); the gate would refuse every member: its own
     # tests set it
-    "gate": {"max_degenerate_share": 1.0, "min_relevance_ratio": 0.0},
+    "gate": {"max_degenerate_share": 1.0, "min_relevance_ratio": 0.0, "max_garbled_share": 1.0},
     "coverage": {"test_users": 200, "test_lattice": 10},
     "soups": {"enabled": True},  # the tests exercise the soups stage; the default run leaves it off
     "compare": {"k_max": 1, "random_seeds": 1, "grid_budget": 1, "bootstrap": 10},  # dvc repro: 2 new tiny jobs

@@ -232,3 +232,30 @@ def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared
     assert len(shared) >= 3 and coarse["reused"] == len(shared)
     assert coarse["trained"] == coarse["jobs"] - len(shared)
     assert all(_member_files(root)[k] == before[k] for k in shared)
+
+
+def test_the_gate_measures_garbled_answers_and_refuses_a_policy_that_gives_many(finished_run):
+    # every measured policy carries its garbled share, computed from its stored answers; a policy
+    # over gate.max_garbled_share is refused with a reason naming it, whatever its other figures
+    import dataclasses
+
+    from palm_tasks import schema
+    from palm_tasks.gate import quality_gate
+    from palm_tasks.llm.validity import garbled
+    from palm_tasks.params_yaml import load_config
+
+    cfg = load_config(finished_run / "params.yaml")
+    pool = list(schema.load_pool(finished_run).policies)
+    samples = schema.load_samples(finished_run)
+    first = pool[0]
+    chunks = sorted((first.path / "evaluations").glob("*/chunk-*.json"))
+    answers = [a for f in chunks for a in json.loads(f.read_text())["completions"]]
+    assert first.quality["garbled_share"] == pytest.approx(garbled(answers[:first.quality["answers"]]).mean())
+    assert "garbled_share" in samples.quality
+    strict = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={
+        "max_degenerate_share": 1.0, "min_relevance_ratio": 0.0, "max_garbled_share": 0.15})})
+    noisy = dataclasses.replace(first, quality={**first.quality, "garbled_share": 0.5})
+    clean = dataclasses.replace(first, key="clean", quality={**first.quality, "garbled_share": 0.1})
+    gate = quality_gate(strict, [noisy, clean], samples)["members"]
+    assert not gate[noisy.key]["passed"] and gate[noisy.key]["reasons"] == ["50.0% garbled answers > 15.0%"]
+    assert gate["clean"]["passed"]

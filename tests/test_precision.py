@@ -58,3 +58,21 @@ def test_precision_enters_the_job_key_without_changing_an_fp32_key():
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert spec.key == before
     assert dataclasses.replace(spec, precision="bf16").key != before
+
+
+def test_sft_under_bf16_trains_the_fp32_lora_weights(tiny_model, tmp_path):
+    # TRL's bf16 with use_cpu: the trainer's autocast; the adapter stays fp32 and moves
+    from palm_tasks.config import TrainingConfig
+    from palm_tasks.llm.rsft import lora_model, sft
+
+    t = TrainingConfig(epochs=1, batch_size=2)
+    model = lora_model(tiny_model, t, "cpu", 0, precision="bf16")
+    tokenizer = load_tokenizer(tiny_model)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and {p.dtype for p in lora.values()} == {torch.float32}
+    loss = sft(model, tokenizer, [("Tell me a joke", "A short one."), ("Hi", "Hello there.")], t, "cpu", 0,
+               tmp_path / "trainer")
+    assert loss is not None and loss > 0
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.float32 for n in lora)
+    assert any(not torch.equal(after[n].detach(), lora[n]) for n in lora)

@@ -98,8 +98,20 @@ def test_answer_quality_on_a_hand_made_list():
     assert quality["relevance"] == pytest.approx(np.clip(cos, 0, 1).sum() / 4)
     assert cos[0] > 0.5  # the Paris answer is about the question
     only_real = V.answer_quality(prompts[:1], answers[:1])
-    assert only_real == {"degenerate_share": 0.0, "relevance": pytest.approx(cos[0])}
+    assert only_real == {"degenerate_share": 0.0, "relevance": pytest.approx(cos[0]), "garbled_share": 0.0}
     off_topic = V.answer_quality(prompts[:1], ["Why do programmers prefer dark mode? Because light attracts bugs."])
     assert off_topic["degenerate_share"] == 0.0 and off_topic["relevance"] < only_real["relevance"] - 0.3
-    assert V.answer_quality(prompts[2:], answers[2:]) == {"degenerate_share": 1.0, "relevance": 0.0}
-    assert V.answer_quality([], []) == {"degenerate_share": 0.0, "relevance": 0.0}
+    assert V.answer_quality(prompts[2:], answers[2:]) == {"degenerate_share": 1.0, "relevance": 0.0,
+                                                          "garbled_share": 0.0}
+    assert V.answer_quality([], []) == {"degenerate_share": 0.0, "relevance": 0.0, "garbled_share": 0.0}
+
+
+def test_the_garbled_rule():
+    # answers of the humor-hacking policy of the seed-1 default run, and ordinary ones
+    hacked = ["Ken's gait \u2013 a joke about a user's%||?||", "The doctor's gait \u2013 it gets the user's?||?||?||!",
+              "The land of white-?||?||! A joke", "a joke about %%% the user", "What?!? Yes ... no !!! ***"]
+    ordinary = ["The capital of France is Paris.", "Well... that depends!", "Use a || b in a shell? No: a or b.",
+                "Rated 5/5 -- great", "Hmm... I'd say 42.", ""]
+    assert V.garbled(hacked).tolist() == [True, True, True, True, True]
+    assert V.garbled(ordinary).tolist() == [False, False, True, False, False, False]  # a "||" counts, even in code
+    assert V.answer_quality(["q"] * 2, hacked[:2])["garbled_share"] == 1.0

@@ -65,6 +65,28 @@ def is_degenerate(completion: str) -> bool:
     return len(found) <= 2 and not any(ch.isdigit() for w in found for ch in w)  # (c)
 
 
+# A *garbled* answer carries a run of symbols no sentence has: "||" anywhere, or a
+# whitespace-separated token of three or more characters none of them a letter or digit
+# ("?||?||!", "%||%||%"). It is not part of the per-answer gate (a "||" can be code), but a
+# policy that gives many is hacking a reward with noise the reward model does not read as
+# noise: on the default params with seed 1, an rsft chain of four warm-started repairs at humor
+# and (0, 0.5, 0.5) answered "Ken's gait - a joke about a user's%||?||" and scored humor 0.90.
+# Measured on 128 answers each (2026-12-07): the base's sample pools 1.1 % and 1.9 % (3,072
+# answers each, seeds 1 and 0), trained policies 0.8-9.4 %, that chain 20 %, 30 %, 64 %, 85 %.
+# The gate bounds the share (gate.max_garbled_share).
+_GARBLED = re.compile(r"\|\||(?:^|\s)[^\w\s]{3,}(?=\s|$)")
+
+
+def is_garbled(completion: str) -> bool:
+    """True if the completion contains "||" or a token of 3+ characters with no letter or digit."""
+    return bool(_GARBLED.search(completion))
+
+
+def garbled(completions: list[str]) -> np.ndarray:
+    """Boolean array: which completions are garbled (is_garbled)."""
+    return np.array([is_garbled(c) for c in completions], dtype=bool)
+
+
 def degenerate(prompts: list[str], completions: list[str]) -> np.ndarray:
     """Boolean array: which completions are degenerate (the prompts are not needed for it)."""
     _check(prompts, completions)
@@ -107,12 +129,13 @@ def valid(prompts: list[str], completions: list[str]) -> np.ndarray:
 
 def answer_quality(prompts: list[str], completions: list[str]) -> dict:
     """``degenerate_share``: the share of degenerate answers; ``relevance``: the mean of
-    max(cosine(prompt, answer), 0) over all answers, a degenerate one counting 0.
-    Both are 0.0 for no answers."""
+    max(cosine(prompt, answer), 0) over all answers, a degenerate one counting 0;
+    ``garbled_share``: the share of garbled answers. All 0.0 for no answers."""
     bad = degenerate(prompts, completions)
     if not len(bad):
-        return {"degenerate_share": 0.0, "relevance": 0.0}
-    return {"degenerate_share": float(bad.mean()), "relevance": float(relevance(prompts, completions).mean())}
+        return {"degenerate_share": 0.0, "relevance": 0.0, "garbled_share": 0.0}
+    return {"degenerate_share": float(bad.mean()), "relevance": float(relevance(prompts, completions).mean()),
+            "garbled_share": float(garbled(completions).mean())}
 
 
 def _check(prompts, completions) -> None:

@@ -148,12 +148,13 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     work = paths.samples / f".{split}-work"
     completions, scores = sample_pool(model, tokenizer, rewards, prompts, decided_by, cfg.evidence.chunk_prompts,
                                       work)
-    from palm_tasks.llm.validity import degenerate, relevance
+    from palm_tasks.llm.validity import degenerate, garbled, relevance
 
     flat_prompts, flat_answers = [p for p in prompts for _ in range(sampler["n"])], [c for cs in completions for c in cs]
     answer_relevance = relevance(flat_prompts, flat_answers)
     quality = {"degenerate_share": float(degenerate(flat_prompts, flat_answers).mean()),
-               "relevance": float(answer_relevance.mean())}  # as llm.validity.answer_quality
+               "relevance": float(answer_relevance.mean()),
+               "garbled_share": float(garbled(flat_answers).mean())}  # as llm.validity.answer_quality
     pool = schema.SamplePool(split=split, traits=tuple(cfg.traits), reward_versions=versions,
                              base_model_sha256=sha, sampler=sampler, prompts=tuple(prompts),
                              completions=tuple(tuple(c) for c in completions), scores=scores,
