@@ -5,8 +5,9 @@ confidence, against the portfolio size k and against the compute spent.
   candidate that lowers the certified eps most), and the eps every paired decision of their
   certificate clears (core.paired, at coverage.alpha);
 - by compute: after each training of the search, the eps the rows trained so far certify
-  together, with the answers measured and the seconds spent by then (what the align stage's
-  search recorded); the rows count with their final measurements;
+  together (those that pass the quality gate as members, every one as an oracle row), with the
+  answers measured and the seconds spent by then (what the align stage's search recorded); the
+  rows count with their final measurements;
 - the grid's a-priori size bound (section 2): for eps on a log scale, the PALM grid's bound on
   the portfolio size that eps needs at this delta, which no measurement can raise.
 
@@ -42,16 +43,18 @@ def by_size(paired, W, tables, oracle, candidates, max_size: int = MAX_SIZE) -> 
     return out
 
 
-def by_compute(paired, W, tables, cost: list[dict]) -> list[dict]:
+def by_compute(paired, W, tables, cost: list[dict], candidates=None) -> list[dict]:
     """[{trainings, rows, answers, minutes, certified_eps}] after each training of the search
-    (cost: its record, SearchRun.cost); the first `rows` trained policies as oracle rows and
-    candidates."""
+    (cost: its record, SearchRun.cost); the first `rows` trained policies as oracle rows, those
+    of them among `candidates` (a mask; None: all) as members (all when none is)."""
+    allowed = np.ones(len(W), bool) if candidates is None else np.asarray(candidates, bool)
     out = []
     for step in cost:
         n = int(step["rows"])
         if n == 0:
             continue
-        cert = paired.certificate(W[:n], tables[:n])
+        members = np.flatnonzero(allowed[:n])
+        cert = paired.certificate(W[:n], tables[:n], members=members if len(members) else None)
         out.append({"trainings": int(step["trainings"]), "rows": n, "answers": int(step["answers"]),
                     "minutes": round(float(step["seconds"]) / 60, 2),
                     "certified_eps": round(float(cert.max_eps), 6)})
@@ -69,7 +72,8 @@ def price_of_precision(paired, W, tables, oracle, candidates, cost: list[dict], 
     return {"alpha": paired.alpha, "delta": paired.delta, "eps": paired.eps,
             "by_size": by_size(paired, W, tables, oracle, candidates),
             "by_compute": by_compute(paired, np.asarray(W)[np.asarray(oracle, bool)],
-                                     [t for t, o in zip(tables, oracle) if o], cost),
+                                     [t for t, o in zip(tables, oracle) if o], cost,
+                                     np.asarray(candidates, bool)[np.asarray(oracle, bool)]),
             "grid_bound": grid_bound(d, paired.delta),
             "is": "the eps certified at this delta with confidence 1 - alpha: for the best k candidates (by_size), "
                   "for the rows trained after each training of the search (by_compute), and the grid's "

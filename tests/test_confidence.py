@@ -262,3 +262,19 @@ def test_a_corner_whose_own_row_fails_the_gate_gets_a_weight_toward_its_member()
                         initial_std_errors=np.zeros((2, 2)), initial_tables=tables)
     served.ask()
     assert served.pending["source"] == "grid"  # both servable: the middle corner's grid point
+
+
+def test_the_price_by_compute_counts_only_servable_rows_as_members():
+    # the middle row covers the middle; when it fails the gate the compute curve must not
+    # credit it (it still bounds OPT), as the search and the coverage stage do not
+    from palm_tasks.price import by_compute
+
+    policies = NoisyPolicies(means=np.array([[0.80, 0.25], [0.25, 0.80], [0.60, 0.60]]),
+                             base=np.array([0.35, 0.35]))
+    tables, pool = policies.draw(np.random.default_rng(3), PROMPTS)
+    paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
+    cost = [{"trainings": 3, "rows": 3, "answers": 0, "seconds": 0}]
+    served = by_compute(paired, W, tables, cost)[-1]["certified_eps"]
+    gated = by_compute(paired, W, tables, cost, candidates=[True, True, False])[-1]["certified_eps"]
+    assert served < 0.1 < gated
+    assert gated == pytest.approx(paired.certificate(W, tables, members=[0, 1]).max_eps, abs=1e-6)
