@@ -62,7 +62,7 @@ def main(argv=None):
     from palm_tasks.llm.models import cpu_has_bf16, generate, load_base, load_tokenizer
     from palm_tasks.llm.prompts import read_prompts
     from palm_tasks.llm.rewards import build_rewards
-    from palm_tasks.llm.rsft import sft
+    from palm_tasks.llm.rsft import lora_model, sft
     from palm_tasks.llm.value import answer_chunk
     from palm_tasks.params_yaml import load_config
     from palm_tasks.paths import Paths
@@ -108,8 +108,6 @@ def main(argv=None):
     steps = -(-len(pairs) // t.batch) * t.epochs
     result["sft"] = []
     for precision in ("fp32", "bf16"):
-        from palm_tasks.llm.rsft import lora_model
-
         def one_pass(precision=precision):
             model = lora_model(base, t, "cpu", 0, precision=precision)
             with tempfile.TemporaryDirectory() as work:  # the trainer's output_dir, not kept

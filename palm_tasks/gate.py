@@ -1,8 +1,8 @@
 """The quality gate: who may be a member (docs/theory.md section 10).
 
 A policy may be served when at most gate.max_degenerate_share of its evaluation answers are
-degenerate (llm.validity) and its mean relevance reaches gate.min_relevance_ratio of the base
-model's on the same prompts (the sample pool's). The coverage stage gates the pool before it
+degenerate and at most gate.max_garbled_share garbled (llm.validity), and its mean relevance
+reaches gate.min_relevance_ratio of the base model's on the same prompts (the sample pool's). The coverage stage gates the pool before it
 prunes; the lazy search gates each row as it is measured, so that the certificate it stops on is
 one of servable members (search_loop.search_from_config).
 """
@@ -12,9 +12,8 @@ from palm_tasks.config import PalmConfig
 
 
 def quality_gate(cfg: PalmConfig, pool, samples) -> dict:
-    """Who may be served (docs/theory.md section 10): a policy passes when at most
-    gate.max_degenerate_share of its eval answers are degenerate and its mean relevance reaches
-    gate.min_relevance_ratio of the base model's (measured on the same prompts, in the sample pool)."""
+    """Who may be served (the module docstring's rule), with each policy's figures and the
+    reasons it fails."""
     g = cfg.gate
     base = dict(samples.quality) if samples is not None else {}
     floor = g.min_relevance_ratio * base["relevance"] if "relevance" in base else None

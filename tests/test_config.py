@@ -94,12 +94,18 @@ def test_training_learning_rate_defaults_by_method():
 
 @pytest.mark.parametrize("section, key, value", [
     ("training", "method", "ppo"), ("evidence", "best_of", 1), ("evidence", "best_of", 100000),
-    ("gate", "max_degenerate_share", 1.5), ("gate", "min_relevance_ratio", -0.1),
+    ("gate", "max_degenerate_share", 1.5), ("gate", "min_relevance_ratio", -0.1), ("gate", "max_garbled_share", 1.5),
     ("search", "max_repairs", -1), ("training", "rounds", 0)])
 def test_nonsense_for_the_new_settings_is_refused_naming_the_key(section, key, value):
     with pytest.raises(ConfigError) as err:
         parse_config({section: {key: value}})
     assert f"{section}.{key}" in str(err.value)
+
+
+def test_a_precision_that_is_not_auto_fp32_or_bf16_is_refused_naming_the_key():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"precision": "fp16"})
+    assert "precision" in str(err.value) and "fp16" in str(err.value)
 
 
 def test_selection_lattice_must_differ_from_the_test_lattice():

@@ -1,6 +1,6 @@
 """Lazy search: train only where the certificate fails (docs/theory.md section 5).
 
-One idea in one file (about 590 lines): the search's state (the rows told, the proposals
+One idea in one file (about 580 lines): the search's state (the rows told, the proposals
 pending, the repairs spent) and the rules that read and change it. The rules that need no state
 live beside it: which beaten row first (repair.py), where one policy could replace several
 (consolidate.py), the paired decisions (paired.py).

@@ -90,13 +90,16 @@ def load_tokenizer(base_path: Path):
     return tokenizer
 
 
-def load_base(base_path: Path, device: str, place: bool = True, precision: str = "fp32"):
-    """The base model for `precision` (resolve_precision) on `device` (a resolved one), moved
-    there unless `place` is false (a trainer places it itself): bf16 weights on CUDA, fp32
-    weights elsewhere (a CPU computes bf16 under autocast). The model remembers its precision
+def load_base(base_path: Path, device: str, place: bool = True, precision: str | None = None):
+    """The base model for `precision` (resolve_precision; None: what `auto` gives on `device`,
+    as the server and the registered model load it) on `device` (a resolved one), moved there
+    unless `place` is false (a trainer places it itself): bf16 weights on CUDA, fp32 weights
+    elsewhere (a CPU computes bf16 under autocast). The model remembers its precision
     (precision_of), so sampling and SFT on it use it."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    precision = precision or resolve_precision("auto", device)
 
     dtype = torch.bfloat16 if precision == "bf16" and device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
@@ -180,9 +183,9 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def load_policy(base_path: Path, adapter_dir: Path, device: str, precision: str = "fp32"):
+def load_policy(base_path: Path, adapter_dir: Path, device: str, precision: str | None = None):
     """(model, tokenizer): the base model with a LoRA adapter (safetensors) on `device`, for
-    `precision`; schema.ArtifactError naming the member and the file when the adapter is damaged."""
+    `precision` (as load_base); schema.ArtifactError naming the member and the file when the adapter is damaged."""
     from peft import PeftModel
 
     verify_member(adapter_dir)

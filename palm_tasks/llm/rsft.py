@@ -58,7 +58,7 @@ def on_topic(prompts: list[str], completions: list[list[str]], min_relevance: fl
 
 
 def lora_model(base_path: Path, t: TrainingConfig, device: str, seed: int, init_adapter: Path | None = None,
-               precision: str = "fp32"):
+               precision: str | None = None):
     """The base model with a trainable LoRA adapter on `device`: a fresh one (r, alpha, dropout
     of `t`, every linear layer), or `init_adapter` to warm-start from."""
     import torch
@@ -150,7 +150,7 @@ def answer_only_trainer():
 def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
                first_round=None, init_adapter: Path | None = None,
-               on_log: Callable[[int, int, dict], None] | None = None, precision: str = "fp32"):
+               on_log: Callable[[int, int, dict], None] | None = None, precision: str | None = None):
     """(policy, tokenizer, history) after `t.rounds` rounds of sample -> keep the best under w -> SFT.
 
     first_round: (completions, scores) of the base on train_prompts (P lists of N answers,

@@ -55,9 +55,9 @@ def log_callback(on_log: Callable[[int, int, dict], None]):
 def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
           t: TrainingConfig, device: str, seed: int, work_dir: Path, first_round=None,
           init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None,
-          precision: str = "fp32"):
+          precision: str | None = None):
     """(policy, tokenizer, history) trained for w . r by `t.method`, sampling and training in
-    `precision` (llm.models.resolve_precision).
+    `precision` (llm.models.load_base; None: what `auto` gives on `device`).
 
     first_round: the base's (completions, scores (P, N, d)) on train_prompts, which rsft uses as
     its first round's samples (grpo samples online and ignores it). init_adapter: a LoRA adapter
@@ -76,7 +76,7 @@ def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[
 def train_grpo(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
                init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None,
-               precision: str = "fp32"):
+               precision: str | None = None):
     """(policy, tokenizer, reward history) after `t.steps` GRPO steps at weights w, from a fresh
     LoRA adapter or from `init_adapter` (warm start)."""
     from datasets import Dataset
