@@ -192,7 +192,9 @@ def _sqlite_damage(db: Path) -> str | None:
     finally:
         con.close()
     verdict = str(rows[0][0]) if rows else "no answer"
-    return None if verdict == "ok" else verdict[:200]
+    # quick_check may answer on several lines ("*** in database main ***\nPage 127: ..."); the
+    # message that names it is one line.
+    return None if verdict == "ok" else " ".join(verdict.split())[:200]
 
 
 class StoreNotWritableError(RuntimeError):

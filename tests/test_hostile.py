@@ -188,6 +188,27 @@ def test_an_empty_or_foreign_mlflow_db_is_refused_not_replaced(tmp_path, project
     assert db.read_bytes() == content
 
 
+def test_a_damaged_page_is_named_on_one_line(tmp_path):
+    """SQLite's quick_check answers a damaged b-tree page on two lines; the refusal is one line
+    (a byte flipped in a page header: the hostile suite found it at byte 516096 of a real store)."""
+    import sqlite3
+
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE t (x)")
+        con.executemany("INSERT INTO t VALUES (?)", [("a" * 200,)] * 200)
+    con.close()
+    data = bytearray(db.read_bytes())
+    data[3 * 4096] = 0x07  # page 4's type byte: no b-tree page has type 7
+    db.write_bytes(bytes(data))
+    with pytest.raises(ConfigError) as err:
+        tracking_uri(parse_config({}), tmp_path, create=False)
+    message = str(err.value)
+    assert "\n" not in message and str(db) in message and "Page 4" in message, message
+    assert db.read_bytes() == bytes(data)
+
+
 def test_a_missing_mlflow_db_is_fine(tmp_path, project):
     proc, _ = palm("status", root=project)
     assert proc.returncode == 0, proc.stderr
