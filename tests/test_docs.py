@@ -321,6 +321,9 @@ def _looks_like_repo_path(span: str) -> bool:
 def check_code_name(span: str, root: Path = ROOT) -> str | None:
     """Why the name in backticks does not exist, or None."""
     span = span.strip()
+    setting = re.match(r"^([A-Za-z_][\w.]*): \S", span)  # `search.max_trainings: 8`: the key is checked
+    if setting:
+        span = setting.group(1)
     if not span or "<" in span or "*" in span or "{" in span or " " in span or "..." in span:
         return None
     if span.startswith("./"):
@@ -431,7 +434,7 @@ def test_the_checker_passes_names_that_exist(tiny_repo):
             "`data/pool.json`, `models/members/<key>/`, `mypkg.rewards:politeness`, `pandas.read_csv`, "
             "`search.md`, `core.no_scm` (a DVC setting: core is a package, no_scm no module of it), "
             "`routing.route`, `routing.statement` (a bare module name only confirms), `Router.go`, "
-            "`HalfspaceIntersection.add_points`, `train.jsonl`\n"
+            "`HalfspaceIntersection.add_points`, `train.jsonl`, `coverage.eps: 0.2`, `runner: {kind: dask}`\n"
             "```\n[not a link](missing.md) `palm_tasks/missing.py`\n```\n")
     assert _problems(tiny_repo, text) == []
 
@@ -445,6 +448,7 @@ def test_the_checker_passes_names_that_exist(tiny_repo):
     ("`tests/test_a.py::test_two`\n", "no test or function test_two in tests/test_a.py"),
     ("`coverage.epsilon`\n", "no params.yaml key coverage.epsilon"),
     ("`coverage.eps.more`\n", "no params.yaml key coverage.eps.more"),
+    ("`coverage.z: 1`\n", "no params.yaml key coverage.z"),
     ("`palm_tasks.core.routing.nothing`\n", "no Python name palm_tasks.core.routing.nothing"),
     ("`core.routing.Router.stop`\n", "no Python name core.routing.Router.stop"),
     ("`palm_tasks.core.routing:nothing`\n", "no Python name palm_tasks.core.routing:nothing"),
