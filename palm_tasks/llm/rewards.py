@@ -22,6 +22,8 @@ in ``VALIDITY_VERSION`` so that job keys change with the gate.
 - readability: Flesch reading ease (textstat, CMU dictionary) clipped to [0, 100] / 100.
 - declared reward models (params.yaml rewards.models): a local Hugging Face
   sequence-classification model's logit, normalized by sigmoid, softmax or min-max.
+- your own functions (params.yaml rewards.functions): a Python callable's values, checked and
+  normalized (palm_tasks/llm/reward_functions.py).
 
 Heavy objects (the embedding model, the classifiers) are loaded once per process
 (functools.lru_cache) because alignment jobs call the rewards thousands of times; scoring is
@@ -39,51 +41,9 @@ from palm_tasks.hashing import file_sha256, files_sha256
 from palm_tasks.llm.embeddings import embed
 from palm_tasks.llm.humor import (HUMOR_RECIPE_VERSION, HUMOR_WEIGHTS_FILE, current_classifier,
                                    train_humor_classifier)
-from palm_tasks.llm.validity import valid
 from palm_tasks.traits import RM_NORMALIZATIONS, check_reward_model_dir, reward_model_weights
 
-VALIDITY_VERSION = "valid-v1"  # bump when palm_tasks/llm/validity.py's rule changes
-_GATED = ("; a degenerate answer (empty, chat roles or template fragments only, or 1-2 words "
-          "without a digit) scores 0")
-
-
-# --------------------------------------------------------------------------- shared models
-
-
-
-
-# --------------------------------------------------------------------------- base class
-
-
-class Reward:
-    """A trait's reward: ``reward(prompts, completions)`` -> float64 array in [0, 1].
-
-    Subclasses implement ``score``; ``__call__`` sets the score of every answer that is not
-    ``validity.valid`` to 0 (a non-answer never scores on any trait). Subclasses set a
-    ``version`` that ends in ``VALIDITY_VERSION`` and a ``normalization`` that ends in
-    ``_GATED``.
-    """
-
-    name: str = ""
-    version: str = ""
-    normalization: str = ""
-
-    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        prompts, completions = list(prompts), list(completions)
-        if len(prompts) != len(completions):
-            raise ValueError(
-                f"reward {self.name!r}: {len(prompts)} prompts but {len(completions)} completions"
-            )
-        if not completions:
-            return np.zeros(0)
-        scores = np.asarray(self.score(prompts, completions), dtype=np.float64).reshape(len(completions))
-        return np.where(valid(prompts, completions), scores, 0.0)
-
-    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+from palm_tasks.llm.reward_base import _GATED, VALIDITY_VERSION, Reward  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- safety
@@ -407,20 +367,29 @@ def _check_traits(traits: list[str], models=()) -> None:
 
 
 def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 30,
-                  models: dict | None = None, device: str = "cpu", brevity_full_words: int = 0) -> list[Reward]:
+                  models: dict | None = None, device: str = "cpu", brevity_full_words: int = 0,
+                  functions: dict | None = None, root: Path = Path(".")) -> list[Reward]:
     """The rewards of ``traits``, in that order. Humor needs reward_dir/humor/ trained.
 
     ``models``: name -> declaration (params.yaml rewards.models: path, label, normalize, lo, hi,
-    batch_size) of local Hugging Face reward models, run on ``device``.
+    batch_size) of local Hugging Face reward models, run on ``device``. ``functions``: name ->
+    declaration (rewards.functions: function, normalize, lo, hi, batch_size) of Python reward
+    functions, imported with the project ``root`` first on the path.
     """
-    models = models or {}
-    _check_traits(traits, models)
+    models, functions = models or {}, functions or {}
+    _check_traits(traits, {**models, **functions})
     rewards: list[Reward] = []
     for trait in traits:
         if trait in models:
             spec = models[trait]
             spec = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
             rewards.append(HFRewardModel(trait, device=device, **spec))
+        elif trait in functions:
+            from palm_tasks.llm.reward_functions import FunctionReward
+
+            spec = functions[trait]
+            spec = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
+            rewards.append(FunctionReward(trait, root=root, **spec))
         elif trait == "humor":
             rewards.append(HumorReward(Path(reward_dir) / "humor"))
         elif trait == "brevity":
@@ -430,11 +399,19 @@ def build_rewards(traits: list[str], reward_dir: Path, brevity_max_words: int = 
     return rewards
 
 
+def project_rewards(cfg, root: Path, device: str = "cpu") -> list[Reward]:
+    """The rewards of a project's params (cfg.traits, in order): what every stage, job and
+    benchmark scores with."""
+    r = cfg.rewards
+    return build_rewards(cfg.traits, Path(root) / "models" / "rewards", r.brevity_max_words, r.models, device,
+                         r.brevity_full_words, functions=r.functions, root=Path(root))
+
+
 def prepare_rewards(traits: list[str], reward_dir: Path, seed: int, models=(), *,
                     humor_test_fraction: float) -> dict:
     """Train what ``traits`` need (the humor classifier) unless an up-to-date one exists
     (same recipe version, seed and held-out fraction); return metrics per trained reward. ``models`` names the
-    declared reward-model traits (nothing to train)."""
+    declared traits, reward models and functions (nothing to train)."""
     _check_traits(traits, models)
     metrics: dict[str, dict] = {}
     if "humor" in traits:

@@ -62,13 +62,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in (*PIPELINE, EVALUATE)}
 
 def check_project_paths(cfg: PalmConfig, root: str | Path) -> None:
     """ConfigError unless the paths in params.yaml fit the project at `root`: the MLflow store
-    lies inside it (and, if it exists, is an SQLite database), and the base model is none of
-    the pipeline's outputs, which stages delete and rewrite. Every `palm` command runs this
+    lies inside it (and, if it exists, is an SQLite database), the base model is none of
+    the pipeline's outputs, which stages delete and rewrite, and your own reward functions
+    import and prompts file can be read (palm_tasks/custom.py). Every `palm` command runs this
     before any work (llm.base_model.prepare_base_model refuses models/base itself again)."""
     from palm_tasks.tracking import tracking_uri
 
+    from palm_tasks.custom import check_prompts_file
+    from palm_tasks.llm.reward_functions import check_functions
+
     tracking_uri(cfg, Path(root), create=False)
     check_base_model_source(cfg.base_model, root)
+    check_prompts_file(cfg, Path(root))
+    check_functions(cfg, Path(root))
 
 
 def check_base_model_source(base_model: str, root: str | Path) -> None:

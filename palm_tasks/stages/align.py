@@ -36,7 +36,7 @@ from palm_tasks.search_loop import search_from_config, search_loop
 PARAMS = ("task", "traits", "seed", "device", "precision", "data", "search", "training", "evaluation", "rewards",
           "evidence", "coverage.eps", "coverage.delta", "coverage.alpha",
           "runner.workers")  # runner.workers: the weights asked per round, so which weights are trained
-DEPS = ("data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
+DEPS = ("custom", "data/grid.json", "data/prompts", "data/samples", "models/base", "models/rewards")
 OUTS = ("models/members", "data/pool.json", "metrics/align.details.json")
 METRICS = ("metrics/align.json",)
 PLOTS = ()

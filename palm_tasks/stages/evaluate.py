@@ -63,7 +63,7 @@ from palm_tasks.search_loop import search_from_config, search_loop
 
 PARAMS = ("task", "traits", "seed", "device", "precision", "data", "search", "training", "evaluation", "rewards",
           "coverage", "compare", "runner.workers")  # runner.workers: PALM's weights per round, as in align
-DEPS = ("portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
+DEPS = ("custom", "portfolio.json", "data/prompts", "data/samples", "models/base", "models/rewards", "models/members",
         "models/soups")
 OUTS = ("models/evaluation", "reports", "metrics/evaluate.details.json")
 METRICS = ("metrics/evaluate.json",)

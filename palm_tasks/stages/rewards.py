@@ -1,6 +1,6 @@
 """Stage rewards: the base model, the prompt split, the reward functions, and the sample pool.
 
-Reads:  the params in PARAMS
+Reads:  the params in PARAMS; custom/ (your own prompts file and reward functions, if named)
 Writes: models/base (the converted base model), models/rewards (rewards the pipeline trains:
         the humor classifier), data/prompts/{train,eval}.jsonl, data/samples/eval.json (the
         base's evidence.best_of answers to each evaluation prompt, scored: the best-of-N
@@ -30,7 +30,7 @@ from palm_tasks.paths import Paths
 PARAMS = ("task", "traits", "base_model", "seed", "device", "precision", "data", "rewards", "evaluation", "evidence",
           "training.method", "training.samples_per_prompt", "training.max_completion_length",
           "training.temperature", "training.min_relevance")  # min_relevance: best-of-N in metrics/rewards.json
-DEPS = ()
+DEPS = ("custom",)  # your own prompts file and reward functions (palm_tasks/custom.py)
 OUTS = ("models/base", "models/rewards", "data/prompts", "data/samples", "metrics/rewards.details.json")
 METRICS = ("metrics/rewards.json",)
 PLOTS = ("plots/base_rewards.json",)
@@ -38,23 +38,26 @@ RUNS_JOBS = False
 
 
 def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
+    from palm_tasks.custom import resolve_prompts_file
     from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
     from palm_tasks.llm.models import load_base, load_tokenizer, resolve_device, resolve_precision
     from palm_tasks.llm.prompts import prepare_prompts, read_prompts
-    from palm_tasks.llm.rewards import build_rewards, prepare_rewards
+    from palm_tasks.llm.rewards import prepare_rewards, project_rewards
 
     paths = Paths(root)
     say(f"rewards: preparing base model {cfg.base_model!r}")
     base = prepare_base_model(cfg.base_model, paths.base)
     say("rewards: splitting prompts")
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    prompts = prepare_prompts(cfg.task, paths.prompts, cfg.data.n_train, cfg.data.n_eval, split_seed)
+    prompts_file = None if cfg.data.prompts_file is None else resolve_prompts_file(cfg, root)
+    prompts = prepare_prompts(cfg.task, paths.prompts, cfg.data.n_train, cfg.data.n_eval, split_seed,
+                              prompts_file, cfg.data.prompts_column)
     say("rewards: preparing reward functions")
-    reward_metrics = prepare_rewards(cfg.traits, paths.reward_models, cfg.seed, cfg.rewards.models,
+    reward_metrics = prepare_rewards(cfg.traits, paths.reward_models, cfg.seed,
+                                     (*cfg.rewards.models, *cfg.rewards.functions),
                                      humor_test_fraction=cfg.rewards.humor_test_fraction)
     device = resolve_device(cfg.device)
-    rewards = build_rewards(cfg.traits, paths.reward_models, cfg.rewards.brevity_max_words,
-                            cfg.rewards.models, device, cfg.rewards.brevity_full_words)
+    rewards = project_rewards(cfg, root, device)
 
     eval_prompts = read_prompts(paths.prompts / "eval.jsonl")[: cfg.evaluation.n_prompts]
     base_path = resolve_base_model(paths.base)

@@ -22,7 +22,7 @@ from palm_tasks.paths import Paths
 from palm_tasks.schema import Pool, load_pool
 
 PARAMS = ("task", "traits", "seed", "device", "precision", "data", "training", "evaluation", "rewards", "soups")
-DEPS = ("data/pool.json", "models/members", "models/base", "models/rewards", "data/prompts")
+DEPS = ("custom", "data/pool.json", "models/members", "models/base", "models/rewards", "data/prompts")
 OUTS = ("models/soups", "data/soups.json")
 METRICS = ("metrics/soups.json",)
 PLOTS = ()

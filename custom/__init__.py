@@ -1,0 +1,1 @@
+"""Your own reward functions and prompts (docs/your-own.md); dvc.yaml tracks this folder."""
