@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Top-level folders and files whose paths are checked: the ones the repository's code lives in.
 # Output folders (data/, models/, metrics/, plots/, mlruns/, reports/) are made by runs and are
 # not checked.
-SOURCE_ROOTS = ("palm_tasks", "flows", "tests", "benchmarks", "docs", ".ci", ".dvc")
+SOURCE_ROOTS = ("palm_tasks", "flows", "tests", "benchmarks", "docs", "custom", ".ci", ".dvc")
 ROOT_FILES = ("README.md", "Makefile", "params.yaml", "dvc.yaml", "pyproject.toml", "prefect.yaml",
               ".gitignore", ".dvcignore")
 PY_PACKAGES = ("palm_tasks", "flows")
