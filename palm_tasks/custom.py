@@ -81,7 +81,7 @@ def import_function(spec: str, root: Path, trait: str):
         importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 (the user's module: any error in it is theirs to read)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 (the user's module: any error in it, even an exit, is theirs)
         raise ConfigError(f"{key} = {spec!r}: module {module_name!r} cannot be imported "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     source = getattr(module, "__file__", None)
@@ -94,7 +94,7 @@ def import_function(spec: str, root: Path, trait: str):
     if fn is None:
         raise ConfigError(f"{key} = {spec!r}: module {module_name!r} has no {name!r}")
     if not callable(fn):
-        raise ConfigError(f"{key} = {spec!r}: {name!r} is a {type(fn).__name__}, not a function")
+        raise ConfigError(f"{key} = {spec!r}: {name!r} is of type {type(fn).__name__}, not a function")
     return fn
 
 

@@ -693,3 +693,205 @@ def _sqlite_whole(db: Path) -> bool:
             return con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     except sqlite3.Error:
         return False
+
+
+# --- your own reward functions, prompts files and base models (docs/your-own.md) -----------------------
+
+GOOD = "def f(prompts, completions):\n    return [0.5] * len(completions)\n"
+BAD_FUNCTIONS = {  # case: (MODULE:NAME, source of custom/mod.py or None)
+    "a module that does not exist": ("custom.nothere:f", None),
+    "a package that does not exist": ("nopackage_palm.rewards:f", None),
+    "a syntax error": ("custom.mod:f", "def f(:\n"),
+    "an error on import": ("custom.mod:f", "raise RuntimeError('needs a GPU')\n"),
+    "an exit on import": ("custom.mod:f", "import sys\nsys.exit(3)\n"),
+    "a name the module lacks": ("custom.mod:g", GOOD),
+    "a name that is no function": ("custom.mod:f", "f = 3\n"),
+    "one argument": ("custom.mod:f", "def f(completions):\n    return [0.5] * len(completions)\n"),
+    "raises": ("custom.mod:f", "def f(p, c):\n    raise KeyError('score')\n"),
+    "NaN": ("custom.mod:f", "def f(p, c):\n    return [float('nan')] * len(c)\n"),
+    "infinity": ("custom.mod:f", "def f(p, c):\n    return [float('inf')] * len(c)\n"),
+    "the wrong length": ("custom.mod:f", "def f(p, c):\n    return [0.5]\n"),
+    "no values": ("custom.mod:f", "def f(p, c):\n    return []\n"),
+    "values above 1": ("custom.mod:f", "def f(p, c):\n    return [2.0] * len(c)\n"),
+    "values below 0": ("custom.mod:f", "def f(p, c):\n    return [-0.1] * len(c)\n"),
+    "a string": ("custom.mod:f", "def f(p, c):\n    return 'good'\n"),
+    "None": ("custom.mod:f", "def f(p, c):\n    return None\n"),
+    "a dict": ("custom.mod:f", "def f(p, c):\n    return {'a': 1}\n"),
+    "nested lists": ("custom.mod:f", "def f(p, c):\n    return [[0.5]] * len(c)\n"),
+    "strings": ("custom.mod:f", "def f(p, c):\n    return ['x'] * len(c)\n"),
+    "a generator": ("custom.mod:f", "def f(p, c):\n    return (0.5 for _ in c)\n"),
+}
+
+
+def _custom_project(root: Path, source: str | None) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "custom").mkdir(parents=True)
+    (root / "custom" / "__init__.py").write_text("")
+    if source is not None:
+        (root / "custom" / "mod.py").write_text(source)
+
+
+def test_every_bad_reward_function_is_refused_before_any_work_naming_the_trait(tmp_path):
+    """Each bad function through what every `palm` command runs first (check_project_paths):
+    one line naming rewards.functions.<trait>; nothing in custom/ is changed."""
+    from palm_tasks.stages import check_project_paths
+
+    root = tmp_path / "project"
+    for case, (spec, source) in BAD_FUNCTIONS.items():
+        _custom_project(root, source)
+        cfg = parse_config({"traits": ["mine", "brevity"], "rewards": {"functions": {"mine": spec}}})
+        attempt("reward function", case, lambda: check_project_paths(cfg, root), (ConfigError,),
+                lambda exc: one_line(str(exc)) and "rewards.functions.mine" in str(exc))
+        if source is not None and (root / "custom" / "mod.py").read_text() != source:
+            record("reward function", "data lost", case, "the check changed the module")
+    # a module in the project but outside custom/, which DVC does not track
+    _custom_project(root, None)
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "mod.py").write_text(GOOD)
+    cfg = parse_config({"traits": ["mine", "brevity"], "rewards": {"functions": {"mine": "elsewhere.mod:f"}}})
+    attempt("reward function", "a module outside custom/", lambda: check_project_paths(cfg, root), (ConfigError,),
+            lambda exc: one_line(str(exc)) and "custom/" in str(exc))
+
+
+@pytest.mark.parametrize("case, body", [
+    ("NaN on one answer", "return [float('nan') if 'boom' in a else 0.5 for a in c]"),
+    ("raises on one answer", "return [1 / 0 if 'boom' in a else 0.5 for a in c]"),
+    ("1.5 on one answer", "return [1.5 if 'boom' in a else 0.5 for a in c]"),
+    ("too few values for a long batch", "return [0.5] * min(len(c), 2)"),
+])
+def test_a_function_that_passes_the_probe_and_fails_later_is_refused_naming_the_answer(tmp_path, case, body):
+    from palm_tasks.llm.rewards import project_rewards, score_all
+
+    root = tmp_path / "project"
+    _custom_project(root, f"def f(p, c):\n    {body}\n")
+    cfg = parse_config({"traits": ["mine", "brevity"], "rewards": {"functions": {"mine": "custom.mod:f"}}})
+    rewards = project_rewards(cfg, root)  # the probe's two answers pass
+    answers = ["An answer of several words.", "Another answer of several words.", "This one goes boom, sadly."]
+    attempt("reward function", case, lambda: score_all(rewards, ["q"] * 3, answers), (ValueError,),
+            lambda exc: one_line(str(exc)) and "rewards.functions.mine" in str(exc))
+
+
+def _prompt_cases(folder: Path) -> dict[str, tuple[str, str]]:
+    """case: (data.prompts_file, data.prompts_column), the files written under `folder` (custom/)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cases = {}
+
+    def write(name: str, content: bytes | str, case: str, column: str = "prompt") -> None:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        cases[case] = (f"custom/{name}", column)
+
+    write("empty.jsonl", b"", "an empty file")
+    write("blank.jsonl", "\n\n  \n", "blank lines only")
+    write("nocol.jsonl", '{"text": "hello"}\n', "a JSONL row without the column")
+    write("nocol.csv", "text\nhello\n", "a CSV header without the column")
+    write("headless.csv", "", "an empty CSV")
+    write("binary.jsonl", bytes(range(256)) * 64, "a binary file")
+    write("nul.csv", "prompt\nhel\x00lo\n", "a NUL byte in a CSV")
+    write("latin1.jsonl", '{"prompt": "caf\xe9"}\n'.encode("latin-1"), "latin-1 text")
+    write("notjson.jsonl", '{"prompt": "fine"}\n{prompt: nope}\n', "a row that is not JSON")
+    write("array.jsonl", '["a", "b"]\n', "a row that is a JSON array")
+    write("number.jsonl", '{"prompt": 7}\n', "a number for a prompt")
+    write("null.jsonl", '{"prompt": null}\n', "null for a prompt")
+    write("list.jsonl", '{"prompt": ["a"]}\n', "a list for a prompt")
+    write("emptyprompt.jsonl", '{"prompt": "   "}\n', "an empty prompt")
+    write("emptycell.csv", "prompt,id\n,1\n", "an empty CSV cell")
+    write("hugefield.csv", "prompt\n\"" + "x" * 200_000 + "\"\n", "a CSV field past the csv module's limit")
+    write("garbage.parquet", b"PAR1" + bytes(100) + b"PAR1", "a damaged Parquet file")
+    write("few.jsonl", '{"prompt": "only one"}\n', "fewer prompts than n_train + n_eval")
+    write("nan.jsonl", '{"prompt": NaN}\n', "NaN for a prompt")
+    pq.write_table(pa.table({"text": ["a", "b"]}), folder / "nocol.parquet")
+    cases["a Parquet file without the column"] = ("custom/nocol.parquet", "prompt")
+    pq.write_table(pa.table({"prompt": [1, 2]}), folder / "ints.parquet")
+    cases["integers in a Parquet column"] = ("custom/ints.parquet", "prompt")
+    big = folder / "big.jsonl"
+    with big.open("wb") as f:
+        f.truncate(2 * 2**30)  # 2 GiB, sparse: no disk used, and it must never be read
+    cases["a 2 GiB file"] = ("custom/big.jsonl", "prompt")
+    (folder / "nofiles").mkdir()
+    (folder / "nofiles" / "notes.txt").write_text("prompts?")
+    cases["a directory without prompt files"] = ("custom/nofiles", "prompt")
+    write("prompts.txt", "one prompt per line\n", "a .txt file")
+    cases["a file that does not exist"] = ("custom/missing.jsonl", "prompt")
+    return cases
+
+
+def test_every_bad_prompts_file_is_refused_naming_the_file_and_nothing_is_written(tmp_path):
+    """Each bad prompts file through what the rewards stage runs (the check every command runs,
+    then the split): one line naming the file (and the row where one is at fault); the file and
+    custom/ are unchanged and no split is written."""
+    from palm_tasks.custom import check_prompts_file
+    from palm_tasks.llm.prompts import PromptFileError, prepare_prompts
+
+    root = tmp_path / "project"
+    (root / "custom").mkdir(parents=True)
+    cases = _prompt_cases(root / "custom")
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"prompt": "a secret"}\n')
+    (root / "custom" / "link.jsonl").symlink_to(outside)
+    cases["a symlink out of the project"] = ("custom/link.jsonl", "prompt")
+    before = {p: p.read_bytes() for p in (root / "custom").rglob("*") if p.is_file() and p.name != "big.jsonl"}
+    for case, (path, column) in cases.items():
+        cfg = parse_config({"data": {"prompts_file": path, "prompts_column": column, "n_train": 16, "n_eval": 8},
+                            "evaluation": {"n_prompts": 8, "min_prompts": 8, "chunk_prompts": 8}})
+
+        def split():
+            check_prompts_file(cfg, root)
+            return prepare_prompts(cfg.task, root / "data" / "prompts", 16, 8, 0, root / path, column)
+
+        name = Path(path).name
+        attempt("prompts file", case, split, (ConfigError, PromptFileError, ValueError),
+                lambda exc: one_line(str(exc)) and name in str(exc))
+        if (root / "data").exists():
+            record("prompts file", "data lost", case, "a split was written from a bad file")
+            shutil.rmtree(root / "data")
+    after = {p: p.read_bytes() for p in before}
+    if after != before:
+        record("prompts file", "data lost", "all", "a file in custom/ changed")
+
+
+def test_every_bad_base_model_is_refused_naming_what_it_lacks(tmp_path, tiny_model):
+    """Each broken model directory or GGUF file as params.yaml's base_model: one line naming
+    base_model and what is missing (or the memory it would need)."""
+    def copy(name: str, drop=(), write=None) -> Path:
+        target = tmp_path / name
+        shutil.copytree(tiny_model, target)
+        for pattern in drop:
+            for f in target.glob(pattern):
+                f.unlink()
+        for rel, content in (write or {}).items():
+            (target / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return target
+
+    huge = json.dumps({"w": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 0]}}).encode()
+    cases = {
+        "no tokenizer": copy("no-tok", ["tokenizer.json"]),
+        "no chat template": copy("no-tmpl", ["chat_template.*"], {"tokenizer_config.json": "{}"}),
+        "a damaged tokenizer_config.json": copy("bad-tokcfg", ["chat_template.*"], {"tokenizer_config.json": "{"}),
+        "no config.json": copy("no-config", ["config.json"]),
+        "no safetensors": copy("no-weights", ["*.safetensors"]),
+        "pickled weights only": copy("pickle", ["*.safetensors"], {"pytorch_model.bin": b"\x80\x04K\x01."}),
+        "a safetensors file of 3 bytes": copy("short", ["*.safetensors"], {"model.safetensors": b"abc"}),
+        "a safetensors header that is not JSON": copy("garbled", ["*.safetensors"],
+                                                      {"model.safetensors": (8).to_bytes(8, "little") + b"\xff" * 8}),
+        "a safetensors header length of 2**60": copy("long", ["*.safetensors"],
+                                                     {"model.safetensors": (2**60).to_bytes(8, "little")}),
+        "a safetensors header that is a list": copy("list", ["*.safetensors"],
+                                                    {"model.safetensors": (2).to_bytes(8, "little") + b"[]"}),
+        "10^12 parameters": copy("huge", ["*.safetensors"],
+                                 {"model.safetensors": len(huge).to_bytes(8, "little") + huge}),
+    }
+    for name, content in {"an empty .gguf": b"", "a .gguf of text": b"not a model",
+                          "a .gguf with its magic only": b"GGUF", "a truncated .gguf": b"GGUF" + bytes(20)}.items():
+        path = tmp_path / f"{len(cases)}.gguf"
+        path.write_bytes(content)
+        cases[name] = path
+    cases["a text file"] = tmp_path / "notes.txt"
+    cases["a text file"].write_text("a model?")
+    cases["nothing there"] = tmp_path / "nothing"
+    for case, path in cases.items():
+        attempt("base model", case, lambda: parse_config({"base_model": str(path)}), (ConfigError,),
+                lambda exc: one_line(str(exc)) and "base_model" in str(exc))

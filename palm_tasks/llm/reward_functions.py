@@ -47,7 +47,7 @@ class FunctionReward(Reward):
 
     def _refuse(self, problem: str, prompt: str | None = None, completion: str | None = None) -> ValueError:
         where = "" if prompt is None else f" for prompt {prompt[:120]!r} and completion {completion[:120]!r}"
-        return ValueError(f"reward function {self.name!r} ({self.spec}): {problem}{where}")
+        return ValueError(f"rewards.functions.{self.name} = {self.spec!r}: {problem}{where}")
 
     def score(self, prompts, completions):
         out = []
@@ -55,7 +55,7 @@ class FunctionReward(Reward):
             p, c = prompts[i:i + self.batch_size], completions[i:i + self.batch_size]
             try:
                 raw = self.fn(list(p), list(c))
-            except Exception as exc:  # noqa: BLE001 (the user's code: its error, named, is the message)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 (the user's code: its error, named, is the message)
                 raise self._refuse(f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
             try:
                 values = np.asarray(raw, dtype=np.float64)
@@ -67,12 +67,12 @@ class FunctionReward(Reward):
             bad = ~np.isfinite(values)
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
-                raise self._refuse(f"returned {values[j]!r}", p[j], c[j])
+                raise self._refuse(f"returned {float(values[j])}", p[j], c[j])
             if self.normalize == "none":
                 outside = (values < 0.0) | (values > 1.0)
                 if outside.any():
                     j = int(np.flatnonzero(outside)[0])
-                    raise self._refuse(f"returned {values[j]!r}, outside [0, 1] ({int(outside.sum())} of {len(c)}); "
+                    raise self._refuse(f"returned {float(values[j])}, outside [0, 1] ({int(outside.sum())} of {len(c)}); "
                                        "return values in [0, 1] or set normalize: clip or minmax with lo and hi",
                                        p[j], c[j])
             elif self.normalize == "minmax":
@@ -90,6 +90,5 @@ def check_functions(cfg, root: Path) -> None:
         if trait in cfg.traits:
             try:
                 FunctionReward(trait, root=root, **spec.model_dump())
-            except ValueError as exc:  # ConfigError is one: kept as it is
-                raise ConfigError(f"rewards.functions.{trait}: {exc}") if not isinstance(exc, ConfigError) \
-                    else exc from None
+            except ValueError as exc:  # each message names rewards.functions.<trait> already
+                raise ConfigError(str(exc)) from None

@@ -1,7 +1,9 @@
 """Pictures of a portfolio, as PNGs and as the JSON data DVC plots (dvc.yaml) draw from.
 
-- simplex_map (d = 3 only): every weight of a fine simplex lattice, coloured by the member that
-  serves it and shaded by eps_w, the tolerance the certificate guarantees there (the router);
+- simplex_map: every weight of a fine simplex lattice, coloured by the member that serves it and
+  shaded by eps_w, the tolerance the certificate guarantees there (the router); drawn on the
+  segment (d = 2), the triangle (d = 3), or the polygon whose corners are the traits (d > 3,
+  each weight at the weighted mean of the corners, so a map of a projection);
 - gap_vs_size: the worst and mean multiplicative gap on the test weights against portfolio size
   k, for PALM (greedy best k of the trained pool) and the uniform and random baselines. Only
   trained policies have measured values, so a baseline of size k is the set of pool policies
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +60,30 @@ def write_plots(portfolio: Portfolio, test_weights: np.ndarray, seed: int, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     written = (member_values(portfolio, out_dir) + gap_vs_size(portfolio, test_weights, seed, out_dir)
                + price_of_precision(portfolio, out_dir))
-    if len(portfolio.traits) == 3:
-        written += simplex_map(portfolio, out_dir)
-    return written
+    return written + simplex_map(portfolio, out_dir)  # every d: dvc.yaml declares the map an output
+
+
+def simplex_corners(d: int) -> np.ndarray:
+    """Where each trait's corner is drawn: a segment (d = 2), a triangle (d = 3), else a regular
+    polygon; a weight w is drawn at w @ corners."""
+    if d == 2:
+        return np.array([[0.0, 0.0], [1.0, 0.0]])
+    if d == 3:
+        return np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    angles = np.pi / 2 + 2 * np.pi * np.arange(d) / d
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
 def simplex_map(portfolio: Portfolio, out_dir: Path) -> list[Path]:
     """Which member serves each weight (colour) and eps_w there (darker = larger)."""
     from matplotlib.colors import to_rgb
 
-    traits = portfolio.traits
-    lattice = simplex.simplex_lattice(3, SIMPLEX_MAP_DIVISIONS)
+    traits, d = portfolio.traits, len(portfolio.traits)
+    # a lattice of at most 1,000 points whatever d (the map routes and bounds each one; d = 3: 861)
+    divisions = next(n for n in range(SIMPLEX_MAP_DIVISIONS, 0, -1) if math.comb(n + d - 1, d - 1) <= 1000 or n == 1)
+    lattice = simplex.simplex_lattice(d, divisions)
+    corners = simplex_corners(d)
+    xy = lattice @ corners
     _, R, _ = portfolio.member_arrays
     served = routing.route(lattice, R)  # the one routing rule, as every route
     value = np.einsum("md,md->m", lattice, R[served])
@@ -75,26 +91,25 @@ def simplex_map(portfolio: Portfolio, out_dir: Path) -> list[Path]:
     upper = np.maximum([bound(w) for w in lattice], value)  # U >= OPT >= any policy's value
     eps_w = routing.eps_at(value, upper, portfolio.delta)
     rows = [{**{t: round(float(x), 4) for t, x in zip(traits, w)},
-             "x": round(float(w[1] + w[2] / 2), 4), "y": round(float(w[2] * np.sqrt(3) / 2), 4),
+             "x": round(float(p[0]), 4), "y": round(float(p[1]), 4),
              "member": portfolio.members[i].key[:10], "eps_at_w": round(float(e), 6)}
-            for w, i, e in zip(lattice, served, eps_w)]
+            for w, p, i, e in zip(lattice, xy, served, eps_w)]
     data = _write_json(out_dir / "simplex_map.json", rows)
 
     top = max(float(eps_w.max()), portfolio.eps, 1e-9)
     palette = [to_rgb(f"C{i % 10}") for i in range(len(portfolio.members))]
     colours = [tuple(c * (1 - 0.75 * e / top) for c in palette[i]) for i, e in zip(served, eps_w)]
-    fig, ax = _figure(figsize=(6.4, 5.6))
+    fig, ax = _figure(figsize=(6.4, 5.6 if d > 2 else 2.6))
     ax.scatter([r["x"] for r in rows], [r["y"] for r in rows], c=colours, s=28, marker="h")
-    corners = [(0, 0), (1, 0), (0.5, np.sqrt(3) / 2)]
-    for (x, y), t, ha in zip(corners, traits, ("right", "left", "center")):
-        ax.annotate(f"{t} = 1", (x, y), xytext=(0, -14 if y == 0 else 8),
-                    textcoords="offset points", ha=ha)
+    for (x, y), t in zip(corners, traits):
+        ax.annotate(f"{t} = 1", (x, y), xytext=(0, -14 if y <= 0 else 8), textcoords="offset points",
+                    ha="right" if x < 0.5 and d <= 3 else ("left" if x > 0.5 and d <= 3 else "center"))
     for i, m in enumerate(portfolio.members):
-        w = m.weights
-        ax.scatter([w[1] + w[2] / 2], [w[2] * np.sqrt(3) / 2], marker="*", s=220,
-                   color=palette[i], edgecolor="black",
+        x, y = np.asarray(m.weights) @ corners
+        ax.scatter([x], [y], marker="*", s=220, color=palette[i], edgecolor="black",
                    label=f"{m.key[:10]} ({100 * m.share:.0f}% of users)")
-    ax.set_title(f"Who serves each weight; darker = larger eps_w (max {eps_w.max():.3f}, "
+    projection = " (a projection of the simplex)" if d > 3 else ""
+    ax.set_title(f"Who serves each weight{projection}; darker = larger eps_w (max {eps_w.max():.3f}, "
                  f"certificate eps {portfolio.eps}, delta {portfolio.delta})", fontsize=9)
     ax.legend(loc="upper right", fontsize=7, title="member (star: trained for)", title_fontsize=7)
     ax.set_axis_off()

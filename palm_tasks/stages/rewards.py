@@ -53,6 +53,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     prompts = prepare_prompts(cfg.task, paths.prompts, cfg.data.n_train, cfg.data.n_eval, split_seed,
                               prompts_file, cfg.data.prompts_column)
     say("rewards: preparing reward functions")
+    paths.reward_models.mkdir(parents=True, exist_ok=True)  # a DVC output even when no trait trains a model
     reward_metrics = prepare_rewards(cfg.traits, paths.reward_models, cfg.seed,
                                      (*cfg.rewards.models, *cfg.rewards.functions),
                                      humor_test_fraction=cfg.rewards.humor_test_fraction)
