@@ -10,9 +10,9 @@ Why one folder: dvc.yaml lists `custom` as a dependency of every stage that scor
 reads prompts, so a changed reward or prompts file reruns exactly those stages under
 `dvc repro` (and `dvc status` shows it). A function from an installed package is part of the
 environment, like TRL's version: DVC does not see it, but the job keys do. Either way a
-function is versioned by the sha256 of its module's source file (`function_version`), which
-goes into every alignment job's key: editing the function retrains the jobs it scores, and
-nothing else.
+function is versioned by the sha256 of its module's source file and of the custom/ modules it
+imports (`function_version`), which goes into every alignment job's key: editing the function
+or a helper it uses retrains the jobs it scores, and nothing else.
 """
 
 from __future__ import annotations
@@ -98,15 +98,31 @@ def import_function(spec: str, root: Path, trait: str):
     return fn
 
 
-def function_version(fn, spec: str) -> str:
-    """A version of the function that changes with its module's source: `fn-<spec>-<sha256[:16]>`
-    (a module without a source file, e.g. compiled, is versioned by its name alone)."""
+def function_version(fn, spec: str, root: Path) -> str:
+    """A version of the function that changes with its source: `fn-<spec>-<sha256[:16]>` over
+    its module's file and, for a module in custom/, every custom/ module it imported (a helper
+    it calls is part of it). Call right after `import_function`, which imports custom/ afresh,
+    so that the custom/ modules loaded are the ones this function pulled in. A module without
+    a source file (compiled) is versioned by its name alone."""
+    custom = Path(root).resolve() / CUSTOM
+    files = set()
     try:
-        source = Path(inspect.getsourcefile(inspect.getmodule(fn)) or "")
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16] if source.is_file() else "nosource"
-    except (TypeError, OSError):
-        digest = "nosource"
-    return f"fn-{spec}-{digest}"
+        source = inspect.getsourcefile(inspect.getmodule(fn))
+        if source:
+            files.add(Path(source).resolve())
+    except TypeError:
+        pass
+    for module in list(sys.modules.values()):
+        where = getattr(module, "__file__", None)
+        if where and custom in Path(where).resolve().parents:
+            files.add(Path(where).resolve())
+    h = hashlib.sha256()
+    for f in sorted(files):
+        try:
+            h.update(str(f.relative_to(custom) if custom in f.parents else f.name).encode() + b"\0" + f.read_bytes())
+        except OSError:
+            continue
+    return f"fn-{spec}-{h.hexdigest()[:16] if files else 'nosource'}"
 
 
 def check_prompts_file(cfg, root: Path) -> None:

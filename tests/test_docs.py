@@ -50,10 +50,6 @@ NOT_YET_WRITTEN = {
     ".dvc/cache",
 }
 
-# Pages being written in the same change as the links to them (issue 36: your own rewards,
-# prompts and base model). A link to one passes while the page is missing; once it exists it is
-# checked like any other. Remove the entry when the page is committed.
-PAGES_BEING_WRITTEN = {"docs/your-own.md"}
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
@@ -299,8 +295,6 @@ def check_links(page: Path, root: Path = ROOT) -> list[Problem]:
                     problems.append(Problem(rel_page, number, f"link {target!r} leaves the repository"))
                     continue
                 if not path_exists(rel, root):
-                    if root == ROOT and rel in PAGES_BEING_WRITTEN:
-                        continue
                     problems.append(Problem(rel_page, number, f"link {target!r}: no file {rel}"))
                     continue
             else:

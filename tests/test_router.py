@@ -42,19 +42,21 @@ def test_weights_are_normalized_and_say_so():
     assert normalized and np.allclose(w, [0.25, 0.25, 0.5])
 
 
-def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02):
+def _portfolio(seed: int, n: int = 7, eps: float = 0.05, delta: float = 0.02, traits=TRAITS):
     """The portfolio the coverage stage builds (real prune + certify) from a synthetic pool."""
     from palm_tasks.config import parse_config
     from palm_tasks.paths import Paths
     from palm_tasks.stages.coverage import build
 
+    d = len(traits)
     rng = np.random.default_rng(seed)
-    W = np.vstack([np.eye(3), simplex.random_weights(3, n - 3, seed)])
+    W = np.vstack([np.eye(d), simplex.random_weights(d, n - d, seed)])
     R = np.clip(0.2 + 0.6 * W + 0.05 * rng.standard_normal(W.shape), 0, 1)
     root = Path(f"/nonexistent/project{seed}")
-    cfg = parse_config({"coverage": {"eps": eps, "delta": delta, "test_users": 100}, "evaluation": EVALUATION})
-    portfolio, *_ = build(cfg, Paths(root), policies_with_values(root, W, R, TRAITS), [],
-                          samples=flat_sample_pool(TRAITS))
+    cfg = parse_config({"traits": list(traits), "coverage": {"eps": eps, "delta": delta, "test_users": 100},
+                        "evaluation": EVALUATION})
+    portfolio, *_ = build(cfg, Paths(root), policies_with_values(root, W, R, list(traits)), [],
+                          samples=flat_sample_pool(list(traits)))
     members = [int(k[1:]) for k in (m.key for m in portfolio.members)]
     return portfolio, certificate.certify(W, R, eps, delta, members=members)
 
@@ -132,6 +134,22 @@ def test_plots_show_the_portfolio(tmp_path):
     bound = portfolio.price["grid_bound"]
     assert [b["eps"] for b in bound] == sorted(b["eps"] for b in bound)
     assert all(a["k"] >= b["k"] for a, b in zip(bound, bound[1:]))  # a finer eps needs a larger grid
+
+
+@pytest.mark.parametrize("traits", [("safety", "brevity"), ("safety", "humor", "brevity", "sentiment")])
+def test_the_simplex_map_is_drawn_for_every_number_of_traits(tmp_path, traits):
+    """dvc.yaml declares the map an output of every run: a segment at d = 2, a projection at d = 4."""
+    from palm_tasks.report.plots import simplex_corners, write_plots
+
+    portfolio, _ = _portfolio(0, n=6, traits=traits)
+    d = len(traits)
+    test = simplex.dirichlet_users(d, 100, 0)
+    files = {p.name for p in write_plots(portfolio, test, 0, tmp_path)}
+    assert {"simplex_map.json", "simplex_map.png"} <= files
+    cells = json.loads((tmp_path / "simplex_map.json").read_text())
+    assert 10 < len(cells) <= 1000 and {c["member"] for c in cells} <= {m.key[:10] for m in portfolio.members}
+    for c in cells[:50]:  # each weight is drawn at the weighted mean of the corners
+        assert [c["x"], c["y"]] == pytest.approx(np.array([c[t] for t in traits]) @ simplex_corners(d), abs=1e-3)
 
 
 @pytest.fixture(scope="module")

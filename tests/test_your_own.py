@@ -69,6 +69,19 @@ def test_editing_the_function_changes_its_version_and_no_other(tmp_path):
     assert politeness(["q"], ["An answer of some words."]).tolist() == [0.5]
 
 
+def test_a_helper_the_function_imports_is_part_of_its_version_and_an_unrelated_module_is_not(tmp_path):
+    cfg = parse_config(EXAMPLE)
+    _own_module(tmp_path, "from custom.words import POLITE\n\ndef politeness(prompts, completions):\n"
+                          "    return [float(any(w in a for w in POLITE)) for a in completions]\n")
+    (tmp_path / "custom" / "words.py").write_text("POLITE = ['please']\n")
+    (tmp_path / "custom" / "other.py").write_text("X = 1\n")
+    first = project_rewards(cfg, tmp_path)[0].version
+    (tmp_path / "custom" / "other.py").write_text("X = 2\n")
+    assert project_rewards(cfg, tmp_path)[0].version == first
+    (tmp_path / "custom" / "words.py").write_text("POLITE = ['please', 'thanks']\n")
+    assert project_rewards(cfg, tmp_path)[0].version != first
+
+
 @pytest.mark.parametrize("normalize, values, expected", [
     ({"normalize": "clip"}, [-1.0, 0.5, 3.0], [0.0, 0.5, 1.0]),
     ({"normalize": "minmax", "lo": -10, "hi": 10}, [-10.0, 0.0, 20.0], [0.0, 0.5, 1.0]),
@@ -178,7 +191,8 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
     """docs/your-own.md on the tiny model: `palm run` with the politeness function and the
     prompts file to a certified portfolio, registered in MLflow and served by `palm serve`;
     then the function is edited: the next run trains every job again (each is scored by it)
-    and nothing else (the base model, the prompt split), and `dvc status` is clean."""
+    and scores the base's answers again, and nothing else (the base model, the prompt split,
+    the base's answers), and `dvc status` is clean."""
     from serving import http_request, start_palm_serve
 
     root = example_project(tmp_path / "project", tiny_model)
@@ -213,6 +227,7 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
         process.wait(timeout=60)
 
     base_info = (root / "models" / "base" / "base.json").stat().st_mtime_ns
+    pool = json.loads((root / "data" / "samples" / "eval.json").read_text())
     source = root / "custom" / "rewards.py"
     source.write_text(source.read_text().replace('"1.0 if', '"1.0 if').replace("kindly|", "kindly|cheers|"))
     run_command(root, *palm)
@@ -222,6 +237,8 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
     assert first_keys <= keys  # the first run's jobs are kept (reused if the function is changed back)
     assert {n: (root / "data" / "prompts" / n).read_bytes() for n in split} == split
     assert (root / "models" / "base" / "base.json").stat().st_mtime_ns == base_info
+    rescored = json.loads((root / "data" / "samples" / "eval.json").read_text())  # scored again, not sampled
+    assert rescored["completions"] == pool["completions"] and rescored["reward_versions"] != pool["reward_versions"]
     assert not (root / "models" / "rewards" / "humor").exists()  # no trait needs the humor classifier
     status = subprocess.run(["dvc", "status"], cwd=root, capture_output=True, text=True, timeout=300,
                             env={**__import__("conftest").command_env()})

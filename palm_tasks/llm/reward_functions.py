@@ -37,7 +37,7 @@ class FunctionReward(Reward):
         self.lo, self.hi, self.batch_size = lo, hi, int(batch_size)
         self.fn = import_function(function, root, name)
         settings = {"none": "", "clip": "-clip", "minmax": f"-minmax{lo}-{hi}"}[normalize]
-        self.version = f"{function_version(self.fn, function)}{settings}+{VALIDITY_VERSION}"
+        self.version = f"{function_version(self.fn, function, root)}{settings}+{VALIDITY_VERSION}"
         self.normalization = {
             "none": f"{function}(prompts, completions), values in [0, 1] (others refused)",
             "clip": f"{function}(prompts, completions) clipped to [0, 1]",

@@ -148,6 +148,19 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     if done is not None:  # the stage re-runs for a setting that does not decide the answers
         say(f"rewards: sample pool of the base, {split}: reused ({len(prompts)} prompts x {sampler['n']} answers)")
         return done
+    answered = _same_pool(paths.samples / f"{split}.json", sampler, prompts, sha, None)
+    if answered is not None:  # the same answers, other rewards (a trait added, a function edited): score again
+        say(f"rewards: sample pool of the base, {split}: the same answers scored again by the changed rewards")
+        from palm_tasks.llm.rewards import score_all
+
+        flat_prompts = [p for p in prompts for _ in range(sampler["n"])]
+        flat_answers = [c for cs in answered.completions for c in cs]
+        scores = score_all(rewards, flat_prompts, flat_answers).round(6).reshape(len(prompts), sampler["n"], -1)
+        from dataclasses import replace
+
+        pool = replace(answered, traits=tuple(cfg.traits), reward_versions=versions, scores=scores)
+        schema.write(paths.samples / f"{split}.json", pool)
+        return pool
     say(f"rewards: sample pool of the base, {split}: {len(prompts)} prompts x {sampler['n']} answers")
     work = paths.samples / f".{split}-work"
     completions, scores = sample_pool(model, tokenizer, rewards, prompts, decided_by, cfg.evidence.chunk_prompts,
@@ -168,14 +181,15 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     return pool
 
 
-def _same_pool(path, sampler: dict, prompts: list[str], sha: str, versions: tuple) -> schema.SamplePool | None:
-    """The pool already at `path` when the same sampler, prompts, base model and rewards made it."""
+def _same_pool(path, sampler: dict, prompts: list[str], sha: str, versions: tuple | None) -> schema.SamplePool | None:
+    """The pool already at `path` when the same sampler, prompts, base model and rewards made it
+    (versions None: whatever rewards scored it, so only its answers are the same)."""
     try:
         pool = schema.read(path, schema.SamplePool, "rewards")
     except schema.ArtifactError:
         return None  # missing or unreadable: made again
     same = (pool.sampler == sampler and pool.prompts == tuple(prompts) and pool.base_model_sha256 == sha
-            and pool.reward_versions == tuple(versions))
+            and (versions is None or pool.reward_versions == tuple(versions)))
     return pool if same else None
 
 
