@@ -820,11 +820,11 @@ def _prompt_cases(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_every_bad_prompts_file_is_refused_naming_the_file_and_nothing_is_written(tmp_path):
-    """Each bad prompts file through what the rewards stage runs (the check every command runs,
-    then the split): one line naming the file (and the row where one is at fault); the file and
+    """Each bad prompts file through what the rewards stage runs (the check every command runs
+    first, which reads the file, then the split): one line naming the file (and the row where one is at fault); the file and
     custom/ are unchanged and no split is written."""
-    from palm_tasks.custom import check_prompts_file
     from palm_tasks.llm.prompts import PromptFileError, prepare_prompts
+    from palm_tasks.stages import check_project_paths
 
     root = tmp_path / "project"
     (root / "custom").mkdir(parents=True)
@@ -839,7 +839,7 @@ def test_every_bad_prompts_file_is_refused_naming_the_file_and_nothing_is_writte
                             "evaluation": {"n_prompts": 8, "min_prompts": 8, "chunk_prompts": 8}})
 
         def split():
-            check_prompts_file(cfg, root)
+            check_project_paths(cfg, root)  # what every palm command runs first: reads the file
             return prepare_prompts(cfg.task, root / "data" / "prompts", 16, 8, 0, root / path, column)
 
         name = Path(path).name

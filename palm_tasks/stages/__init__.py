@@ -75,6 +75,17 @@ def check_project_paths(cfg: PalmConfig, root: str | Path) -> None:
     check_base_model_source(cfg.base_model, root)
     check_prompts_file(cfg, Path(root))
     check_functions(cfg, Path(root))
+    if cfg.data.prompts_file is not None:  # read now, not after the base model's conversion
+        from palm_tasks.custom import resolve_prompts_file
+        from palm_tasks.llm.prompts import PromptFileError, file_sources
+
+        try:
+            n = len(file_sources(resolve_prompts_file(cfg, Path(root)), cfg.data.prompts_column))
+        except PromptFileError as exc:
+            raise ConfigError(f"data.prompts_file: {exc}") from None
+        if n < cfg.data.n_train + cfg.data.n_eval:
+            raise ConfigError(f"data.prompts_file = {cfg.data.prompts_file!r}: {n} distinct prompts, fewer than "
+                              f"data.n_train + data.n_eval = {cfg.data.n_train + cfg.data.n_eval}")
 
 
 def check_base_model_source(base_model: str, root: str | Path) -> None:
