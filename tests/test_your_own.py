@@ -82,6 +82,24 @@ def test_a_helper_the_function_imports_is_part_of_its_version_and_an_unrelated_m
     assert project_rewards(cfg, tmp_path)[0].version != first
 
 
+def test_a_function_from_an_installed_package_is_versioned_by_its_source(tmp_path, monkeypatch):
+    """A module outside the project (as pip installs one) is allowed; DVC does not see it, the
+    job keys do: its version follows its file."""
+    site = tmp_path / "site-packages"
+    (site / "palm_extra_rewards").mkdir(parents=True)
+    module = site / "palm_extra_rewards" / "__init__.py"
+    module.write_text("def score(prompts, completions):\n    return [0.25 for _ in completions]\n")
+    monkeypatch.syspath_prepend(str(site))
+    project = tmp_path / "project"
+    project.mkdir()
+    cfg = parse_config({"traits": ["mine", "brevity"], "rewards": {"functions": {"mine": "palm_extra_rewards:score"}}})
+    mine, _ = project_rewards(cfg, project)
+    assert mine(["q"], ["An answer of some words."]).tolist() == [0.25]
+    module.write_text("def score(prompts, completions):\n    return [0.75 for _ in completions]\n")
+    sys.modules.pop("palm_extra_rewards")
+    assert project_rewards(cfg, project)[0].version != mine.version
+
+
 @pytest.mark.parametrize("normalize, values, expected", [
     ({"normalize": "clip"}, [-1.0, 0.5, 3.0], [0.0, 0.5, 1.0]),
     ({"normalize": "minmax", "lo": -10, "hi": 10}, [-10.0, 0.0, 20.0], [0.0, 0.5, 1.0]),
