@@ -1,7 +1,12 @@
 """A hostile-input suite that grows with the code (issue 17): cases generated from the config's
 own schema (every field of palm_tasks.config, its type and its bounds), from a real portfolio.json
 (every leaf of it), from a real member (every file of it) and from a real SQLite store, plus
-hypothesis's random draws and a sample through the real `palm` command.
+hypothesis's random draws and a sample through the real `palm` command; and the inputs that are
+the user's own (docs/your-own.md): reward functions, prompts files and base models.
+
+Why one file of about 900 lines: it is one suite with one set of verdicts (`attempt`, `record`),
+one section per surface, read top to bottom; split, each file would import the verdicts of
+another test module.
 
 Each case has one verdict:
 

@@ -258,6 +258,10 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
     rescored = json.loads((root / "data" / "samples" / "eval.json").read_text())  # scored again, not sampled
     assert rescored["completions"] == pool["completions"] and rescored["reward_versions"] != pool["reward_versions"]
     assert not (root / "models" / "rewards" / "humor").exists()  # no trait needs the humor classifier
+    # byte-code caches, as Python writes them where PYTHONDONTWRITEBYTECODE is unset, are no change
+    for folder in (root / "custom", root / "palm_tasks" / "core"):
+        (folder / "__pycache__").mkdir(exist_ok=True)
+        (folder / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\x00" * 16)
     status = subprocess.run(["dvc", "status"], cwd=root, capture_output=True, text=True, timeout=300,
                             env={**__import__("conftest").command_env()})
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
