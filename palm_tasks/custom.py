@@ -3,8 +3,8 @@
 Reads:  params.yaml `rewards.functions` (MODULE:NAME of Python callables) and `data.prompts_file`.
 Checks: before any work (every `palm` command, palm_tasks/stages/__init__.py): each function
         imports, is callable and scores two sample answers (llm.reward_functions.check_functions),
-        and the prompts file exists, is a file or directory of .jsonl/.csv/.parquet files, and is
-        not larger than MAX_PROMPTS_FILE_BYTES (`check_prompts_file`).
+        and the prompts file exists, is a file or directory of .jsonl/.csv/.parquet files, is not
+        larger than MAX_PROMPTS_FILE_BYTES, and holds enough prompts (`check_prompts_file`).
 
 Why one folder: dvc.yaml lists `custom` as a dependency of every stage that scores answers or
 reads prompts, so a changed reward or prompts file reruns exactly those stages under
@@ -25,20 +25,13 @@ from pathlib import Path
 
 from palm_tasks.paths import CUSTOM
 
-PROMPT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MAX_PROMPTS_FILE_BYTES = 256 * 2**20  # the pipeline reads at most data.n_train + data.n_eval prompts
-
-
-def prompt_files(path: Path) -> list[Path]:
-    """The prompt files of `path`: itself, or a directory's .jsonl/.csv/.parquet files in name order."""
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in PROMPT_SUFFIXES and p.is_file())
-    return [path]
 
 
 def resolve_prompts_file(cfg, root: Path) -> Path:
     """data.prompts_file in the project at `root`, checked (ConfigError names what is wrong)."""
     from palm_tasks.config import ConfigError
+    from palm_tasks.llm.prompts import PROMPT_SUFFIXES, prompt_files
     from palm_tasks.tracking import inside_project
 
     key, shown = "data.prompts_file", cfg.data.prompts_file
@@ -126,6 +119,18 @@ def function_version(fn, spec: str, root: Path) -> str:
 
 
 def check_prompts_file(cfg, root: Path) -> None:
-    """ConfigError unless data.prompts_file (if set) names readable prompt files of a size that fits."""
-    if cfg.data.prompts_file is not None:
-        resolve_prompts_file(cfg, root)
+    """ConfigError unless data.prompts_file (if set) names prompt files of a size that fits, every
+    row of them a prompt, and at least data.n_train + data.n_eval distinct ones: read now, not
+    after the base model's conversion."""
+    from palm_tasks.config import ConfigError
+    from palm_tasks.llm.prompts import PromptFileError, file_sources
+
+    if cfg.data.prompts_file is None:
+        return
+    try:
+        n = len(file_sources(resolve_prompts_file(cfg, root), cfg.data.prompts_column))
+    except PromptFileError as exc:
+        raise ConfigError(f"data.prompts_file: {exc}") from None
+    if n < cfg.data.n_train + cfg.data.n_eval:
+        raise ConfigError(f"data.prompts_file = {cfg.data.prompts_file!r}: {n} distinct prompts, fewer than "
+                          f"data.n_train + data.n_eval = {cfg.data.n_train + cfg.data.n_eval}")

@@ -184,6 +184,16 @@ def _source_group(source: str) -> str:
     return source.split("/")[0]
 
 
+PROMPT_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def prompt_files(path: Path) -> list[Path]:
+    """The prompt files of `path`: itself, or a directory's .jsonl/.csv/.parquet files in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in PROMPT_SUFFIXES and p.is_file())
+    return [path]
+
+
 class PromptFileError(ValueError):
     """A prompts file that is no list of prompts: the message names the file, the row and why."""
 
@@ -242,8 +252,6 @@ def _rows(path: Path, column: str):
 def file_sources(path: Path, column: str = "prompt") -> list[tuple[str, str]]:
     """(source, prompt) of every prompt in a prompts file or a directory of them (name order),
     cleaned and deduplicated; PromptFileError names the file, the row and the problem."""
-    from palm_tasks.custom import prompt_files
-
     pairs = []
     for f in prompt_files(Path(path)):
         for number, value in _rows(f, column):

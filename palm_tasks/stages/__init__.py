@@ -66,26 +66,14 @@ def check_project_paths(cfg: PalmConfig, root: str | Path) -> None:
     the pipeline's outputs, which stages delete and rewrite, and your own reward functions
     import and prompts file can be read (palm_tasks/custom.py). Every `palm` command runs this
     before any work (llm.base_model.prepare_base_model refuses models/base itself again)."""
-    from palm_tasks.tracking import tracking_uri
-
     from palm_tasks.custom import check_prompts_file
     from palm_tasks.llm.reward_functions import check_functions
+    from palm_tasks.tracking import tracking_uri
 
     tracking_uri(cfg, Path(root), create=False)
     check_base_model_source(cfg.base_model, root)
     check_prompts_file(cfg, Path(root))
     check_functions(cfg, Path(root))
-    if cfg.data.prompts_file is not None:  # read now, not after the base model's conversion
-        from palm_tasks.custom import resolve_prompts_file
-        from palm_tasks.llm.prompts import PromptFileError, file_sources
-
-        try:
-            n = len(file_sources(resolve_prompts_file(cfg, Path(root)), cfg.data.prompts_column))
-        except PromptFileError as exc:
-            raise ConfigError(f"data.prompts_file: {exc}") from None
-        if n < cfg.data.n_train + cfg.data.n_eval:
-            raise ConfigError(f"data.prompts_file = {cfg.data.prompts_file!r}: {n} distinct prompts, fewer than "
-                              f"data.n_train + data.n_eval = {cfg.data.n_train + cfg.data.n_eval}")
 
 
 def check_base_model_source(base_model: str, root: str | Path) -> None:
