@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run_command
+from conftest import ROOT, command_env, make_project, run_command
 from palm_tasks.config import ConfigError, parse_config
 from palm_tasks.llm.prompts import PromptFileError, file_sources, prepare_prompts
 from palm_tasks.llm.rewards import project_rewards, score_all
@@ -247,7 +247,9 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
     base_info = (root / "models" / "base" / "base.json").stat().st_mtime_ns
     pool = json.loads((root / "data" / "samples" / "eval.json").read_text())
     source = root / "custom" / "rewards.py"
-    source.write_text(source.read_text().replace('"1.0 if', '"1.0 if').replace("kindly|", "kindly|cheers|"))
+    edited = source.read_text().replace("kindly|", "kindly|cheers|")
+    assert edited != source.read_text()
+    source.write_text(edited)
     run_command(root, *palm)
     again = json.loads((root / "metrics" / "align.json").read_text())
     keys = {p.name for p in (root / "models" / "members").iterdir() if p.is_dir()}
@@ -263,7 +265,7 @@ def test_the_worked_example_runs_registers_serves_and_an_edit_retrains_only_its_
         (folder / "__pycache__").mkdir(exist_ok=True)
         (folder / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\x00" * 16)
     status = subprocess.run(["dvc", "status"], cwd=root, capture_output=True, text=True, timeout=300,
-                            env={**__import__("conftest").command_env()})
+                            env=command_env())
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
     versions = json.loads((root / "metrics" / "rewards.details.json").read_text())["reward_versions"]
     assert versions["politeness"].startswith("fn-custom.rewards:politeness-")

@@ -82,11 +82,13 @@ def donotanswer_prompts() -> list[tuple[str, str]]:
     return pairs
 
 
-def _dedup_short(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _dedup_short(pairs: list[tuple[str, str]], max_chars: int | None = MAX_PROMPT_CHARS) -> list[tuple[str, str]]:
+    """The first of each prompt (case ignored), empty ones and, unless max_chars is None, ones
+    longer than max_chars dropped."""
     seen, kept = set(), []
     for source, prompt in pairs:
         key = prompt.lower()
-        if prompt and len(prompt) <= MAX_PROMPT_CHARS and key not in seen:
+        if prompt and (max_chars is None or len(prompt) <= max_chars) and key not in seen:
             seen.add(key)
             kept.append((source, prompt))
     return kept
@@ -261,11 +263,7 @@ def file_sources(path: Path, column: str = "prompt") -> list[tuple[str, str]]:
             if not value.strip():
                 raise PromptFileError(f"{f}: row {number}: {column} is empty")
             pairs.append((f"file/{f.name}", _clean(value)))
-    seen, kept = set(), []
-    for source, prompt in pairs:
-        if prompt.lower() not in seen:
-            seen.add(prompt.lower())
-            kept.append((source, prompt))
+    kept = _dedup_short(pairs, max_chars=None)  # your prompts are kept whatever their length
     if not kept:
         raise PromptFileError(f"{path}: no prompts in it")
     return kept

@@ -144,22 +144,22 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
     versions = tuple(r.version for r in rewards)
     decided_by = {**sampler, "split": split, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                   "base_model_sha256": sha, "reward_versions": list(versions)}
-    done = _same_pool(paths.samples / f"{split}.json", sampler, prompts, sha, versions)
-    if done is not None:  # the stage re-runs for a setting that does not decide the answers
+    path = paths.samples / f"{split}.json"
+    previous = _same_answers(path, sampler, prompts, sha)
+    if previous is not None and previous.reward_versions == versions:  # a setting that decides nothing here
         say(f"rewards: sample pool of the base, {split}: reused ({len(prompts)} prompts x {sampler['n']} answers)")
-        return done
-    answered = _same_pool(paths.samples / f"{split}.json", sampler, prompts, sha, None)
-    if answered is not None:  # the same answers, other rewards (a trait added, a function edited): score again
-        say(f"rewards: sample pool of the base, {split}: the same answers scored again by the changed rewards")
-        from palm_tasks.llm.rewards import score_all
-
-        flat_prompts = [p for p in prompts for _ in range(sampler["n"])]
-        flat_answers = [c for cs in answered.completions for c in cs]
-        scores = score_all(rewards, flat_prompts, flat_answers).round(6).reshape(len(prompts), sampler["n"], -1)
+        return previous
+    if previous is not None:  # the same answers, other rewards (a trait added, a function edited): score again
         from dataclasses import replace
 
-        pool = replace(answered, traits=tuple(cfg.traits), reward_versions=versions, scores=scores)
-        schema.write(paths.samples / f"{split}.json", pool)
+        from palm_tasks.llm.rewards import score_all
+
+        say(f"rewards: sample pool of the base, {split}: the same answers scored again by the changed rewards")
+        flat_prompts = [p for p in prompts for _ in range(sampler["n"])]
+        flat_answers = [c for cs in previous.completions for c in cs]
+        scores = score_all(rewards, flat_prompts, flat_answers).round(6).reshape(len(prompts), sampler["n"], -1)
+        pool = replace(previous, traits=tuple(cfg.traits), reward_versions=versions, scores=scores)
+        schema.write(path, pool)
         return pool
     say(f"rewards: sample pool of the base, {split}: {len(prompts)} prompts x {sampler['n']} answers")
     work = paths.samples / f".{split}-work"
@@ -176,20 +176,19 @@ def write_sample_pool(cfg: PalmConfig, paths: Paths, split: str, prompts: list[s
                              base_model_sha256=sha, sampler=sampler, prompts=tuple(prompts),
                              completions=tuple(tuple(c) for c in completions), scores=scores,
                              relevance=answer_relevance.reshape(len(prompts), sampler["n"]), quality=quality)
-    schema.write(paths.samples / f"{split}.json", pool)
+    schema.write(path, pool)
     clear_chunks(work)
     return pool
 
 
-def _same_pool(path, sampler: dict, prompts: list[str], sha: str, versions: tuple | None) -> schema.SamplePool | None:
-    """The pool already at `path` when the same sampler, prompts, base model and rewards made it
-    (versions None: whatever rewards scored it, so only its answers are the same)."""
+def _same_answers(path, sampler: dict, prompts: list[str], sha: str) -> schema.SamplePool | None:
+    """The pool already at `path` when the same sampler, prompts and base model made its answers
+    (whatever rewards scored them), else None."""
     try:
         pool = schema.read(path, schema.SamplePool, "rewards")
     except schema.ArtifactError:
         return None  # missing or unreadable: made again
-    same = (pool.sampler == sampler and pool.prompts == tuple(prompts) and pool.base_model_sha256 == sha
-            and (versions is None or pool.reward_versions == tuple(versions)))
+    same = pool.sampler == sampler and pool.prompts == tuple(prompts) and pool.base_model_sha256 == sha
     return pool if same else None
 
 
