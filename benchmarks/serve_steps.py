@@ -8,8 +8,9 @@ fresh ones of the training shape), fp32, one CPU thread: the time of one decodin
 token for every row, the prompt's 38 tokens cached) for
 - 1 row, and 16 rows of one member: PEFT's plain path (the adapter active) and PEFT's mixed-batch
   path (`adapter_names`);
-- 16 rows over the 4 members: `model(..., adapter_names=...)`, which registers PEFT's hooks on
-  every pass, and MemberModels.forward, which keeps them registered;
+- 16 rows over the 4 members: PEFT's mixed-adapter batch `model(..., adapter_names=...)` (a
+  gather, two products and a scatter per member in every LoRA layer), and MemberModels.forward
+  (every member's LoRA factors stacked side by side, each row masked to its own: two products);
 - encoding 16 prompts of 38 tokens (the prefill a wave of 16 requests costs).
 Medians of --reps interleaved runs of --steps steps (interleaved: a busy spell of the machine
 hits every path alike); the load average is recorded before and after.
@@ -63,7 +64,7 @@ def main() -> None:
         elif how == "adapter_names":
             def run(**kw):
                 return model(adapter_names=rows, **kw)
-        else:  # "kept hooks"
+        else:  # "stacked"
             def run(**kw):
                 return models.forward(rows, **kw)
         with torch.no_grad():
@@ -88,7 +89,7 @@ def main() -> None:
              "16 rows of one member, plain": lambda: step_ms([names[0]] * 16, "plain"),
              "16 rows of one member, adapter_names": lambda: step_ms([names[0]] * 16, "adapter_names"),
              "16 rows over 4 members, adapter_names": lambda: step_ms(mixed, "adapter_names"),
-             "16 rows over 4 members, hooks kept (MemberModels.forward)": lambda: step_ms(mixed, "kept hooks"),
+             "16 rows over 4 members, stacked (MemberModels.forward)": lambda: step_ms(mixed, "stacked"),
              "encoding 16 prompts of %d tokens" % len(prompt): lambda: prefill_ms([names[0]] * 16)}
     load_before = [round(x, 2) for x in os.getloadavg()]
     times = {name: [] for name in cases}
@@ -98,7 +99,7 @@ def main() -> None:
     medians = {name: round(float(np.median(t)), 1) for name, t in times.items()}
     print(json.dumps(medians, indent=2))
     OUT.write_text(json.dumps({
-        "what": "one decoding step of palm serve's batch (ms), by rows and PEFT path; SmolLM2-135M fp32, 1 thread",
+        "what": "one decoding step of palm serve's batch (ms), by rows and path; SmolLM2-135M fp32, 1 thread",
         "median_ms": medians, "all_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
         "prompt_tokens": len(prompt), "reps": args.reps, "steps": args.steps,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

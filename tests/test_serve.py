@@ -42,18 +42,26 @@ def _request(address, method, path, body=None, raw: bytes | None = None, headers
 
 
 def test_a_mixed_adapter_batch_matches_each_member_alone(served, project):
-    """One forward pass with a different member's adapter on each row (PEFT's adapter_names)
-    gives each row what its member gives alone, on a fresh base; the base is shared."""
+    """One forward pass with a different member's adapter on each row (MemberModels.forward, the
+    adapters stacked side by side) gives each row what its member gives alone on a fresh base, and
+    what PEFT's own mixed-adapter batch (adapter_names) gives; the base is shared."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     models, keys, root = served.live.models, served.keys, project[0]
     ids = torch.tensor(models.tokenizer("Tell me a joke about computers")["input_ids"])[None]
     rows = [keys[0], keys[1], keys[2], keys[0]]
+    names = [served.adapter(k) for k in rows]
     with served.engine.paused(), torch.no_grad():  # the engine owns the model: no step meanwhile
-        batch = models.model(input_ids=ids.repeat(4, 1), adapter_names=[served.adapter(k) for k in rows]).logits
+        batch = models.forward(names, input_ids=ids.repeat(4, 1)).logits
+        peft_batch = models.model(input_ids=ids.repeat(4, 1), adapter_names=names).logits
+        base = models.forward(["__base__"] * 3 + [names[0]], input_ids=ids.repeat(4, 1)).logits
+        with models.model.disable_adapter():
+            base_alone = models.model(input_ids=ids).logits[0]
     assert torch.allclose(batch[0], batch[3], atol=1e-6)  # the same member on two rows: the same logits
     assert not torch.allclose(batch[0], batch[1])  # adapters differ
+    assert torch.allclose(batch, peft_batch, atol=1e-5)
+    assert torch.allclose(base[1], base_alone, atol=1e-5) and torch.allclose(base[3], batch[0], atol=1e-5)
     assert models.model.get_base_model() is models.base  # one base model under every adapter
     for key in keys:  # each member as if loaded alone on a fresh base
         alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project[2].base_model),

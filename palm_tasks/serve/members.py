@@ -2,11 +2,14 @@
 
 Adapters are named by member key and content (`member_<key>_<sha256 of the weights>`), so two
 portfolio versions that share a member share its adapter, and a member key whose files changed
-is loaded again under a new name. `forward` runs a batch whose rows are for different members:
-each LoRA layer computes PEFT's mixed-adapter batch (`adapter_names`, one adapter per row), or,
-when every row is for one member, PEFT's plain path with that adapter active. Adapters are added
-and deleted while others answer, between two steps of the engine (serve/engine.py), which owns
-the model. `palm generate`, `palm serve` and the load benchmark all answer through the engine.
+is loaded again under a new name. `forward` runs a batch whose rows are for different members.
+When every row is for one member it takes PEFT's plain path with that adapter active. Otherwise
+every LoRA layer adds all loaded adapters' low-rank products at once, side by side, with each row
+masked to its own member's columns (`_StackedLoRA`): two matrix products per layer whatever the
+number of members, where PEFT's mixed-adapter batch (`adapter_names`) runs a gather, two products
+and a scatter per member. Adapters are added and deleted while others answer, between two steps
+of the engine (serve/engine.py), which owns the model. `palm generate`, `palm serve` and the load
+benchmark all answer through the engine.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from palm_tasks.hashing import files_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 
 def adapter_name(key: str, adapter_dir: Path) -> str:
@@ -47,40 +54,61 @@ class MemberModels:
         self.model.eval()
         self._rows: list[str] | None = None  # the adapter of each row of the forward pass running
         self._hooks: list = []
+        self._signatures: dict[tuple[str, ...], _StackedLoRA] = {}  # adapters of a layer -> one such layer
+        self._row_masks: dict[tuple[str, ...], torch.Tensor] = {}  # the same -> this pass's row mask
         self.load({name: adapters[name] for name in rest}, verify=False)
         self.end_ids = _end_ids(self.tokenizer, self.model)
 
     def forward(self, adapters: list[str], **inputs):
         """The model's output for a batch whose row i is for the adapter adapters[i]."""
-        if len(set(adapters)) == 1:  # one member: PEFT's plain path, 18-31% faster (benchmarks/serve_steps.py)
+        if len(set(adapters)) == 1:  # one member: PEFT's plain path, the adapter active
             if self.model.active_adapter != adapters[0]:
                 self.model.set_adapter(adapters[0])
             return self.model(**inputs)
-        self._rows = adapters
+        self._rows = ["__base__"] * len(adapters)  # PEFT's name for "no adapter": each layer runs its base only
+        self._row_masks = {names: stack.row_mask(adapters) for names, stack in self._signatures.items()}
         try:
             return self.model(**inputs)
         finally:
             self._rows = None
+            self._row_masks = {}
 
     def _hook_layers(self) -> None:
-        """Hand each LoRA layer the adapter of every row from a hook registered once, PEFT's own
-        `_adapter_names_pre_forward_hook` on the modules PEFT hooks. `model(..., adapter_names=)`
-        registers and removes those hooks on every forward pass, after walking every module twice:
-        12 ms of a 145 ms step for 16 rows of SmolLM2-135M over 4 members (benchmarks/serve_steps.py).
-        The layers' mixed-batch computation itself is PEFT's, unchanged."""
-        from peft.tuners.lora import LoraLayer
+        """Stack every LoRA layer's adapters (`_StackedLoRA`) and register, once, the two hooks of a
+        mixed batch on each layer: before it, PEFT's own `_adapter_names_pre_forward_hook` with
+        every row on the base (the layer computes its base layer only); after it, the stacked
+        low-rank products added with each row's mask. `model(..., adapter_names=)` would register
+        and remove PEFT's hooks on every forward pass, after walking every module twice."""
+        from peft.tuners.lora import Linear, LoraLayer
         from peft.tuners.lora.model import _adapter_names_pre_forward_hook
         from peft.utils import AuxiliaryTrainingWrapper
 
-        def hook(module, args, kwargs):
+        def before(module, args, kwargs):
             if self._rows is None:
                 return args, kwargs
             return _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names=self._rows)
 
+        def after(module, args, kwargs, output):
+            if self._rows is None:
+                return output
+            stack = stacks[module]
+            x = args[0] if args else kwargs["x"]
+            return output + stack.delta(x, self._row_masks[stack.names]).to(output.dtype)
+
         for handle in self._hooks:
             handle.remove()
-        self._hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
-                       if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        stacks, self._signatures = {}, {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) or (
+                    isinstance(module, LoraLayer) and (type(module) is not Linear or module.lora_variant)):
+                raise ValueError(f"{name}: palm serve batches members whose adapters are plain LoRA on linear "
+                                 f"layers (as palm trains them), not {type(module).__name__}")
+            if isinstance(module, Linear) and module.lora_A:
+                stacks[module] = _StackedLoRA(module)
+                self._signatures.setdefault(stacks[module].names, stacks[module])
+        self._hooks = [handle for module in stacks for handle in (
+            module.register_forward_pre_hook(before, with_kwargs=True),
+            module.register_forward_hook(after, with_kwargs=True))]
 
     @staticmethod
     def verify(name: str, path: Path) -> None:
@@ -137,6 +165,44 @@ class MemberModels:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+
+class _StackedLoRA:
+    """One LoRA layer's adapters side by side: A = [A_1; ...; A_n] (rank-sum x in) and
+    B = [s_1 B_1, ..., s_n B_n] (out x rank-sum), s_i the adapter's scaling. A row x for member i
+    gets B (m_i * (A x)) = s_i B_i A_i x, where the mask m_i is 1 on member i's columns and 0
+    elsewhere: the layer's LoRA output for member i, for every row in two matrix products."""
+
+    def __init__(self, layer):
+        import torch
+
+        self.names = tuple(layer.lora_A)  # the adapters that target this layer, in loading order
+        with torch.no_grad():
+            self.a = torch.cat([layer.lora_A[n].weight for n in self.names], dim=0)
+            self.b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in self.names], dim=1)
+        self.columns, start = {}, 0
+        for name in self.names:
+            rank = layer.lora_A[name].weight.shape[0]
+            self.columns[name] = slice(start, start + rank)
+            start += rank
+
+    def row_mask(self, adapters: list[str]) -> torch.Tensor:
+        """(rows, 1, rank-sum): row i is 1 on the columns of adapters[i] (0 everywhere for an
+        adapter that does not target this layer)."""
+        import torch
+
+        mask = torch.zeros(len(adapters), 1, self.a.shape[0], dtype=self.a.dtype, device=self.a.device)
+        for row, name in enumerate(adapters):
+            if name in self.columns:
+                mask[row, 0, self.columns[name]] = 1
+        return mask
+
+    def delta(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each row's LoRA output under its own adapter: x (rows, tokens, in) -> (rows, tokens, out)."""
+        from torch.nn.functional import linear
+
+        low = linear(x.to(self.a.dtype), self.a) * mask
+        return linear(low, self.b)
 
 
 def _end_ids(tokenizer, model) -> set[int]:
