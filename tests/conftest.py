@@ -1,5 +1,6 @@
 """Shared test set-up: offline, a private Prefect home, and a tiny real causal LM."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -16,7 +17,9 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="palm-prefect-"))
+if "PREFECT_HOME" not in os.environ:  # each pytest process (xdist worker) its own, removed when it exits
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="palm-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # the hostile-input suite's figures, summed over the whole run (xdist workers too)
