@@ -4,9 +4,13 @@ model.generate, on SmolLM2-135M. Writes benchmarks/results/sampling.json and pri
 
 Run from the repository root, on an otherwise idle machine:
     python benchmarks/sampling.py [--prompts 16] [--answers 8] [--max-new-tokens 24]
+        [--adapters models/members/*/adapter]
 
 The workload is the sample pool's: --answers answers to each of --prompts evaluation prompts,
 at temperature 1, --max-new-tokens tokens at most. Each row is the best of --repeats runs.
+--adapters: also sample from these trained policies (LoRA adapters of a finished run on the same
+base), as rsft's later rounds and evaluation do; their rows say how long the answers were
+(`steps_used`: the share of the rows' decoding steps before each answer ended).
 """
 import argparse
 import datetime
@@ -49,12 +53,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--adapters", type=Path, nargs="*", default=[], help="LoRA adapter directories to sample from")
     args = p.parse_args(argv)
 
     import torch
 
     from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
-    from palm_tasks.llm.models import generate, load_base, load_tokenizer
+    from palm_tasks.llm.models import generate, load_base, load_policy, load_tokenizer
     from palm_tasks.llm.prompts import load_prompt_pool
 
     prepare_base_model("smollm2", args.workdir / "base")  # converted once, then reused
@@ -67,21 +72,32 @@ def main(argv=None):
         "palm generate, batch 64": lambda: generate(model, tokenizer, flat, args.max_new_tokens, 1.0, 64, 0),
         "palm generate, batch 128": lambda: generate(model, tokenizer, flat, args.max_new_tokens, 1.0, 128, 0),
     }
+    policies = {f"palm generate, batch 128, policy {a.parent.name}": load_policy(base, a, "cpu")[0]
+                for a in args.adapters}
+    for name, policy in policies.items():
+        runs[name] = lambda policy=policy: generate(policy, tokenizer, flat, args.max_new_tokens, 1.0, 128, 0)
     rows = []
     for name, run in runs.items():
-        seconds = []
+        seconds, answers = [], None
         for _ in range(args.repeats):
             started = time.perf_counter()
-            run()
+            answers = run()
             seconds.append(time.perf_counter() - started)
-        rows.append({"sampler": name, "seconds": round(min(seconds), 2),
-                     "answers_per_second": round(len(flat) / min(seconds), 2)})
-        print(f"{name:34s} {min(seconds):7.1f} s  {len(flat) / min(seconds):6.2f} answers/s", flush=True)
+        row = {"sampler": name, "seconds": round(min(seconds), 2),
+               "answers_per_second": round(len(flat) / min(seconds), 2)}
+        if answers is not None:  # palm's: how many of the rows' steps ran before each answer ended
+            tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1, args.max_new_tokens)
+                      for a in answers]
+            row["steps_used"] = round(sum(tokens) / (len(tokens) * args.max_new_tokens), 3)
+        rows.append(row)
+        print(f"{name:60s} {min(seconds):7.1f} s  {len(flat) / min(seconds):6.2f} answers/s "
+              f"{row.get('steps_used', '')}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "machine": platform.machine(),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct (fp32)",
               "answers": len(flat), "prompts": args.prompts, "answers_per_prompt": args.answers,
-              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "rows": rows}
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+              "adapters": [str(a) for a in args.adapters], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -69,3 +69,58 @@ def test_an_answer_stops_at_eos(tiny_model, monkeypatch):
     monkeypatch.setattr(models, "_draw", eos_on_second_step)
     generate(model, tokenizer, PROMPTS, 8, 1.0, 8, 0)
     assert len(calls) == 2  # no forward passes after every answer has ended
+
+
+def test_answers_that_end_leave_the_batch_and_the_others_go_on_unchanged(tiny_model, monkeypatch):
+    """Two of four answers end at their first token: the later steps run on the other two rows
+    only, and their logits are still those of a plain forward pass over each answer alone."""
+    model, tokenizer = load_base(tiny_model, "cpu"), load_tokenizer(tiny_model)
+    eos, draw, steps = tokenizer.eos_token_id, models._draw, []
+
+    def first_two_end_at_once(logits, temperature):
+        token = draw(logits, temperature)
+        token[token == eos] = 5  # no answer ends by chance
+        if not steps:
+            token[:2] = eos
+        steps.append((logits.clone(), token.clone()))
+        return token
+
+    monkeypatch.setattr(models, "_draw", first_two_end_at_once)
+    prompts = [*PROMPTS, "Hello there, how are you?"]
+    answers = generate(model, tokenizer, prompts, 5, 1.0, len(prompts), 0)
+    assert answers[:2] == ["", ""]
+    assert [len(logits) for logits, _ in steps] == [4, 2, 2, 2, 2]  # the ended rows left after step 1
+    for answer, prompt in ((2, prompts[2]), (3, prompts[3])):
+        text = tokenizer.apply_chat_template(chat(prompt), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        start = len(ids)
+        for step, (logits, tokens) in enumerate(steps):
+            row = answer if step == 0 else answer - 2
+            with torch.no_grad():
+                plain = model(input_ids=ids[None]).logits[0, -1]
+            torch.testing.assert_close(logits[row], plain, rtol=1e-4, atol=1e-4)
+            ids = torch.cat([ids, tokens[row:row + 1]])
+        assert answers[answer] == tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+
+
+def test_a_policy_samples_with_its_adapter_merged_and_gets_its_weights_back_bit_for_bit(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(tiny_model, "cpu"), LoraConfig(r=4, target_modules="all-linear",
+                                                                    init_lora_weights=False)).eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    before = [m.get_base_layer().weight.clone() for m in layers]
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with models.adapter_merged(model):
+            assert all(m.merged for m in layers)
+            assert not torch.equal(layers[0].get_base_layer().weight, before[0])  # the product is in the weights
+            merged = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert not any(m.merged for m in layers)
+    assert all(torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, before))
+    assert torch.equal(after, unmerged)
