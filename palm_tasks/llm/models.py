@@ -246,8 +246,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 @contextmanager
 def adapter_merged(model):
     """The model's active LoRA adapter merged into its fp32 base weights for the duration: each
-    layer then runs one matrix product instead of three. Unmerged, a trained policy sampled 128
-    answers in 11-14 s against the base's 9.7 s, though its answers were shorter (SmolLM2-135M,
+    layer then runs one matrix product instead of three. Unmerged, the worked example's trained
+    policies sampled 128 answers in 8.6-12.2 s against the base's 10.0 s, though their answers
+    were shorter; merged and with ended answers out of the batch, in 5.4-8.6 s (SmolLM2-135M,
     2 cores; benchmarks/sampling.py). The merged weights are copied first and put back after,
     bit for bit, so training goes on from exactly the weights it had (PEFT's unmerge subtracts
     the product again, which leaves rounding errors). bf16 weights are not merged: their 8-bit
@@ -297,8 +298,8 @@ def _sample(model, tokenizer, chats: list[str], k: int, max_new_tokens: int, tem
     k times, then one token per step for every answer until all have ended (EOS) or max_new_tokens.
 
     Answers that have ended leave the batch (their rows of the cache dropped) once they are a
-    quarter of it: a trained policy's answers end early (44-71% of the rows' steps were still
-    running at 24 tokens for the worked example's four members, against 97% for the base;
+    quarter of it: a trained policy's answers end early (41-76% of the rows' 24 steps ran before
+    their answer ended for the worked example's four members, against 99% for the base;
     benchmarks/sampling.py), and each step costs about what its rows cost. Dropping rows at
     every step instead would copy the cache too often."""
     import torch

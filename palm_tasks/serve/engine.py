@@ -4,9 +4,10 @@ pass, whatever member it is for.
 One thread owns the model. Each step it (1) admits waiting requests while the batch has room,
 encoding their prompts in one forward pass, (2) draws one token for every answer of the batch,
 (3) lets finished answers leave, and (4) runs one forward pass over all remaining answers, each
-with its own member's LoRA adapter: every member's LoRA factors stacked side by side and each row
-masked to its own (serve/members.py), two matrix products per layer whatever the number of members. A request that arrives while others decode joins at the
-next step, as in vLLM's continuous batching; it does not wait for the batch to drain.
+with its own member's LoRA adapter: every member's LoRA factors stacked side by side and each
+row masked to its own (serve/members.py), two matrix products per layer whatever the number of
+members. A request that arrives while others decode joins at the next step, as in vLLM's
+continuous batching; it does not wait for the batch to drain.
 
 The batch's key/value cache, its rows right-aligned so that any row can join or leave between
 two steps, is serve/batch.py.
