@@ -369,3 +369,18 @@ def test_the_prefix_cache_keeps_the_most_recent_within_its_bound():
     cache.store("m", c, states(2 * BLOCK))  # over the bound: b, the least recently used, goes
     assert cache.longest("m", b + [9]) == (None, 0) and cache.longest("m", c + [9])[1] == 2 * BLOCK
     assert cache.bytes <= cache.max_bytes and cache.longest("m", a)[1] == BLOCK  # the last token is computed
+
+
+def test_an_adapter_the_stacked_step_cannot_batch_is_refused_naming_its_layer(tiny_model, tmp_path):
+    """A DoRA adapter (palm never trains one) is refused when loaded, naming a layer and the kind,
+    instead of being batched as plain LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from palm_tasks.llm.models import load_base
+    from palm_tasks.serve.members import MemberModels
+
+    get_peft_model(load_base(tiny_model, "cpu"), LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+                   ).save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match=r"^base_model\.model\..*: palm serve batches members whose adapters "
+                                         r"are plain LoRA on linear layers .*not DoraLinearVariant$"):
+        MemberModels(tiny_model, {"dora": tmp_path / "dora"})

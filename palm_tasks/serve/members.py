@@ -101,8 +101,9 @@ class MemberModels:
         for name, module in self.model.named_modules():
             if isinstance(module, AuxiliaryTrainingWrapper) or (
                     isinstance(module, LoraLayer) and (type(module) is not Linear or module.lora_variant)):
+                kind = ", ".join(type(v).__name__ for v in getattr(module, "lora_variant", {}).values())
                 raise ValueError(f"{name}: palm serve batches members whose adapters are plain LoRA on linear "
-                                 f"layers (as palm trains them), not {type(module).__name__}")
+                                 f"layers (as palm trains them), not {kind or type(module).__name__}")
             if isinstance(module, Linear) and module.lora_A:
                 stacks[module] = _StackedLoRA(module)
                 self._signatures.setdefault(stacks[module].names, stacks[module])
