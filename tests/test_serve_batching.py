@@ -373,14 +373,35 @@ def test_the_prefix_cache_keeps_the_most_recent_within_its_bound():
 
 def test_an_adapter_the_stacked_step_cannot_batch_is_refused_naming_its_layer(tiny_model, tmp_path):
     """A DoRA adapter (palm never trains one) is refused when loaded, naming a layer and the kind,
-    instead of being batched as plain LoRA."""
+    instead of being batched as plain LoRA; refused beside served adapters, it leaves them as they
+    were: not loaded, and a mixed batch of the others still gives each row its own adapter."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from palm_tasks.llm.models import load_base
     from palm_tasks.serve.members import MemberModels
 
-    get_peft_model(load_base(tiny_model, "cpu"), LoraConfig(r=4, target_modules="all-linear", use_dora=True)
-                   ).save_pretrained(tmp_path / "dora")
-    with pytest.raises(ValueError, match=r"^base_model\.model\..*: palm serve batches members whose adapters "
-                                         r"are plain LoRA on linear layers .*not DoraLinearVariant$"):
-        MemberModels(tiny_model, {"dora": tmp_path / "dora"})
+    def adapter(name, **config):
+        torch.manual_seed(len(name))
+        get_peft_model(load_base(tiny_model, "cpu"), LoraConfig(r=4, target_modules="all-linear", **config)
+                       ).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    refused = (r"^base_model\.model\..*: palm serve batches members whose adapters are plain LoRA on linear "
+               r"layers .*not DoraLinearVariant$")
+    with pytest.raises(ValueError, match=refused):
+        MemberModels(tiny_model, {"dora": adapter("dora", use_dora=True)})
+
+    models = MemberModels(tiny_model, {"a": adapter("a", init_lora_weights=False),
+                                       "bb": adapter("bb", init_lora_weights=False)})
+    ids = torch.tensor([[1, 5, 9, 13, 2]] * 2)
+    with torch.no_grad():
+        before = models.forward(["a", "bb"], input_ids=ids).logits
+        with pytest.raises(ValueError, match=refused):
+            models.load({"dora": tmp_path / "dora"})
+        assert models.loaded == {"a", "bb"}
+        after = models.forward(["a", "bb"], input_ids=ids).logits
+        alone = [models.forward([name], input_ids=ids[:1]).logits[0] for name in ("a", "bb")]
+    assert torch.equal(after, before) and not torch.allclose(after[0], after[1])
+    for row in (0, 1):
+        torch.testing.assert_close(after[row], alone[row], rtol=1e-5, atol=1e-5)

@@ -95,9 +95,7 @@ class MemberModels:
             x = args[0] if args else kwargs["x"]
             return output + stack.delta(x, self._row_masks[stack.names]).to(output.dtype)
 
-        for handle in self._hooks:
-            handle.remove()
-        stacks, self._signatures = {}, {}
+        stacks, signatures = {}, {}  # built before the old hooks go: a refusal leaves them serving
         for name, module in self.model.named_modules():
             if isinstance(module, AuxiliaryTrainingWrapper) or (
                     isinstance(module, LoraLayer) and (type(module) is not Linear or module.lora_variant)):
@@ -106,7 +104,10 @@ class MemberModels:
                                  f"layers (as palm trains them), not {kind or type(module).__name__}")
             if isinstance(module, Linear) and module.lora_A:
                 stacks[module] = _StackedLoRA(module)
-                self._signatures.setdefault(stacks[module].names, stacks[module])
+                signatures.setdefault(stacks[module].names, stacks[module])
+        for handle in self._hooks:
+            handle.remove()
+        self._signatures = signatures
         self._hooks = [handle for module in stacks for handle in (
             module.register_forward_pre_hook(before, with_kwargs=True),
             module.register_forward_hook(after, with_kwargs=True))]
@@ -134,7 +135,12 @@ class MemberModels:
         for name, path in new.items():
             self.model.load_adapter(path, adapter_name=name)
         self.model.eval()
-        self._hook_layers()  # an adapter may wrap modules no adapter wrapped before
+        try:
+            self._hook_layers()  # an adapter may wrap modules no adapter wrapped before
+        except ValueError:  # an adapter the mixed step cannot batch: the model as it was, and say so
+            for name in new:
+                self.model.delete_adapter(name)
+            raise
         return list(new)
 
     def delete(self, names) -> list[str]:
