@@ -10,7 +10,7 @@ Run from the repository root, on an otherwise idle machine (it takes about half 
 record run_s / its run_s as `ratio_to_<baseline>` (these machines vary by up to 1.8x from day to
 day, so the ratio is the figure to compare across days). Without it the ratio is null.
 
-Figures: install_s (`make install`), run_s (`make run` after it: the pipeline alone), wall_s
+Figures: date (when the run finished), install_s (`make install`), run_s (`make run` after it: the pipeline alone), wall_s
 (both), and from the run's own outputs: certified, eps, delta and alpha of the certificate
 (portfolio.json), members, trainings (metrics/align.json), answers_evaluated
 (metrics/coverage.json), and dvc_clean (`dvc status` has nothing to do). The children's CPU
