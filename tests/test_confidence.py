@@ -147,26 +147,44 @@ def test_where_the_truth_covers_with_room_the_certificate_is_stated():
     assert np.mean(answers) <= 0.5 * 3 * PROMPTS * policies.answers
 
 
-def test_a_beaten_row_is_repaired_before_anything_is_measured_further():
+def test_a_beaten_row_is_repaired_first_only_where_the_certificate_is_not_expected_to_hold():
     # the second specialist falls short of best-of-N at its own weight (0.60 against about 0.66):
-    # decided at the first look, while its cover decision is still open. More prompts on it
-    # would be wasted (a repair replaces it), so the search asks for the repair; with no repair
-    # left, the open decision's rows are measured further instead.
+    # decided at the first look, while the cover decisions are still open. Where the middle row
+    # (0.62) puts every open cover decision's estimate inside its threshold, the certificate is
+    # expected to hold: its rows are measured further first, and it certifies with no training
+    # (a repair costs what dozens of chunks cost). Where the middle row is weaker (0.55), an
+    # estimate is beyond its threshold: more prompts on the beaten row would be wasted (the
+    # repair replaces it), so the repair comes first; with no repair left, the open decisions'
+    # rows are measured further instead.
     from palm_tasks.core.search import LazySearch
 
-    policies = NoisyPolicies(means=np.array([[0.80, 0.30], [0.30, 0.60], [0.62, 0.62]]), base=np.array([0.30, 0.50]))
-    tables, pool = policies.draw(np.random.default_rng(11), PROMPTS)
-    paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
-    first = [t[:START] for t in tables]
-    assert [dec.status for dec in paired.beaten(W, first)] == ["open", "holds", "open"]
-    covers = [dec.status for dec in paired.certificate(W, first).decisions if dec.kind == "cover"]
-    assert "open" in covers and "fails" not in covers
+    def setup(middle):
+        policies = NoisyPolicies(means=np.array([[0.80, 0.30], [0.30, 0.60], [middle, middle]]),
+                                 base=np.array([0.30, 0.50]))
+        tables, pool = policies.draw(np.random.default_rng(11), PROMPTS)
+        paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
+        first = [t[:START] for t in tables]
+        assert [dec.status for dec in paired.beaten(W, first)] == ["open", "holds", "open"]
+        covers = [dec for dec in paired.certificate(W, first).decisions if dec.kind == "cover"]
+        assert "open" in [dec.status for dec in covers] and "fails" not in [dec.status for dec in covers]
 
-    def search(max_repairs):
-        return LazySearch(2, 0.1, DELTA, 6, max_repairs=max_repairs, paired=paired, initial_weights=W,
-                          initial_values=np.array([t.mean(axis=0) for t in first]),
-                          initial_std_errors=np.zeros((3, 2)), initial_tables=first)
+        def search(max_repairs):
+            return LazySearch(2, 0.1, DELTA, 6, max_repairs=max_repairs, paired=paired, initial_weights=W,
+                              initial_values=np.array([t.mean(axis=0) for t in first]),
+                              initial_std_errors=np.zeros((3, 2)), initial_tables=first)
+        return tables, covers, search
 
+    tables, covers, search = setup(0.62)
+    assert all(dec.estimate <= dec.threshold for dec in covers)
+    expected = search(1)
+    assert expected.evaluation_needed() != {}
+    while need := expected.evaluation_needed():
+        for r, target in need.items():
+            expected.update(r, tables[r][:target])
+    assert expected.ask() is None and expected.stopped == "certified" and expected.trainings == 0
+
+    tables, covers, search = setup(0.55)
+    assert any(dec.open and dec.estimate > dec.threshold for dec in covers)
     repairing = search(1)
     assert repairing.evaluation_needed() == {}
     assert repairing.ask().tolist() == [0.0, 1.0] and repairing._asked[0][1] == "repair"

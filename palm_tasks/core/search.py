@@ -348,16 +348,21 @@ class LazySearch:
         - else, when no cover decision fails, the rows of each open one (its own, and those
           that narrow its margins) below the cap.
         Empty without paired evidence, when a cover decision fails on its own (a training is
-        needed), when a row is beaten with a repair left (the repair replaces it: prompts on it
-        now would be wasted), or when every open decision is at the cap."""
+        needed), or when every open decision is at the cap. A row beaten with a repair left is
+        repaired first (prompts on it now would be wasted: the repair replaces it) only when the
+        certificate is not expected to hold, i.e. some cover decision fails or its estimate is
+        beyond its threshold; when every decision not yet holding is open with its estimate
+        inside, prompts come first: a certificate that holds needs no repair, and a repair
+        (minutes) costs what dozens of chunks (seconds each) cost."""
         if self.paired is None or not self.W or self._asked:
             return {}
         cert = self.paired.certificate(np.array(self.W), self.tables, members=self._members())
-        if not cert.certified and self._budget_left() > 0:
+        covers = [dec for dec in cert.decisions if dec.kind == "cover"]
+        expected = all(dec.status == "holds" or (dec.open and dec.estimate <= dec.threshold) for dec in covers)
+        if not cert.certified and self._budget_left() > 0 and not expected:
             b = self.beaten()
             if any(b.beaten[j] and self.repairs[j] < self.max_repairs for j in range(len(self.W))):
                 return {}
-        covers = [dec for dec in cert.decisions if dec.kind == "cover"]
         looks = self.paired.looks
         need: dict[int, int] = {}
 
