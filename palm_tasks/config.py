@@ -78,6 +78,9 @@ class SearchConfig(Section):
     max_repairs: int = Field(2, ge=0, description="lazy: retrainings of a row beaten beyond "
                              "confidence by the evidence (a paired decision, 0: no repair); they count "
                              "against max_trainings")
+    warm_start: bool = Field(True, description="lazy: a new weight's training starts from the adapter of the "
+                             "row best at that weight (a repair always starts from the row that beat it); "
+                             "false: a fresh adapter (docs/search.md)")
 
 
 class DataConfig(Section):
@@ -107,8 +110,12 @@ class TrainingConfig(Section):
         "rsft", description="rsft (iterated rejection-sampling fine-tuning: keep each prompt's best of "
                             "samples_per_prompt answers under w, SFT on them, repeat; the CPU default, "
                             "docs/oracle.md) | grpo (TRL GRPO with reward_weights = w; the GPU path)")
-    rounds: int = Field(3, ge=1, description="rsft: rounds of sample -> keep the best -> SFT (round 1 uses "
-                                             "the base's sample pool; benchmarks/oracle_methods.py)")
+    rounds: int = Field(3, ge=1, description="rsft: the most rounds of sample -> keep the best -> SFT (round 1 "
+                                             "uses the base's sample pool; fewer once done, stop_alpha)")
+    stop_alpha: float = Field(0.05, ge=0, lt=1, description="rsft: after each round but the last the policy "
+                              "answers the last evaluation.min_prompts held-out prompts, and the job stops once "
+                              "it is not short of best-of-N at its weight (the paired difference's interval at "
+                              "this error, split over the looks, reaches 0; docs/oracle.md); 0: always `rounds`")
     samples_per_prompt: int = Field(8, ge=2, description="rsft: answers sampled per training prompt and "
                                                          "round, the best under w kept")
     epochs: int = Field(2, ge=1, description="rsft: SFT epochs over the kept answers per round")

@@ -19,6 +19,7 @@ finished job, and a finished job is never run again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,6 +75,7 @@ class JobSpec:
     init_from: str = ""  # key of the policy whose adapter the job starts from ("" : a fresh adapter)
     attempt: int = 0  # 0 for a first training; a repair's attempt k trains with seed + k
     precision: str = "fp32"  # fp32 | bf16 (llm.models.resolve_precision): it decides the answers
+    evidence_sha256: str = ""  # rsft that stops once done: the sample pool its rounds are tested against
 
     @property
     def key(self) -> str:
@@ -81,6 +83,8 @@ class JobSpec:
         payload["weights"] = [round(float(x), 9) for x in self.weights]
         if self.precision == "fp32":
             del payload["precision"]  # the keys of jobs trained before precision was a setting
+        if not self.evidence_sha256:
+            del payload["evidence_sha256"]  # a job whose rounds no test ends
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -130,7 +134,8 @@ class Job:
 
     def describe(self) -> str:
         if self.kind == "train":
-            more = f" (repair {self.attempt}, from {Path(self.policy).name})" if self.policy else ""
+            how = f"repair {self.attempt}" if self.attempt else "warm"
+            more = f" ({how}, from {Path(self.policy).name})" if self.policy else ""
             return f"train w={_fmt(self.weights)}{more}"
         if self.kind == "soup":
             return f"soup lambda={_fmt(self.lambdas)}"
@@ -266,10 +271,36 @@ class JobContext:
         from palm_tasks.core.simplex import check_weights
 
         w = check_weights(np.asarray(weights, float), self.cfg.d)
-        return JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
+        spec = JobSpec(traits=tuple(self.cfg.traits), weights=tuple(float(x) for x in w),
                        base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
                        data_sha256=self.data_sha, training=self.cfg.training.model_dump(), seed=self.cfg.seed,
                        init_from=init_from, attempt=int(attempt), precision=self.precision)
+        return replace(spec, evidence_sha256=self.evidence_sha) if self.look(spec) is not None else spec
+
+    @functools.cached_property
+    def evidence(self):
+        """The base's sample pool on the eval prompts (schema.SamplePool), None if missing or
+        made with other rewards."""
+        from palm_tasks.schema import ArtifactError, load_samples
+
+        try:
+            pool = load_samples(self.paths.root, "eval")
+        except ArtifactError:
+            return None
+        return pool if pool.reward_versions == self.reward_versions else None
+
+    @functools.cached_property
+    def evidence_sha(self) -> str:
+        return file_sha256(self.paths.samples / "eval.json")
+
+    def look(self, spec: JobSpec):
+        """rsft's test after each round of this job (palm_tasks.round_stop), or None."""
+        from palm_tasks.round_stop import round_stop
+
+        if self.evidence is None:
+            return None
+        return round_stop(self.cfg, self.evidence, self.eval_prompts, self.rewards, spec.weights,
+                          spec.seed + spec.attempt, label=spec.key[:10])
 
     def first_round(self):
         """rsft: the base's answers to the training prompts (data/samples/train.json), as
@@ -349,8 +380,10 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         return ctx.measured(done, store, first)
     t = ctx.cfg.training
     how = f"{t.rounds} rsft rounds" if t.method == "rsft" else f"{t.steps} GRPO steps"
+    if t.method == "rsft" and spec.evidence_sha256:
+        how = f"at most {how}, fewer once not short of best-of-N"
     if start:
-        how += f", repair {job.attempt} starting from {start.key}"
+        how += (f", repair {job.attempt}" if job.attempt else ", warm") + f" starting from {start.key}"
     say(f"align: training {spec.key} w={_fmt(spec.weights)} ({how})")
     tmp = _workdir(store, spec.key)
     run = tracking.JobRun.open(ctx.cfg, paths.root, spec, ctx.device, store)
@@ -360,7 +393,7 @@ def _train(ctx: JobContext, job: Job) -> Policy:
             ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, t, ctx.device,
             spec.seed + spec.attempt, tmp / "trainer", on_log=run.on_log(spec.key),
             first_round=None if start else ctx.first_round(),
-            init_adapter=start.adapter if start else None, precision=ctx.precision)
+            init_adapter=start.adapter if start else None, precision=ctx.precision, look=ctx.look(spec))
         model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
         train_seconds = time.time() - started
         chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
@@ -382,7 +415,7 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         shutil.rmtree(tmp, ignore_errors=True)
         run.fail()
         raise
-    run.finish(policy, t.rounds if t.method == "rsft" else t.steps)
+    run.finish(policy, len(history) if t.method == "rsft" else t.steps)
     value = policy.value
     say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)} on {table.prompts} prompts, "
         f"{table.quality['degenerate_share']:.1%} degenerate answers, in {policy.training['total_seconds']:.0f}s")

@@ -110,7 +110,7 @@ def refresh_pool(cfg: PalmConfig, root: Path, run_jobs: RunJobs, before: Previou
     search = search_from_config(cfg, bon, initial=kept)
     started = time.time()
     run = search_loop(search, run_jobs, paths, initial=kept, workers=cfg.runner.workers,
-                      servable=gate.rule(cfg, bon.samples))
+                      servable=gate.rule(cfg, bon.samples), warm_start=cfg.search.warm_start)
     rows = run.rows
     new = [p for p in rows if p.key not in {k.key for k in kept}]
     # Trained by this run = written by it (a policy found finished on disk is older).

@@ -57,7 +57,8 @@ class SearchRun:
 
 
 def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(), workers: int = 1,
-                store: str = "models/members", servable: Callable[[Policy], bool] | None = None) -> SearchRun:
+                store: str = "models/members", servable: Callable[[Policy], bool] | None = None,
+                warm_start: bool = False) -> SearchRun:
     """Measure, ask, train, tell until the search is done (SearchRun).
 
     Before each proposal the rows of the certificate's open decisions are measured on more
@@ -67,7 +68,9 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
     through run_jobs at once and tells each result. `store`: where new policies go (the evaluate
     stage keeps its own). `servable`: policy -> whether it passes the quality gate (gate.rule;
     None: every policy), told with each measurement, so that the search certifies with members
-    that may be served."""
+    that may be served. warm_start (search.warm_start): a new weight's job starts from the
+    adapter of the servable row whose value at that weight is the best told (a repair always
+    starts from the row that beat it)."""
     servable = servable or (lambda policy: True)
     rows: list[Policy] = list(initial)
     run = SearchRun(rows, {p.key: _prompts(p) for p in rows})
@@ -92,6 +95,10 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
                 start = rows[by] if by >= 0 else rows[row]
                 jobs.append(Job.train(w, store=store, init_from=paths.relative(start.path),
                                       attempt=search.repairs[row] + 1))
+            elif warm_start and (served := [p for p in rows if servable(p)]):
+                # the servable row best at w: a step closer than a fresh adapter (docs/search.md)
+                best = served[int(np.argmax([p.values @ np.asarray(w, float) for p in served]))]
+                jobs.append(Job.train(w, store=store, init_from=paths.relative(best.path)))
             else:
                 jobs.append(Job.train(w, store=store))
         policies = run_jobs(jobs)

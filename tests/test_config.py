@@ -79,7 +79,7 @@ def test_job_key_sections_keep_their_fields():
     # the training dump is hashed into job keys, the evaluation's answers_key into the chunks'
     # evaluation key: finished jobs and measured chunks must keep their keys
     assert TrainingConfig().model_dump() == {
-        "method": "rsft", "rounds": 3, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.3,
+        "method": "rsft", "rounds": 3, "stop_alpha": 0.05, "samples_per_prompt": 8, "epochs": 2, "min_relevance": 0.3,
         "steps": 32, "learning_rate": None, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "max_completion_length": 24, "num_generations": 4, "batch_size": None, "temperature": 1.0, "beta": 0.0}
     assert EvaluationConfig().answers_key() == {
@@ -95,7 +95,8 @@ def test_training_learning_rate_defaults_by_method():
 @pytest.mark.parametrize("section, key, value", [
     ("training", "method", "ppo"), ("evidence", "best_of", 1), ("evidence", "best_of", 100000),
     ("gate", "max_degenerate_share", 1.5), ("gate", "min_relevance_ratio", -0.1), ("gate", "max_garbled_share", 1.5),
-    ("search", "max_repairs", -1), ("training", "rounds", 0)])
+    ("search", "max_repairs", -1), ("training", "rounds", 0), ("training", "stop_alpha", 1.0),
+    ("training", "stop_alpha", -0.1), ("search", "warm_start", "sometimes")])
 def test_nonsense_for_the_new_settings_is_refused_naming_the_key(section, key, value):
     with pytest.raises(ConfigError) as err:
         parse_config({section: {key: value}})

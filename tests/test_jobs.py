@@ -40,11 +40,37 @@ def test_keys_of_the_default_settings_are_those_finished_jobs_have_on_disk():
     # at lr 2e-3 and batches of 128 answers (with a new sampler), when rsft gained
     # min_relevance, when it became 0.3 with 256 eval prompts x 2 answers, when evaluation
     # became 384 prompts x 2 answers, and when the evaluation left the key (a policy is measured
-    # in chunks keyed by the evaluation, docs/evidence.md); an accidental change re-trains every job.
+    # in chunks keyed by the evaluation, docs/evidence.md), and when rsft gained stop_alpha (rounds
+    # that stop once done); an accidental change re-trains every job.
     default = parse_config({})
     s = JobSpec(traits=("safety", "humor", "brevity"), weights=(1.0, 0.0, 0.0), base_model_sha256="b" * 64,
                 reward_versions=("s1", "h1", "b1"), data_sha256="d" * 64, training=default.training.model_dump())
-    assert s.key == "fa3dcd0ced6f6fe9"
+    assert s.key == "b98a73ce3a2a29b1"
+
+
+def test_a_job_whose_rounds_stop_once_done_names_the_pool_it_was_tested_against(tmp_path_factory, prepared_project):
+    # rsft with 2 rounds and stop_alpha > 0: after round 1 the policy is tested against the
+    # sample pool's best-of-N (palm_tasks.round_stop), so the pool's sha256 is in the job key and
+    # the look's figures are in the round's history; with stop_alpha 0 neither.
+    from conftest import copy_project
+    from palm_tasks.jobs import JobContext
+    from palm_tasks.params_yaml import load_config
+
+    root = copy_project(prepared_project, tmp_path_factory.mktemp("stops") / "project")
+    cfg = load_config(root / "params.yaml")
+    looking = cfg.model_copy(update={"training": cfg.training.model_copy(update={"rounds": 2})})
+    ctx = JobContext(looking, root)
+    spec = ctx.spec([0.25, 0.25, 0.5])
+    assert spec.evidence_sha256 == ctx.evidence_sha and len(spec.evidence_sha256) == 64
+    never = cfg.model_copy(update={"training": looking.training.model_copy(update={"stop_alpha": 0.0})})
+    assert JobContext(never, root).spec([0.25, 0.25, 0.5]).evidence_sha256 == ""
+
+    policy = run_job(looking, root, Job.train([0.25, 0.25, 0.5]), ctx)
+    assert policy.key == spec.key
+    history = policy.training["history"]
+    assert {"look_value", "look_evidence", "look_lower", "look_upper", "stopped"} <= set(history[0])
+    assert len(history) == (1 if history[0]["stopped"] else 2)
+    assert history[0]["look_lower"] <= history[0]["look_value"] - history[0]["look_evidence"] <= history[0]["look_upper"]
 
 
 @pytest.fixture(scope="module")

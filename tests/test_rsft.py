@@ -174,3 +174,37 @@ def test_answer_only_loss_is_trls_loss(tiny_model, tmp_path):
     trls, trls_grads = loss_and_grads(SFTTrainer.compute_loss)
     assert ours > 0 and ours == pytest.approx(trls, rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours_grads, trls_grads))
+
+
+def test_rounds_go_on_only_while_the_policy_is_short_of_the_evidence(tiny_model, tmp_path):
+    # The real test after each round (palm_tasks.round_stop) on the tiny model's answers: against
+    # evidence no answer can reach (w . r = 1 on every prompt) the policy is shown short after
+    # every round, so all three run, looked at after rounds 1 and 2 only; against evidence every
+    # answer reaches (0) it is not short after round 1, and the job stops there.
+    from palm_tasks.config import EvaluationConfig
+    from palm_tasks.round_stop import RoundStop
+
+    ev = EvaluationConfig(n_prompts=3, chunk_prompts=3, min_prompts=3, samples_per_prompt=2, max_new_tokens=4,
+                          batch_size=8)
+    t = T.model_copy(update={"rounds": 3})
+    looked = []
+
+    def stop(evidence):
+        real = RoundStop(PROMPTS, np.full(len(PROMPTS), evidence), np.array(W), 0.05, tuple(REWARDS), ev, 0)
+
+        def look(model, tokenizer, round_):
+            looked.append(round_)
+            return real(model, tokenizer, round_)
+        return look
+
+    _, _, history = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 0, tmp_path / "a",
+                                    first_round=POOL, look=stop(1.0))
+    assert [h["round"] for h in history] == [1, 2, 3] and looked == [1, 2]
+    assert [h["stopped"] for h in history[:2]] == [False, False] and "stopped" not in history[2]
+    assert all(h["look_upper"] < 0 and h["look_evidence"] == 1.0 for h in history[:2])
+
+    looked.clear()
+    _, _, history = rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 0, tmp_path / "b",
+                                    first_round=POOL, look=stop(0.0))
+    assert [h["round"] for h in history] == [1] and looked == [1] and history[0]["stopped"] is True
+    assert history[0]["look_upper"] >= 0 and history[0]["look_seconds"] > 0

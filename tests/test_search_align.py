@@ -55,6 +55,33 @@ def test_search_loop_with_one_worker_asks_one_job_at_a_time(tmp_path):
     assert [len(b) for b in batches] == [1] * search.trainings and search.rounds == search.trainings
 
 
+def test_a_new_weight_starts_from_the_servable_row_best_there(tmp_path):
+    # search.warm_start: after the extremes, each new weight's job starts from the adapter of the
+    # servable row whose value at that weight is the best told; a row that fails the gate is
+    # never a start; warm_start False: every job a fresh adapter
+    front = PNormFront(2, 2.0)
+    real, batches = fake_runner(tmp_path, front)
+    made = []  # every policy, in the order the jobs returned them
+
+    def run_jobs(jobs):
+        made.append(real(jobs))
+        return made[-1]
+    gated = "p1-0"  # the first extreme's policy fails the quality gate
+    search = LazySearch(2, 0.02, 0.01, 6)
+    search_loop(search, run_jobs, Paths(tmp_path), servable=lambda p: p.key != gated, warm_start=True)
+    assert [j.policy for j in batches[0] + batches[1]] == [None, None]  # the extremes: nothing to start from
+    assert len(batches) > 2
+    for b in range(2, len(batches)):
+        (job,) = batches[b]
+        w = np.array(job.weights)
+        told = [p for out in made[:b] for p in out if p.key != gated]
+        best = max(told, key=lambda p: float(p.values @ w))
+        assert job.policy == f"models/members/{best.key}" and job.attempt == 0
+    real, batches = fake_runner(tmp_path, front)
+    search_loop(LazySearch(2, 0.02, 0.01, 6), real, Paths(tmp_path), warm_start=False)
+    assert len(batches) > 2 and all(j.policy is None for b in batches for j in b)
+
+
 def test_search_loop_batches_repairs_warm_started_from_their_row(tmp_path):
     front = PNormFront(3, 2.0)
     short = {tuple(np.round(e, 9)) for e in np.eye(3)}
@@ -85,8 +112,8 @@ def test_the_align_stage_asks_runner_workers_weights_per_round(prepared_project,
                         search={"mode": "lazy", "max_trainings": 6})
     seen = {}
 
-    def loop(search, run_jobs, paths, initial=(), workers=1, servable=None):
-        seen["workers"] = workers
+    def loop(search, run_jobs, paths, initial=(), workers=1, servable=None, warm_start=False):
+        seen["workers"], seen["warm_start"] = workers, warm_start
         seen["first"] = search.ask_batch(workers)
         raise Stop
 
@@ -94,3 +121,4 @@ def test_the_align_stage_asks_runner_workers_weights_per_round(prepared_project,
     with pytest.raises(Stop):
         align.run(load_config(root / "params.yaml"), root, run_jobs=lambda jobs: [])
     assert seen["workers"] == 2 and np.array_equal(np.array(seen["first"]), np.eye(3)[:2])
+    assert seen["warm_start"] is True  # search.warm_start, on by default

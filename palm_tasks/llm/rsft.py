@@ -150,8 +150,9 @@ def answer_only_trainer():
 def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
                first_round=None, init_adapter: Path | None = None,
-               on_log: Callable[[int, int, dict], None] | None = None, precision: str | None = None):
-    """(policy, tokenizer, history) after `t.rounds` rounds of sample -> keep the best under w -> SFT.
+               on_log: Callable[[int, int, dict], None] | None = None, precision: str | None = None,
+               look: Callable[[object, object, int], dict] | None = None):
+    """(policy, tokenizer, history) after up to `t.rounds` rounds of sample -> keep the best under w -> SFT.
 
     first_round: (completions, scores) of the base on train_prompts (P lists of N answers,
     scores (P, N, d)), used as round 1's samples unless warm-starting from `init_adapter`.
@@ -159,6 +160,8 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     history: one dict per round, also handed to on_log(round, t.rounds, dict): round, reward (mean
     w . r of the sampled answers), kept_reward (mean w . r of each prompt's kept answer), kept
     (pairs trained on), sample_seconds, sft_seconds, loss (last SFT step's; None if nothing kept).
+    look(model, tokenizer, round) -> dict with `stop`: called after every round but the last
+    (palm_tasks.round_stop); its figures join the round's dict, and `stop` ends the job there.
     """
     w = np.asarray(weights, float)
     tokenizer = load_tokenizer(base_path)
@@ -188,9 +191,16 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
             log = {"round": r, "reward": float(value.mean()), "kept_reward": float(kept.mean()),
                    "kept": len(pairs), "sample_seconds": round(sampled - started, 2),
                    "sft_seconds": round(time.time() - sampled, 2), "loss": loss}
+            stop = False
+            if look is not None and r < t.rounds:
+                verdict = look(model, tokenizer, r)
+                stop = bool(verdict.pop("stop"))
+                log.update(verdict, stopped=stop)
             history.append(log)
             if on_log:
                 on_log(r, t.rounds, log)
+            if stop:
+                break
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # TRL's pickled training_args: never kept
     return model, tokenizer, history

@@ -52,7 +52,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     if cfg.search.mode == "lazy":
         bon = BestOfN(schema.load_samples(root), cfg.training.min_relevance)
         search = search_from_config(cfg, bon)
-        run_ = search_loop(search, run_jobs, paths, workers=cfg.runner.workers, servable=gate.rule(cfg, bon.samples))
+        run_ = search_loop(search, run_jobs, paths, workers=cfg.runner.workers, servable=gate.rule(cfg, bon.samples),
+                           warm_start=cfg.search.warm_start)
         policies, prompts = run_.rows, run_.prompts
         result = search.result()
         history = {"stopped": search.stopped, "steps": search.history, "beaten": result.beaten,

@@ -111,7 +111,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
             "repairs per row)")
         search = search_from_config(cfg, bon)
         rows = to_cap(search_loop(search, run_jobs, paths, workers=cfg.runner.workers, store=store,
-                                  servable=gate.rule(cfg, samples)).rows)
+                                  servable=gate.rule(cfg, samples), warm_start=cfg.search.warm_start).rows)
         for policy in rows:  # a repaired row holds its better policy: the other methods share that
             trained[tuple(np.round(np.asarray(policy.weights, float), 9))] = policy
         pools["palm_lazy"] = rows
