@@ -35,7 +35,7 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO
 from palm_tasks.config import ConfigError, PalmConfig
 from palm_tasks.params_yaml import load_config
 from palm_tasks.lock import ProjectLockedError  # noqa: E402
-from palm_tasks.report.console import print_status, print_summary  # noqa: E402
+from palm_tasks.report.console import print_cost, print_status, print_summary  # noqa: E402
 from palm_tasks.schema import ArtifactError  # noqa: E402
 from palm_tasks.stages import STAGES  # noqa: E402
 from palm_tasks.tracking import StoreNotWritableError  # noqa: E402
@@ -92,8 +92,9 @@ def cmd_run(args, cfg: PalmConfig) -> int:
     from palm_tasks.lock import project_lock
 
     with project_lock(Path(args.root), "palm run", wait=args.wait):
-        pipeline(args.params, args.root)
+        out = pipeline(args.params, args.root)
     print_summary(cfg, Path(args.root))
+    print_cost(Path(args.root), out["seconds"])
     return 0
 
 

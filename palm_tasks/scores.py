@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from palm_tasks.log import say, warn
+from palm_tasks.log import progress, say, warn
 from palm_tasks.schema import ScoreTable
 
 EVALUATIONS = "evaluations"
@@ -41,7 +42,8 @@ def _digest(body: dict) -> str:
 @dataclass(frozen=True)
 class Chunk:
     """One chunk of a policy's answers: prompt texts, completions, each answer's rewards (n k, d),
-    degenerate flags and relevance, in prompt order (k answers to a prompt in a row)."""
+    degenerate flags and relevance, in prompt order (k answers to a prompt in a row); seconds:
+    the wall time its answers and rewards took (None in chunks written before it was kept)."""
     eval_key: str
     index: int
     answers_per_prompt: int
@@ -50,6 +52,7 @@ class Chunk:
     rewards: np.ndarray
     degenerate: np.ndarray
     relevance: np.ndarray
+    seconds: float | None = None
 
     def per_prompt(self) -> np.ndarray:
         """(prompts, d): each prompt's mean reward over its answers."""
@@ -62,6 +65,8 @@ class Chunk:
                 "completions": list(self.completions), "rewards": np.round(self.rewards, 6).tolist(),
                 "degenerate": [bool(b) for b in self.degenerate],
                 "relevance": np.round(self.relevance, 6).tolist()}
+        if self.seconds is not None:
+            body["seconds"] = round(float(self.seconds), 2)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({**body, "sha256": _digest(body)}))
@@ -86,8 +91,10 @@ class Chunk:
         n = len(data["prompts"])
         if rewards.ndim != 2 or len(rewards) != n or len(data["completions"]) != n or n % k:
             raise ValueError("its answers and rewards do not match")
+        seconds = data.get("seconds")
         return cls(eval_key, index, k, data["prompts"], data["completions"], rewards,
-                   np.asarray(data["degenerate"], bool), np.asarray(data["relevance"], float))
+                   np.asarray(data["degenerate"], bool), np.asarray(data["relevance"], float),
+                   float(seconds) if isinstance(seconds, (int, float)) else None)
 
 
 def chunk_path(directory: Path, index: int) -> Path:
@@ -149,13 +156,16 @@ def measure(ctx, model, tokenizer, dirs: list[Path], write_dir: Path, prompts: i
 
         say(f"measure{' ' + label if label else ''}: chunks {len(chunks) + 1}-{wanted} of "
             f"{-(-cap // ev.chunk_prompts)} ({ev.chunk_prompts} prompts x {ev.samples_per_prompt} answers each)")
-    for index in range(len(chunks), wanted):
+    for index in progress(range(len(chunks), wanted), wanted - len(chunks),
+                          f"measure{' ' + label if label else ''}", lines_from=3):
         first = index * ev.chunk_prompts
         part = ctx.eval_prompts[first:min(first + ev.chunk_prompts, cap)]
+        started = time.time()
         answers = answer_chunk(model, tokenizer, ctx.rewards, part, ev, ctx.cfg.seed + index)
         # rounded as the file holds them: a table read back equals the one measured
         chunk = Chunk(eval_key, index, ev.samples_per_prompt, answers.prompts, answers.completions,
-                      np.round(answers.rewards, 6), answers.degenerate, np.round(answers.relevance, 6))
+                      np.round(answers.rewards, 6), answers.degenerate, np.round(answers.relevance, 6),
+                      time.time() - started)
         chunk.write(chunk_path(write_dir, index))
         chunks.append(chunk)
     return table_of(chunks, ctx.cfg.traits, eval_key, ev.samples_per_prompt)

@@ -201,6 +201,30 @@ def test_the_first_command_writes_every_stage_and_each_agrees_with_the_next(fini
     assert "with confidence 1 - alpha" in " ".join(printed.getvalue().split())
 
 
+def test_the_run_says_what_each_training_cost_and_what_ended_its_rounds(finished_run, capsys, monkeypatch):
+    # metrics/align.details.json: one row per training of the search (replaced repairs too), its
+    # seconds by phase, read from the job's own records (rsft's rounds, each score chunk's time);
+    # metrics/align.json: the phase totals; `palm run` prints them with each stage's seconds
+    from palm_tasks.cost import totals
+    from palm_tasks.report.console import print_cost
+    from palm_tasks.schema import load_pool
+
+    details = json.loads((finished_run / "metrics" / "align.details.json").read_text())
+    steps = load_pool(finished_run).history["steps"]
+    rows = details["cost"]
+    assert [r["key"] for r in rows] == [h["key"] for h in steps] and len(rows) == details["trainings"]
+    for row in rows:
+        assert row["rounds"] == row["of"] == 1 and row["ended"] == "the round cap"  # tiny params: 1 round
+        assert row["seconds"]["sft"] > 0 and row["seconds"]["evaluation"] > 0 and row["prompts"] >= 4
+        assert row["seconds"]["round_tests"] == 0  # one round: no test after it
+    assert json.loads((finished_run / "metrics" / "align.json").read_text())["seconds"] == totals(rows)
+    monkeypatch.setenv("COLUMNS", "300")
+    print_cost(finished_run, {"rewards": 12.0, "align": 34.0, "coverage": 1.0})
+    out = capsys.readouterr().out
+    assert "rewards (12 s)" in out and "align (34 s)" in out and "coverage (1 s)" in out
+    assert all(row["key"] in out for row in rows) and "the search stopped" in out
+
+
 def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared_job(finished_run, tmp_path,
                                                                                       prefect_harness):
     import mlflow
@@ -218,7 +242,8 @@ def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared
     before = _member_files(root)
     n_versions = len(client.search_model_versions(f"name = '{member_model}'"))
     again = pipeline(params, str(root))  # the stage flows in this process, through Prefect
-    assert set(again) == {"rewards", "grid", "align", "soups", "coverage", "register"}
+    assert set(again) == {"rewards", "grid", "align", "soups", "coverage", "register", "seconds"}
+    assert set(again["seconds"]) == {"rewards", "grid", "align", "soups", "coverage", "register", "dvc commit"}
     assert _member_files(root) == before
     assert again["align"]["trained"] == 0 and again["register"]["created"] == 0
     assert len(client.search_model_versions(f"name = '{member_model}'")) == n_versions

@@ -66,10 +66,12 @@ def test_a_new_weight_starts_from_the_servable_row_best_there(tmp_path):
     def run_jobs(jobs):
         made.append(real(jobs))
         return made[-1]
-    gated = "p1-0"  # the first extreme's policy fails the quality gate
+    gated = "p2-0"  # the second extreme's policy fails the quality gate
     search = LazySearch(2, 0.02, 0.01, 6)
     search_loop(search, run_jobs, Paths(tmp_path), servable=lambda p: p.key != gated, warm_start=True)
-    assert [j.policy for j in batches[0] + batches[1]] == [None, None]  # the extremes: nothing to start from
+    # the extremes start fresh (their first round the base's pool), the second too, though the
+    # first is told and servable by then
+    assert [j.policy for j in batches[0] + batches[1]] == [None, None]
     assert len(batches) > 2
     for b in range(2, len(batches)):
         (job,) = batches[b]

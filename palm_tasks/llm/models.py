@@ -235,7 +235,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     autocast = precision_of(model) == "bf16" and device.type == "cpu"
     starts = range(0, len(unique), per_batch)
     with adapter_merged(model):
-        for i in progress(starts, len(starts), f"sampling {len(prompts)} answers"):
+        for i in progress(starts, len(starts), f"sampling {len(prompts)} answers", lines_from=10):
             chats = [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True)
                      for p in unique[i: i + per_batch]]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -31,6 +31,7 @@ import numpy as np
 from palm_tasks.config import TrainingConfig
 from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer, precision_of
 from palm_tasks.llm.rewards import score_all
+from palm_tasks.log import progress
 
 SAMPLE_BATCH = 128  # answers generated per forward pass (as evaluation.batch_size)
 
@@ -110,9 +111,39 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], t: TrainingConfig, devic
         trainer_class = answer_only_trainer() if answer_only_loss else SFTTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # it prints every raw log dict
-        trainer.train()
+        bar = step_progress("SFT steps")
+        trainer.add_callback(bar)
+        try:
+            trainer.train()
+        finally:
+            bar.close()  # also when the training fails: the bar is not left on the screen
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return float(losses[-1]) if losses else None
+
+
+def step_progress(description: str):
+    """A TrainerCallback showing the trainer's steps as a palm_tasks.log.steps bar (on a terminal
+    only: each round's line says what its SFT took)."""
+    from contextlib import ExitStack
+
+    from transformers import TrainerCallback
+
+    from palm_tasks.log import steps
+
+    class StepProgress(TrainerCallback):
+        def __init__(self):
+            self.stack = ExitStack()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.advance = self.stack.enter_context(steps(state.max_steps, description, lines_from=None))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.advance()
+
+        def close(self):
+            self.stack.close()
+
+    return StepProgress()
 
 
 @functools.cache
@@ -168,7 +199,7 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     model = lora_model(base_path, t, device, seed, init_adapter, precision)
     history = []
     try:
-        for r in range(1, t.rounds + 1):
+        for r in progress(range(1, t.rounds + 1), t.rounds, f"rsft rounds at w={np.round(w, 2).tolist()}"):
             started = time.time()
             if r == 1 and first_round is not None and init_adapter is None:
                 completions, scores = first_round  # the base's samples: the round-1 policy is the base

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks.log import say
+from palm_tasks.log import say, steps
 
 
 def sampler_key(sampler: dict) -> str:
@@ -39,23 +39,27 @@ def sample_pool(model, tokenizer, rewards, prompts: list[str], sampler: dict, ch
     chunks.mkdir(parents=True, exist_ok=True)
     completions, scores = [], []
     starts = range(0, len(prompts), chunk_prompts)
-    for i, start in enumerate(starts):
-        part = prompts[start:start + chunk_prompts]
-        path = chunks / f"{i:05d}.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-        else:
-            say(f"sample pool: chunk {i + 1}/{len(starts)} ({len(part)} prompts x {n} answers)")
-            flat = [p for p in part for _ in range(n)]
-            answers = generate(model, tokenizer, flat, sampler["max_new_tokens"], sampler["temperature"],
-                               sampler["batch_size"], sampler["seed"] + i)
-            data = {"completions": answers, "scores": score_all(rewards, flat, answers).round(6).tolist()}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
-        s = np.asarray(data["scores"], float).reshape(len(part), n, -1)
-        completions += [data["completions"][k * n:(k + 1) * n] for k in range(len(part))]
-        scores.append(s)
+    missing = sum(not (chunks / f"{i:05d}.json").is_file() for i in range(len(starts)))
+    if missing < len(starts):
+        say(f"sample pool: {len(starts) - missing} of {len(starts)} chunks found from a run before")
+    with steps(missing, f"sample pool: chunks of {chunk_prompts} prompts x {n} answers") as advance:
+        for i, start in enumerate(starts):
+            part = prompts[start:start + chunk_prompts]
+            path = chunks / f"{i:05d}.json"
+            if path.is_file():
+                data = json.loads(path.read_text())
+            else:
+                flat = [p for p in part for _ in range(n)]
+                answers = generate(model, tokenizer, flat, sampler["max_new_tokens"], sampler["temperature"],
+                                   sampler["batch_size"], sampler["seed"] + i)
+                data = {"completions": answers, "scores": score_all(rewards, flat, answers).round(6).tolist()}
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                tmp.replace(path)
+                advance()
+            s = np.asarray(data["scores"], float).reshape(len(part), n, -1)
+            completions += [data["completions"][k * n:(k + 1) * n] for k in range(len(part))]
+            scores.append(s)
     return completions, np.concatenate(scores, axis=0)
 
 

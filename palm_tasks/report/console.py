@@ -81,6 +81,37 @@ def print_summary(cfg: PalmConfig, root: Path) -> None:
     console.print(f"Open the MLflow UI: [bold]{ui_command(cfg, root)}[/] then http://127.0.0.1:5000")
 
 
+def print_cost(root: Path, stage_seconds: dict) -> None:
+    """The end-of-run cost table: each stage's wall seconds, and under align each training's
+    seconds by phase (sampling, SFT, the tests after rsft rounds, evaluation), its rounds and
+    what ended them (metrics/align.details.json, palm_tasks/cost.py), then what the search
+    stopped on."""
+    console = _console()
+    details = Paths(root).metrics / "align.details.json"
+    align = json.loads(details.read_text()) if details.is_file() else {}
+    table = _table("What the run cost (seconds; a stage whose work was done before is reused)",
+                   ["stage", "job", "sampling", "SFT", "round tests", "evaluation", "rounds", "ended by"])
+
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.0f}"
+    for stage, seconds in stage_seconds.items():
+        table.add_row(f"{stage} ({seconds:.0f} s)", "", "", "", "", "", "", "")
+        if stage != "align":
+            continue
+        for row in align.get("cost", []):
+            s = row.get("seconds", {})
+            job = f"{row['key']} {row.get('source', '')} w=({', '.join(f'{x:.2f}' for x in row.get('weights', []))})"
+            table.add_row("", job, fmt(s.get("sampling")), fmt(s.get("sft")), fmt(s.get("round_tests")),
+                          fmt(s.get("evaluation")), f"{row.get('rounds', 0)} of {row.get('of', 0)}",
+                          row.get("ended", ""))
+    console.print(table)
+    if align:
+        total = align.get("seconds", {})
+        console.print(f"align: {align.get('trainings', 0)} trainings, {align.get('answers_evaluated', 0)} answers "
+                      f"evaluated; phases in all: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)} s" for k, v in total.items())
+                      + f"; the search stopped: {align.get('stopped') or '-'}.")
+
+
 def _json_object(path: Path, problems: list[str]) -> dict | None:
     """A small JSON object a stage wrote, for status to show; None, with a problem naming the
     file, when it is damaged (status goes on to show the rest)."""

@@ -3,7 +3,8 @@
 Reads:  data/grid.json, data/prompts, data/samples, models/base, models/rewards; the params in PARAMS
 Writes: models/members/<key>/ (one finished job each, reused by every later run with the same
         key), data/pool.json (schema.Pool of the trained policies, in search order),
-        metrics/align.json (numbers), metrics/align.details.json (with the mode and why the search stopped)
+        metrics/align.json (numbers, the seconds of each phase among them), metrics/align.details.json
+        (with the mode, why the search stopped and each training's cost: palm_tasks/cost.py)
 
 The lazy search is an ask/tell object (core.search.LazySearch): this stage owns the loop, asks
 for up to runner.workers weights per round (parallel proposals, docs/search.md), runs their jobs
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm_tasks import gate, schema
+from palm_tasks import cost, gate, schema
 from palm_tasks.best_of_n import BestOfN
 from palm_tasks.config import PalmConfig
 from palm_tasks.core import grid as gridlib
@@ -80,6 +81,9 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                 trained=len(policies) - reused, reused=reused)
     schema.write(paths.pool, pool)
     steps = history.get("steps", [])
+    # every training's phases, replaced repairs included (palm_tasks/cost.py)
+    costs = ([cost.job_cost(paths.members / h["key"], h["source"]) for h in steps if "key" in h] if steps
+             else [cost.job_cost(p.path) for p in policies])
     metrics = {"mode": pool.mode, "jobs": len(policies), "trained": pool.trained, "reused": pool.reused,
                "trainings": len(steps) or len(policies),
                "rounds": history.get("rounds", 1 if policies else 0),  # lazy: batches of runner.workers jobs
@@ -88,9 +92,10 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                "still_beaten": len(history.get("beaten", [])),
                "answers_evaluated": answers,
                "prompts_per_policy": {p.key: prompts[p.key] for p in policies},
-               "stopped": history.get("stopped", "")}
+               "stopped": history.get("stopped", ""),
+               "seconds": cost.totals(costs), "cost": costs}
     write_metrics(root, METRICS[0], {k: v for k, v in metrics.items() if k != "prompts_per_policy"},
-                  details=metrics)  # mode, stopped, prompts per policy: details only
+                  details=metrics)  # mode, stopped, prompts per policy, each job's cost: details only
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")
     return metrics
 
