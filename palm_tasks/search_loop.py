@@ -68,9 +68,9 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
     through run_jobs at once and tells each result. `store`: where new policies go (the evaluate
     stage keeps its own). `servable`: policy -> whether it passes the quality gate (gate.rule;
     None: every policy), told with each measurement, so that the search certifies with members
-    that may be served. warm_start (search.warm_start): a new weight's job (not an extreme's)
-    starts from the adapter of the servable row whose value at that weight is the best told (a
-    repair always starts from the row that beat it)."""
+    that may be served. warm_start (search.warm_start): a new weight's job (every one but the
+    first extreme) starts from the adapter of the servable row whose value at that weight is the
+    best told (a repair always starts from the row that beat it)."""
     servable = servable or (lambda policy: True)
     rows: list[Policy] = list(initial)
     run = SearchRun(rows, {p.key: _prompts(p) for p in rows})
@@ -95,9 +95,9 @@ def search_loop(search: LazySearch, run_jobs: RunJobs, paths: Paths, initial=(),
                 start = rows[by] if by >= 0 else rows[row]
                 jobs.append(Job.train(w, store=store, init_from=paths.relative(start.path),
                                       attempt=search.repairs[row] + 1))
-            elif warm_start and todo["source"] != "extreme" and (served := [p for p in rows if servable(p)]):
-                # the servable row best at w: a step closer than a fresh adapter (docs/search.md);
-                # the extremes start fresh, their first round the base's sample pool
+            elif warm_start and (served := [p for p in rows if servable(p)]):
+                # the servable row best at w, extremes after the first included: measured to
+                # certify with fewer rounds and a tighter bound than fresh extremes (docs/search.md)
                 best = served[int(np.argmax([p.values @ np.asarray(w, float) for p in served]))]
                 jobs.append(Job.train(w, store=store, init_from=paths.relative(best.path)))
             else:

@@ -254,7 +254,8 @@ def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared
     (root / "params.yaml").write_text(yaml.safe_dump(changed))
     coarse = pipeline(params, str(root))["align"]
     shared = set(load_pool(root).keys) & set(before)
-    assert len(shared) >= 3 and coarse["reused"] == len(shared)
+    # (the lazy run's first extreme at least: its later weights start from the rows before them)
+    assert len(shared) >= 1 and coarse["reused"] == len(shared)
     assert coarse["trained"] == coarse["jobs"] - len(shared)
     assert all(_member_files(root)[k] == before[k] for k in shared)
 
