@@ -36,9 +36,9 @@ def test_a_run_killed_during_a_repair_resumes_with_the_repairs_only(prepared_pro
     # every prompt, so the paired decision calls every row beaten at its first look, whatever the
     # tiny model's noise
     root = copy_project(prepared_project, tmp_path / "project", evaluation={"max_new_tokens": 2, "min_prompts": 8},
-                        search={"mode": "lazy", "max_trainings": 6, "max_repairs": 1})
+                        search={"mode": "lazy", "max_trainings": 6, "max_repairs": 1, "warm_start": False})
     unbeatable_evidence(root)
-    cfg = load_config(root / "params.yaml")
+    cfg = load_config(root / "params.yaml")  # warm_start off: only a repair starts from an adapter
     real, calls, alive = train_module.train, [], [True]
 
     def train(*args, init_adapter=None, **kwargs):
