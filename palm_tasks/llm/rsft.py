@@ -15,6 +15,8 @@ of the base (0.443), in 8.3 training minutes (SFT 105 s with TRL's loss, samplin
 GRPO step pays both for every group. benchmarks/oracle_methods.py measures both methods.
 
 Round 1 can reuse the base model's sample pool (`first_round`), saving one sampling pass per job.
+A job trains up to `rounds` rounds and stops sooner once its policy is not short of best-of-N at
+w, tested after each round by the caller's `look` (palm_tasks/round_stop.py, docs/oracle.md).
 """
 
 from __future__ import annotations
