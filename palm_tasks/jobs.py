@@ -275,7 +275,7 @@ class JobContext:
                        base_model_sha256=self.base_sha, reward_versions=self.reward_versions,
                        data_sha256=self.data_sha, training=self.cfg.training.model_dump(), seed=self.cfg.seed,
                        init_from=init_from, attempt=int(attempt), precision=self.precision)
-        return replace(spec, evidence_sha256=self.evidence_sha) if self.look(spec) is not None else spec
+        return replace(spec, evidence_sha256=self.evidence_sha) if self.rounds_tested else spec
 
     @functools.cached_property
     def evidence(self):
@@ -293,11 +293,18 @@ class JobContext:
     def evidence_sha(self) -> str:
         return file_sha256(self.paths.samples / "eval.json")
 
+    @functools.cached_property
+    def rounds_tested(self) -> bool:
+        """Whether an rsft job of these settings is tested after its rounds (round_stop.look_prompts)."""
+        from palm_tasks.round_stop import look_prompts
+
+        return self.evidence is not None and look_prompts(self.cfg, self.evidence, self.eval_prompts) is not None
+
     def look(self, spec: JobSpec):
         """rsft's test after each round of this job (palm_tasks.round_stop), or None."""
         from palm_tasks.round_stop import round_stop
 
-        if self.evidence is None:
+        if not self.rounds_tested:
             return None
         return round_stop(self.cfg, self.evidence, self.eval_prompts, self.rewards, spec.weights,
                           spec.seed + spec.attempt, label=spec.key[:10])

@@ -28,7 +28,6 @@ import numpy as np
 
 from palm_tasks.config import PalmConfig
 from palm_tasks.core.confidence import Looks, mean_interval
-from palm_tasks.core.evidence import chosen_answers
 from palm_tasks.log import say
 from palm_tasks.schema import SamplePool
 
@@ -70,10 +69,10 @@ class RoundStop:
         return look
 
 
-def round_stop(cfg: PalmConfig, pool: SamplePool, eval_prompts: list[str], rewards, weights, seed: int,
-               label: str = "") -> RoundStop | None:
-    """The test of params.yaml for an rsft job at `weights`, or None where no round is looked
-    at: another method, one round, training.stop_alpha 0, or a pool not made on these prompts."""
+def look_prompts(cfg: PalmConfig, pool: SamplePool, eval_prompts: list[str]) -> slice | None:
+    """Where in the evaluation order an rsft job of params.yaml is tested after its rounds (the
+    last evaluation.min_prompts within the cap), or None where no round is looked at: another
+    method, one round, training.stop_alpha 0, or a pool not made on these prompts."""
     t, ev = cfg.training, cfg.evaluation
     if t.method != "rsft" or t.rounds < 2 or t.stop_alpha <= 0:
         return None
@@ -81,8 +80,20 @@ def round_stop(cfg: PalmConfig, pool: SamplePool, eval_prompts: list[str], rewar
     n = min(ev.first_prompts, cap)
     if n < 2 or list(pool.prompts[cap - n:cap]) != list(eval_prompts[cap - n:cap]):
         return None
+    return slice(cap - n, cap)
+
+
+def round_stop(cfg: PalmConfig, pool: SamplePool, eval_prompts: list[str], rewards, weights, seed: int,
+               label: str = "") -> RoundStop | None:
+    """The test of params.yaml for an rsft job at `weights`, or None where no round is looked at
+    (look_prompts). Best-of-N's answers come from best_of_n, the one place they are picked."""
+    from palm_tasks.best_of_n import BestOfN, paired_evidence
+
+    where = look_prompts(cfg, pool, eval_prompts)
+    if where is None:
+        return None
+    t = cfg.training
     w = np.asarray(weights, float)
-    best = chosen_answers(pool.scores[cap - n:cap], w[None, :],
-                          None if (allowed := pool.on_topic(t.min_relevance)) is None else allowed[cap - n:cap])[0]
-    return RoundStop(list(eval_prompts[cap - n:cap]), best @ w, w, t.stop_alpha / (t.rounds - 1),
-                     tuple(rewards), ev, int(seed), label)
+    best = paired_evidence(cfg, BestOfN(pool, t.min_relevance)).bon(w)[where]
+    return RoundStop(list(eval_prompts[where]), best @ w, w, t.stop_alpha / (t.rounds - 1),
+                     tuple(rewards), cfg.evaluation, int(seed), label)
