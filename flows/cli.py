@@ -11,6 +11,10 @@
     palm serve               OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)
     palm users set|show|delete|list     each user's stored trait weights (what serve routes them by)
     palm export vllm         the vLLM command serving the same members (GPU machines)
+    palm profile NAME        a profile's settings as dvc exp run -S flags
+
+Every command takes --profile NAME (profiles/NAME.yaml laid over params.yaml) and -S KEY=VALUE
+(one setting, as dvc exp run -S takes it): `palm run --profile precise` (docs/profiles.md).
 
 Every command validates params.yaml first: a bad value exits with status 2 and one message
 naming the key, the value and what is allowed, before any work starts.
@@ -33,7 +37,7 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO
     os.environ.setdefault(_var, _value)
 
 from palm_tasks.config import ConfigError, PalmConfig
-from palm_tasks.params_yaml import load_config
+from palm_tasks.params_yaml import load_config, parse_set, read_profile, write_resolved
 from palm_tasks.lock import ProjectLockedError  # noqa: E402
 from palm_tasks.report.console import print_cost, print_status, print_summary  # noqa: E402
 from palm_tasks.schema import ArtifactError  # noqa: E402
@@ -85,6 +89,11 @@ def _count(text: str) -> int:
 def _args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     p.add_argument("--root", default=".", help="the project directory (default: .)")
+    p.add_argument("--profile", help="lay a profile over the params file: a name of profiles/ (precise) or a "
+                                     "YAML file of some of its keys (docs/profiles.md)")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="lay one setting over the params file (and the profile), as dvc exp run -S takes "
+                        "it, e.g. -S coverage.eps=0.05; may be repeated")
 
 
 def cmd_run(args, cfg: PalmConfig) -> int:
@@ -95,7 +104,17 @@ def cmd_run(args, cfg: PalmConfig) -> int:
         out = pipeline(args.params, args.root)
     print_summary(cfg, Path(args.root))
     print_cost(Path(args.root), out["seconds"])
+    _not_in_dvc(args)
     return 0
+
+
+def _not_in_dvc(args) -> None:
+    """After a run with overrides: dvc.lock records params.yaml's values, which it did not use."""
+    if args.overrides:
+        flags = " ".join(f"-S {o.as_dvc()}" for o in args.overrides)
+        print(f"params: {args.params_file} with {flags} (as {Path(args.params).relative_to(args.root)}); "
+              f"dvc.lock records {args.params_file}'s values, so this run is not in it: "
+              f"`dvc exp run {flags}` runs the same under DVC")
 
 
 def cmd_stage(args, cfg: PalmConfig) -> int:
@@ -106,6 +125,15 @@ def cmd_stage(args, cfg: PalmConfig) -> int:
         out = STAGE_FLOWS[args.name](args.params, args.root)
     if args.name == "evaluate":
         _evaluated(args, out)
+    else:
+        _not_in_dvc(args)
+    return 0
+
+
+def cmd_profile(args, cfg: PalmConfig) -> int:
+    """The profile's settings as `dvc exp run -S` flags: dvc exp run $(palm profile precise)."""
+    for o in args.overrides:
+        print(f"-S {o.as_dvc()}")
     return 0
 
 
@@ -345,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the whole pipeline as one Prefect flow and print a summary.")
     _args_common(p)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("profile", help="print a profile's settings as dvc exp run -S flags",
+                       description="Print the settings of a profile (and any -S) as the flags dvc exp run takes: "
+                                   "dvc exp run $(palm profile precise). Checked like params.yaml first.")
+    p.add_argument("name", help="a name of profiles/ (precise) or a YAML file of some of params.yaml's keys")
+    _args_common(p)
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)",
                        description="Run one pipeline stage as its Prefect flow.")
     p.add_argument("name", choices=list(STAGES), help="the stage: " + ", ".join(STAGES))
@@ -439,18 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
-    args.params = str(Path(args.params).resolve())
+    if args.command == "profile":
+        args.profile = args.name
     if not Path(args.root).is_dir():  # a typo would otherwise show an empty project, or start one
         return _fail(f"--root {args.root}: no such directory (the project directory holding params.yaml)", 2)
+    try:
+        args.overrides = ([*read_profile(args.profile, args.root)] if args.profile else []) \
+            + [parse_set(text) for text in args.set]
+        cfg = load_config(args.params, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    args.params_file = Path(args.params).name
+    args.params = str(Path(args.params).resolve())
     args.root = str(Path(args.root).resolve())
     try:  # paths in params.yaml must fit the project (store inside it, no output as input): before any work
         from palm_tasks.stages import check_project_paths
 
         check_project_paths(cfg, Path(args.root))
+        if args.overrides and args.command != "profile":  # the stages and job workers read a file
+            args.params = str(write_resolved(args.params, args.overrides, args.root))
     except ConfigError as exc:
         return _fail(str(exc), 2)
     try:

@@ -78,6 +78,10 @@ class SearchConfig(Section):
     max_repairs: int = Field(2, ge=0, description="lazy: retrainings of a row beaten beyond "
                              "confidence by the evidence (a paired decision, 0: no repair); they count "
                              "against max_trainings")
+    repair_beaten: bool = Field(False, description="lazy: also repair a beaten row once the certificate holds "
+                                "(every trained row as good as best-of-N within confidence, not only a "
+                                "covering portfolio; the precise profile); false: repairs only while it "
+                                "does not hold")
     warm_start: bool = Field(True, description="lazy: a new weight's training starts from the adapter of the "
                              "row best at that weight (a repair always starts from the row that beat it); "
                              "false: a fresh adapter (docs/search.md)")

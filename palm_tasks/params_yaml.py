@@ -4,7 +4,9 @@
     python -m palm_tasks.params_yaml --check params.yaml   # exit 1 naming the first differing line
 
 `load_config` reads YAML without anchors, aliases, tags or duplicate keys, then validates it
-with palm_tasks.config.parse_config. params.yaml is generated from the models of
+with palm_tasks.config.parse_config. `load_config(path, overrides)` lays settings over the file
+first: a profile (a partial params file, `profiles/<name>.yaml`) and `-S key=value` pairs, the
+syntax `dvc exp run -S` takes (docs/profiles.md). params.yaml is generated from the models of
 palm_tasks/config.py, each key with its description as a comment, so the file and the code
 cannot drift apart (tests/test_config.py checks it).
 """
@@ -12,14 +14,21 @@ cannot drift apart (tests/test_config.py checks it).
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import inspect
+import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
 from palm_tasks.config import YAML_COMMENTS, ConfigError, PalmConfig, Section, cut_message, parse_config
+from palm_tasks.paths import WORK
 
 class _Refused(Exception):
     """YAML that is well formed but not accepted in params.yaml, and where it is."""
@@ -76,8 +85,8 @@ def _read_yaml(text: str):
         loader.dispose()
 
 
-def load_config(path: str | Path = "params.yaml") -> PalmConfig:
-    """Read and validate params.yaml."""
+def load_config(path: str | Path = "params.yaml", overrides: list[Override] | None = None) -> PalmConfig:
+    """Read and validate params.yaml, with `overrides` (a profile's, -S pairs) laid over it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (run palm from the project directory)")
@@ -97,7 +106,151 @@ def load_config(path: str | Path = "params.yaml") -> PalmConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+        return parse_config(data, f"{path} with {', '.join(dict.fromkeys(o.source for o in overrides))}")
     return parse_config(data, str(path))
+
+
+# ------------------------------------------------------------------ profiles and -S overrides
+PROFILES = "profiles"  # named profiles: <project>/profiles/<name>.yaml
+
+
+@dataclass(frozen=True)
+class Override:
+    """One setting laid over params.yaml: `key` dotted (training.rounds), from `source` (a
+    profile file or "-S")."""
+
+    key: str
+    value: Any
+    source: str
+
+    def as_dvc(self) -> str:
+        """KEY=VALUE as `dvc exp run -S` takes it (Hydra's override grammar): JSON for a list
+        or a mapping (no spaces, so `$(palm profile NAME)` splits it as one word), YAML for a
+        scalar."""
+        if isinstance(self.value, (list, dict)):
+            text = json.dumps(self.value, separators=(",", ":"))
+        else:
+            text = _yaml_value(self.value)
+        return f"{self.key}={text}"
+
+
+def _known(key: str) -> None:
+    """ConfigError unless `key` names a setting of params.yaml (or lies under one whose value
+    is a mapping of the user's own names, such as rewards.models)."""
+    node: Any = PalmConfig().model_dump()
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and not node and i > 0:  # rewards.models: {} takes any name
+            return
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:i]) or "params.yaml"
+            keys = ", ".join(node) if isinstance(node, dict) else f"none: {where} is a value"
+            raise ConfigError(f"unknown key {key!r} (the keys of {where}: {keys})")
+        node = node[part]
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """A profile's nested mapping as (dotted key, value) pairs, a mapping of the user's own
+    names (rewards.models) kept whole."""
+    out = []
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and not prefix:  # a section: its keys (none: nothing changes)
+            out += _leaves(value, dotted)
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def read_profile(name: str, root: str | Path = ".") -> list[Override]:
+    """The overrides of a profile: `name` is a file of profiles/ (precise, or precise.yaml) or
+    a path to a YAML file holding some of params.yaml's keys."""
+    root = Path(root)
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml") and os.sep not in name and "/" not in name:
+        path = root / PROFILES / f"{name}.yaml"
+    elif not path.is_absolute() and not path.is_file():
+        path = root / path
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / PROFILES).glob("*.yaml"))
+        raise ConfigError(f"profile {name}: no such file {path} (profiles here: {', '.join(known) or 'none'})")
+    try:
+        data = _read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except _Refused as exc:
+        raise ConfigError(f"{path}: {exc.problem} (line {exc.mark.line + 1}, column {exc.mark.column + 1})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a valid profile ({' '.join(str(exc).split())[:200]})") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile is a mapping of params.yaml's keys, got {type(data).__name__}")
+    out = []
+    for key, value in _leaves(data):
+        try:
+            _known(key)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        out.append(Override(key, value, str(path.relative_to(root) if path.is_relative_to(root) else path)))
+    return out
+
+
+def parse_set(text: str) -> Override:
+    """`-S KEY=VALUE`, as `dvc exp run -S` takes it: the value read as YAML (0.05, true, null,
+    [a, b])."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"-S {text[:80]!r}: write KEY=VALUE, e.g. -S coverage.eps=0.05")
+    try:
+        _known(key)
+    except ConfigError as exc:
+        raise ConfigError(f"-S {exc}") from None
+    try:
+        parsed = _read_yaml(value)
+    except (_Refused, yaml.YAMLError, ValueError, RecursionError):
+        raise ConfigError(f"-S {key}: the value {value[:80]!r} is not a YAML value") from None
+    return Override(key, parsed, "-S")
+
+
+def apply_overrides(data: dict | None, overrides: list[Override]) -> dict:
+    """params.yaml's mapping with each override laid over it, later ones winning."""
+    merged = copy.deepcopy(data or {})
+    if not isinstance(merged, dict):
+        raise ConfigError(f"params.yaml: expected a mapping of keys to values, got {type(merged).__name__}")
+    for o in overrides:
+        node = merged
+        *parents, last = o.key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = o.value
+    return merged
+
+
+def write_resolved(params: str | Path, overrides: list[Override], root: str | Path) -> Path:
+    """params.yaml with `overrides` laid over it, written to <root>/.palm/params-<hash>.yaml for
+    the stages (and the job workers) of this run to read; the same settings give the same file.
+    Validated first (ConfigError), so a refused override writes nothing."""
+    load_config(params, overrides)  # refused here, before anything is written
+    data = apply_overrides(_read_yaml(Path(params).read_text(encoding="utf-8")), overrides)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    settings = " ".join(f"-S {o.as_dvc()}" for o in overrides)
+    settings = " ".join(settings.encode("ascii", "backslashreplace").decode().split())  # one comment line
+    header = (f"# {Path(params).name} with {settings}\n"
+              f"# written by palm for one run's stages to read; edit params.yaml or the profile instead\n")
+    text = header + body
+    path = Path(root) / WORK / f"params-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
 
 
 # ------------------------------------------------------------------ params.yaml, generated

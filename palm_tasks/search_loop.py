@@ -38,7 +38,8 @@ def search_from_config(cfg: PalmConfig, bon: BestOfN, initial: list[Policy] = ()
                 "initial_tables": [p.scores.scores for p in initial],
                 "initial_servable": [servable(p) for p in initial]}
     return LazySearch(cfg.d, cfg.coverage.eps, cfg.coverage.delta, cfg.search.max_trainings, reference=bon,
-                      max_repairs=cfg.search.max_repairs, paired=paired_evidence(cfg, bon), **rows)
+                      max_repairs=cfg.search.max_repairs, repair_beaten=cfg.search.repair_beaten,
+                      paired=paired_evidence(cfg, bon), **rows)
 
 
 @dataclass

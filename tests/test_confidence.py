@@ -147,6 +147,27 @@ def test_where_the_truth_covers_with_room_the_certificate_is_stated():
     assert np.mean(answers) <= 0.5 * 3 * PROMPTS * policies.answers
 
 
+def _second_specialist_short(middle):
+    """Three rows whose second falls short of best-of-N at its own weight (0.60 against about
+    0.66), decided at the first look; (tables, cover decisions, search(max_repairs, **kw))."""
+    from palm_tasks.core.search import LazySearch
+
+    policies = NoisyPolicies(means=np.array([[0.80, 0.30], [0.30, 0.60], [middle, middle]]),
+                             base=np.array([0.30, 0.50]))
+    tables, pool = policies.draw(np.random.default_rng(11), PROMPTS)
+    paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
+    first = [t[:START] for t in tables]
+    assert [dec.status for dec in paired.beaten(W, first)] == ["open", "holds", "open"]
+    covers = [dec for dec in paired.certificate(W, first).decisions if dec.kind == "cover"]
+    assert "open" in [dec.status for dec in covers] and "fails" not in [dec.status for dec in covers]
+
+    def search(max_repairs, **options):
+        return LazySearch(2, 0.1, DELTA, 6, max_repairs=max_repairs, paired=paired, initial_weights=W,
+                          initial_values=np.array([t.mean(axis=0) for t in first]),
+                          initial_std_errors=np.zeros((3, 2)), initial_tables=first, **options)
+    return tables, covers, search
+
+
 def test_a_beaten_row_is_repaired_first_only_where_the_certificate_is_not_expected_to_hold():
     # the second specialist falls short of best-of-N at its own weight (0.60 against about 0.66):
     # decided at the first look, while the cover decisions are still open. Where the middle row
@@ -156,25 +177,7 @@ def test_a_beaten_row_is_repaired_first_only_where_the_certificate_is_not_expect
     # estimate is beyond its threshold: more prompts on the beaten row would be wasted (the
     # repair replaces it), so the repair comes first; with no repair left, the open decisions'
     # rows are measured further instead.
-    from palm_tasks.core.search import LazySearch
-
-    def setup(middle):
-        policies = NoisyPolicies(means=np.array([[0.80, 0.30], [0.30, 0.60], [middle, middle]]),
-                                 base=np.array([0.30, 0.50]))
-        tables, pool = policies.draw(np.random.default_rng(11), PROMPTS)
-        paired = PairedEvidence(pool, None, 0.1, DELTA, ALPHA, Looks(CHUNK, PROMPTS, START))
-        first = [t[:START] for t in tables]
-        assert [dec.status for dec in paired.beaten(W, first)] == ["open", "holds", "open"]
-        covers = [dec for dec in paired.certificate(W, first).decisions if dec.kind == "cover"]
-        assert "open" in [dec.status for dec in covers] and "fails" not in [dec.status for dec in covers]
-
-        def search(max_repairs):
-            return LazySearch(2, 0.1, DELTA, 6, max_repairs=max_repairs, paired=paired, initial_weights=W,
-                              initial_values=np.array([t.mean(axis=0) for t in first]),
-                              initial_std_errors=np.zeros((3, 2)), initial_tables=first)
-        return tables, covers, search
-
-    tables, covers, search = setup(0.62)
+    tables, covers, search = _second_specialist_short(0.62)
     assert all(dec.estimate <= dec.threshold for dec in covers)
     expected = search(1)
     assert expected.evaluation_needed() != {}
@@ -183,12 +186,30 @@ def test_a_beaten_row_is_repaired_first_only_where_the_certificate_is_not_expect
             expected.update(r, tables[r][:target])
     assert expected.ask() is None and expected.stopped == "certified" and expected.trainings == 0
 
-    tables, covers, search = setup(0.55)
+    tables, covers, search = _second_specialist_short(0.55)
     assert any(dec.open and dec.estimate > dec.threshold for dec in covers)
     repairing = search(1)
     assert repairing.evaluation_needed() == {}
     assert repairing.ask().tolist() == [0.0, 1.0] and repairing._asked[0][1] == "repair"
     assert search(0).evaluation_needed() != {}
+
+
+def test_repair_beaten_repairs_a_beaten_row_after_the_certificate_holds():
+    # search.repair_beaten (the precise profile): the same certificate that needed no training
+    # above now asks for the beaten row's repair; told a repair as good as best-of-N there, the
+    # row is no longer beaten and the search stops certified
+    tables, _, search = _second_specialist_short(0.62)
+    precise = search(1, repair_beaten=True)
+    while need := precise.evaluation_needed():
+        for r, target in need.items():
+            precise.update(r, tables[r][:target])
+    assert precise.paired.certificate(W, precise.tables).certified
+    assert precise.beaten().beaten.tolist() == [False, True, False]
+    assert precise.ask().tolist() == [0.0, 1.0] and precise._asked[0][1] == "repair"
+    repaired = np.clip(tables[1] + np.array([0.0, 0.15]), 0, 1)  # past best-of-N at its own weight
+    precise.tell(np.array([0.0, 1.0]), scores=repaired[:len(precise.tables[1])])
+    assert precise.beaten().beaten.tolist() == [False, False, False]
+    assert precise.ask() is None and precise.stopped == "certified" and precise.trainings == 1
 
 
 def test_a_row_on_few_prompts_is_measured_further_before_anything_is_trained_near_it():

@@ -39,7 +39,8 @@ Evidence and repair (sections 8 and 9). With `reference(W) -> (values (m,), se (
 best-of-N value w . R_BoN(w) at each weight, the certificate's oracle constraints use
 max(best value known at w_j, reference(w_j) + z se). After every tell, a row that the evidence
 at its own weight (best-of-N or another told row) beats by more than z_significant se is
-**beaten**; while the certificate does not hold, it has repairs left (max_repairs per row) and
+**beaten**; while the certificate does not hold (or always, with repair_beaten: members as
+good as the evidence, not only covering), it has repairs left (max_repairs per row) and
 the budget allows, ask() proposes its weight again before anything else, the row whose repair
 would lower the worst gap against the evidence most first (core/repair.py; source "repair";
 `pending` says which row and which row beat it, so the caller can warm-start from that policy). tell() then keeps the better
@@ -145,7 +146,7 @@ class LazySearch:
     def __init__(self, d, eps, delta, max_trainings, z=0.0, snap="grid", prune_method="greedy",
                  initial_weights=None, initial_values=None, initial_std_errors=None,
                  reference=None, max_repairs=0, z_significant=2.0, consolidate=0, paired=None,
-                 initial_tables=None, initial_servable=None):
+                 initial_tables=None, initial_servable=None, repair_beaten=False):
         self.d = check_d(d)
         self.eps, self.delta = check_tolerances(eps, delta)
         self.z = check_z(z)
@@ -189,6 +190,7 @@ class LazySearch:
         if int(max_repairs) < 0:
             raise ValueError(f"max_repairs must be >= 0, got {max_repairs}")
         self.max_repairs = int(max_repairs)
+        self.repair_beaten = bool(repair_beaten)  # repair beaten rows once certified too
         self.repairs = [0] * len(self.W)
         self.servable = [True] * len(self.W) if initial_servable is None else [bool(x) for x in initial_servable]
         if len(self.servable) != len(self.W):
@@ -262,7 +264,8 @@ class LazySearch:
         ref = self._reference(tw)
         reference = None if ref is None else ref[0] + self.z * ref[1]
         cert = self._certify(tw, tv, tse, reference)
-        if b is not None and not cert.certified:  # a certified portfolio needs no repair
+        # a certified portfolio needs no repair, unless every row is to reach the evidence
+        if b is not None and (not cert.certified or self.repair_beaten):
             for j in self._repair_order(b):
                 if (len(out) < n and self._budget_left() - len(out) > 0 and j not in pending_rows
                         and self.repairs[j] < self.max_repairs):
