@@ -1,9 +1,10 @@
 """What each alignment job cost, phase by phase, and why its work stopped (docs/timings.md).
 
 Reads what the jobs already record: a trained policy's member.json (rsft's rounds, each with its
-sampling, SFT and round-test seconds, and whether the test stopped the job) and its score chunks
-(each with the seconds its answers took). The align stage writes one row per training to
-metrics/align.details.json (`cost`) and the phase totals to metrics/align.json (`seconds`);
+sampling, SFT and round-test seconds and tokens, and whether the test stopped the job) and its
+score chunks (each with the seconds and tokens its answers took). The align stage writes one row
+per training to metrics/align.details.json (`cost`) and the phase totals to metrics/align.json
+(`seconds`, `tokens`: tokens generated while sampling, testing rounds and evaluating);
 `palm run` prints them with each stage's wall time (report/console.print_cost).
 """
 
@@ -31,6 +32,7 @@ def job_cost(path: Path, source: str = "") -> dict:
     eval_key = training.get("eval_key", "")
     chunks = scores.read_chunks([path / scores.EVALUATIONS / eval_key], eval_key) if eval_key else []
     times = [c.seconds for c in chunks]
+    chunk_tokens = [c.tokens for c in chunks]
     cap = int((training.get("job") or {}).get("training", {}).get("rounds", len(history)))
     if history and history[-1].get("stopped"):
         ended = f"not short of best-of-N after round {history[-1]['round']}"
@@ -42,13 +44,21 @@ def job_cost(path: Path, source: str = "") -> dict:
                         "sft": round(sum(h.get("sft_seconds", 0.0) for h in history), 1),
                         "round_tests": round(sum(h.get("look_seconds", 0.0) for h in history), 1),
                         "evaluation": round(sum(times), 1) if times and None not in times else None},
+            "tokens": {"sampling": _sum_known([h.get("sample_tokens") for h in history]),
+                       "round_tests": _sum_known([h.get("look_tokens") for h in history if "look_value" in h]),
+                       "evaluation": _sum_known(chunk_tokens) if chunks else None},
             "prompts": sum(len(c.prompts) for c in chunks) // max(chunks[0].answers_per_prompt, 1) if chunks else 0}
 
 
-def totals(rows: list[dict]) -> dict:
-    """Seconds per phase over the rows (a phase with an unknown row's time: None)."""
+def _sum_known(values: list) -> int | None:
+    """The sum, or None when a part was recorded before its tokens were counted."""
+    return None if None in values else int(sum(values))
+
+
+def totals(rows: list[dict], what: str = "seconds") -> dict:
+    """Seconds (or tokens) per phase over the rows (a phase with an unknown row's figure: None)."""
     out = {}
     for phase in PHASES:
-        values = [r.get("seconds", {}).get(phase) for r in rows if "seconds" in r]
-        out[phase] = None if None in values else round(sum(values), 1)
+        values = [r.get(what, {}).get(phase) for r in rows if what in r and phase in r[what]]
+        out[phase] = None if None in values else round(sum(values), 1) if what == "seconds" else int(sum(values))
     return out

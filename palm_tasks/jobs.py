@@ -393,6 +393,9 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         how += (f", repair {job.attempt}" if job.attempt else ", warm") + f" starting from {start.key}"
     say(f"align: training {spec.key} w={_fmt(spec.weights)} ({how})")
     tmp = _workdir(store, spec.key)
+    checkpoints = paths.round_checkpoints / spec.key  # outlives a kill: the rounds it finished
+    if any(checkpoints.glob("round-*")):
+        say(f"align: {spec.key} resumes after its last finished round")
     run = tracking.JobRun.open(ctx.cfg, paths.root, spec, ctx.device, store)
     started = time.time()
     try:
@@ -400,7 +403,8 @@ def _train(ctx: JobContext, job: Job) -> Policy:
             ctx.base_path, ctx.rewards, ctx.train_prompts, spec.weights, t, ctx.device,
             spec.seed + spec.attempt, tmp / "trainer", on_log=run.on_log(spec.key),
             first_round=None if start else ctx.first_round(),
-            init_adapter=start.adapter if start else None, precision=ctx.precision, look=ctx.look(spec))
+            init_adapter=start.adapter if start else None, precision=ctx.precision, look=ctx.look(spec),
+            checkpoints=checkpoints)
         model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_model.safetensors + adapter_config.json
         train_seconds = time.time() - started
         chunks_dir = tmp / scores.EVALUATIONS / ctx.evaluation_key()
@@ -422,6 +426,7 @@ def _train(ctx: JobContext, job: Job) -> Policy:
         shutil.rmtree(tmp, ignore_errors=True)
         run.fail()
         raise
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the job is stored: its rounds are no longer needed
     run.finish(policy, len(history) if t.method == "rsft" else t.steps)
     value = policy.value
     say(f"align: {spec.key} done, value {_fmt(value.mean)} ± {_fmt(value.se)} on {table.prompts} prompts, "

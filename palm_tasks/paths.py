@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 CUSTOM = "custom"  # your own reward functions and prompts, relative to the project root; dvc.yaml names it
+WORK = ".palm"  # palm's own working files (a run's params with its overrides, rsft round checkpoints): no output, gitignored
 
 
 def check_custom_path(path: str) -> str:
@@ -49,6 +50,10 @@ class Paths:
         return self.root / "data" / "samples"
 
     # --- align and soups stages: the job stores and the pools
+    @property
+    def round_checkpoints(self) -> Path:  # <key>/round-<r>/: the last finished rsft round of an unfinished job
+        return self.root / WORK / "rounds"
+
     @property
     def members(self) -> Path:  # one directory per finished alignment job
         return self.root / "models" / "members"

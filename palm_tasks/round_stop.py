@@ -49,7 +49,7 @@ class RoundStop:
 
     def __call__(self, model, tokenizer, round_: int) -> dict:
         """The look after `round_`: {look_value, look_evidence, look_lower, look_upper,
-        look_seconds, stop} (stop: the policy is not shown short of the evidence)."""
+        look_seconds, look_tokens, stop} (stop: the policy is not shown short of the evidence)."""
         from palm_tasks.llm.value import answer_chunk
 
         started = time.time()
@@ -62,7 +62,7 @@ class RoundStop:
         stop = bool(upper[0] >= 0.0)
         look = {"look_value": float(own.mean()), "look_evidence": float(self.evidence.mean()),
                 "look_lower": float(lower[0]), "look_upper": float(upper[0]),
-                "look_seconds": round(time.time() - started, 2), "stop": stop}
+                "look_seconds": round(time.time() - started, 2), "look_tokens": answers.tokens, "stop": stop}
         say(f"  {self.label} after round {round_}: w.r {own.mean():.3f} against best-of-N {self.evidence.mean():.3f} "
             f"on {len(diff)} held-out prompts, difference in [{lower[0]:+.3f}, {upper[0]:+.3f}]: "
             + ("not short of the evidence, no more rounds" if stop else "short, another round"))

@@ -43,7 +43,8 @@ def _digest(body: dict) -> str:
 class Chunk:
     """One chunk of a policy's answers: prompt texts, completions, each answer's rewards (n k, d),
     degenerate flags and relevance, in prompt order (k answers to a prompt in a row); seconds:
-    the wall time its answers and rewards took (None in chunks written before it was kept)."""
+    the wall time its answers and rewards took, tokens: the tokens sampled for its answers (each
+    None in chunks written before it was kept)."""
     eval_key: str
     index: int
     answers_per_prompt: int
@@ -53,6 +54,7 @@ class Chunk:
     degenerate: np.ndarray
     relevance: np.ndarray
     seconds: float | None = None
+    tokens: int | None = None
 
     def per_prompt(self) -> np.ndarray:
         """(prompts, d): each prompt's mean reward over its answers."""
@@ -67,6 +69,8 @@ class Chunk:
                 "relevance": np.round(self.relevance, 6).tolist()}
         if self.seconds is not None:
             body["seconds"] = round(float(self.seconds), 2)
+        if self.tokens is not None:
+            body["tokens"] = int(self.tokens)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({**body, "sha256": _digest(body)}))
@@ -91,10 +95,11 @@ class Chunk:
         n = len(data["prompts"])
         if rewards.ndim != 2 or len(rewards) != n or len(data["completions"]) != n or n % k:
             raise ValueError("its answers and rewards do not match")
-        seconds = data.get("seconds")
+        seconds, tokens = data.get("seconds"), data.get("tokens")
         return cls(eval_key, index, k, data["prompts"], data["completions"], rewards,
                    np.asarray(data["degenerate"], bool), np.asarray(data["relevance"], float),
-                   float(seconds) if isinstance(seconds, (int, float)) else None)
+                   float(seconds) if isinstance(seconds, (int, float)) else None,
+                   tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None)
 
 
 def chunk_path(directory: Path, index: int) -> Path:
@@ -165,7 +170,7 @@ def measure(ctx, model, tokenizer, dirs: list[Path], write_dir: Path, prompts: i
         # rounded as the file holds them: a table read back equals the one measured
         chunk = Chunk(eval_key, index, ev.samples_per_prompt, answers.prompts, answers.completions,
                       np.round(answers.rewards, 6), answers.degenerate, np.round(answers.relevance, 6),
-                      time.time() - started)
+                      time.time() - started, answers.tokens)
         chunk.write(chunk_path(write_dir, index))
         chunks.append(chunk)
     return table_of(chunks, ctx.cfg.traits, eval_key, ev.samples_per_prompt)

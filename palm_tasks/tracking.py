@@ -426,6 +426,7 @@ def log_rewards_run(cfg: PalmConfig, root: Path, metrics: dict, figure, samples:
             for j, b in enumerate(cfg.traits):
                 if i < j:
                     flat[f"corr.{a}.{b}"] = float(corr[i][j])
+        flat["tokens_generated"] = metrics.get("tokens_generated", 0)  # the sample pool's, this run
         if "humor" in metrics["reward_models"]:
             flat["humor.heldout_accuracy"] = metrics["reward_models"]["humor"]["heldout_accuracy"]
         mlflow.log_metrics(flat)

@@ -207,22 +207,40 @@ def test_the_run_says_what_each_training_cost_and_what_ended_its_rounds(finished
     # metrics/align.json: the phase totals; `palm run` prints them with each stage's seconds
     from palm_tasks.cost import totals
     from palm_tasks.report.console import print_cost
-    from palm_tasks.schema import load_pool
+    from palm_tasks.params_yaml import load_config
+    from palm_tasks.schema import load_pool, load_samples
 
     details = json.loads((finished_run / "metrics" / "align.details.json").read_text())
     steps = load_pool(finished_run).history["steps"]
+    cfg = load_config(finished_run / "params.yaml")
+    ev = cfg.evaluation
     rows = details["cost"]
     assert [r["key"] for r in rows] == [h["key"] for h in steps] and len(rows) == details["trainings"]
     for row in rows:
         assert row["rounds"] == row["of"] == 1 and row["ended"] == "the round cap"  # tiny params: 1 round
         assert row["seconds"]["sft"] > 0 and row["seconds"]["evaluation"] > 0 and row["prompts"] >= 4
         assert row["seconds"]["round_tests"] == 0  # one round: no test after it
-    assert json.loads((finished_run / "metrics" / "align.json").read_text())["seconds"] == totals(rows)
+        assert row["tokens"]["round_tests"] == 0
+        answers = row["prompts"] * ev.samples_per_prompt
+        assert answers <= row["tokens"]["evaluation"] <= answers * ev.max_new_tokens
+    # tokens sampled in training: the first extreme's round imitates the pool (none sampled); a
+    # warm-started job samples its own round, an answer of 1 to max_completion_length tokens each
+    t, n_train = cfg.training, cfg.data.n_train
+    assert rows[0]["tokens"]["sampling"] == 0 and len(rows) > 1
+    for row in rows[1:]:
+        assert n_train * t.samples_per_prompt <= row["tokens"]["sampling"] <= n_train * t.samples_per_prompt \
+            * t.max_completion_length
+    align = json.loads((finished_run / "metrics" / "align.json").read_text())
+    assert align["seconds"] == totals(rows) and align["tokens"] == totals(rows, "tokens")
+    assert align["tokens"]["evaluation"] == sum(r["tokens"]["evaluation"] for r in rows)
+    rewards = json.loads((finished_run / "metrics" / "rewards.json").read_text())
+    pool = load_samples(finished_run)
+    assert len(pool.prompts) * pool.n <= rewards["tokens_generated"]  # at least the eval pool's first tokens
     monkeypatch.setenv("COLUMNS", "300")
     print_cost(finished_run, {"rewards": 12.0, "align": 34.0, "coverage": 1.0})
     out = capsys.readouterr().out
     assert "rewards (12 s)" in out and "align (34 s)" in out and "coverage (1 s)" in out
-    assert all(row["key"] in out for row in rows) and "the search stopped" in out
+    assert all(row["key"] in out for row in rows) and "the search stopped" in out and "tokens generated" in out
 
 
 def test_a_second_run_trains_nothing_and_another_search_mode_reuses_every_shared_job(finished_run, tmp_path,

@@ -208,3 +208,60 @@ def test_rounds_go_on_only_while_the_policy_is_short_of_the_evidence(tiny_model,
                                     first_round=POOL, look=stop(0.0))
     assert [h["round"] for h in history] == [1] and looked == [1] and history[0]["stopped"] is True
     assert history[0]["look_upper"] >= 0 and history[0]["look_seconds"] > 0
+
+
+def test_a_job_stopped_mid_way_resumes_after_its_last_finished_round(tiny_model, tmp_path, monkeypatch):
+    # Each finished round leaves its adapter and figures in the job's checkpoint directory. A job
+    # stopped after round 2 (here by its on_log raising, as a kill would stop it) resumes at
+    # round 3: rounds 1 and 2 are not trained again, their figures come back, and the adapter it
+    # ends with is the one an uninterrupted job trains. A damaged checkpoint starts it over.
+    import torch
+
+    real_sample = rsft.sample
+    sampled = []
+
+    def sample(*args):
+        sampled.append(args[-1])  # the round's seed
+        completions, scores = real_sample(*args)
+        return completions, scores + 0.5  # the noise model's answers may all score 0: SFT must run
+
+    monkeypatch.setattr(rsft, "sample", sample)
+    t = T.model_copy(update={"rounds": 3})
+
+    def train(name, on_log=None):
+        return rsft.train_rsft(tiny_model, REWARDS, PROMPTS, W, t, "cpu", 0, tmp_path / f"work-{name}",
+                               first_round=POOL, on_log=on_log, checkpoints=tmp_path / name)
+
+    whole, _, whole_history = train("whole")
+    assert sampled == [2, 3] and [p.name for p in (tmp_path / "whole").iterdir()] == ["round-3"]
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_round_2(r, total, log):
+        if r == 2:
+            raise Killed
+
+    sampled.clear()
+    with pytest.raises(Killed):
+        train("stopped", killed_after_round_2)
+    assert sampled == [2] and [p.name for p in (tmp_path / "stopped").iterdir()] == ["round-2"]
+    before = lora_weights(rsft.lora_model(tiny_model, t, "cpu", 0, tmp_path / "stopped" / "round-2"))
+
+    sampled.clear()
+    logged = []
+    resumed, _, history = train("stopped", lambda *a: logged.append((a[0], a[2].get("restored", False))))
+    assert sampled == [3]  # only round 3 ran
+    assert logged == [(1, True), (2, True), (3, False)]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["kept_reward"] for h in history] == [h["kept_reward"] for h in whole_history]
+    after, expected = lora_weights(resumed), lora_weights(whole)
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # round 3 trained the restored adapter
+    assert all(torch.equal(after[k], expected[k]) for k in expected)  # as if never stopped
+
+    # a damaged checkpoint is not trusted: the job starts again from round 1
+    weights = tmp_path / "stopped" / "round-3" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    sampled.clear()
+    _, _, history = train("stopped")
+    assert sampled == [2, 3] and [h.get("restored", False) for h in history] == [False] * 3

@@ -71,6 +71,29 @@ def test_an_answer_stops_at_eos(tiny_model, monkeypatch):
     assert len(calls) == 2  # no forward passes after every answer has ended
 
 
+def test_the_tokens_generated_are_counted_up_to_each_answers_end(tiny_model, monkeypatch):
+    # every answer ends at its 4th token (EOS counted): 4 tokens each, or the cap where it is
+    # lower; a nested counter counts them too, a closed one no more, and nothing outside counts
+    model, tokenizer = load_base(tiny_model, "cpu"), load_tokenizer(tiny_model)
+    eos = tokenizer.eos_token_id
+    calls = []
+
+    def eos_on_fourth_step(logits, temperature):
+        calls.append(1)
+        return torch.full((len(logits),), eos if len(calls) % 4 == 0 else 5)
+
+    monkeypatch.setattr(models, "_draw", eos_on_fourth_step)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    with models.tokens_counted() as outer:
+        with models.tokens_counted() as inner:
+            generate(model, tokenizer, prompts, 8, 1.0, 8, 0)
+        assert inner.tokens == outer.tokens == 4 * len(prompts)
+        calls.clear()
+        generate(model, tokenizer, prompts, 2, 1.0, 8, 0)
+    assert inner.tokens == 4 * len(prompts) and outer.tokens == 6 * len(prompts)
+    assert models._COUNTERS.get() == ()
+
+
 def test_answers_that_end_leave_the_batch_and_the_others_go_on_unchanged(tiny_model, monkeypatch):
     """Two of four answers end at their first token: the later steps run on the other two rows
     only, and their logits are still those of a plain forward pass over each answer alone."""

@@ -13,10 +13,34 @@ again later is scored exactly as it was the first time.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from palm_tasks.hashing import file_sha256
 from palm_tasks.log import progress
+
+# the counters open in this context (tokens_counted): a job thread's count is its own
+_COUNTERS: ContextVar[tuple] = ContextVar("palm_token_counters", default=())
+
+
+class TokenCount:
+    """Tokens generated while it was open (tokens_counted): every answer's tokens up to and
+    including the one that ended it."""
+
+    def __init__(self):
+        self.tokens = 0
+
+
+@contextmanager
+def tokens_counted():
+    """Count the tokens `generate` samples inside the block, in this thread or task; nested
+    counters each count them all (a stage's and a chunk's)."""
+    count = TokenCount()
+    reset = _COUNTERS.set((*_COUNTERS.get(), count))
+    try:
+        yield count
+    finally:
+        _COUNTERS.reset(reset)
 
 
 def resolve_device(device: str) -> str:
@@ -321,9 +345,11 @@ def _sample(model, tokenizer, chats: list[str], k: int, max_new_tokens: int, tem
         tokens = torch.full((len(logits), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
         rows = torch.arange(len(logits), device=device)  # the answer each row of the batch is writing
         ended = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        generated = 0
         for step in range(max_new_tokens):
             token = torch.where(ended, tokenizer.pad_token_id, _draw(logits, temperature))
             tokens[rows, step] = token
+            generated += len(ended) - int(ended.sum())  # the rows still writing drew a token
             ended |= torch.isin(token, stop)
             if step == max_new_tokens - 1 or bool(ended.all()):
                 break
@@ -335,6 +361,8 @@ def _sample(model, tokenizer, chats: list[str], k: int, max_new_tokens: int, tem
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
                            use_cache=True).logits[:, -1]
             position = position + 1
+    for count in _COUNTERS.get():
+        count.tokens += generated
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 

@@ -17,23 +17,33 @@ GRPO step pays both for every group. benchmarks/oracle_methods.py measures both 
 Round 1 can reuse the base model's sample pool (`first_round`), saving one sampling pass per job.
 A job trains up to `rounds` rounds and stops sooner once its policy is not short of best-of-N at
 w, tested after each round by the caller's `look` (palm_tasks/round_stop.py, docs/oracle.md).
+
+With `checkpoints`, every finished round leaves its adapter and the rounds' figures there
+(RoundCheckpoint), so a job killed mid-way resumes after its last finished round instead of
+redoing them: a round's samples and SFT seeds are seed + round and each round's optimizer starts
+afresh, so the resumed job trains the same adapter as one never stopped.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from palm_tasks.config import TrainingConfig
-from palm_tasks.llm.models import chat, common_args, generate, load_base, load_tokenizer, precision_of
+from palm_tasks.hashing import file_sha256
+from palm_tasks.llm.models import (chat, common_args, generate, load_base, load_tokenizer, precision_of,
+                                   tokens_counted)
 from palm_tasks.llm.rewards import score_all
-from palm_tasks.log import progress
+from palm_tasks.log import progress, warn
 
 SAMPLE_BATCH = 128  # answers generated per forward pass (as evaluation.batch_size)
 
@@ -180,11 +190,70 @@ def answer_only_trainer():
     return AnswerOnlyLossTrainer
 
 
+ROUND_FILE = "round.json"  # a checkpoint's figures: the rounds so far and its adapter's sha256
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
+
+
+@dataclass(frozen=True)
+class RoundCheckpoint:
+    """The last finished round of a job, in `<checkpoints>/round-<r>/`: the adapter after it
+    (PEFT's safetensors) and `round.json` (the history of rounds 1..r, the adapter's sha256).
+    Written to a temporary directory and renamed, so a kill leaves the previous one whole; only
+    the latest is kept."""
+
+    round: int
+    adapter: Path
+    history: list[dict]
+
+    @staticmethod
+    def save(checkpoints: Path, model, history: list[dict]) -> None:
+        r = history[-1]["round"]
+        tmp = checkpoints / f".round-{r}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        (tmp / ROUND_FILE).write_text(json.dumps({"round": r, "history": history,
+                                                  "adapter_sha256": file_sha256(tmp / ADAPTER_WEIGHTS)}))
+        final = checkpoints / f"round-{r}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints.glob("round-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def latest(checkpoints: Path) -> RoundCheckpoint | None:
+        """The last finished round, or None (none yet, or a damaged one: warned, then removed)."""
+        found = sorted(checkpoints.glob("round-*"), key=lambda p: int(p.name.split("-")[1])
+                       if p.name.split("-")[1].isdigit() else -1)
+        if not found:
+            return None
+        path = found[-1]
+        try:
+            record = json.loads((path / ROUND_FILE).read_text())
+            if file_sha256(path / ADAPTER_WEIGHTS) != record["adapter_sha256"]:
+                raise ValueError("its adapter does not match its checksum")
+            history = record["history"]
+            if not history or history[-1]["round"] != record["round"]:
+                raise ValueError("its rounds do not end at its round")
+            return RoundCheckpoint(int(record["round"]), path, history)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warn(f"rsft: the checkpoint {path} is damaged ({' '.join(str(exc).split())[:200]}); "
+                 "the job starts again from round 1")
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            return None
+
+
+def _plain(value):
+    """A round's figure as JSON can hold it (numpy scalars from the look)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
                t: TrainingConfig, device: str, seed: int, work_dir: Path,
                first_round=None, init_adapter: Path | None = None,
                on_log: Callable[[int, int, dict], None] | None = None, precision: str | None = None,
-               look: Callable[[object, object, int], dict] | None = None):
+               look: Callable[[object, object, int], dict] | None = None,
+               checkpoints: Path | None = None):
     """(policy, tokenizer, history) after up to `t.rounds` rounds of sample -> keep the best under w -> SFT.
 
     first_round: (completions, scores) of the base on train_prompts (P lists of N answers,
@@ -192,16 +261,30 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
     t.min_relevance > 0: only answers at least that relevant to their prompt may be kept.
     history: one dict per round, also handed to on_log(round, t.rounds, dict): round, reward (mean
     w . r of the sampled answers), kept_reward (mean w . r of each prompt's kept answer), kept
-    (pairs trained on), sample_seconds, sft_seconds, loss (last SFT step's; None if nothing kept).
+    (pairs trained on), sample_seconds, sample_tokens (0 for the pool's round), sft_seconds, loss
+    (last SFT step's; None if nothing kept).
     look(model, tokenizer, round) -> dict with `stop`: called after every round but the last
     (palm_tasks.round_stop); its figures join the round's dict, and `stop` ends the job there.
+    checkpoints: a directory of this job's own (its key's) where each finished round is kept
+    (RoundCheckpoint); a job started again resumes after the last one, its rounds' dicts (with
+    `restored: true`) handed to on_log again.
     """
     w = np.asarray(weights, float)
     tokenizer = load_tokenizer(base_path)
-    model = lora_model(base_path, t, device, seed, init_adapter, precision)
-    history = []
+    resumed = RoundCheckpoint.latest(checkpoints) if checkpoints is not None else None
+    model = lora_model(base_path, t, device, seed, resumed.adapter if resumed else init_adapter, precision)
+    history, first = [], 1
+    if resumed:
+        history, first = resumed.history, resumed.round + 1
+        for log in history:
+            log["restored"] = True
+            if on_log:
+                on_log(log["round"], t.rounds, log)
+        if history[-1].get("stopped"):
+            first = t.rounds + 1  # it had stopped there: nothing left to train
+    left = range(first, t.rounds + 1)
     try:
-        for r in progress(range(1, t.rounds + 1), t.rounds, f"rsft rounds at w={np.round(w, 2).tolist()}"):
+        for r in progress(left, len(left), f"rsft rounds at w={np.round(w, 2).tolist()}") if left else ():
             started = time.time()
             if r == 1 and first_round is not None and init_adapter is None:
                 completions, scores = first_round  # the base's samples: the round-1 policy is the base
@@ -209,8 +292,11 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
                 if scores.shape[0] != len(train_prompts) or len(completions) != len(train_prompts):
                     raise ValueError(f"first_round covers {scores.shape[0]} prompts, not the "
                                      f"{len(train_prompts)} training prompts")
+                sampled_tokens = 0
             else:
-                completions, scores = sample(model, tokenizer, rewards, train_prompts, t, seed + r)
+                with tokens_counted() as count:
+                    completions, scores = sample(model, tokenizer, rewards, train_prompts, t, seed + r)
+                sampled_tokens = count.tokens
             sampled = time.time()
             allowed = on_topic(train_prompts, completions, t.min_relevance)
             best = best_by_weight(scores, w, allowed)
@@ -222,14 +308,16 @@ def train_rsft(base_path: Path, rewards, train_prompts: list[str], weights: Sequ
             pairs = [(p, completions[i][best[i]]) for i, p in enumerate(train_prompts) if usable[i]]
             loss = sft(model, tokenizer, pairs, t, device, seed + r, work_dir) if pairs else None
             log = {"round": r, "reward": float(value.mean()), "kept_reward": float(kept.mean()),
-                   "kept": len(pairs), "sample_seconds": round(sampled - started, 2),
+                   "kept": len(pairs), "sample_seconds": round(sampled - started, 2), "sample_tokens": sampled_tokens,
                    "sft_seconds": round(time.time() - sampled, 2), "loss": loss}
             stop = False
             if look is not None and r < t.rounds:
                 verdict = look(model, tokenizer, r)
                 stop = bool(verdict.pop("stop"))
-                log.update(verdict, stopped=stop)
+                log.update({k: _plain(v) for k, v in verdict.items()}, stopped=stop)
             history.append(log)
+            if checkpoints is not None:
+                RoundCheckpoint.save(checkpoints, model, history)
             if on_log:
                 on_log(r, t.rounds, log)
             if stop:

@@ -55,21 +55,23 @@ def log_callback(on_log: Callable[[int, int, dict], None]):
 def train(base_path: Path, rewards, train_prompts: list[str], weights: Sequence[float],
           t: TrainingConfig, device: str, seed: int, work_dir: Path, first_round=None,
           init_adapter: Path | None = None, on_log: Callable[[int, int, dict], None] | None = None,
-          precision: str | None = None, look=None):
+          precision: str | None = None, look=None, checkpoints: Path | None = None):
     """(policy, tokenizer, history) trained for w . r by `t.method`, sampling and training in
     `precision` (llm.models.load_base; None: what `auto` gives on `device`). look: rsft's test
     after each round (palm_tasks.round_stop; grpo takes none).
 
     first_round: the base's (completions, scores (P, N, d)) on train_prompts, which rsft uses as
     its first round's samples (grpo samples online and ignores it). init_adapter: a LoRA adapter
-    directory to warm-start from instead of a fresh adapter.
+    directory to warm-start from instead of a fresh adapter. checkpoints: rsft keeps each
+    finished round there and resumes after the last one (llm.rsft.RoundCheckpoint); a GRPO job
+    killed mid-way starts again.
     """
     if t.method == "rsft":
         from palm_tasks.llm.rsft import train_rsft
 
         return train_rsft(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
                           first_round=first_round, init_adapter=init_adapter, on_log=on_log,
-                          precision=precision, look=look)
+                          precision=precision, look=look, checkpoints=checkpoints)
     return train_grpo(base_path, rewards, train_prompts, weights, t, device, seed, work_dir,
                       init_adapter=init_adapter, on_log=on_log, precision=precision)
 

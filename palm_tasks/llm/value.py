@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from palm_tasks.config import EvaluationConfig
-from palm_tasks.llm.models import generate
+from palm_tasks.llm.models import generate, tokens_counted
 from palm_tasks.llm.rewards import score_all
 from palm_tasks.schema import ValueVector
 
@@ -28,6 +28,7 @@ class Answers:
     rewards: np.ndarray
     degenerate: np.ndarray
     relevance: np.ndarray
+    tokens: int = 0  # tokens sampled for these answers
 
 
 def answer_chunk(model, tokenizer, rewards, prompts: list[str], ev: EvaluationConfig, seed: int) -> Answers:
@@ -35,9 +36,10 @@ def answer_chunk(model, tokenizer, rewards, prompts: list[str], ev: EvaluationCo
     from palm_tasks.llm.validity import degenerate, relevance
 
     flat = [p for p in prompts for _ in range(ev.samples_per_prompt)]
-    completions = generate(model, tokenizer, flat, ev.max_new_tokens, ev.temperature, ev.batch_size, seed)
+    with tokens_counted() as count:
+        completions = generate(model, tokenizer, flat, ev.max_new_tokens, ev.temperature, ev.batch_size, seed)
     return Answers(flat, completions, np.asarray(score_all(rewards, flat, completions)),
-                   degenerate(flat, completions), relevance(flat, completions))
+                   degenerate(flat, completions), relevance(flat, completions), count.tokens)
 
 
 def evaluate(model, tokenizer, rewards, eval_prompts: list[str], ev: EvaluationConfig, seed: int):

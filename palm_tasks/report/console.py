@@ -107,8 +107,10 @@ def print_cost(root: Path, stage_seconds: dict) -> None:
     console.print(table)
     if align:
         total = align.get("seconds", {})
+        tokens = align.get("tokens", {})
         console.print(f"align: {align.get('trainings', 0)} trainings, {align.get('answers_evaluated', 0)} answers "
                       f"evaluated; phases in all: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)} s" for k, v in total.items())
+                      + "; tokens generated: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in tokens.items())
                       + f"; the search stopped: {align.get('stopped') or '-'}.")
 
 

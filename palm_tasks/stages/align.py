@@ -18,6 +18,7 @@ The other modes train a fixed set of weights as one batch, without repair.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,8 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
     pool = Pool(kind="trained", mode=cfg.search.mode, policies=tuple(policies), history=history,
                 trained=len(policies) - reused, reused=reused)
     schema.write(paths.pool, pool)
+    # every job of this search is stored: round checkpoints left are of jobs it no longer asks for
+    shutil.rmtree(paths.round_checkpoints, ignore_errors=True)
     steps = history.get("steps", [])
     # every training's phases, replaced repairs included (palm_tasks/cost.py)
     costs = ([cost.job_cost(paths.members / h["key"], h["source"]) for h in steps if "key" in h] if steps
@@ -93,7 +96,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs: RunJobs | None = None) -> dict:
                "answers_evaluated": answers,
                "prompts_per_policy": {p.key: prompts[p.key] for p in policies},
                "stopped": history.get("stopped", ""),
-               "seconds": cost.totals(costs), "cost": costs}
+               "seconds": cost.totals(costs), "tokens": cost.totals(costs, "tokens"), "cost": costs}
     write_metrics(root, METRICS[0], {k: v for k, v in metrics.items() if k != "prompts_per_policy"},
                   details=metrics)  # mode, stopped, prompts per policy, each job's cost: details only
     say(f"align: pool of {len(policies)} policies ({cfg.search.mode} search)")

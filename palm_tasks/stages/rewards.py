@@ -40,7 +40,7 @@ RUNS_JOBS = False
 def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     from palm_tasks.custom import resolve_prompts_file
     from palm_tasks.llm.base_model import prepare_base_model, resolve_base_model
-    from palm_tasks.llm.models import load_base, load_tokenizer, resolve_device, resolve_precision
+    from palm_tasks.llm.models import load_base, load_tokenizer, resolve_device, resolve_precision, tokens_counted
     from palm_tasks.llm.prompts import prepare_prompts, read_prompts
     from palm_tasks.llm.rewards import prepare_rewards, project_rewards
 
@@ -64,12 +64,13 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
     base_path = resolve_base_model(paths.base)
     model = load_base(base_path, device, precision=resolve_precision(cfg.precision, device))
     tokenizer = load_tokenizer(base_path)
-    pools = {"eval": write_sample_pool(cfg, paths, "eval", eval_prompts, rewards, model, tokenizer)}
-    if cfg.training.method == "rsft":
-        train_prompts = read_prompts(paths.prompts / "train.jsonl")
-        pools["train"] = write_sample_pool(cfg, paths, "train", train_prompts, rewards, model, tokenizer)
-    elif (paths.samples / "train.json").exists():
-        (paths.samples / "train.json").unlink()  # a stale pool of another method: not an output now
+    with tokens_counted() as sampled:  # this run's sampling: a pool found whole or in part is not counted
+        pools = {"eval": write_sample_pool(cfg, paths, "eval", eval_prompts, rewards, model, tokenizer)}
+        if cfg.training.method == "rsft":
+            train_prompts = read_prompts(paths.prompts / "train.jsonl")
+            pools["train"] = write_sample_pool(cfg, paths, "train", train_prompts, rewards, model, tokenizer)
+        elif (paths.samples / "train.json").exists():
+            (paths.samples / "train.json").unlink()  # a stale pool of another method: not an output now
     pool = pools["eval"]
     scores = pool.scores.reshape(-1, cfg.d)
     completions = [c for answers in pool.completions for c in answers]
@@ -89,6 +90,7 @@ def run(cfg: PalmConfig, root: Path, run_jobs=None) -> dict:
         "reward_versions": {r.name: r.version for r in rewards},
         "base_samples": len(completions),
         "sample_pool": {split: {"prompts": len(p.prompts), "answers_per_prompt": p.n} for split, p in pools.items()},
+        "tokens_generated": sampled.tokens,
         "base_quality": pool.quality,
         "best_of_n": best_of_n_at_traits(cfg, pool),
         "distribution": distribution,
@@ -114,6 +116,7 @@ def figures(record: dict) -> dict:
     return {
         "base_degenerate_share": record["base_quality"].get("degenerate_share"),
         "base_relevance": record["base_quality"].get("relevance"),
+        "tokens_generated": record.get("tokens_generated"),
         "base_best_of": {name: v["value"] for name, v in bon.items() if isinstance(v, dict)},
         **{f"{t}_classifier_accuracy": m["heldout_accuracy"]
            for t, m in record["reward_models"].items() if "heldout_accuracy" in m},
