@@ -90,6 +90,15 @@ def load_config(path: str | Path = "params.yaml", overrides: list[Override] | No
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (run palm from the project directory)")
+    data = _read_file(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        return parse_config(data, f"{path} with {', '.join(dict.fromkeys(o.source for o in overrides))}")
+    return parse_config(data, str(path))
+
+
+def _read_file(path: Path):
+    """The YAML document of params.yaml or a profile; ConfigError naming the file and the problem."""
     try:
         data = _read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -106,10 +115,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[Override] | No
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if overrides:
-        data = apply_overrides(data, overrides)
-        return parse_config(data, f"{path} with {', '.join(dict.fromkeys(o.source for o in overrides))}")
-    return parse_config(data, str(path))
+    return data
 
 
 # ------------------------------------------------------------------ profiles and -S overrides
@@ -176,14 +182,7 @@ def read_profile(name: str, root: str | Path = ".") -> list[Override]:
     if not path.is_file():
         known = sorted(p.stem for p in (root / PROFILES).glob("*.yaml"))
         raise ConfigError(f"profile {name}: no such file {path} (profiles here: {', '.join(known) or 'none'})")
-    try:
-        data = _read_yaml(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except _Refused as exc:
-        raise ConfigError(f"{path}: {exc.problem} (line {exc.mark.line + 1}, column {exc.mark.column + 1})") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"{path}: not a valid profile ({' '.join(str(exc).split())[:200]})") from None
+    data = _read_file(path)
     if data is None:
         return []
     if not isinstance(data, dict):

@@ -82,13 +82,20 @@ def test_a_stage_reads_the_profile_and_the_set_values_and_params_yaml_stays(proj
     (["-S", "coverage.eps"], None, ["-S", "KEY=VALUE"]),
     (["-S", "coverage.eps.x=1"], None, ["coverage.eps.x", "is a value"]),
 ])
-def test_a_bad_override_is_one_line_naming_it_and_nothing_is_written(tmp_path, project, args, profile, names):
+def test_a_bad_override_is_one_line_naming_it_and_nothing_is_written(tmp_path, project, args, profile, names,
+                                                                       capsys, monkeypatch):
+    # palm's own main() in this process (the subprocess path is the test above): refused before
+    # any flow starts
+    from flows.cli import main
+
     if profile is not None:
         (project / "p.yaml").write_text(profile)
     before = _digest(tmp_path)
-    proc = palm("stage", "grid", *args, root=project, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("palm: error: "), proc.stderr
+    monkeypatch.chdir(project)
+    code = main(["stage", "grid", *args, "--root", str(project)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("palm: error: "), err
     for name in names:
         assert name in lines[0], (name, lines[0])
     assert _digest(tmp_path) == before and not (project / ".palm").exists()
