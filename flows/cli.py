@@ -205,6 +205,10 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
 
     if not 1 <= args.max_new_tokens <= cfg.serve.max_tokens:  # before opening anything: nothing is touched
         return _fail(f"--max-new-tokens must be from 1 to {cfg.serve.max_tokens} (serve.max_tokens)", 2)
+    if args.temperature is not None and not 0 <= args.temperature <= 2:  # the server's range; NaN fails too
+        return _fail(f"--temperature must be from 0 to 2 (0: greedy), not {args.temperature:g}", 2)
+    if not 0 <= args.seed < 2**63:
+        return _fail(f"--seed must be from 0 to 2**63 - 1, not {args.seed}", 2)
     try:
         parse_weights(args.weights, cfg.traits)
         router = _router(args, cfg)
@@ -220,10 +224,13 @@ def cmd_generate(args, cfg: PalmConfig) -> int:
     if route.normalized:
         print(f"note: the weights did not sum to 1 and were normalized to "
               f"{', '.join(f'{t}={v:.4g}' for t, v in route.weights.items())}", file=sys.stderr)
-    print(f"member {route.member_key} ({route.model_uri or 'local'})", file=sys.stderr)
+    temperature = args.temperature if args.temperature is not None else route.temperature or 0.0
+    print(f"member {route.member_key} ({route.model_uri or 'local'}), "
+          + (f"temperature {temperature:g}, seed {args.seed}" if temperature else "greedy"), file=sys.stderr)
     try:
         answer = engine.complete(name, [engine.models.encode_chat(chat(args.prompt))],
-                                 Sampling(max_tokens=args.max_new_tokens))[0]
+                                 Sampling(max_tokens=args.max_new_tokens, temperature=temperature,
+                                          seed=args.seed))[0]
     finally:
         engine.close()
     print(answer.text.strip())
@@ -327,7 +334,7 @@ def cmd_export(args, cfg: PalmConfig) -> int:
 
     try:
         export = vllm_export(_router(args, cfg), args.host, args.port)
-    except LookupError as exc:
+    except (LookupError, ValueError) as exc:  # ValueError: members measured at different temperatures
         return _fail(str(exc), 1)
     text = json.dumps(export.to_dict(), indent=2) + "\n" if args.json else export.script()
     if args.out:
@@ -426,10 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the route as JSON")
     p.set_defaults(func=cmd_route)
     p = sub.add_parser("generate", help="answer a prompt with the member these weights route to",
-                       description="Route the weights, then generate with that member (greedy).")
+                       description="Route the weights, then generate with that member, sampled at its "
+                                   "temperature (the one its values were measured at) unless --temperature.")
     args_router(p, weights=True)
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48)")
+    p.add_argument("--temperature", type=float, help="0: greedy (default: the member's)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed, the same answer (default: 0)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("export", help="the vLLM command that serves the portfolio (GPU)",
                        description="Print (or --out FILE) the `vllm serve` command that serves the "

@@ -177,7 +177,8 @@ class EvaluationConfig(Section):
                              "chunks, rounded up; at most the cap); more only where a decision hinges on them")
     samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1, description="tokens per evaluation completion")
-    temperature: float = Field(0.7, gt=0, description="sampling temperature of the evaluation completions")
+    temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the evaluation completions, "
+                               "and so each member's: the server samples at it")
     batch_size: int = Field(128, ge=1, description="answers generated per forward pass")
 
     def answers_key(self) -> dict:

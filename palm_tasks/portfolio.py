@@ -126,12 +126,18 @@ class Member:
     lambdas: tuple[float, ...] = ()
     model_uri: str | None = None  # set in the registered copy of the portfolio
     model_version: str | None = None
+    # The sampling temperature its values were measured at (evaluation.temperature): part of the
+    # policy the certificate speaks of, so the server samples at it unless a request says otherwise.
+    # None in a portfolio written before it was recorded.
+    temperature: float | None = None
 
     def to_json(self, traits) -> dict:
         out = {"key": self.key, "kind": self.kind, "path": self.path,
                "weights": by_trait(traits, self.weights), "values": by_trait(traits, self.value.mean),
                "std_errors": by_trait(traits, self.value.se), "n_eval": self.value.n,
                "share": round(self.share, 6)}
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
         if self.kind == "soup":
             out.update(ingredients=list(self.ingredients), lambdas=list(self.lambdas))
         if self.model_uri:
@@ -156,6 +162,11 @@ class Member:
         model_version = data.get("model_version")
         if isinstance(model_version, bool) or not isinstance(model_version, (str, int, type(None))):
             raise wrong(at + "model_version", "a version", model_version)
+        temperature = data.get("temperature")
+        if temperature is not None:
+            temperature = number(temperature, at + "temperature", 0)
+            if not 0 < temperature <= 2:  # the server's range (above 0: a member samples)
+                raise FieldError(f"{at}temperature is {temperature:g}, not in (0, 2]")
         return cls(key=key, kind=kind, path=path,
                    weights=trait_numbers(traits, required(data, "weights", at), at + "weights"),
                    value=ValueVector(trait_numbers(traits, required(data, "values", at), at + "values"),
@@ -166,7 +177,7 @@ class Member:
                    ingredients=strings(data.get("ingredients", []), at + "ingredients"),
                    lambdas=numbers(data.get("lambdas", []), at + "lambdas"),
                    model_uri=optional_string(data.get("model_uri"), at + "model_uri"),
-                   model_version=model_version)
+                   model_version=model_version, temperature=temperature)
 
 
 @dataclass(frozen=True)
@@ -437,6 +448,7 @@ class Route:
     certified: bool  # the portfolio's certificate at (eps, delta) over the whole simplex
     eps: float
     max_eps: float  # the certificate's worst eps over the simplex at this delta
+    temperature: float | None = None  # the member's: the value and guarantee are for answers sampled at it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -455,7 +467,8 @@ class Route:
             f"guaranteed at these weights: value {self.value:.4f}, at most "
             f"{self.opt_upper_bound - self.value:.4f} below the best possible (OPT(w) <= "
             f"{self.opt_upper_bound:.4f}), i.e. value >= (1 - {self.eps_at_w:.4f}) x OPT(w) - "
-            f"{self.delta}",
+            f"{self.delta}"
+            + (f", for answers sampled at temperature {self.temperature:g}" if self.temperature else ""),
             f"portfolio {self.portfolio_id[:10]}: "
             f"{'certified' if self.certified else 'NOT certified'} for eps={self.eps}, "
             f"delta={self.delta} over the whole simplex (worst eps {self.max_eps:.4f}); "

@@ -1,5 +1,7 @@
 """PALM portfolio: trait weights -> the member the project's routing rule chooses, and, given a
-prompt, that member's answer (one base model, every member's LoRA adapter on it).
+prompt, that member's answer (one base model, every member's LoRA adapter on it), sampled at the
+temperature and top-k the member's values were measured at (the signature's defaults for the
+params `temperature` and `top_k`; temperature 0 is greedy) from the params' `seed`.
 
 The portfolio's MLflow pyfunc model, logged as code ("models from code", palm_tasks/registry.py)
 so that loading it never unpickles anything. This file is the model: MLflow copies it into the
@@ -53,7 +55,7 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
             self._model = (model.eval(), tokenizer)
         return self._model
 
-    def _answer(self, key, prompt, max_new_tokens):
+    def _answer(self, key, prompt, max_new_tokens, temperature, top_k, seed):
         import torch
 
         model, tokenizer = self._loaded()
@@ -61,9 +63,12 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        sampling = dict(do_sample=False) if temperature < 1e-3 else dict(
+            do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0)
+        torch.manual_seed(seed)  # the same seed, the same answer
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 **sampling)
         return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -76,9 +81,11 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
             "model_uri": [self.members[i]["model_uri"] for i in best],
             "value": value,
         })
-        if "prompt" in frame.columns:  # greedy answers of the routed members
-            n = int((params or {}).get("max_new_tokens", DEFAULT_NEW_TOKENS))
-            out["answer"] = [self._answer(self.members[i]["key"], p, n) if isinstance(p, str) and p.strip()
+        if "prompt" in frame.columns:  # the routed members' answers (MLflow fills the params' defaults)
+            given = params or {}
+            how = (int(given.get("max_new_tokens", DEFAULT_NEW_TOKENS)), float(given.get("temperature", 0.0)),
+                   int(given.get("top_k", 50)), int(given.get("seed", 0)))
+            out["answer"] = [self._answer(self.members[i]["key"], p, *how) if isinstance(p, str) and p.strip()
                              else None for i, p in zip(best, frame["prompt"])]
         return out
 

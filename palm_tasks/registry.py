@@ -375,6 +375,8 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    from palm_tasks.llm.models import TOP_K
+
     pid = portfolio.id
     run, is_new = _tagged_run(client, experiment_id, "portfolio_id", pid, f"portfolio-{pid[:10]}", paths.root, counter)
     routed = registered_copy(portfolio, member_model_name(cfg), member_versions, base_uri)
@@ -397,7 +399,12 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
             inputs=Schema([*(ColSpec("double", t) for t in traits), ColSpec("string", "prompt", required=False)]),
             outputs=Schema([ColSpec("string", "member_key"), ColSpec("string", "model_uri"),
                             ColSpec("double", "value"), ColSpec("string", "answer", required=False)]),
-            params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+            # the members' decoding (one temperature per run: evaluation.temperature; 0 for a
+            # portfolio that recorded none, as before) as the defaults a caller may change
+            params=ParamSchema([ParamSpec("max_new_tokens", "long", 48),
+                                ParamSpec("temperature", "double",
+                                          next((m.temperature for m in portfolio.members if m.temperature), 0.0)),
+                                ParamSpec("top_k", "long", TOP_K), ParamSpec("seed", "long", 0)]))
         # Each member's adapter ships with the portfolio (about 10 MB each); the base model is
         # referenced by its registered version (base_model_uri in portfolio.json), as the members do.
         adapters = {f"adapter_{m.key}": str(paths.root / m.path / ADAPTER_DIR) for m in portfolio.members}

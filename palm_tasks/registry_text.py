@@ -27,6 +27,8 @@ def member_tags(portfolio: Portfolio, member: Member, portfolios: list[str], sha
     for t, w, v, se in zip(portfolio.traits, member.weights, member.value.mean, member.value.se):
         tags[f"w.{t}"], tags[f"value.{t}"], tags[f"se.{t}"] = f"{w:.4f}", f"{v:.4f}", f"{se:.4f}"
     tags["kind"] = member.kind
+    if member.temperature is not None:  # the values above are of answers sampled at it
+        tags["temperature"] = f"{member.temperature:g}"
     if member.kind == "soup":  # no training run: an interpolation of these members' adapters
         tags["ingredients"] = ",".join(member.ingredients)
         tags["lambdas"] = ",".join(f"{x:.4f}" for x in member.lambdas)
@@ -42,7 +44,9 @@ def member_description(cfg, portfolio: Portfolio, member: Member, member_model: 
         f"### PALM member `{member.key[:10]}` ({cfg.task})\n\n"
         f"LoRA adapter of the base model `{base_uri}`, trained with reward weights w.\n\n"
         f"| trait | weight w | value ± standard error |\n|---|---|---|\n{rows}\n\n"
-        f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
+        + (f"Values of answers sampled at temperature {member.temperature:g}; `palm serve` samples this "
+           "member at it unless a request sets `temperature`.\n\n" if member.temperature is not None else "")
+        + f"**Serves {100 * member.share:.1f}% of users** (sampled Dirichlet(1) users routed to "
         f"it) and **{100 * share_simplex:.1f}% of the simplex** (a lattice of weights of step "
         f"1/{cfg.coverage.share_lattice}): the weights for which the routing rule chooses this member.\n\n"
         f"{certificate_text(portfolio)}\n\n"

@@ -75,6 +75,9 @@ def test_a_copied_project_writes_only_into_its_own_store_and_loads_from_it(regis
     out = pyfunc.predict(pd.DataFrame([{"safety": 0.2, "humor": 0.7, "brevity": 0.1, "prompt": "Tell me a joke"}]),
                          params={"max_new_tokens": 4})
     assert out["member_key"][0] in keys and isinstance(out["answer"][0], str)
+    # its answers are sampled as the members were measured, unless the caller says otherwise
+    defaults = {p.name: p.default for p in pyfunc.metadata.get_params_schema().params}
+    assert defaults["temperature"] == copy_cfg.evaluation.temperature > 0 and defaults["top_k"] == 50
     earlier = mlflow.MlflowClient().search_model_versions(f"name = '{member_model_name(cfg)}'")
     pipe = load_member(f"models:/{member_model_name(cfg)}/{earlier[0].version}")
     assert pipe("Tell me a joke", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("Tell me")

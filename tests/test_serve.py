@@ -82,12 +82,16 @@ def test_engine_greedy_answer_is_transformers_generate(served):
     assert served.answer(key, max_tokens=8) == expected
 
 
-def test_the_openai_client_is_routed_by_weights_and_can_name_a_member(served):
+def test_the_openai_client_is_routed_by_weights_and_can_name_a_member(served, project):
     client, keys, router = served.client, served.keys, served.router
-    answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4,
+    answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4, seed=3,
                                             extra_body={"palm": {"weights": HUMOR}})
     assert answer.model == f"palm-member-{keys[1]}"
-    assert answer.choices[0].message.content == served.answer(keys[1])  # greedy: the member's one answer
+    # no temperature: sampled at the one the member's values were measured at (evaluation.temperature)
+    temperature = router.portfolio.member(keys[1]).temperature
+    assert temperature == project[2].evaluation.temperature > 0
+    assert answer.model_extra["palm"]["temperature"] == temperature
+    assert answer.choices[0].message.content == served.answer(keys[1], temperature=temperature, seed=3)
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert 1 <= answer.usage.completion_tokens <= 4
     assert answer.usage.prompt_tokens == len(served.live.models.encode_chat(PROMPT))
@@ -95,9 +99,10 @@ def test_the_openai_client_is_routed_by_weights_and_can_name_a_member(served):
     assert {k: palm[k] for k in router.route(HUMOR).to_dict()} == router.route(HUMOR).to_dict()  # the guarantee
     assert palm["source"] == "weights" and palm["portfolio_version"] == served.live.current.version
 
-    named = client.chat.completions.create(model=f"palm-member-{keys[0]}", messages=PROMPT, max_tokens=4)
+    named = client.chat.completions.create(model=f"palm-member-{keys[0]}", messages=PROMPT, max_tokens=4,
+                                           temperature=0)
     assert named.model == f"palm-member-{keys[0]}"
-    assert named.choices[0].message.content == served.answer(keys[0])
+    assert named.choices[0].message.content == served.answer(keys[0])  # temperature 0: the greedy answer
     assert named.model_extra["palm"]["source"] == "member"
 
     normalized = client.chat.completions.create(
@@ -115,8 +120,11 @@ def test_sampling_follows_temperature_and_seed(served):
     assert first == again  # the same seed, the same sample
     others = {client.chat.completions.create(temperature=1.5, seed=s, **common).choices[0].message.content
               for s in range(8, 12)}
-    greedy = client.chat.completions.create(**common).choices[0].message.content
+    greedy = client.chat.completions.create(temperature=0, **common).choices[0].message.content
     assert len(others | {first, greedy}) > 1  # sampling draws other answers than greedy
+    member = served.router.route(HUMOR).temperature  # no temperature: the member's
+    assert (client.chat.completions.create(seed=7, **common).choices[0].message.content
+            == client.chat.completions.create(temperature=member, seed=7, **common).choices[0].message.content)
     # a temperature so small that logits / temperature overflow (found by the fuzz test): greedy
     tiny = client.chat.completions.create(temperature=1.7e-91, **common).choices[0].message.content
     assert tiny == greedy
@@ -124,9 +132,9 @@ def test_sampling_follows_temperature_and_seed(served):
 
 def test_streaming_gives_the_same_answer_in_pieces(served):
     client, keys = served.client, served.keys
-    full = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16,
+    full = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16, seed=5,
                                           extra_body={"palm": {"weights": HUMOR}})
-    chunks = list(client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16, stream=True,
+    chunks = list(client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=16, stream=True, seed=5,
                                                  stream_options={"include_usage": True},
                                                  extra_body={"palm": {"weights": HUMOR}}))
     with_choices = [c for c in chunks if c.choices]
@@ -293,10 +301,18 @@ def test_palm_serve_and_generate_commands(project, served, capsys):
     assert main(["generate", "--weights", "safety=0,humor=2,brevity=0", "Tell me a joke",
                  "--max-new-tokens", "4", *common]) == 0
     out = capsys.readouterr()
-    assert f"member {keys[1]}" in out.err and "normalized" in out.err
-    assert out.out.rstrip("\n") == served.answer(keys[1])
+    temperature = cfg.evaluation.temperature  # the member's, as the server samples it
+    assert f"member {keys[1]}" in out.err and "normalized" in out.err and f"temperature {temperature:g}" in out.err
+    assert out.out.rstrip("\n") == served.answer(keys[1], PROMPT, 4, temperature=temperature, seed=0)
+    assert main(["generate", "--weights", "safety=0,humor=2,brevity=0", "Tell me a joke",
+                 "--max-new-tokens", "4", "--temperature", "0", *common]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == served.answer(keys[1])  # greedy
     assert main(["generate", "--weights", "safety=0,humor=-1,brevity=0", "hi", *common]) == 2
     assert "negative" in capsys.readouterr().err
+    for bad in (["--temperature", "3"], ["--temperature", "nan"], ["--seed", "-1"]):
+        assert main(["generate", "--weights", "humor=1", "hi", *bad, *common]) == 2
+        err = capsys.readouterr().err
+        assert bad[0] in err and len(err.strip().splitlines()) == 1, err
 
     # serve as a user starts it; hostile requests must not grow its memory
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0", *common],
@@ -312,7 +328,7 @@ def test_palm_serve_and_generate_commands(project, served, capsys):
         assert address, "palm serve did not say where it listens"
         client = openai.OpenAI(base_url=f"http://{address[0]}:{address[1]}/v1", api_key="unused",
                                max_retries=0, timeout=120)
-        answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4,
+        answer = client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4, temperature=0,
                                                 extra_body={"palm": {"weights": HUMOR}})
         assert answer.model == f"palm-member-{keys[1]}"
         assert answer.choices[0].message.content == served.answer(keys[1])
@@ -397,6 +413,9 @@ def test_export_vllm_names_the_members_as_palm_serve_does(project, served, tmp_p
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] <= int(
             argv[argv.index("--max-lora-rank") + 1])
     assert argv[argv.index("--port") + 1] == "8001" and "--enable-lora" in argv
+    # vLLM's default sampling is the members': the temperature they were measured at, the sampler's top-k
+    assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {
+        "temperature": cfg.evaluation.temperature, "top_k": 50}
     assert script.stat().st_mode & 0o111  # executable
     capsys.readouterr()
     assert main(["export", "vllm", "--json", "--root", str(root), "--params", str(root / "params.yaml")]) == 0
@@ -438,7 +457,7 @@ def test_mlflow_models_serve_answers_a_prompt_with_the_routed_member(project, se
                 time.sleep(0.5)
         body = {"dataframe_records": [{**HUMOR, "prompt": "Tell me a joke"},
                                       {"safety": 1, "humor": 0, "brevity": 0, "prompt": "Tell me a joke"}],
-                "params": {"max_new_tokens": 4}}
+                "params": {"max_new_tokens": 4, "temperature": 0.0}}  # greedy: the engine's answer to compare
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:

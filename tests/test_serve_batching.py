@@ -169,7 +169,8 @@ def test_a_small_batch_queues_what_does_not_fit(registered, tmp_path):
         answers = []
         with small.engine.paused():
             threads = [threading.Thread(target=lambda: answers.append(small.client.chat.completions.create(
-                model="palm", messages=PROMPT, max_tokens=4, extra_body={"palm": {"weights": HUMOR}})))
+                model="palm", messages=PROMPT, max_tokens=4, temperature=0,
+                extra_body={"palm": {"weights": HUMOR}})))
                 for _ in range(3)]
             for t in threads:
                 t.start()

@@ -34,7 +34,7 @@ def member_logprobs(served, key: str, ids: list[int]) -> torch.Tensor:
 
 
 def test_model_alone_is_answered_by_the_documented_default_route(served):
-    answer = served.client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4)
+    answer = served.client.chat.completions.create(model="palm", messages=PROMPT, max_tokens=4, temperature=0)
     palm = answer.model_extra["palm"]
     expected = served.router.route(UNIFORM).member_key
     assert answer.model == f"palm-member-{expected}"
@@ -113,14 +113,16 @@ def test_n_answers_in_one_request(served):
     assert sampled.usage.completion_tokens == sum(lengths)
     assert all(n == 6 for n, c in zip(lengths, sampled.choices) if c.finish_reason == "length")
     assert all(n <= 6 for n in lengths)
-    greedy = served.client.chat.completions.create(**common)
+    greedy = served.client.chat.completions.create(temperature=0, **common)
     assert {c.message.content for c in greedy.choices} == {served.answer(key, max_tokens=6)}
 
 
 def test_completions_with_echo_and_logprobs(served):
     key = served.keys[2]
+    # greedy: a sampled token may decode as another of the top 5 does, and the legacy format's
+    # top_logprobs is a dict keyed by the text, so it would hold 4
     answer = served.client.completions.create(model=f"palm-member-{key}", prompt="Tell me a joke", max_tokens=4,
-                                              logprobs=5, echo=True)
+                                              logprobs=5, echo=True, temperature=0)
     choice = answer.choices[0]
     models = served.live.models
     prompt = models.encode_text("Tell me a joke")
@@ -149,20 +151,21 @@ def test_completions_of_several_prompts_and_token_ids(served):
     key = served.keys[0]
     models = served.live.models
     answer = served.client.completions.create(model=f"palm-member-{key}", prompt=["Once upon", "The sea is"],
-                                              max_tokens=3, n=2)
+                                              max_tokens=3, n=2, temperature=0)
     assert [c.index for c in answer.choices] == [0, 1, 2, 3]
     assert answer.usage.prompt_tokens == len(models.encode_text("Once upon")) + len(models.encode_text("The sea is"))
-    alone = served.client.completions.create(model=f"palm-member-{key}", prompt="The sea is", max_tokens=3)
+    alone = served.client.completions.create(model=f"palm-member-{key}", prompt="The sea is", max_tokens=3,
+                                             temperature=0)
     assert answer.choices[2].text == answer.choices[3].text == alone.choices[0].text  # greedy: prompt 2's answer
     as_ids = served.client.completions.create(model=f"palm-member-{key}", prompt=models.encode_text("The sea is"),
-                                              max_tokens=3)
+                                              max_tokens=3, temperature=0)
     assert as_ids.choices[0].text == alone.choices[0].text
 
 
 def test_chat_logprobs_are_answered(served):
     key = served.keys[1]
     answer = served.client.chat.completions.create(model=f"palm-member-{key}", messages=PROMPT, max_tokens=5,
-                                                   logprobs=True, top_logprobs=3)
+                                                   logprobs=True, top_logprobs=3, temperature=0)
     content = answer.choices[0].logprobs.content
     assert len(content) == answer.usage.completion_tokens  # one entry per token, the end-of-turn included
     for entry in content:
@@ -177,7 +180,7 @@ def test_chat_logprobs_are_answered(served):
 
 def test_stop_strings_end_the_answer_streamed_or_not(served):
     key = served.keys[1]
-    common = dict(model=f"palm-member-{key}", prompt="Tell me a joke", max_tokens=16)
+    common = dict(model=f"palm-member-{key}", prompt="Tell me a joke", max_tokens=16, temperature=0)
     full = served.client.completions.create(**common).choices[0].text
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert len(stop) == 3
@@ -189,7 +192,7 @@ def test_stop_strings_end_the_answer_streamed_or_not(served):
 
 
 def test_max_completion_tokens_is_the_newer_name(served):
-    common = dict(model=f"palm-member-{served.keys[1]}", messages=PROMPT)
+    common = dict(model=f"palm-member-{served.keys[1]}", messages=PROMPT, temperature=0)
     answer = served.client.chat.completions.create(max_completion_tokens=3, **common)
     assert answer.usage.completion_tokens <= 3
     both = served.client.chat.completions.create(max_completion_tokens=2, max_tokens=9, **common)
@@ -200,7 +203,7 @@ def test_max_completion_tokens_is_the_newer_name(served):
 def test_penalties_and_logit_bias_change_the_answer(served):
     key = served.keys[1]
     models = served.live.models
-    common = dict(model=f"palm-member-{key}", prompt="Tell me a joke", max_tokens=12, logprobs=0)
+    common = dict(model=f"palm-member-{key}", prompt="Tell me a joke", max_tokens=12, logprobs=0, temperature=0)
     plain = served.client.completions.create(**common).choices[0].logprobs.tokens
     assert len(set(plain)) < len(plain)  # this member repeats itself: a penalty has something to change
     penalized = served.client.completions.create(frequency_penalty=2, **common).choices[0].logprobs.tokens
@@ -225,9 +228,9 @@ def test_streaming_gives_the_same_answers_in_pieces(served):
     assert chunks[0].model_extra["palm"]["member_key"] == key
 
     completion = served.client.completions.create(model=f"palm-member-{key}", prompt="The sea", max_tokens=6,
-                                                  echo=True)
+                                                  echo=True, seed=2)
     streamed = list(served.client.completions.create(model=f"palm-member-{key}", prompt="The sea", max_tokens=6,
-                                                     echo=True, stream=True))
+                                                     echo=True, stream=True, seed=2))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
 
 
@@ -238,7 +241,7 @@ def test_unknown_fields_are_ignored_and_logged(served):
     logging.getLogger("palm").addHandler(handler)
     try:
         answer = served.client.chat.completions.create(
-            model=f"palm-member-{served.keys[0]}", messages=PROMPT, max_tokens=2,
+            model=f"palm-member-{served.keys[0]}", messages=PROMPT, max_tokens=2, temperature=0,
             extra_body={"frobnicate": True, "metadata": {"x": 1}})
     finally:
         logging.getLogger("palm").removeHandler(handler)

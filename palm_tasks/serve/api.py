@@ -164,7 +164,10 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         else:
             raise ApiError(404, f"no model {body.model[:100]!r}; use {PORTFOLIO_MODEL!r} or one of: "
                                 f"{', '.join(members)}", "model", "model_not_found")
-        return {**served, "user": body.user, "portfolio_id": dep.portfolio_id, "portfolio_version": dep.version}
+        # the temperature the member's values were measured at: a request without one samples at it
+        temperature = dep.router.portfolio.member(served["member_key"]).temperature
+        return {**served, "temperature": temperature, "user": body.user, "portfolio_id": dep.portfolio_id,
+                "portfolio_version": dep.version}
 
     def stored(user: str):
         try:
@@ -172,9 +175,12 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         except UserStoreError as exc:
             raise ApiError(503, str(exc)) from None
 
-    def sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> Sampling:
+    def sampling(body, served: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> Sampling:
+        """How to draw the answers: as the request says, and where it says no temperature, at the
+        member's (greedy for a portfolio that recorded none)."""
         stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-        return Sampling(max_tokens=max_tokens, temperature=body.temperature or 0.0,
+        temperature = body.temperature if body.temperature is not None else served["temperature"] or 0.0
+        return Sampling(max_tokens=max_tokens, temperature=temperature,
                         top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(stop),
                         logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                         presence_penalty=body.presence_penalty or 0.0,
@@ -253,7 +259,7 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
                          "palm": {"key": m.key, "kind": m.kind, "weights": dict(zip(router.traits, m.weights)),
                                   "values": dict(zip(router.traits, m.value.mean)),
                                   "std_errors": dict(zip(router.traits, m.value.se)),
-                                  "share": m.share, "model_uri": m.model_uri}})
+                                  "share": m.share, "temperature": m.temperature, "model_uri": m.model_uri}})
         return {"object": "list", "data": data}
 
     @app.post("/route", responses=ERRORS)
@@ -271,7 +277,7 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         dep = live.current  # read once, right before queuing: this request is answered by this version
         served = who_answers(dep, body)
         top = body.top_logprobs or 0
-        how = sampling(body, body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
+        how = sampling(body, served, body.max_completion_tokens or body.max_tokens or cfg.default_max_tokens,
                        top if body.logprobs else None)
         name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"chatcmpl-{uuid.uuid4().hex}"
         generation, events = await start([prompt], served, dep, how, body.n or 1, body.stream)
@@ -294,7 +300,8 @@ def make_app(live, cfg, users, api_key: str | None = None, base_model_name: str 
         dep = live.current
         served = who_answers(dep, body)
         max_tokens = body.max_tokens if body.max_tokens is not None else cfg.default_max_tokens
-        how = sampling(body, max_tokens, body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
+        how = sampling(body, served, max_tokens, body.logprobs,
+                       prompt_logprobs=body.echo and body.logprobs is not None)
         name, answer_id = f"{MEMBER_PREFIX}{served['member_key']}", f"cmpl-{uuid.uuid4().hex}"
         n = body.n or 1
         generation, events = await start(prompts, served, dep, how, n, body.stream)

@@ -429,7 +429,9 @@ class Engine:
                 top, index = torch.topk(scores[i], min(TOP_K, scores.shape[-1]))
                 probs = torch.softmax(top / s.temperature, dim=-1)
                 if s.top_p < 1.0:  # the smallest set of the most likely tokens holding top_p
-                    probs = probs * ((torch.cumsum(probs, -1) - probs) < s.top_p)
+                    keep = (torch.cumsum(probs, -1) - probs) < s.top_p
+                    keep[0] = True  # the most likely always: a top_p of 5e-324 is 0 in float32 (the fuzz test)
+                    probs = probs * keep
                 tokens[i] = index[torch.multinomial(probs, 1, generator=row.generator)[0]]
         chosen = tokens.tolist()
         for i, row in enumerate(self._rows):

@@ -165,7 +165,7 @@ class Router:
             weights={t: float(x) for t, x in zip(self.traits, w)}, normalized=normalized,
             value=value, opt_upper_bound=upper, eps_at_w=routing.eps_at(value, upper, self.delta),
             delta=self.delta, portfolio_id=self.portfolio.id, certified=self.certified, eps=self.eps,
-            max_eps=self.max_eps,
+            max_eps=self.max_eps, temperature=m.temperature,
         )
 
     def _local_adapter(self, key: str) -> str | None:

@@ -89,7 +89,9 @@ def request_models(traits: list[str], model_names: Callable[[], list[str]], cfg,
             description=f'"{PORTFOLIO_MODEL}" (routed by palm.weights, else by the stored weights of `user`, '
                         'else the default route) or a member\'s name',
             json_schema_extra=lambda schema: schema.update(enum=model_names()))
-        temperature: number(ge=0, le=2) | None = Field(None, description="0 or absent: greedy")
+        temperature: number(ge=0, le=2) | None = Field(
+            None, description="0: greedy; absent: the member's temperature (its values and guarantee were "
+                              "measured at it; palm.temperature in the answer)")
         top_p: number(gt=0, le=1) | None = Field(None)
         seed: integer(ge=0, le=2**63 - 1) | None = Field(None, description="the same seed, the same answers")
         n: integer(ge=1, le=cfg.max_n) | None = Field(None, description="answers per prompt")

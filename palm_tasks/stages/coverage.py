@@ -166,7 +166,8 @@ def build(cfg: PalmConfig, paths: Paths, trained, soups, members=None, samples=N
         task=cfg.task, traits=tuple(cfg.traits), eps=c.eps, delta=c.delta,
         members=tuple(Member(key=pool[j].key, kind=pool[j].kind, path=paths.relative(pool[j].path),
                              weights=pool[j].weights, value=pool[j].value, share=float(s),
-                             ingredients=pool[j].ingredients, lambdas=pool[j].lambdas)
+                             ingredients=pool[j].ingredients, lambdas=pool[j].lambdas,
+                             temperature=cfg.evaluation.temperature)
                       for j, s in zip(members, share)),
         certificate=Certificate.of(cert, RELATIVE_TO),
         oracle=PolicyTable(tuple(p.key for p in trained), *(tuple(map(tuple, a[oracle])) for a in (W, R, SE))),
