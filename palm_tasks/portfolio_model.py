@@ -21,6 +21,23 @@ from palm_tasks.core.routing import normalize, route
 DEFAULT_NEW_TOKENS = 48
 
 
+def portfolio_signature(traits: list[str], temperature: float, top_k: int):
+    """What predict reads and returns: one column per trait and an optional prompt in; the
+    member, its URI and value, and the answer out. The params' defaults are the members' decoding
+    (one temperature per run, evaluation.temperature; 0, greedy, for a portfolio that recorded
+    none; top_k llm.models.TOP_K), which a caller may change. Built at registration."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([*(ColSpec("double", t) for t in traits), ColSpec("string", "prompt", required=False)]),
+        outputs=Schema([ColSpec("string", "member_key"), ColSpec("string", "model_uri"),
+                        ColSpec("double", "value"), ColSpec("string", "answer", required=False)]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_NEW_TOKENS),
+                            ParamSpec("temperature", "double", float(temperature)),
+                            ParamSpec("top_k", "long", int(top_k)), ParamSpec("seed", "long", 0)]))
+
+
 class PortfolioRouter(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         portfolio = json.loads(open(context.artifacts["portfolio"]).read())
@@ -83,6 +100,7 @@ class PortfolioRouter(mlflow.pyfunc.PythonModel):
         })
         if "prompt" in frame.columns:  # the routed members' answers (MLflow fills the params' defaults)
             given = params or {}
+            # the fallbacks only where MLflow did not fill the signature's defaults (portfolio_signature)
             how = (int(given.get("max_new_tokens", DEFAULT_NEW_TOKENS)), float(given.get("temperature", 0.0)),
                    int(given.get("top_k", 50)), int(given.get("seed", 0)))
             out["answer"] = [self._answer(self.members[i]["key"], p, *how) if isinstance(p, str) and p.strip()

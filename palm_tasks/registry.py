@@ -33,7 +33,7 @@ from palm_tasks.core import routing
 from palm_tasks.jobs import ADAPTER_DIR, CorruptPolicyError, load_policy
 from palm_tasks.llm.base_model import base_info, resolve_base_model
 from palm_tasks.paths import Paths
-from palm_tasks.portfolio_model import PortfolioRouter
+from palm_tasks.portfolio_model import PortfolioRouter, portfolio_signature
 from palm_tasks.registry_text import (log_answers, member_description, member_tags, portfolio_description,
                                       portfolio_metrics, simplex_shares)
 from palm_tasks.schema import Policy
@@ -372,9 +372,6 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
     """Run `portfolio-<id[:10]>` with params, metrics, artifacts and the router pyfunc."""
     import mlflow
     import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
     from palm_tasks.llm.models import TOP_K
 
     pid = portfolio.id
@@ -395,16 +392,8 @@ def _log_portfolio_model(client, cfg, experiment_id, paths: Paths, portfolio: Po
         code = Path(inspect.getsourcefile(PortfolioRouter))  # the model file itself (palm_tasks/portfolio_model.py)
         routed_path = Path(tmp) / "portfolio.json"
         routed_path.write_text(json.dumps(routed.to_json(), indent=2))
-        signature = ModelSignature(
-            inputs=Schema([*(ColSpec("double", t) for t in traits), ColSpec("string", "prompt", required=False)]),
-            outputs=Schema([ColSpec("string", "member_key"), ColSpec("string", "model_uri"),
-                            ColSpec("double", "value"), ColSpec("string", "answer", required=False)]),
-            # the members' decoding (one temperature per run: evaluation.temperature; 0 for a
-            # portfolio that recorded none, as before) as the defaults a caller may change
-            params=ParamSchema([ParamSpec("max_new_tokens", "long", 48),
-                                ParamSpec("temperature", "double",
-                                          next((m.temperature for m in portfolio.members if m.temperature), 0.0)),
-                                ParamSpec("top_k", "long", TOP_K), ParamSpec("seed", "long", 0)]))
+        temperature = next((m.temperature for m in portfolio.members if m.temperature), 0.0)
+        signature = portfolio_signature(traits, temperature, TOP_K)
         # Each member's adapter ships with the portfolio (about 10 MB each); the base model is
         # referenced by its registered version (base_model_uri in portfolio.json), as the members do.
         adapters = {f"adapter_{m.key}": str(paths.root / m.path / ADAPTER_DIR) for m in portfolio.members}
